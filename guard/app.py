@@ -1,0 +1,257 @@
+"""Build the gateway from validated settings: the one place that lists the middleware stack.
+
+Outermost first, every request passes:
+
+1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500
+2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
+3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
+4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
+5. the gateway's own routes under ``/guard/`` (no credentials), or:
+6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
+7. ``RouteClassifierMiddleware`` 400/403 unless the route table forwards the canonical path
+8. ``ProxyApp``                  MLflow
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from guard.authentication import AuthenticationMiddleware
+from guard.context import RequestContextMiddleware
+from guard.cors import CORSMiddleware
+from guard.db import build_engine, migrate, ping
+from guard.errors import Refusal, send_refusal
+from guard.headers import SecurityHeadersMiddleware
+from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
+from guard.identity.tokens import TokenProvider, TokenStore
+from guard.keys import load_secret_key
+from guard.proxy import ProxyApp
+from guard.routes import RouteClassifierMiddleware, RouteTable, load_rules
+from guard.settings import Settings
+from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits
+from server.supervisor import EmbeddedConfig, MlflowSupervisor
+
+logger = logging.getLogger("guard")
+
+PROBE_TIMEOUT = 2.0
+GUARD_PREFIX = "/guard/"
+PROBES = frozenset({"/guard/health", "/guard/ready"})
+
+
+@dataclass
+class Gateway:
+    """The ASGI application plus what its lifespan opens and closes."""
+
+    settings: Settings
+    app: ASGIApp
+    engine: Engine
+    tokens: TokenStore
+    token_provider: TokenProvider
+    upstream: UpstreamClient
+    supervisor: MlflowSupervisor | None
+    environ: Mapping[str, str]
+    on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def startup(self) -> None:
+        await anyio.to_thread.run_sync(migrate, self.engine)
+        secret = await anyio.to_thread.run_sync(
+            self.tokens.bootstrap,
+            self.settings.tokens.default_expiry,
+            self.environ.get("MLFLOW_GUARD_BOOTSTRAP_TOKEN") or None,
+        )
+        if secret is not None:
+            self.on_bootstrap(secret)
+        if self.supervisor is not None:
+            await self.supervisor.start()
+        self.upstream.open()
+        logger.info("forwarding to MLflow at %s", self.upstream.base_url)
+
+    async def shutdown(self) -> None:
+        await self.upstream.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.token_provider.drain()
+        self.engine.dispose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"  # noqa: S101 - the ASGI protocol order
+        try:
+            await self.startup()
+        except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+            logger.error("gateway failed to start: %s", exc)
+            await self.shutdown()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+class GuardRoutes:
+    """The gateway's own endpoints under /guard/, dispatched by exact path."""
+
+    def __init__(self, routes: dict[str, Callable[[], Awaitable[tuple[int, dict[str, object]]]]]):
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.routes.get(scope["path"])
+        if endpoint is None:
+            await send_refusal(scope, send, Refusal("not_found"))
+            return
+        if scope["method"] not in {"GET", "HEAD"}:
+            await send_refusal(scope, send, Refusal("method_not_allowed"))
+            return
+        status, payload = await endpoint()
+        if status != 200:
+            await send_refusal(scope, send, Refusal("not_ready", str(payload.get("detail", ""))))
+            return
+        body = json.dumps(payload).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+
+class SplitByPrefix:
+    """Send /guard/... to the gateway's own routes and everything else to the protected stack."""
+
+    def __init__(self, guard: ASGIApp, protected: ASGIApp) -> None:
+        self.guard = guard
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.guard if scope["path"].startswith(GUARD_PREFIX) else self.protected
+        await app(scope, receive, send)
+
+
+def build_gateway(
+    settings: Settings,
+    environ: Mapping[str, str] | None = None,
+    on_bootstrap: Callable[[str], None] | None = None,
+) -> Gateway:
+    """Assemble the gateway. Opens nothing: connections and the child process wait for startup."""
+    environ = dict(os.environ if environ is None else environ)
+    engine = build_engine(settings.database_uri)
+    store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
+    token_provider = TokenProvider(store, settings.tokens.cache_ttl)
+    supervisor = None
+    if settings.embedded:
+        m = settings.mlflow
+        supervisor = MlflowSupervisor(
+            EmbeddedConfig(
+                data_dir=settings.data_dir,
+                backend_store_uri=m.backend_store_uri,
+                default_artifact_root=m.default_artifact_root,
+                artifacts_destination=m.artifacts_destination,
+                serve_artifacts=m.serve_artifacts,
+                startup_timeout=m.startup_timeout,
+                restart_backoff_max=m.restart_backoff_max,
+            ),
+            environ,
+        )
+    upstream_url = supervisor.url if supervisor is not None else settings.upstream.url
+    u = settings.upstream
+    upstream = UpstreamClient(
+        upstream_url,
+        UpstreamLimits(
+            connect_timeout=u.connect_timeout,
+            read_timeout=u.read_timeout,
+            pool_timeout=u.pool_timeout,
+            max_connections=u.max_connections,
+            keepalive_expiry=u.keepalive_expiry,
+        ),
+    )
+    g = settings.gateway
+
+    async def health() -> tuple[int, dict[str, object]]:
+        return 200, {"status": "ok"}
+
+    async def ready() -> tuple[int, dict[str, object]]:
+        checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
+        result = dict(zip(("database", "upstream"), checks, strict=True))
+        failing = [name for name, state in result.items() if state != "ok"]
+        if failing:
+            return 503, {"detail": "; ".join(f"{n}: {result[n]}" for n in failing)}
+        return 200, {"status": "ready", "checks": result}
+
+    protected = AuthenticationMiddleware(
+        RouteClassifierMiddleware(
+            ProxyApp(client=upstream, max_body_size=g.max_body_size),
+            table=RouteTable(load_rules()),
+        ),
+        providers=[token_provider],
+        realm=g.realm,
+    )
+    app: ASGIApp = SplitByPrefix(
+        GuardRoutes({"/guard/health": health, "/guard/ready": ready}), protected
+    )
+    app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
+    app = AllowedHostsMiddleware(
+        app,
+        allowed_hosts=g.allowed_hosts or default_allowed_hosts(g.host),
+        exempt_paths=PROBES,
+    )
+    app = SecurityHeadersMiddleware(
+        app, frame_ancestors=g.frame_ancestors, hsts_max_age=g.hsts_max_age
+    )
+    app = RequestContextMiddleware(app, trusted_proxies=g.trusted_proxies)
+    return Gateway(
+        settings=settings,
+        app=app,
+        engine=engine,
+        tokens=store,
+        token_provider=token_provider,
+        upstream=upstream,
+        supervisor=supervisor,
+        environ=environ,
+        on_bootstrap=on_bootstrap or (lambda secret: None),
+    )
+
+
+async def _check_database(engine: Engine) -> str:
+    try:
+        await asyncio.wait_for(anyio.to_thread.run_sync(ping, engine), PROBE_TIMEOUT)
+    except TimeoutError:
+        return "timed out"
+    except sa.exc.SQLAlchemyError as exc:
+        return f"unavailable ({type(exc).__name__})"
+    return "ok"
+
+
+async def _check_upstream(upstream: UpstreamClient) -> str:
+    try:
+        response = await asyncio.wait_for(
+            upstream.request("GET", "/health", [("host", upstream.host_header)], None),
+            PROBE_TIMEOUT,
+        )
+    except TimeoutError:
+        return "timed out"
+    except UpstreamError as exc:
+        return exc.refusal.reason
+    async with response:
+        async for _ in response.body():
+            pass
+        return "ok" if response.status == 200 else f"status {response.status}"

@@ -1,0 +1,135 @@
+"""The outermost layer: who is on the other end of the socket, a request id, and the last resort.
+
+``RequestContextMiddleware`` computes, once per request, what every inner layer needs (client
+address, scheme and host as seen through trusted proxies only, a request id) and stores it in
+``scope["guard"]``. It stamps ``X-Request-Id`` on every response and is the one place that
+catches any exception: it logs it with the request id and answers ``internal_error``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guard.errors import Refusal, send_refusal
+
+if TYPE_CHECKING:
+    from guard.identity.base import Principal
+
+logger = logging.getLogger("guard.request")
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts shared by the middleware layers (lives in ``scope["guard"]``)."""
+
+    request_id: str
+    peer: str  # the TCP peer
+    client: str  # the client address, through trusted proxies only
+    scheme: str  # http or https, through trusted proxies only
+    host: str | None  # the Host the client asked for; None if missing or duplicated
+    started: float = field(default_factory=time.monotonic)
+    principal: Principal | None = None
+    refusal: Refusal | None = None
+    status: int = 0
+
+
+def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in headers if key == name]
+
+
+def _is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def build_context(scope: Scope, trusted: tuple[Network, ...]) -> RequestContext:
+    """Derive the request's context; forwarding headers count only from a trusted peer."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    client = scope.get("client")
+    peer = client[0] if client else ""
+    hosts = _header_values(headers, b"host")
+    host = hosts[0] if len(hosts) == 1 else None
+    scheme: str = scope.get("scheme", "http")
+    request_id = ""
+    address = peer
+    if _is_trusted(peer, trusted):
+        chain = [
+            hop.strip()
+            for value in _header_values(headers, b"x-forwarded-for")
+            for hop in value.split(",")
+            if hop.strip()
+        ]
+        # Walk from the nearest hop outwards; the first untrusted address is the client.
+        for hop in reversed(chain):
+            address = hop
+            if not _is_trusted(hop, trusted):
+                break
+        if protos := _header_values(headers, b"x-forwarded-proto"):
+            proto = protos[-1].split(",")[-1].strip().lower()
+            if proto in {"http", "https"}:
+                scheme = proto
+        if forwarded_hosts := _header_values(headers, b"x-forwarded-host"):
+            host = forwarded_hosts[-1].split(",")[-1].strip() if len(forwarded_hosts) == 1 else None
+        if ids := _header_values(headers, b"x-request-id"):
+            request_id = ids[0] if _REQUEST_ID.fullmatch(ids[0]) else ""
+    return RequestContext(
+        request_id=request_id or uuid.uuid4().hex,
+        peer=peer,
+        client=address,
+        scheme=scheme,
+        host=host,
+    )
+
+
+class RequestContextMiddleware:
+    """Build the request context, stamp X-Request-Id, and turn any exception into a 500."""
+
+    def __init__(self, app: ASGIApp, *, trusted_proxies: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # MLflow serves no WebSocket route; refuse before anything else looks at it.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = build_context(scope, self.trusted)
+        scope["guard"] = context
+        request_id = context.request_id.encode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                context.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception(
+                "request %s %s %s failed", context.request_id, scope["method"], scope["path"]
+            )
+            if not started:
+                await send_refusal(scope, send_with_id, Refusal("internal_error"))

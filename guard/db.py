@@ -1,0 +1,101 @@
+"""The gateway's own database: engine, schema and migrations.
+
+Tables are prefixed ``guard_`` and Alembic keeps its version in ``guard_alembic_version``, so
+the gateway can share a database (for example MLflow's PostgreSQL) without touching its tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Dialect, Engine
+
+logger = logging.getLogger("guard.db")
+
+VERSION_TABLE = "guard_alembic_version"
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Timestamps stored as naive UTC and read back as aware UTC, on SQLite and PostgreSQL."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)  # noqa: S101 - the column type guarantees it
+        return value.replace(tzinfo=dt.UTC)
+
+
+metadata = sa.MetaData()
+
+tokens = sa.Table(
+    "guard_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+    # A name is unique among live tokens; a revoked token's name may be reused.
+    sa.Index(
+        "guard_tokens_live_name",
+        "name",
+        unique=True,
+        sqlite_where=sa.text("revoked_at IS NULL"),
+        postgresql_where=sa.text("revoked_at IS NULL"),
+    ),
+)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def build_engine(uri: str) -> Engine:
+    """Create the engine for ``uri``; SQLite gets WAL and a busy timeout for several processes."""
+    url = sa.make_url(uri)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (safe to run from several processes at once)."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("guard").joinpath("migrations")))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def ping(engine: Engine) -> None:
+    """Raise if the database cannot answer a trivial query."""
+    with engine.connect() as connection:
+        connection.execute(sa.text("SELECT 1"))

@@ -1,0 +1,150 @@
+"""Every refusal the gateway can give: one closed vocabulary of reason codes, one table.
+
+A reason code is stable (operators grep for it, clients may branch on it); its HTTP status and
+MLflow ``error_code`` come only from ``REASONS``. 401 means "who are you", 403 "you may not".
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from starlette.types import Scope, Send
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonInfo:
+    status: int
+    error_code: str
+    message: str
+
+
+REASONS: Final[dict[str, ReasonInfo]] = {
+    # 400: the request itself is unacceptable.
+    "host_not_allowed": ReasonInfo(400, "BAD_REQUEST", "The Host header is not allowed."),
+    "path_not_canonical": ReasonInfo(
+        400, "BAD_REQUEST", "The request path is not in canonical form."
+    ),
+    "invalid_body_framing": ReasonInfo(
+        400, "BAD_REQUEST", "Conflicting or invalid Content-Length / Transfer-Encoding."
+    ),
+    # 401: who are you?
+    "malformed_credentials": ReasonInfo(
+        401, "UNAUTHENTICATED", "The Authorization header could not be parsed."
+    ),
+    "unauthenticated": ReasonInfo(401, "UNAUTHENTICATED", "Credentials are required."),
+    "invalid_credentials": ReasonInfo(401, "UNAUTHENTICATED", "The credentials are not valid."),
+    "token_expired": ReasonInfo(401, "UNAUTHENTICATED", "The token has expired."),
+    "token_revoked": ReasonInfo(401, "UNAUTHENTICATED", "The token has been revoked."),
+    # 403: you may not.
+    "route_not_classified": ReasonInfo(
+        403, "PERMISSION_DENIED", "This route is not served through the gateway."
+    ),
+    "cors_origin_not_allowed": ReasonInfo(
+        403, "PERMISSION_DENIED", "Cross-origin requests from this origin are not allowed."
+    ),
+    # 404/405/413: the gateway's own routes and limits.
+    "not_found": ReasonInfo(404, "ENDPOINT_NOT_FOUND", "No such gateway endpoint."),
+    "method_not_allowed": ReasonInfo(
+        405, "BAD_REQUEST", "This method is not allowed on this route."
+    ),
+    "body_too_large": ReasonInfo(413, "RESOURCE_EXHAUSTED", "The request body is too large."),
+    # 5xx: the gateway or the upstream failed; never a stack trace.
+    "internal_error": ReasonInfo(500, "INTERNAL_ERROR", "Internal gateway error."),
+    "upstream_unreachable": ReasonInfo(
+        502, "TEMPORARILY_UNAVAILABLE", "The MLflow server cannot be reached."
+    ),
+    "upstream_busy": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "All connections to the MLflow server are in use."
+    ),
+    "identity_unavailable": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "Credentials cannot be checked right now."
+    ),
+    "not_ready": ReasonInfo(503, "TEMPORARILY_UNAVAILABLE", "The gateway is not ready."),
+    "upstream_timeout": ReasonInfo(
+        504, "DEADLINE_EXCEEDED", "The MLflow server did not answer in time."
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A decision not to serve a request: a reason code plus an optional, safe detail."""
+
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason code {self.reason!r}")
+
+    @property
+    def info(self) -> ReasonInfo:
+        return REASONS[self.reason]
+
+    @property
+    def status(self) -> int:
+        return REASONS[self.reason].status
+
+    @property
+    def message(self) -> str:
+        base = REASONS[self.reason].message
+        return f"{base} {self.detail}" if self.detail else base
+
+
+def wants_html(scope: Scope) -> bool:
+    """True for a browser navigation: it asks for HTML and is not an API call."""
+    path: str = scope.get("path", "")
+    if path.startswith(("/api/", "/ajax-api/", "/guard/api/")):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"accept":
+            return b"text/html" in value
+    return False
+
+
+def render(refusal: Refusal, request_id: str, as_html: bool) -> tuple[bytes, bytes]:
+    """Return (content-type, body) for a refusal in MLflow's error shape or as a small page."""
+    if as_html:
+        title = html.escape(f"{refusal.status} {refusal.info.error_code}")
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{title}</title></head><body><h1>{title}</h1>"
+            f"<p>{html.escape(refusal.message)}</p>"
+            f"<p><small>reason: <code>{html.escape(refusal.reason)}</code>, request id: "
+            f"<code>{html.escape(request_id)}</code></small></p></body></html>"
+        )
+        return b"text/html; charset=utf-8", page.encode()
+    body = {
+        "error_code": refusal.info.error_code,
+        "message": refusal.message,
+        "reason": refusal.reason,
+        "request_id": request_id,
+    }
+    return b"application/json", json.dumps(body).encode()
+
+
+async def send_refusal(
+    scope: Scope,
+    send: Send,
+    refusal: Refusal,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a request with a refusal, without calling any inner application."""
+    context = scope.get("guard")
+    request_id = context.request_id if context is not None else ""
+    if context is not None:
+        context.refusal = refusal
+    content_type, body = render(refusal, request_id, wants_html(scope))
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-guard-reason", refusal.reason.encode()),
+    ]
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})

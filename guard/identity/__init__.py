@@ -1,0 +1,1 @@
+"""Who is calling: one provider per login method, behind the ``IdentityProvider`` protocol."""

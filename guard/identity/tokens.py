@@ -1,0 +1,253 @@
+"""Service tokens: for CI jobs and for people until SSO exists.
+
+A token is ``mlg_`` plus 32 random bytes (base64url). The database keeps only its
+HMAC-SHA256 under the gateway's secret key: tokens carry 256 bits of entropy, so a slow password
+hash would add cost per request and no safety, while the key keeps a stolen database useless.
+The MLflow client sends a token as ``Authorization: Bearer`` (``MLFLOW_TRACKING_TOKEN``) or as
+the Basic password with the token's name as user name (``MLFLOW_TRACKING_USERNAME/PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import anyio.to_thread
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from guard.db import tokens as tokens_table
+from guard.errors import Refusal
+from guard.identity.base import Credentials, Principal
+
+logger = logging.getLogger("guard.tokens")
+
+TOKEN_PREFIX: Final = "mlg_"  # noqa: S105 - a public marker, not a secret
+# Until the authorization work defines roles and policies, a token can only be an admin.
+ROLES: Final = frozenset({"admin"})
+BOOTSTRAP_NAME: Final = "admin"
+NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SECRET_PATTERN: Final = re.compile(r"[A-Za-z0-9._~+/=-]{32,256}")
+LAST_USED_EVERY: Final = 60.0
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TokenError(Exception):
+    """A token command cannot be carried out; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    id: int
+    name: str
+    role: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+    def state(self, now: dt.datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if now >= self.expires_at else "active"
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+class TokenStore:
+    """Token rows in the gateway database. Synchronous: call it from a thread in async code."""
+
+    def __init__(self, engine: Engine, key: bytes, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.key = key
+        self.clock = clock
+
+    def digest(self, secret: str) -> str:
+        return hmac.new(self.key, secret.encode(), hashlib.sha256).hexdigest()
+
+    def create(
+        self, name: str, role: str, lifetime: float, secret: str | None = None
+    ) -> tuple[TokenRecord, str]:
+        """Create a token; returns its record and the secret (shown once, never stored)."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise TokenError(
+                f"token name {name!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
+                "starting with a letter or digit)"
+            )
+        if role not in ROLES:
+            raise TokenError(f"role {role!r} does not exist (known: {', '.join(sorted(ROLES))})")
+        if not lifetime > 0:
+            raise TokenError("the expiry must be in the future (e.g. --expires 90d)")
+        if secret is None:
+            secret = new_secret()
+        elif not _SECRET_PATTERN.fullmatch(secret):
+            raise TokenError(
+                "a supplied token must be 32-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
+            )
+        now = self.clock()
+        expires_at = now + dt.timedelta(seconds=lifetime)
+        row = {"name": name, "role": role, "digest": self.digest(secret)}
+        try:
+            with self.engine.begin() as conn:
+                insert = tokens_table.insert().values(**row, created_at=now, expires_at=expires_at)
+                token_id = conn.execute(insert).inserted_primary_key
+        except IntegrityError:
+            raise TokenError(
+                f"a live token named {name!r} already exists (revoke it first or pick another name)"
+            ) from None
+        assert token_id is not None  # noqa: S101 - an insert always has a key
+        return TokenRecord(token_id[0], name, role, now, expires_at, None, None), secret
+
+    def bootstrap(self, lifetime: float, secret: str | None) -> str | None:
+        """Create the first admin token if no token was ever made; its secret, else None."""
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(tokens_table)).scalar():
+                return None
+        try:
+            return self.create(BOOTSTRAP_NAME, "admin", lifetime, secret)[1]
+        except TokenError:
+            return None  # another replica bootstrapped at the same moment
+
+    def list(self, include_revoked: bool = False) -> list[TokenRecord]:
+        query = sa.select(tokens_table).order_by(tokens_table.c.created_at, tokens_table.c.id)
+        if not include_revoked:
+            query = query.where(tokens_table.c.revoked_at.is_(None))
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def revoke(self, name: str) -> TokenRecord:
+        now = self.clock()
+        live = sa.and_(tokens_table.c.name == name, tokens_table.c.revoked_at.is_(None))
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(tokens_table).where(live)).first()
+            if row is None:
+                raise TokenError(f"no live token named {name!r} (see: mlflow-guard token list)")
+            conn.execute(
+                tokens_table.update().where(tokens_table.c.id == row.id).values(revoked_at=now)
+            )
+        return _record(row)
+
+    def lookup(self, secret: str) -> TokenRecord | None:
+        """The token whose secret this is, revoked and expired ones included."""
+        digest = self.digest(secret)
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(tokens_table).where(tokens_table.c.digest == digest)
+            ).first()
+        # The lookup is by an HMAC the caller cannot steer; compare anyway, in constant time.
+        if row is None or not hmac.compare_digest(row.digest, digest):
+            return None
+        return _record(row)
+
+    def touch(self, token_id: int, when: dt.datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                tokens_table.update().where(tokens_table.c.id == token_id).values(last_used_at=when)
+            )
+
+
+def _record(row: sa.Row[tuple[object, ...]]) -> TokenRecord:
+    m = row._mapping
+    return TokenRecord(
+        m["id"],
+        m["name"],
+        m["role"],
+        m["created_at"],
+        m["expires_at"],
+        m["revoked_at"],
+        m["last_used_at"],
+    )
+
+
+class TokenProvider:
+    """Authenticates Bearer tokens and Basic ``name:token`` pairs against the token store."""
+
+    name = "token"
+
+    def __init__(self, store: TokenStore, cache_ttl: float) -> None:
+        self.store = store
+        self.cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[TokenRecord, float]] = {}
+        self._touched: dict[int, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
+        secret = credentials.secret
+        if not secret:
+            return Refusal("invalid_credentials")
+        try:
+            record = await self._lookup(secret)
+        except sa.exc.SQLAlchemyError:
+            logger.warning("token lookup failed: database unavailable", exc_info=True)
+            return Refusal("identity_unavailable", "The token store cannot be reached.")
+        if record is None:
+            return Refusal("invalid_credentials")
+        if credentials.scheme == "basic" and not hmac.compare_digest(
+            credentials.username.encode(), record.name.encode()
+        ):
+            return Refusal("invalid_credentials")
+        now = self.store.clock()
+        if record.revoked_at is not None:
+            return Refusal("token_revoked")
+        if now >= record.expires_at:
+            return Refusal("token_expired")
+        self._note_use(record, now)
+        return Principal(
+            subject=f"token:{record.name}",
+            name=record.name,
+            method="token",
+            roles=(record.role,),
+            expires_at=record.expires_at,
+        )
+
+    async def _lookup(self, secret: str) -> TokenRecord | None:
+        key = self.store.digest(secret)
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[1] < self.cache_ttl:
+            return cached[0]
+        record = await anyio.to_thread.run_sync(self.store.lookup, secret)
+        if record is None:
+            self._cache.pop(key, None)  # unknown secrets are not cached: no memory to flood
+        else:
+            self._cache[key] = (record, time.monotonic())
+        return record
+
+    def _note_use(self, record: TokenRecord, now: dt.datetime) -> None:
+        """Record last use at most once a minute per token, off the request path."""
+        last = self._touched.get(record.id)
+        if last is None and record.last_used_at is not None:
+            last = record.last_used_at.timestamp()
+        if last is not None and now.timestamp() - last < LAST_USED_EVERY:
+            return
+        self._touched[record.id] = now.timestamp()
+        task = asyncio.ensure_future(self._touch(record.id, now))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _touch(self, token_id: int, now: dt.datetime) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.store.touch, token_id, now)
+        except sa.exc.SQLAlchemyError:
+            logger.warning("could not record last use of token %d", token_id, exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait for pending last-used writes (on shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,295 @@
+"""The innermost application: forward an authorized request to MLflow and stream the answer back.
+
+What MLflow receives is decided here: the canonical path, a fixed ``Host`` it allows, forwarding
+headers the gateway computed itself, and none of the caller's credentials or identity claims.
+Request bodies are read whole up to a limit (so later checks decide on exactly these bytes),
+except on artifact routes, which stream both ways and are never held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+from urllib.parse import quote
+
+from starlette.types import Message, Receive, Scope, Send
+
+from guard.errors import Refusal, send_refusal
+from guard.routes import RouteRule
+from guard.upstream import UpstreamClient, UpstreamError
+
+logger = logging.getLogger("guard.proxy")
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Never forwarded: credentials, the browser's origin, MLflow's workspace selector, and every
+# header through which a caller could claim an identity or a network position.
+REQUEST_DROPPED: Final = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "authorization",
+    "origin",
+    "x-mlflow-workspace",
+    "x-mlflow-assistant-delegation",
+    "x-mlflow-authorization",
+    "x-request-id",
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "x-original-forwarded-for",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-remote-user",
+    "remote-user",
+}
+REQUEST_DROPPED_PREFIXES: Final = ("x-forwarded-", "x-auth-request-")
+# The gateway answers with its own cookies, CORS and date; an upstream's are not passed on.
+RESPONSE_DROPPED: Final = HOP_BY_HOP | {"set-cookie", "date", "server", "www-authenticate"}
+GATEWAY_COOKIE_PREFIX: Final = "mlflow_guard"
+_PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
+_WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _strip_gateway_cookies(value: str) -> str:
+    kept = [
+        part
+        for part in (p.strip() for p in value.split(";"))
+        if part and not part.split("=", 1)[0].strip().startswith(GATEWAY_COOKIE_PREFIX)
+    ]
+    return "; ".join(kept)
+
+
+def upstream_request_headers(
+    headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The inbound headers MLflow may see, followed by the gateway's own."""
+    connection_listed: set[str] = set()
+    for key, value in headers:
+        if key == b"connection":
+            connection_listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    result = []
+    for key, value in headers:
+        name = key.decode("latin-1").lower()
+        # An underscore spelling (X_Forwarded_For) becomes the dashed one in WSGI/CGI
+        # environments, MLflow's Flask app included, so no such header is forwarded at all.
+        if (
+            "_" in name
+            or name in REQUEST_DROPPED
+            or name in connection_listed
+            or name.startswith(REQUEST_DROPPED_PREFIXES)
+        ):
+            continue
+        text = value.decode("latin-1")
+        if name == "cookie":
+            text = _strip_gateway_cookies(text)
+            if not text:
+                continue
+        result.append((name, text))
+    result.extend(extra)
+    return result
+
+
+def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    connection_listed: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == b"connection":
+            connection_listed.update(t.strip().lower() for t in value.split(b","))
+    result = []
+    for key, value in headers:
+        name = key.lower()
+        if (
+            name.decode("latin-1") in RESPONSE_DROPPED
+            or name in connection_listed
+            or name.startswith(b"access-control-")
+        ):
+            continue
+        result.append((name, value))
+    return result
+
+
+def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[Refusal | None, int | None, bool]:
+    """Validate Content-Length / Transfer-Encoding. Returns (refusal, length, chunked)."""
+    lengths = {v.strip() for k, v in headers if k == b"content-length"}
+    encodings = [v.strip().lower() for k, v in headers if k == b"transfer-encoding"]
+    if encodings and (lengths or encodings != [b"chunked"]):
+        return Refusal("invalid_body_framing"), None, False
+    if len(lengths) > 1:
+        return Refusal("invalid_body_framing"), None, False
+    if lengths:
+        (text,) = lengths
+        if not text.isdigit():
+            return Refusal("invalid_body_framing"), None, False
+        return None, int(text), False
+    return None, None, bool(encodings)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | Refusal:
+    """Read the whole request body, refusing past ``limit`` bytes."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return Refusal("body_too_large", f"The limit is {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        if chunk := message.get("body", b""):
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ProxyApp:
+    """Forward to MLflow. Expects ``scope["guard.route"]`` from the route classifier."""
+
+    def __init__(
+        self,
+        *,
+        client: UpstreamClient,
+        max_body_size: int,
+    ) -> None:
+        self.client = client
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope["guard"]
+        rule: RouteRule = scope["guard.route"]
+        refusal, length, chunked = check_framing(scope["headers"])
+        if refusal is not None:
+            await send_refusal(scope, send, refusal)
+            return
+        body: bytes | AsyncIterator[bytes] | None = None
+        extra = [
+            ("host", self.client.host_header),
+            ("x-forwarded-for", context.client),
+            ("x-forwarded-proto", context.scheme),
+            ("x-forwarded-host", context.host or ""),
+            ("x-request-id", context.request_id),
+        ]
+        try:
+            if rule.body == "stream":
+                if chunked or length:
+                    body = stream_body(receive)
+                if length is not None:
+                    extra.append(("content-length", str(length)))
+            else:
+                if length is not None and length > self.max_body_size:
+                    limit = self.max_body_size
+                    await send_refusal(
+                        scope, send, Refusal("body_too_large", f"The limit is {limit} bytes.")
+                    )
+                    return
+                if length or chunked:
+                    read = await read_body(receive, self.max_body_size)
+                    if isinstance(read, Refusal):
+                        await send_refusal(scope, send, read)
+                        return
+                    body = read
+                    extra.append(("content-length", str(len(read))))
+            await self._forward(scope, receive, send, body, extra)
+        except ClientDisconnected:
+            logger.info("request %s: client went away", context.request_id)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes | AsyncIterator[bytes] | None,
+        extra: list[tuple[str, str]],
+    ) -> None:
+        target = quote(scope["path"], safe=_PATH_SAFE)
+        if query := scope["query_string"]:
+            target += "?" + query.decode("latin-1")
+        headers = upstream_request_headers(scope["headers"], extra)
+        try:
+            response = await self.client.request(scope["method"], target, headers, body)
+        except UpstreamError as exc:
+            logger.warning(
+                "request %s: upstream failed: %s", scope["guard"].request_id, exc.refusal.reason
+            )
+            await send_refusal(scope, send, exc.refusal)
+            return
+        async with response:
+            start: Message = {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": client_response_headers(response.headers),
+            }
+            await send(start)
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await self._send_body(scope, receive, send, response.body(), response.headers)
+
+    async def _send_body(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        chunks: AsyncIterator[bytes],
+        headers: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        small = (
+            bool(lengths) and lengths[0].isdigit() and int(lengths[0]) <= _WATCH_DISCONNECT_ABOVE
+        )
+        # A large download whose reader hung up must stop pulling from MLflow; watching costs a
+        # task, so small answers (nearly all API calls) do without.
+        watcher = None if small else asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            async for chunk in chunks:
+                if watcher is not None and watcher.done():
+                    raise ClientDisconnected
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except UpstreamError as exc:
+            # Too late for an error response: the status line is out. Leaving the response
+            # incomplete makes the server close the connection, so the client sees the failure.
+            logger.warning(
+                "request %s: upstream failed mid-answer: %s",
+                scope["guard"].request_id,
+                exc.refusal.reason,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()

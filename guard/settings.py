@@ -1,0 +1,505 @@
+"""Settings: one schema, one lookup, every problem reported at once.
+
+Where a value comes from, highest first: a command-line flag, the environment
+(``MLFLOW_GUARD_<SECTION>_<KEY>``), the TOML file (``--config``, else ``MLFLOW_GUARD_CONFIG``,
+else ``./mlflow-guard.toml`` if it exists), the built-in default.
+
+The schema is the dataclasses below; each field's metadata carries its documentation, its
+command-line flag (if any) and its validator. ``config/mlflow-guard.toml`` and the README are
+checked against this schema by the tests, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+from guard.cors import parse_origin
+from guard.hosts import parse_host_pattern
+
+ENV_PREFIX: Final = "MLFLOW_GUARD_"
+DEFAULT_CONFIG_FILE: Final = "mlflow-guard.toml"
+# Environment variables that are not settings: where to look, and secrets kept out of files.
+RESERVED_ENV: Final = frozenset(
+    {"MLFLOW_GUARD_CONFIG", "MLFLOW_GUARD_BOOTSTRAP_TOKEN", "MLFLOW_GUARD_SECRET_KEY"}
+)
+
+Validator = Callable[[Any], str | None]
+
+_SIZE_UNITS: Final = {
+    **{"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3},
+    **{"kb": 1000, "mb": 1000**2, "gb": 1000**3},
+}
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte size: an integer, or a string such as ``16MiB`` or ``500 kB``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size (write e.g. 16MiB, 512KiB or 1048576)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration in seconds: a number, or a string such as ``90d``, ``12h``, ``30s``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (write e.g. 90d, 12h, 30m or 5s)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    flag: str | None = None,
+    kind: str = "",
+    check: Validator | None = None,
+) -> Any:
+    """Declare one setting: its default, documentation, CLI flag, parsing kind and validator."""
+    return field(default=default, metadata={"doc": doc, "flag": flag, "kind": kind, "check": check})
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be between 1 and 65535"
+
+
+def _each(parse: Callable[[str], object]) -> Validator:
+    def check(values: tuple[str, ...]) -> str | None:
+        problems = []
+        for item in values:
+            try:
+                parse(item)
+            except ValueError as exc:
+                problems.append(str(exc))
+        return "; ".join(problems) or None
+
+    return check
+
+
+def _cidr(value: str) -> object:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address or CIDR (write e.g. 10.0.0.0/8)"
+        ) from None
+
+
+def _database_uri(value: str) -> str | None:
+    if not value:
+        return None
+    scheme = value.split(":", 1)[0]
+    if scheme.split("+", 1)[0] not in {"sqlite", "postgresql"}:
+        return f"{scheme!r} is not supported (use sqlite:///PATH or postgresql://...)"
+    return None
+
+
+def _upstream_url(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return f"{value!r} is not an http(s) URL (write e.g. http://127.0.0.1:5001)"
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"
+    return None
+
+
+def _log_level(value: str) -> str | None:
+    levels = {"debug", "info", "warning", "error"}
+    return None if value in levels else f"must be one of {', '.join(sorted(levels))}"
+
+
+def _frame_ancestors(value: str) -> str | None:
+    if not value.strip() or any(c in value for c in ";,\r\n"):
+        return "must be a CSP source list such as 'self' or 'none' (no ';' or ',')"
+    return None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = option("127.0.0.1", "Address the gateway listens on.", flag="--host")
+    port: int = option(5000, "Port the gateway listens on.", flag="--port", check=_port)
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        "Host headers the gateway answers: exact names, *.domain, host:port. Empty means "
+        "localhost, 127.0.0.1, [::1] and the bind address.",
+        flag="--allowed-hosts",
+        check=_each(parse_host_pattern),
+    )
+    cors_allowed_origins: tuple[str, ...] = option(
+        (),
+        "Origins (scheme://host[:port]) whose browser scripts may call the gateway with "
+        "credentials. No wildcards.",
+        flag="--cors-allowed-origins",
+        check=_each(parse_origin),
+    )
+    trusted_proxies: tuple[str, ...] = option(
+        (),
+        "CIDRs of load balancers whose X-Forwarded-For/-Proto/-Host headers are believed.",
+        check=_each(_cidr),
+    )
+    max_body_size: int = option(
+        16 * 1024**2,
+        "Largest non-artifact request body read (artifact uploads stream and are not limited).",
+        kind="size",
+        check=_positive,
+    )
+    frame_ancestors: str = option(
+        "'self'",
+        "CSP frame-ancestors source list; 'self' also sends X-Frame-Options SAMEORIGIN, "
+        "'none' sends DENY.",
+        check=_frame_ancestors,
+    )
+    hsts_max_age: int = option(
+        31536000, "Strict-Transport-Security max-age, sent only over TLS.", check=_positive
+    )
+    realm: str = option("mlflow-guard", "Realm named in WWW-Authenticate challenges.")
+    shutdown_timeout: float = option(
+        3.0,
+        "Seconds in-flight requests get to finish on shutdown.",
+        kind="duration",
+        check=_positive,
+    )
+    log_level: str = option("info", "debug, info, warning or error.", check=_log_level)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: str = option(
+        "./mlflow-guard-data",
+        "Directory for the gateway's own files (database, secret key, embedded MLflow).",
+        flag="--data-dir",
+    )
+    database_uri: str = option(
+        "",
+        "The gateway's own database; empty means sqlite:///<data_dir>/guard.db. "
+        "PostgreSQL: postgresql://user:pass@host/db (may be MLflow's database).",
+        flag="--database-uri",
+        check=_database_uri,
+    )
+    secret_key_file: str = option(
+        "",
+        "File holding the key tokens are HMACed with; empty means <data_dir>/secret.key, "
+        "created on first use. MLFLOW_GUARD_SECRET_KEY overrides it.",
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    url: str = option(
+        "",
+        "An existing MLflow server to front; empty starts the embedded one.",
+        flag="--upstream-url",
+        check=_upstream_url,
+    )
+    connect_timeout: float = option(
+        5.0, "Seconds to open a connection to MLflow.", kind="duration", check=_positive
+    )
+    read_timeout: float = option(
+        300.0,
+        "Seconds MLflow may stay silent while answering (large artifacts, slow searches).",
+        kind="duration",
+        check=_positive,
+    )
+    pool_timeout: float = option(
+        5.0,
+        "Seconds a request waits for a free upstream connection before 503 upstream_busy.",
+        kind="duration",
+        check=_positive,
+    )
+    max_connections: int = option(64, "Most concurrent connections to MLflow.", check=_positive)
+    keepalive_expiry: float = option(
+        4.0,
+        "Seconds an idle upstream connection is kept; keep it below MLflow's keep-alive timeout.",
+        kind="duration",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    backend_store_uri: str = option(
+        "",
+        "Embedded MLflow's backend store; empty means sqlite:///<data_dir>/mlflow/mlflow.db.",
+        flag="--backend-store-uri",
+    )
+    default_artifact_root: str = option(
+        "",
+        "Embedded MLflow's default artifact root; empty means mlflow-artifacts:/ when "
+        "serve_artifacts is on.",
+        flag="--default-artifact-root",
+    )
+    artifacts_destination: str = option(
+        "",
+        "Where the embedded MLflow stores proxied artifacts; empty means "
+        "<data_dir>/mlflow/artifacts.",
+    )
+    serve_artifacts: bool = option(
+        True,
+        "Let the embedded MLflow proxy artifact uploads and downloads.",
+        flag="--serve-artifacts",
+    )
+    startup_timeout: float = option(
+        120.0,
+        "Seconds to wait for the embedded MLflow to become healthy.",
+        kind="duration",
+        check=_positive,
+    )
+    restart_backoff_max: float = option(
+        30.0,
+        "Longest pause between restarts of a crashed embedded MLflow.",
+        kind="duration",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    default_expiry: float = option(
+        90 * 86400.0,
+        "Lifetime of a new token when --expires is not given.",
+        kind="duration",
+        check=_positive,
+    )
+    cache_ttl: float = option(
+        5.0,
+        "Seconds a verified token is trusted without asking the database; revocation takes "
+        "effect on every replica within this time. 0 asks every time.",
+        kind="duration",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).resolve()
+
+    @property
+    def database_uri(self) -> str:
+        return self.storage.database_uri or f"sqlite:///{self.data_dir / 'guard.db'}"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return Path(self.storage.secret_key_file or self.data_dir / "secret.key").resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.upstream.url
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the loader and the documentation see it."""
+
+    section: str
+    key: str
+    type: Any
+    default: Any
+    doc: str
+    flag: str | None
+    kind: str
+    check: Validator | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
+
+
+def options() -> list[Option]:
+    """Every setting, in schema order."""
+    result = []
+    for section in dataclasses.fields(Settings):
+        section_type = get_type_hints(Settings)[section.name]
+        hints = get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            meta = f.metadata
+            result.append(
+                Option(
+                    section.name,
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    meta["doc"],
+                    meta["flag"],
+                    meta["kind"],
+                    meta["check"],
+                )
+            )
+    return result
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    problems: list[str]
+    sources: dict[str, str]
+    config_file: Path | None
+
+
+def _convert(opt: Option, raw: object) -> object:
+    """Turn a raw value (a string from env/flags, or a TOML value) into the option's type."""
+    if opt.kind == "size":
+        return parse_size(raw)
+    if opt.kind == "duration":
+        return parse_duration(raw)
+    if get_origin(opt.type) is tuple:
+        if isinstance(raw, str):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
+        raise ValueError(f"expected a list of strings, got {raw!r}")
+    if opt.type is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"true", "1", "yes", "on"}:
+            return True
+        if text in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if opt.type is int:
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if opt.type is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ValueError(f"expected a number, got {raw!r}")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def find_config_file(flag: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file in effect: --config, else MLFLOW_GUARD_CONFIG, else ./mlflow-guard.toml."""
+    if flag:
+        return Path(flag)
+    if environ.get("MLFLOW_GUARD_CONFIG"):
+        return Path(environ["MLFLOW_GUARD_CONFIG"])
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Loaded:
+    """Build Settings from flags (keyed by ``section.key``), environment and file.
+
+    Never raises for bad input: every problem is collected as
+    ``"section.key: problem (how to fix)"`` so the operator sees them all at once.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    path = find_config_file(config_file, environ)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            problems.append(f"config: {path} does not exist (create it or drop --config)")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"config: {path} cannot be read: {exc}")
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"config: {path} is not valid TOML: {exc} (fix the syntax)")
+
+    all_options = options()
+    known = {(o.section, o.key) for o in all_options}
+    sections = {o.section for o in all_options}
+    for section, table in file_values.items():
+        if section not in sections or not isinstance(table, dict):
+            problems.append(f"{section}: unknown section (known: {', '.join(sorted(sections))})")
+            continue
+        for key in table:
+            if (section, key) not in known:
+                problems.append(f"{section}.{key}: unknown setting (see config/mlflow-guard.toml)")
+    known_env = {o.env for o in all_options} | RESERVED_ENV
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            problems.append(f"env {name}: unknown setting (check the spelling in the README)")
+
+    values: dict[str, dict[str, object]] = {s: {} for s in sections}
+    sources: dict[str, str] = {}
+    for opt in all_options:
+        candidates: list[tuple[str, object]] = []
+        if opt.name in flags:
+            candidates.append((f"flag {opt.flag}", flags[opt.name]))
+        if opt.env in environ:
+            candidates.append((f"env {opt.env}", environ[opt.env]))
+        table = file_values.get(opt.section)
+        if isinstance(table, dict) and opt.key in table:
+            candidates.append((f"file {path}", table[opt.key]))
+        value, source = opt.default, "default"
+        if candidates:
+            source, raw = candidates[0]
+            try:
+                value = _convert(opt, raw)
+            except ValueError as exc:
+                problems.append(f"{opt.name}: {exc} (from {source})")
+                value, source = opt.default, "default"
+        if opt.check is not None and (message := opt.check(value)):
+            problems.append(f"{opt.name}: {message} (from {source})")
+        values[opt.section][opt.key] = value
+        sources[opt.name] = source
+
+    hints = get_type_hints(Settings)
+    settings = Settings(**{s: hints[s](**kv) for s, kv in values.items()})
+    problems.extend(_cross_checks(settings))
+    return Loaded(settings, problems, sources, path)
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    problems = []
+    if settings.tokens.cache_ttl < 0:
+        problems.append("tokens.cache_ttl: must not be negative (0 disables the cache)")
+    if (
+        settings.embedded
+        and settings.mlflow.default_artifact_root == ""
+        and not (settings.mlflow.serve_artifacts)
+    ):
+        problems.append(
+            "mlflow.default_artifact_root: required when serve_artifacts is off "
+            "(set a path or an object-store URI)"
+        )
+    try:
+        data_dir = settings.data_dir
+    except OSError as exc:  # pragma: no cover - resolve() only fails on broken filesystems
+        return [*problems, f"storage.data_dir: cannot be resolved: {exc}"]
+    if data_dir.exists() and not data_dir.is_dir():
+        problems.append(f"storage.data_dir: {data_dir} exists and is not a directory")
+    return problems

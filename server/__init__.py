@@ -1,0 +1,1 @@
+"""Starting and supervising the upstream MLflow server that the gateway embeds."""
