@@ -51,6 +51,10 @@ class TokenError(Exception):
     """A token command cannot be carried out; the message says why and what to do."""
 
 
+class TokenExists(TokenError):
+    """A live token already has this name."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
     id: int
@@ -109,7 +113,7 @@ class TokenStore:
                 insert = tokens_table.insert().values(**row, created_at=now, expires_at=expires_at)
                 token_id = conn.execute(insert).inserted_primary_key
         except IntegrityError:
-            raise TokenError(
+            raise TokenExists(
                 f"a live token named {name!r} already exists (revoke it first or pick another name)"
             ) from None
         assert token_id is not None  # noqa: S101 - an insert always has a key
@@ -122,7 +126,7 @@ class TokenStore:
                 return None
         try:
             return self.create(BOOTSTRAP_NAME, "admin", lifetime, secret)[1]
-        except TokenError:
+        except TokenExists:
             return None  # another replica bootstrapped at the same moment
 
     def list(self, include_revoked: bool = False) -> list[TokenRecord]:

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from guard.errors import REASONS, Refusal, render
+
+MLFLOW_ERROR_CODES = {
+    "BAD_REQUEST", "UNAUTHENTICATED", "PERMISSION_DENIED", "ENDPOINT_NOT_FOUND",
+    "RESOURCE_EXHAUSTED", "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED",
+    "INVALID_PARAMETER_VALUE",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("reason", sorted(REASONS))
+def test_every_reason_maps_to_a_status_and_an_mlflow_code(reason: str) -> None:
+    info = REASONS[reason]
+    assert 400 <= info.status < 600
+    assert info.error_code in MLFLOW_ERROR_CODES
+    assert info.message.endswith(".")
+    # 401 means "who are you", 403 "you may not": never mixed.
+    if info.status == 401:
+        assert info.error_code == "UNAUTHENTICATED"
+    if info.status == 403:
+        assert info.error_code == "PERMISSION_DENIED"
+
+
+def test_unknown_reason_cannot_be_constructed() -> None:
+    with pytest.raises(ValueError, match="unknown reason"):
+        Refusal("because")
+
+
+def test_json_shape_is_mlflows() -> None:
+    content_type, body = render(Refusal("body_too_large", "The limit is 5 bytes."), "rid", False)
+    assert content_type == b"application/json"
+    assert json.loads(body) == {
+        "error_code": "RESOURCE_EXHAUSTED",
+        "message": "The request body is too large. The limit is 5 bytes.",
+        "reason": "body_too_large",
+        "request_id": "rid",
+    }
+
+
+def test_html_is_escaped() -> None:
+    _, body = render(Refusal("not_found", "<script>x</script>"), "<b>", True)
+    assert b"<script>" not in body
+    assert b"&lt;script&gt;" in body

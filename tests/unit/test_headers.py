@@ -1,0 +1,54 @@
+from guard.context import RequestContextMiddleware
+from guard.headers import SecurityHeadersMiddleware
+from tests.unit.asgi import Recorder, call
+
+
+def stack(frame_ancestors: str = "'self'", trusted: tuple[str, ...] = ()) -> tuple[object, Recorder]:
+    inner = Recorder()
+    app = SecurityHeadersMiddleware(inner, frame_ancestors=frame_ancestors, hsts_max_age=600)
+    return RequestContextMiddleware(app, trusted_proxies=trusted), inner
+
+
+def test_security_headers_are_set() -> None:
+    app, _ = stack()
+    result = call(app)  # type: ignore[arg-type]
+    assert result.header("x-content-type-options") == "nosniff"
+    assert result.header("x-frame-options") == "SAMEORIGIN"
+    assert result.header("content-security-policy") == "frame-ancestors 'self'"
+    assert result.header("referrer-policy") == "same-origin"
+    assert result.header("strict-transport-security") is None  # plain http
+
+
+def test_upstream_security_headers_are_replaced_not_duplicated() -> None:
+    app, inner = stack("'none'")
+    inner.headers = [(b"x-frame-options", b"ALLOWALL"), (b"X-Content-Type-Options", b"off"),
+                     (b"content-security-policy", b"default-src *")]  # fmt: skip
+    result = call(app)  # type: ignore[arg-type]
+    assert result.all("x-frame-options") == ["DENY"]
+    assert result.all("x-content-type-options") == ["nosniff"]
+    assert result.all("content-security-policy") == ["frame-ancestors 'none'"]
+    assert result.all("X-Content-Type-Options") == []
+
+
+def test_hsts_over_tls_only() -> None:
+    app, _ = stack()
+    assert call(app, scheme="https").header("strict-transport-security") == "max-age=600"  # type: ignore[arg-type]
+
+
+def test_hsts_when_a_trusted_proxy_terminated_tls() -> None:
+    app, _ = stack(trusted=("203.0.113.0/24",))
+    headers = [("host", "localhost"), ("x-forwarded-proto", "https")]
+    assert call(app, headers=headers).header("strict-transport-security") == "max-age=600"  # type: ignore[arg-type]
+
+
+def test_spoofed_proto_from_untrusted_peer_gives_no_hsts() -> None:
+    app, _ = stack()
+    headers = [("host", "localhost"), ("x-forwarded-proto", "https")]
+    assert call(app, headers=headers).header("strict-transport-security") is None  # type: ignore[arg-type]
+
+
+def test_other_frame_ancestors_send_no_legacy_header() -> None:
+    app, _ = stack("https://portal.example.com")
+    result = call(app)  # type: ignore[arg-type]
+    assert result.header("x-frame-options") is None
+    assert result.header("content-security-policy") == "frame-ancestors https://portal.example.com"

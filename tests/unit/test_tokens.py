@@ -1,0 +1,201 @@
+import asyncio
+import base64
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from guard.db import build_engine, migrate, tokens
+from guard.identity.base import Credentials, Principal, parse_authorization
+from guard.identity.tokens import TOKEN_PREFIX, TokenError, TokenProvider, TokenStore
+from guard.errors import Refusal
+
+KEY = b"k" * 32
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(database_uri: str, clock: Clock) -> Iterator[TokenStore]:
+    engine = build_engine(database_uri)
+    migrate(engine)
+    migrate(engine)  # idempotent
+    yield TokenStore(engine, KEY, clock)
+    engine.dispose()
+
+
+def test_create_returns_a_prefixed_high_entropy_secret_stored_only_as_hmac(store: TokenStore) -> None:
+    record, secret = store.create("ci-promoter", "admin", 90 * DAY)
+    assert secret.startswith(TOKEN_PREFIX)
+    assert len(secret) - len(TOKEN_PREFIX) >= 43  # 32 random bytes, base64url
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(tokens)).one()
+    assert secret not in str(tuple(row))
+    assert row.digest == store.digest(secret) != secret
+    assert record.expires_at - record.created_at == dt.timedelta(days=90)
+    assert record.expires_at.tzinfo is not None
+
+
+def test_lookup_finds_only_the_exact_secret(store: TokenStore) -> None:
+    _, secret = store.create("a", "admin", DAY)
+    assert store.lookup(secret) is not None
+    assert store.lookup(secret[:-1]) is None
+    assert store.lookup(secret + "x") is None
+    assert store.lookup("") is None
+
+
+def test_a_different_key_knows_no_token(store: TokenStore) -> None:
+    _, secret = store.create("a", "admin", DAY)
+    assert TokenStore(store.engine, b"o" * 32).lookup(secret) is None
+
+
+@pytest.mark.parametrize("name", ["", "A", "ci:promoter", "-ci", "a" * 65, "ci promoter", "ü"])
+def test_bad_names_are_refused(store: TokenStore, name: str) -> None:
+    with pytest.raises(TokenError, match="invalid"):
+        store.create(name, "admin", DAY)
+
+
+def test_unknown_role_and_bad_expiry_are_refused(store: TokenStore) -> None:
+    with pytest.raises(TokenError, match="does not exist"):
+        store.create("a", "superuser", DAY)
+    with pytest.raises(TokenError, match="future"):
+        store.create("a", "admin", 0)
+
+
+def test_live_names_are_unique_and_reusable_after_revoke(store: TokenStore) -> None:
+    _, first = store.create("ci", "admin", DAY)
+    with pytest.raises(TokenError, match="already exists"):
+        store.create("ci", "admin", DAY)
+    store.revoke("ci")
+    _, second = store.create("ci", "admin", DAY)
+    assert store.lookup(first).revoked_at is not None  # type: ignore[union-attr]
+    assert store.lookup(second).revoked_at is None  # type: ignore[union-attr]
+    assert [r.name for r in store.list()] == ["ci"]
+    assert len(store.list(include_revoked=True)) == 2
+
+
+def test_revoke_unknown_or_twice(store: TokenStore) -> None:
+    with pytest.raises(TokenError, match="no live token"):
+        store.revoke("nope")
+    store.create("ci", "admin", DAY)
+    store.revoke("ci")
+    with pytest.raises(TokenError, match="no live token"):
+        store.revoke("ci")
+
+
+def test_bootstrap_only_while_no_token_was_ever_made(store: TokenStore) -> None:
+    secret = store.bootstrap(DAY, None)
+    assert secret is not None and secret.startswith(TOKEN_PREFIX)
+    assert store.bootstrap(DAY, None) is None
+    store.revoke("admin")
+    assert store.bootstrap(DAY, None) is None  # revoked still counts: the database is not empty
+
+
+def test_bootstrap_uses_a_supplied_secret(store: TokenStore) -> None:
+    supplied = "s3cr3t-" + "x" * 40
+    assert store.bootstrap(DAY, supplied) == supplied
+    assert store.lookup(supplied).name == "admin"  # type: ignore[union-attr]
+
+
+def test_bootstrap_refuses_a_weak_supplied_secret(store: TokenStore) -> None:
+    with pytest.raises(TokenError, match="32-256"):
+        store.bootstrap(DAY, "short")
+
+
+def basic(user: str, password: str) -> Credentials:
+    result = parse_authorization(
+        [(b"authorization", b"Basic " + base64.b64encode(f"{user}:{password}".encode()))]
+    )
+    assert isinstance(result, Credentials)
+    return result
+
+
+def authenticate(provider: TokenProvider, credentials: Credentials) -> Principal | Refusal | None:
+    async def run() -> Principal | Refusal | None:
+        result = await provider.authenticate(credentials)
+        await provider.drain()
+        return result
+
+    return asyncio.run(run())
+
+
+def test_provider_accepts_bearer_and_basic_with_matching_name(store: TokenStore) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    provider = TokenProvider(store, cache_ttl=0)
+    for credentials in (Credentials("bearer", secret), basic("ci", secret)):
+        principal = authenticate(provider, credentials)
+        assert isinstance(principal, Principal)
+        assert (principal.subject, principal.method, principal.roles) == ("token:ci", "token", ("admin",))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda s: basic("someone-else", s), "invalid_credentials"),
+        (lambda s: basic("ci", ""), "invalid_credentials"),  # empty password
+        (lambda s: basic("", ""), "invalid_credentials"),
+        (lambda s: Credentials("bearer", s + "x"), "invalid_credentials"),
+        (lambda s: Credentials("bearer", s.upper()), "invalid_credentials"),
+    ],
+)
+def test_provider_refusals(store: TokenStore, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+    _, secret = store.create("ci", "admin", DAY)
+    result = authenticate(TokenProvider(store, cache_ttl=0), make(secret))
+    assert isinstance(result, Refusal) and result.reason == reason
+
+
+def test_expired_and_revoked_tokens_are_refused(store: TokenStore, clock: Clock) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    provider = TokenProvider(store, cache_ttl=3600)
+    assert isinstance(authenticate(provider, Credentials("bearer", secret)), Principal)
+    clock.now += dt.timedelta(days=1)  # expiry is exact even with a cached record
+    result = authenticate(provider, Credentials("bearer", secret))
+    assert isinstance(result, Refusal) and result.reason == "token_expired"
+    _, other = store.create("ci2", "admin", DAY)
+    store.revoke("ci2")
+    result = authenticate(TokenProvider(store, cache_ttl=0), Credentials("bearer", other))
+    assert isinstance(result, Refusal) and result.reason == "token_revoked"
+
+
+def test_revocation_is_seen_once_the_cache_expires(store: TokenStore) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    provider = TokenProvider(store, cache_ttl=0)
+    assert isinstance(authenticate(provider, Credentials("bearer", secret)), Principal)
+    store.revoke("ci")
+    result = authenticate(provider, Credentials("bearer", secret))
+    assert isinstance(result, Refusal) and result.reason == "token_revoked"
+
+
+def test_last_used_is_written_at_most_once_a_minute(store: TokenStore, clock: Clock) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    provider = TokenProvider(store, cache_ttl=0)
+    first = clock.now
+    authenticate(provider, Credentials("bearer", secret))
+    assert store.lookup(secret).last_used_at == first  # type: ignore[union-attr]
+    clock.now += dt.timedelta(seconds=30)
+    authenticate(provider, Credentials("bearer", secret))
+    assert store.lookup(secret).last_used_at == first  # type: ignore[union-attr]
+    clock.now += dt.timedelta(seconds=31)
+    authenticate(provider, Credentials("bearer", secret))
+    assert store.lookup(secret).last_used_at == clock.now  # type: ignore[union-attr]
+
+
+def test_unreachable_database_is_a_clear_refusal(clock: Clock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = build_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+    provider = TokenProvider(TokenStore(engine, KEY, clock), cache_ttl=0)
+    result = authenticate(provider, Credentials("bearer", "mlg_" + "x" * 43))
+    engine.dispose()
+    assert isinstance(result, Refusal) and result.reason == "identity_unavailable"
