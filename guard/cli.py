@@ -203,7 +203,7 @@ def _print_bootstrap(secret: str) -> None:
 def _serve(loaded: Loaded) -> int:
     import uvicorn
 
-    from guard.app import build_gateway
+    from guard.app import build_gateway, uvicorn_options
     from guard.keys import SecretKeyError
 
     settings = loaded.settings
@@ -220,14 +220,7 @@ def _serve(loaded: Loaded) -> int:
         gateway,
         host=settings.gateway.host,
         port=settings.gateway.port,
-        lifespan="on",
-        # The gateway judges forwarding headers itself, against gateway.trusted_proxies.
-        proxy_headers=False,
-        server_header=False,
-        access_log=False,
-        log_config=None,
-        http="httptools",
-        timeout_graceful_shutdown=max(1, round(settings.gateway.shutdown_timeout)),
+        **uvicorn_options(settings),  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     server.run()
