@@ -82,6 +82,12 @@ class Gateway:
         self.upstream.open()
         logger.info("forwarding to MLflow at %s", self.upstream.base_url)
 
+    def begin_shutdown(self) -> None:
+        """The server stopped accepting: let the embedded MLflow start its own drain now, in
+        parallel with ours, so both are done within the shutdown timeout."""
+        if self.supervisor is not None:
+            self.supervisor.begin_stop()
+
     async def shutdown(self) -> None:
         await self.upstream.close()
         if self.supervisor is not None:

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -222,7 +223,13 @@ def _serve(loaded: Loaded) -> int:
         port=settings.gateway.port,
         **uvicorn_options(settings),  # type: ignore[arg-type]
     )
-    server = uvicorn.Server(config)
+
+    class GatewayServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            gateway.begin_shutdown()
+            await super().shutdown(sockets)
+
+    server = GatewayServer(config)
     server.run()
     return 0 if server.started else EXIT_STARTUP
 

@@ -28,7 +28,7 @@ import aiohttp
 logger = logging.getLogger("guard.mlflow")
 
 HEALTHY_RESET_AFTER = 60.0  # a child that ran this long restarts after the shortest pause
-STOP_GRACE = 1.5  # seconds between SIGTERM and SIGKILL on shutdown
+STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL; MLflow needs ~2 s to exit cleanly
 _LOG_TAIL = 4000
 
 
@@ -112,6 +112,7 @@ class MlflowSupervisor:
         self._process: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped: asyncio.Future[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -225,7 +226,19 @@ class MlflowSupervisor:
             await asyncio.wait_for(process.wait(), STOP_GRACE)
 
     async def stop(self) -> None:
-        """Stop watching and stop the server: SIGTERM, then SIGKILL after a short grace."""
+        """Stop watching and stop the server: SIGTERM, then SIGKILL after a short grace.
+
+        Safe to call more than once; later calls wait for the first to finish."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopped)
+
+    def begin_stop(self) -> None:
+        """Start stopping without waiting (MLflow drains its in-flight requests meanwhile)."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._stop())
+
+    async def _stop(self) -> None:
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()

@@ -31,7 +31,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = outcome.get_result()
     if report.skipped and ("postgresql" in item.keywords or "[postgresql" in item.nodeid):
         report.outcome = "failed"
-        report.longrepr = f"PostgreSQL test was skipped, which counts as a failure: {report.longrepr}"
+        report.longrepr = (
+            f"PostgreSQL test was skipped, which counts as a failure: {report.longrepr}"
+        )
 
 
 class PostgresCluster:

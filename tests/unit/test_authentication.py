@@ -62,7 +62,9 @@ def stack() -> tuple[RequestContextMiddleware, Recorder]:
 )  # fmt: skip
 def test_refusals_are_401_with_challenges(authorization: str | None, reason: str) -> None:
     app, inner = stack()
-    headers = [("host", "localhost")] + ([("authorization", authorization)] if authorization else [])
+    headers = [("host", "localhost")] + (
+        [("authorization", authorization)] if authorization else []
+    )
     result = call(app, headers=headers)
     assert result.status == 401
     assert result.reason == reason

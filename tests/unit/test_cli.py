@@ -59,7 +59,15 @@ def test_token_lifecycle(env: Path, capsys) -> None:  # type: ignore[no-untyped-
 
     assert main(["token", "list", *args]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split() == ["NAME", "ROLE", "STATE", "CREATED", "EXPIRES", "LAST", "USED"]
+    assert table.splitlines()[0].split() == [
+        "NAME",
+        "ROLE",
+        "STATE",
+        "CREATED",
+        "EXPIRES",
+        "LAST",
+        "USED",
+    ]
     assert secret not in table
 
     assert main(["token", "revoke", "ci-promoter", *args]) == 0

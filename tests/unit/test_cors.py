@@ -77,12 +77,17 @@ def test_preflight_from_other_origins_is_refused(origin: str) -> None:
 
 def test_preflight_for_unlisted_method_is_refused() -> None:
     app, _ = stack()
-    assert call(app, method="OPTIONS", headers=preflight("https://app.example.com", "TRACE")).status == 403
+    assert (
+        call(app, method="OPTIONS", headers=preflight("https://app.example.com", "TRACE")).status
+        == 403
+    )
 
 
 def test_preflight_with_garbage_headers_is_refused() -> None:
     app, _ = stack()
-    result = call(app, method="OPTIONS", headers=preflight("https://app.example.com", "GET", "a\r\nb"))
+    result = call(
+        app, method="OPTIONS", headers=preflight("https://app.example.com", "GET", "a\r\nb")
+    )
     assert result.status == 403
 
 

@@ -3,7 +3,9 @@ from guard.headers import SecurityHeadersMiddleware
 from tests.unit.asgi import Recorder, call
 
 
-def stack(frame_ancestors: str = "'self'", trusted: tuple[str, ...] = ()) -> tuple[object, Recorder]:
+def stack(
+    frame_ancestors: str = "'self'", trusted: tuple[str, ...] = ()
+) -> tuple[object, Recorder]:
     inner = Recorder()
     app = SecurityHeadersMiddleware(inner, frame_ancestors=frame_ancestors, hsts_max_age=600)
     return RequestContextMiddleware(app, trusted_proxies=trusted), inner

@@ -124,7 +124,9 @@ def test_missing_host_is_refused() -> None:
 
 def test_x_forwarded_host_is_ignored_from_untrusted_peer() -> None:
     app, inner = _stack()
-    assert call(app, headers=[("host", "evil.com"), ("x-forwarded-host", "localhost")]).status == 400
+    assert (
+        call(app, headers=[("host", "evil.com"), ("x-forwarded-host", "localhost")]).status == 400
+    )
     result = call(app, headers=[("host", "localhost"), ("x-forwarded-host", "evil.com")])
     assert result.status == 200
     assert inner.scopes[-1]["guard"].host == "localhost"

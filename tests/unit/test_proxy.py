@@ -161,7 +161,9 @@ def test_what_the_caller_gets_back(gateway: str) -> None:
     assert response.headers["x-request-id"]
 
 
-def test_no_cookie_jar_between_callers(gateway: str, upstream: tuple[ServerThread, FakeMlflow]) -> None:
+def test_no_cookie_jar_between_callers(
+    gateway: str, upstream: tuple[ServerThread, FakeMlflow]
+) -> None:
     _, fake = upstream
     # The upstream sets a cookie on every answer; the next caller must not carry it.
     with httpx.Client(headers=AUTH) as first, httpx.Client(headers=AUTH) as second:
@@ -222,14 +224,19 @@ def test_absolute_uri_request_line_cannot_choose_the_upstream_host(
         assert reply.startswith("HTTP/1.1 400")
 
 
-def test_refused_routes_never_reach_mlflow(gateway: str, upstream: tuple[ServerThread, FakeMlflow]) -> None:
+def test_refused_routes_never_reach_mlflow(
+    gateway: str, upstream: tuple[ServerThread, FakeMlflow]
+) -> None:
     _, fake = upstream
     before = len(fake.seen)
     for path in ("/ajax-api/3.0/mlflow/assistant/message", "/v1/traces", "/metrics", "/gateway/x"):
         response = httpx.post(f"{gateway}{path}", headers=AUTH, json={})
         assert response.status_code == 403, path
         assert response.json()["reason"] == "route_not_classified"
-    assert httpx.request("TRACE", f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH).status_code == 405
+    assert (
+        httpx.request("TRACE", f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH).status_code
+        == 405
+    )
     assert len(fake.seen) == before
 
 
@@ -247,7 +254,9 @@ def test_unauthenticated_requests_never_reach_mlflow(
 
 
 def test_basic_with_token_name_as_user(gateway: str) -> None:
-    assert httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("admin", TOKEN)).status_code == 200
+    assert (
+        httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("admin", TOKEN)).status_code == 200
+    )
     assert httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("root", TOKEN)).status_code == 401
 
 
@@ -303,8 +312,7 @@ def test_conflicting_framing_is_refused(
     with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
         sock.sendall(
             f"POST /api/2.0/mlflow/runs/echo HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Bearer {TOKEN}\r\n{framing}Connection: close\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
-            .encode()
+            f"Authorization: Bearer {TOKEN}\r\n{framing}Connection: close\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".encode()
         )
         reply = sock.recv(65536).decode("latin-1")
     assert reply.startswith("HTTP/1.1 400"), reply
@@ -335,7 +343,9 @@ def test_upstream_timeout_is_504(gateway: str) -> None:
     }
 
 
-def test_pool_exhaustion_is_503_not_a_hang(tmp_path: Path, upstream: tuple[ServerThread, FakeMlflow]) -> None:
+def test_pool_exhaustion_is_503_not_a_hang(
+    tmp_path: Path, upstream: tuple[ServerThread, FakeMlflow]
+) -> None:
     server, _ = upstream
     with start_gateway(tmp_path, server.url, **{"upstream.read_timeout": "10s"}) as gw:
 
@@ -368,6 +378,10 @@ def test_guard_routes(gateway: str) -> None:
     assert httpx.get(f"{gateway}/guard/nope").json()["reason"] == "not_found"
     assert httpx.post(f"{gateway}/guard/health").json()["reason"] == "method_not_allowed"
     # Probes answer whatever Host an orchestrator uses; everything else checks it.
-    assert httpx.get(f"{gateway}/guard/health", headers={"Host": "10.1.2.3:5000"}).status_code == 200
-    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", headers={**AUTH, "Host": "evil.com"})
+    assert (
+        httpx.get(f"{gateway}/guard/health", headers={"Host": "10.1.2.3:5000"}).status_code == 200
+    )
+    response = httpx.get(
+        f"{gateway}/api/2.0/mlflow/runs/echo", headers={**AUTH, "Host": "evil.com"}
+    )
     assert response.json()["reason"] == "host_not_allowed"

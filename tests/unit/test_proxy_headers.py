@@ -34,7 +34,9 @@ def test_connection_listed_headers_are_dropped() -> None:
 def test_ordinary_headers_and_the_gateways_own_pass() -> None:
     headers = enc([("content-type", "application/json"), ("user-agent", "mlflow-python-client"),
                    ("x-mlflow-client-version", "3.17.2"), ("accept-encoding", "gzip")])  # fmt: skip
-    result = upstream_request_headers(headers, [("host", "127.0.0.1:1"), ("x-forwarded-for", "1.2.3.4")])
+    result = upstream_request_headers(
+        headers, [("host", "127.0.0.1:1"), ("x-forwarded-for", "1.2.3.4")]
+    )
     assert result == [
         ("content-type", "application/json"),
         ("user-agent", "mlflow-python-client"),

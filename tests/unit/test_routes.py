@@ -94,7 +94,9 @@ def test_refusals_come_before_the_prefixes_that_would_forward_them() -> None:
     rules = load_rules()
     for i, rule in enumerate(rules):
         if rule.action == "refuse":
-            earlier_forward = [r for r in rules[:i] if r.action == "forward" and r.matches(rule.path)]
+            earlier_forward = [
+                r for r in rules[:i] if r.action == "forward" and r.matches(rule.path)
+            ]
             assert not earlier_forward, rule.path
 
 

@@ -102,7 +102,9 @@ def test_invalid_toml_is_one_problem(tmp_path: Path) -> None:
 
 def test_missing_explicit_file_is_a_problem(tmp_path: Path) -> None:
     problems = load_settings({}, {}, str(tmp_path / "nope.toml")).problems
-    assert problems == [f"config: {tmp_path / 'nope.toml'} does not exist (create it or drop --config)"]
+    assert problems == [
+        f"config: {tmp_path / 'nope.toml'} does not exist (create it or drop --config)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -147,7 +149,10 @@ def test_serve_artifacts_off_needs_an_artifact_root() -> None:
 
 
 def test_type_errors_in_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "[gateway]\nport = 'x'\nallowed_hosts = 'a'\n[mlflow]\nserve_artifacts = 'maybe'\n")
+    path = write(
+        tmp_path,
+        "[gateway]\nport = 'x'\nallowed_hosts = 'a'\n[mlflow]\nserve_artifacts = 'maybe'\n",
+    )
     problems = load_settings({}, {}, path).problems
     assert any(p.startswith("gateway.port: expected an integer") for p in problems)
     assert any(p.startswith("mlflow.serve_artifacts: expected true or false") for p in problems)

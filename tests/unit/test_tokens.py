@@ -37,7 +37,9 @@ def store(database_uri: str, clock: Clock) -> Iterator[TokenStore]:
     engine.dispose()
 
 
-def test_create_returns_a_prefixed_high_entropy_secret_stored_only_as_hmac(store: TokenStore) -> None:
+def test_create_returns_a_prefixed_high_entropy_secret_stored_only_as_hmac(
+    store: TokenStore,
+) -> None:
     record, secret = store.create("ci-promoter", "admin", 90 * DAY)
     assert secret.startswith(TOKEN_PREFIX)
     assert len(secret) - len(TOKEN_PREFIX) >= 43  # 32 random bytes, base64url
@@ -138,7 +140,11 @@ def test_provider_accepts_bearer_and_basic_with_matching_name(store: TokenStore)
     for credentials in (Credentials("bearer", secret), basic("ci", secret)):
         principal = authenticate(provider, credentials)
         assert isinstance(principal, Principal)
-        assert (principal.subject, principal.method, principal.roles) == ("token:ci", "token", ("admin",))
+        assert (principal.subject, principal.method, principal.roles) == (
+            "token:ci",
+            "token",
+            ("admin",),
+        )
 
 
 @pytest.mark.parametrize(
