@@ -81,9 +81,8 @@ def start_gateway(
 ) -> Gateway:
     port = free_port()
     token = token or "mlg_" + os.urandom(32).hex()
-    env = clean_env(
-        MLFLOW_GUARD_BOOTSTRAP_TOKEN=token, MLFLOW_GUARD_TOKENS_CACHE_TTL="0.5s", **env_extra
-    )
+    settings = {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": token, "MLFLOW_GUARD_TOKENS_CACHE_TTL": "0.5s"}
+    env = clean_env(**(settings | env_extra))
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "gateway.log"
     with log.open("ab") as out:
