@@ -42,7 +42,9 @@ def test_front_an_existing_server_with_postgresql(
 
     # A second replica on the same database and key sees the same tokens and bootstraps nothing.
     key = (tmp_path / "a" / "secret.key").read_text().strip()
-    second = start_gateway(tmp_path / "b", *args, token="mlg_" + "n" * 43, MLFLOW_GUARD_SECRET_KEY=key)
+    second = start_gateway(
+        tmp_path / "b", *args, token="mlg_" + "n" * 43, MLFLOW_GUARD_SECRET_KEY=key
+    )
     try:
         secret = created.stdout.strip()
         ok = httpx.get(second.url + "/api/2.0/mlflow/experiments/search?max_results=1",

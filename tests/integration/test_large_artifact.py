@@ -70,7 +70,9 @@ def test_500_mb_artifact_round_trip(
     try:
         client.log_artifact(run.info.run_id, str(source), artifact_path="blobs")
         source.unlink()  # keep the disk footprint at one copy
-        downloaded = Path(client.download_artifacts(run.info.run_id, "blobs/big.bin", str(tmp_path)))
+        downloaded = Path(
+            client.download_artifacts(run.info.run_id, "blobs/big.bin", str(tmp_path))
+        )
     finally:
         sampler.done.set()
         sampler.join()
@@ -79,4 +81,7 @@ def test_500_mb_artifact_round_trip(
     assert sampler.samples > 10
     growth = sampler.peak - sampler.baseline
     assert growth < RSS_GROWTH_LIMIT, f"gateway RSS grew by {growth / 2**20:.0f} MiB"
-    print(f"gateway RSS: baseline {sampler.baseline / 2**20:.0f} MiB, peak growth {growth / 2**20:.0f} MiB")
+    print(
+        f"gateway RSS: baseline {sampler.baseline / 2**20:.0f} MiB, "
+        f"peak growth {growth / 2**20:.0f} MiB"
+    )

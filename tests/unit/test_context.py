@@ -21,13 +21,16 @@ def scope(peer: str, headers: list[tuple[str, str]], scheme: str = "http") -> di
     ("peer", "headers", "client", "proto", "host"),
     [
         # Untrusted peer: every forwarding header is ignored (spoofing attempts).
-        ("203.0.113.9", [("host", "a"), ("x-forwarded-for", "1.1.1.1")], "203.0.113.9", "http", "a"),
-        ("203.0.113.9", [("host", "a"), ("x-forwarded-proto", "https")], "203.0.113.9", "http", "a"),
+        ("203.0.113.9", [("host", "a"), ("x-forwarded-for", "1.1.1.1")], "203.0.113.9", "http",
+         "a"),
+        ("203.0.113.9", [("host", "a"), ("x-forwarded-proto", "https")], "203.0.113.9", "http",
+         "a"),
         ("203.0.113.9", [("host", "a"), ("x-forwarded-host", "b")], "203.0.113.9", "http", "a"),
         # Loopback is not trusted unless configured (uvicorn would trust it by default).
         ("127.0.0.1", [("host", "a"), ("x-forwarded-for", "1.1.1.1")], "127.0.0.1", "http", "a"),
         # Trusted peer: the first untrusted hop from the right is the client.
-        ("10.0.0.2", [("host", "a"), ("x-forwarded-for", "198.51.100.4")], "198.51.100.4", "http", "a"),
+        ("10.0.0.2", [("host", "a"), ("x-forwarded-for", "198.51.100.4")], "198.51.100.4", "http",
+         "a"),
         (
             "10.0.0.2",
             [("host", "a"), ("x-forwarded-for", "6.6.6.6, 198.51.100.4, 10.0.0.3")],

@@ -92,7 +92,7 @@ def test_preflight_with_garbage_headers_is_refused() -> None:
 
 
 def test_listed_origin_gets_cors_headers_and_no_wildcard() -> None:
-    app, inner = stack()
+    app, _inner = stack()
     result = call(app, headers=[("host", "gw.example.com"), ("origin", "https://app.example.com")])
     assert result.status == 200
     assert result.header("access-control-allow-origin") == "https://app.example.com"
@@ -111,14 +111,14 @@ def test_cross_site_writes_are_refused(method: str, origin: str) -> None:
 
 
 def test_cross_site_reads_pass_without_cors_headers() -> None:
-    app, inner = stack()
+    app, _inner = stack()
     result = call(app, headers=[("host", "gw.example.com"), ("origin", "https://evil.com")])
     assert result.status == 200
     assert result.header("access-control-allow-origin") is None
 
 
 def test_same_origin_writes_pass() -> None:
-    app, inner = stack()
+    app, _inner = stack()
     headers = [("host", "gw.example.com:5000"), ("origin", "http://gw.example.com:5000")]
     assert call(app, method="POST", headers=headers).status == 200
     # The same host over the other scheme is another origin.

@@ -75,7 +75,7 @@ def test_split_host(text: str, expected: tuple[str, int | None]) -> None:
 
 @pytest.mark.parametrize("bad", ["*", "*.", "http://x", "a..b", "*.[::1]", "x:y", ""])
 def test_bad_patterns_are_rejected(bad: str) -> None:
-    with pytest.raises(ValueError, match="host pattern|IP literals"):
+    with pytest.raises(ValueError, match=r"host pattern|IP literals"):
         parse_host_pattern(bad)
 
 

@@ -141,8 +141,11 @@ def test_what_mlflow_receives(gateway: str, upstream: tuple[ServerThread, FakeMl
     assert headers["x-request-id"] == response.headers["x-request-id"] != "spoofed"
     assert headers["cookie"] == "keep=1"
     assert headers["x-mlflow-client-version"] == "3.17.2"
-    for name in ("authorization", "forwarded", "x-real-ip", "x-mlflow-assistant-delegation",
-                 "x-mlflow-authorization", "x-mlflow-workspace", "x_forwarded_for", "origin"):  # fmt: skip
+    dropped = (
+        "authorization", "forwarded", "x-real-ip", "x-mlflow-assistant-delegation",
+        "x-mlflow-authorization", "x-mlflow-workspace", "x_forwarded_for", "origin",
+    )  # fmt: skip
+    for name in dropped:
         assert name not in headers, name
     assert header_names(seen).count("x-forwarded-for") == 1
     assert bytes.fromhex(seen["body"]) == body  # type: ignore[arg-type]
@@ -312,7 +315,8 @@ def test_conflicting_framing_is_refused(
     with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
         sock.sendall(
             f"POST /api/2.0/mlflow/runs/echo HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Bearer {TOKEN}\r\n{framing}Connection: close\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".encode()
+            f"Authorization: Bearer {TOKEN}\r\n{framing}Connection: close\r\n\r\n"
+            "4\r\nabcd\r\n0\r\n\r\n".encode()
         )
         reply = sock.recv(65536).decode("latin-1")
     assert reply.startswith("HTTP/1.1 400"), reply
