@@ -134,10 +134,13 @@ class UpstreamClient:
         if self._session is None:
             raise UpstreamError(Refusal("upstream_unreachable", "The gateway is not started."))
         slot = self._slots
-        try:
-            await asyncio.wait_for(slot.acquire(), self.limits.pool_timeout)
-        except TimeoutError:
-            raise UpstreamError(Refusal("upstream_busy")) from None
+        if slot.locked():  # only a full pool pays for a timed wait
+            try:
+                await asyncio.wait_for(slot.acquire(), self.limits.pool_timeout)
+            except TimeoutError:
+                raise UpstreamError(Refusal("upstream_busy")) from None
+        else:
+            await slot.acquire()
         try:
             response = await self._session.request(
                 method,
