@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,9 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> N
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def spawn(stack: ExitStack, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    stack: ExitStack, args: list[str], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
@@ -218,10 +219,9 @@ def compare(
             runs_gateway.append(asyncio.run(load(via, mix, c, seconds, True, gateway)))
         d_rps = statistics.median(r.rps for r in runs_direct)
         g_rps = statistics.median(r.rps for r in runs_gateway)
-        p50 = statistics.median(g.quantile(0.5) - d.quantile(0.5)
-                                for d, g in zip(runs_direct, runs_gateway, strict=True))  # fmt: skip
-        p99 = statistics.median(g.quantile(0.99) - d.quantile(0.99)
-                                for d, g in zip(runs_direct, runs_gateway, strict=True))  # fmt: skip
+        pairs = list(zip(runs_direct, runs_gateway, strict=True))
+        p50 = statistics.median(g.quantile(0.5) - d.quantile(0.5) for d, g in pairs)
+        p99 = statistics.median(g.quantile(0.99) - d.quantile(0.99) for d, g in pairs)
         cpu = statistics.median((r.gateway_cpu or 0) / max(r.requests, 1) for r in runs_gateway)
         errors = sum(r.errors for r in runs_direct + runs_gateway)
         ratios[c] = g_rps / d_rps
