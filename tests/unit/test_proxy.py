@@ -99,6 +99,16 @@ def gateway(tmp_path: Path, upstream: tuple[ServerThread, FakeMlflow]) -> Iterat
         yield server.url
 
 
+def raw_request(gateway: str, request_line: str, extra: str = "", body: str = "") -> str:
+    """Send bytes no HTTP client would, and return the raw reply."""
+    with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(
+            f"{request_line} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"{extra}Connection: close\r\n\r\n{body}".encode()
+        )
+        return sock.recv(65536).decode("latin-1")
+
+
 def last(fake: FakeMlflow) -> dict[str, object]:
     return fake.seen[-1]
 
@@ -200,12 +210,7 @@ def test_traversal_never_reaches_mlflow(
 ) -> None:
     _, fake = upstream
     before = len(fake.seen)
-    with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
-        sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        reply = sock.recv(65536).decode("latin-1")
+    reply = raw_request(gateway, f"GET {path}")
     assert reply.startswith("HTTP/1.1 400"), reply
     assert "path_not_canonical" in reply
     assert len(fake.seen) == before
@@ -214,17 +219,15 @@ def test_traversal_never_reaches_mlflow(
 def test_absolute_uri_request_line_cannot_choose_the_upstream_host(
     gateway: str, upstream: tuple[ServerThread, FakeMlflow]
 ) -> None:
+    # httptools hands over only the path of an absolute-form target; the Host header is what
+    # gets checked, and MLflow sees the gateway's fixed Host, never the target's authority.
     server, fake = upstream
-    with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
-        sock.sendall(
-            f"GET http://evil.com/api/2.0/mlflow/runs/echo HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n".encode()
-        )
-        reply = sock.recv(65536).decode("latin-1")
-    if reply.startswith("HTTP/1.1 200"):
-        assert dict(last(fake)["headers"])["host"] == f"127.0.0.1:{server.port}"  # type: ignore[arg-type]
-    else:
-        assert reply.startswith("HTTP/1.1 400")
+    reply = raw_request(gateway, "GET http://evil.com/api/2.0/mlflow/runs/echo")
+    assert reply.startswith("HTTP/1.1 200"), reply
+    headers = dict(last(fake)["headers"])  # type: ignore[arg-type]
+    assert headers["host"] == f"127.0.0.1:{server.port}"
+    assert headers["x-forwarded-host"] == "localhost"
+    assert "evil.com" not in json.dumps(last(fake))
 
 
 def test_refused_routes_never_reach_mlflow(
@@ -312,13 +315,9 @@ def test_conflicting_framing_is_refused(
 ) -> None:
     _, fake = upstream
     before = len(fake.seen)
-    with socket.create_connection(("127.0.0.1", int(gateway.rsplit(":", 1)[1]))) as sock:
-        sock.sendall(
-            f"POST /api/2.0/mlflow/runs/echo HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Bearer {TOKEN}\r\n{framing}Connection: close\r\n\r\n"
-            "4\r\nabcd\r\n0\r\n\r\n".encode()
-        )
-        reply = sock.recv(65536).decode("latin-1")
+    reply = raw_request(
+        gateway, "POST /api/2.0/mlflow/runs/echo", framing, "4\r\nabcd\r\n0\r\n\r\n"
+    )
     assert reply.startswith("HTTP/1.1 400"), reply
     assert len(fake.seen) == before
 
