@@ -63,6 +63,11 @@ def validate_path(path: str) -> bool:
     return all(segment not in {".", ".."} for segment in path.split("/"))
 
 
+def validate_query(query: bytes) -> bool:
+    """True for a query string that can be forwarded byte for byte: printable ASCII only."""
+    return all(0x20 < b < 0x7F for b in query)
+
+
 class RouteTable:
     def __init__(self, rules: tuple[RouteRule, ...]) -> None:
         self.rules = rules
@@ -84,7 +89,7 @@ class RouteClassifierMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if not validate_path(path):
+        if not validate_path(path) or not validate_query(scope["query_string"]):
             await send_refusal(scope, send, Refusal("path_not_canonical"))
             return
         rule = self.table.classify(path)

@@ -1,6 +1,6 @@
 import pytest
 
-from guard.routes import RouteTable, load_rules, validate_path
+from guard.routes import RouteTable, load_rules, validate_path, validate_query
 
 TABLE = RouteTable(load_rules())
 
@@ -113,3 +113,12 @@ def test_refusals_come_before_the_prefixes_that_would_forward_them() -> None:
 def test_malformed_tables_are_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="route rule"):
         load_rules(text)
+
+
+@pytest.mark.parametrize(
+    ("query", "ok"),
+    [(b"", True), (b"run_id=abc&a=1&a=2", True), (b"filter=name%20%3D%20%27x%27", True),
+     (b"a=\xe9", False), (b"a=b c", False), (b"a=\x00", False), (b"a=\x7f", False)],
+)  # fmt: skip
+def test_validate_query(query: bytes, ok: bool) -> None:
+    assert validate_query(query) is ok
