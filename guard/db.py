@@ -66,6 +66,25 @@ tokens = sa.Table(
 )
 
 
+casbin_rules = sa.Table(
+    "guard_casbin_rule",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ptype", sa.String(8), nullable=False),
+    *(sa.Column(f"v{i}", sa.String(512), nullable=True) for i in range(6)),
+)
+
+# One row (id 1): bumped in the same transaction as every policy change; replicas poll it.
+policy_state = sa.Table(
+    "guard_policy_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("updated_by", sa.String(256), nullable=False),
+)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -19,7 +19,7 @@ What is introspected (nothing is started, no socket is opened):
   its full prefixed path, e.g. ``/v1/traces``); the catch-all ``Mount("/")`` of the Flask app is
   not a route of its own and is skipped.
 
-The default surface is dumped: ``MLFLOW_STATIC_PREFIX`` and the Prometheus exporter variable are
+The default surface is dumped: ``_MLFLOW_STATIC_PREFIX`` and the Prometheus exporter variable are
 removed from the environment before MLflow is imported (``--static-prefix`` prefixes every route
 except the native artifact router; ``--expose-prometheus`` adds ``/metrics``).
 """
@@ -53,8 +53,9 @@ ROW_KEYS = frozenset(
 
 
 def _default_environment() -> None:
-    # Imported lazily so that the caller's environment is only touched when routes are dumped.
-    for name in ("MLFLOW_STATIC_PREFIX", "PROMETHEUS_EXPORTER_ENV_VAR", "prometheus_multiproc_dir"):
+    # Must run before mlflow.server is first imported (routes are registered at import time).
+    # mlflow.server.handlers.STATIC_PREFIX_ENV_VAR, mlflow.server.constants.PROMETHEUS_EXPORTER_ENV_VAR
+    for name in ("_MLFLOW_STATIC_PREFIX", "prometheus_multiproc_dir"):
         os.environ.pop(name, None)
 
 
@@ -133,9 +134,7 @@ def load_table(path: Path = TABLE_PATH) -> list[dict[str, Any]]:
         return list(tomllib.load(f).get("route", []))
 
 
-def check_table(
-    path: Path = TABLE_PATH, routes: list[dict[str, str]] | None = None
-) -> list[str]:
+def check_table(path: Path = TABLE_PATH, routes: list[dict[str, str]] | None = None) -> list[str]:
     """Problems with the route table: every dumped (method, path) needs exactly one valid row."""
     routes = dump_routes() if routes is None else routes
     rows = load_table(path)

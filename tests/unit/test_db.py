@@ -1,10 +1,21 @@
 import datetime as dt
 from collections.abc import Iterator
+from importlib import resources
 
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 import sqlalchemy as sa
 
 from guard.db import VERSION_TABLE, UTCDateTime, build_engine, migrate, ping
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("guard").joinpath("migrations")))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 @pytest.fixture
@@ -28,7 +39,7 @@ def test_migrations_use_their_own_version_table_beside_mlflows(engine: sa.Engine
             "mlflow-head"
         )
         version = sa.table(VERSION_TABLE, sa.column("version_num"))
-        assert conn.execute(sa.select(version.c.version_num)).scalar() == "0001"
+        assert conn.execute(sa.select(version.c.version_num)).scalar() == head_revision()
     ping(engine)
 
 

@@ -1,0 +1,136 @@
+"""The decision index: casbin's semantics without casbin's scan of every row.
+
+casbin's ``enforce`` evaluates the matcher against every ``p`` row (~4 us a row here, ~40 ms
+at 100k rows). The index answers the same question from the rows that can matter: the grants of
+the subject and of its groups, filed by resource kind, exact names in a dict and patterns in a
+short list. ``tests/unit/test_authz_engine.py`` checks it against casbin itself on thousands of
+random questions. An index is immutable; a policy change builds a new one and swaps it in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Final, Literal
+
+from guard.authz.policy import MAX_LINKS, Grant, PolicySet, resource_kind
+
+
+def _is_pattern(resource: str) -> bool:
+    return "*" in resource or "?" in resource
+
+
+@lru_cache(maxsize=65536)
+def _compile(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for char in pattern:
+        parts.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def resource_match(resource: str, pattern: str) -> bool:
+    """The gateway's glob: ``*`` matches any run of characters (``/`` too), ``?`` one."""
+    if not _is_pattern(pattern):
+        return resource == pattern
+    return _compile(pattern).fullmatch(resource) is not None
+
+
+Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    rule: Grant | None  # the grant that decided, or None when nothing matched
+
+
+@dataclass(slots=True)
+class _Bucket:
+    exact: dict[str, list[Grant]] = field(default_factory=dict)
+    patterns: list[tuple[re.Pattern[str], Grant]] = field(default_factory=list)
+
+
+def _closure(start: str, edges: dict[str, list[str]]) -> frozenset[str]:
+    """``start`` and everything it reaches in at most MAX_LINKS links (as casbin)."""
+    seen = {start}
+    queue = deque([(start, 0)])
+    while queue:
+        node, depth = queue.popleft()
+        if depth >= MAX_LINKS:
+            continue
+        for nxt in edges.get(node, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                queue.append((nxt, depth + 1))
+    return frozenset(seen)
+
+
+class PolicyIndex:
+    """Answers (subject, resource, action) for one immutable policy set."""
+
+    def __init__(self, policy: PolicySet, version: int = 0) -> None:
+        self.policy = policy
+        self.version = version
+        role_edges: dict[str, list[str]] = {}
+        for rule in policy.roles:
+            role_edges.setdefault(rule.role, []).append(rule.holds)
+        self._role_edges = role_edges
+        self._actions: dict[str, frozenset[str]] = {}
+        self._group_edges: dict[str, list[str]] = {}
+        for m in policy.memberships:
+            self._group_edges.setdefault(m.member, []).append(m.group)
+        self._subjects: dict[str, tuple[str, ...]] = {}
+        self._grants: dict[str, dict[str, _Bucket]] = {}
+        for grant in policy.grants:
+            bucket = self._grants.setdefault(grant.subject, {}).setdefault(
+                resource_kind(grant.resource), _Bucket()
+            )
+            if _is_pattern(grant.resource):
+                bucket.patterns.append((_compile(grant.resource), grant))
+            else:
+                bucket.exact.setdefault(grant.resource, []).append(grant)
+
+    def actions_of(self, role: str) -> frozenset[str]:
+        """What a role holds: itself (as casbin's g2 does) and all it reaches."""
+        held = self._actions.get(role)
+        if held is None:
+            held = self._actions[role] = _closure(role, self._role_edges)
+        return held
+
+    def subjects_of(self, subject: str) -> tuple[str, ...]:
+        """The subject and every group it belongs to, directly or through other groups."""
+        found = self._subjects.get(subject)
+        if found is None:
+            found = self._subjects[subject] = tuple(sorted(_closure(subject, self._group_edges)))
+        return found
+
+    def decide(self, subject: str, resource: str, action: str) -> Decision:
+        """Allowed if some grant allows and no grant denies; the deciding grant comes along."""
+        kind = resource_kind(resource)
+        allowed_by: Grant | None = None
+        for who in self.subjects_of(subject):
+            buckets = self._grants.get(who)
+            if buckets is None:
+                continue
+            for bucket in (buckets.get(kind), buckets.get("*") if kind != "*" else None):
+                if bucket is None:
+                    continue
+                for grant in bucket.exact.get(resource, ()):
+                    if action in self.actions_of(grant.role):
+                        if grant.effect == "deny":
+                            return Decision(False, "explicit_deny", grant)
+                        allowed_by = allowed_by or grant
+                for pattern, grant in bucket.patterns:
+                    if action in self.actions_of(grant.role) and pattern.fullmatch(resource):
+                        if grant.effect == "deny":
+                            return Decision(False, "explicit_deny", grant)
+                        allowed_by = allowed_by or grant
+        if allowed_by is not None:
+            return Decision(True, "allowed", allowed_by)
+        return Decision(False, "no_matching_grant", None)
+
+
+EMPTY: Final = PolicyIndex(PolicySet())

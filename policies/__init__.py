@@ -1,0 +1,1 @@
+"""The casbin model and the shipped default policies (data files, packaged with the gateway)."""
