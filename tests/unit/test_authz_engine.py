@@ -25,8 +25,10 @@ def random_policy(rng: random.Random, grants: int) -> tuple[PolicySet, list[str]
     ]  # fmt: skip
     roles = set(DEFAULT.roles)
     custom = ["reader", "writer", "lead"]
-    roles |= {RoleRule("reader", "read"), RoleRule("writer", "reader"), RoleRule("writer", "update"),
-              RoleRule("lead", "writer"), RoleRule("lead", "promoter")}  # fmt: skip
+    roles |= {
+        RoleRule("reader", "read"), RoleRule("writer", "reader"), RoleRule("writer", "update"),
+        RoleRule("lead", "writer"), RoleRule("lead", "promoter"),
+    }  # fmt: skip
     role_names = sorted({r.role for r in roles})
     memberships = set()
     for i, group in enumerate(groups):
@@ -42,7 +44,7 @@ def random_policy(rng: random.Random, grants: int) -> tuple[PolicySet, list[str]
         rules.append(Grant(subject, rng.choice(role_names + custom), resource, effect))  # type: ignore[arg-type]
     policy = PolicySet(frozenset(rules), frozenset(memberships), frozenset(roles))
     assert policy.problems() == []
-    return policy, users + groups + ["user:nobody"], resources + ["experiment:zzz", "model:"]
+    return policy, users + groups + ["user:nobody"], [*resources, "experiment:zzz", "model:"]
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -13,7 +13,8 @@ def test_default_policy_is_valid_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        (["p", "user:alice", "editor", "experiment:fraud/*"], Grant("user:alice", "editor", "experiment:fraud/*")),
+        (["p", "user:alice", "editor", "experiment:fraud/*"],
+         Grant("user:alice", "editor", "experiment:fraud/*")),
         (["p", "group:risk", "promoter", "model:fraud-*", "deny"],
          Grant("group:risk", "promoter", "model:fraud-*", "deny")),
         (["g", "user:alice", "group:risk"], Membership("user:alice", "group:risk")),

@@ -3,9 +3,9 @@ from collections.abc import Iterator
 from importlib import resources
 
 import pytest
+import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-import sqlalchemy as sa
 
 from guard.db import VERSION_TABLE, UTCDateTime, build_engine, migrate, ping
 
