@@ -17,9 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from guard.authz.policy import ACTIONS
 from guard.settings import Loaded, load_settings, options, parse_duration
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 1, 2, 3
+ACTOR = f"cli:{os.environ.get('USER', 'unknown')}"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_commands.add_parser("create", help="create a token and print it once")
     _common(create)
     create.add_argument("--name", required=True)
-    create.add_argument("--role", required=True)
+    create.add_argument("--role", required=True, help="a role defined in the policy")
+    create.add_argument(
+        "--resource", default="*", help="resource pattern the role applies to (default: all)"
+    )
     create.add_argument(
         "--expires", help="lifetime such as 90d, 12h (default tokens.default_expiry)"
     )
@@ -73,6 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_commands.add_parser("revoke", help="revoke a token by name")
     _common(revoke)
     revoke.add_argument("name")
+
+    policy = commands.add_parser("policy", help="inspect and change the authorization policy")
+    policy_commands = policy.add_subparsers(dest="action", required=True)
+    show = policy_commands.add_parser("list", help="print the policy in force")
+    _common(show)
+    show.add_argument("--format", choices=["csv", "table"], default="table")
+    export = policy_commands.add_parser("export", help="print the policy as CSV")
+    _common(export)
+    export.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    for name, text in (("add", "add rules"), ("remove", "remove rules")):
+        sub = policy_commands.add_parser(name, help=f"{text}, e.g. 'p, user:alice, viewer, *'")
+        _common(sub)
+        sub.add_argument("rows", nargs="+", metavar="ROW")
+    load = policy_commands.add_parser("import", help="replace the policy with a CSV file")
+    _common(load)
+    load.add_argument("file")
+    load.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    explain = policy_commands.add_parser("explain", help="say what the policy decides and why")
+    _common(explain)
+    explain.add_argument("--subject", required=True)
+    explain.add_argument("--action", dest="question_action", required=True)
+    explain.add_argument("--resource", required=True)
+
+    role = commands.add_parser("role", help="grant or withdraw a role on a resource pattern")
+    role_commands = role.add_subparsers(dest="action", required=True)
+    for name in ("assign", "unassign"):
+        sub = role_commands.add_parser(name)
+        _common(sub)
+        sub.add_argument("--subject", required=True, help="user:NAME, group:NAME or token:NAME")
+        sub.add_argument("--role", required=True)
+        sub.add_argument("--resource", default="*", help="resource pattern (default: all)")
+        sub.add_argument("--deny", action="store_true", help="an explicit deny rule")
+    roles = role_commands.add_parser("list", help="the roles and the actions each holds")
+    _common(roles)
     return parser
 
 
@@ -109,14 +148,19 @@ def _check_config(loaded: Loaded) -> int:
     return 0
 
 
-def _store(loaded: Loaded) -> Any:
+def _governance(loaded: Loaded) -> Any:
+    from guard.authz.store import PolicyStore
     from guard.db import build_engine, migrate
+    from guard.governance import Governance
     from guard.identity.tokens import TokenStore
     from guard.keys import load_secret_key
 
     engine = build_engine(loaded.settings.database_uri)
     migrate(engine)
-    return TokenStore(engine, load_secret_key(loaded.settings.secret_key_file, os.environ))
+    key = load_secret_key(loaded.settings.secret_key_file, os.environ)
+    governance = Governance(TokenStore(engine, key), PolicyStore(engine))
+    governance.policies.seed_defaults(ACTOR)
+    return governance
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -124,9 +168,11 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def _token(args: argparse.Namespace, loaded: Loaded) -> int:
+    from guard.authz.policy import PolicyError
     from guard.identity.tokens import TokenError, utcnow
 
-    store = _store(loaded)
+    governance = _governance(loaded)
+    store = governance.tokens
     try:
         if args.action == "create":
             lifetime = (
@@ -134,7 +180,9 @@ def _token(args: argparse.Namespace, loaded: Loaded) -> int:
                 if args.expires
                 else loaded.settings.tokens.default_expiry
             )
-            record, secret = store.create(args.name, args.role, lifetime)
+            record, secret = governance.create_token(
+                args.name, args.role, args.resource, lifetime, ACTOR
+            )
             if args.quiet:
                 print(secret)
                 return 0
@@ -170,12 +218,94 @@ def _token(args: argparse.Namespace, loaded: Loaded) -> int:
                     "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                 )
         else:
-            record = store.revoke(args.name)
-            print(f"Revoked token {record.name!r}.")
+            record = governance.revoke_token(args.name, ACTOR)
+            print(f"Revoked token {record.name!r} and removed its grants.")
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     except (TokenError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
+    from guard.authz.engine import PolicyIndex
+    from guard.authz.policy import Grant, PolicyError, PolicySet, parse_lines, parse_row
+
+    governance = _governance(loaded)
+    try:
+        if args.command == "role":
+            if args.action == "list":
+                _, policy = governance.policies.load()
+                index = PolicyIndex(policy)
+                for role in sorted(policy.role_names()):
+                    actions = sorted(a for a in index.actions_of(role) if a in ACTIONS)
+                    print(f"{role:<12} {', '.join(actions)}")
+                return 0
+            grant = Grant(args.subject, args.role, args.resource, "deny" if args.deny else "allow")
+            parse_row(grant.row())
+            if args.action == "assign":
+                version = governance.change(ACTOR, add=[grant])
+            else:
+                version = governance.change(ACTOR, remove=[grant])
+            print(f"{args.action}ed: {', '.join(grant.row())} (policy version {version})")
+            return 0
+        if args.action in ("list", "export"):
+            version, policy = governance.policies.load()
+            if args.action == "export" or args.format == "csv":
+                text = f"# mlflow-guard policy, version {version}\n" + policy.to_csv()
+                if getattr(args, "output", None):
+                    with open(args.output, "w") as out:
+                        out.write(text)
+                    print(f"wrote {len(policy.rows())} rules to {args.output}")
+                else:
+                    print(text, end="")
+                return 0
+            print(f"policy version {version}: {len(policy.rows())} rules")
+            for row in policy.rows():
+                print("  " + ", ".join(row))
+            return 0
+        if args.action in ("add", "remove"):
+            rules = parse_lines(args.rows)
+            if args.action == "add":
+                version = governance.change(ACTOR, add=rules)
+            else:
+                version = governance.change(ACTOR, remove=rules)
+            print(f"policy version {version}")
+            return 0
+        if args.action == "import":
+            with open(args.file) as source:
+                new = PolicySet.from_csv(source.read())
+            _, current = governance.policies.load()
+            added, removed = current.diff(new)
+            for row in removed:
+                print("- " + ", ".join(row))
+            for row in added:
+                print("+ " + ", ".join(row))
+            print(f"{len(added)} to add, {len(removed)} to remove")
+            if args.dry_run or not (added or removed):
+                return 0
+            print(f"applied: policy version {governance.replace(new, ACTOR)}")
+            return 0
+        _, policy = governance.policies.load()
+        decision = PolicyIndex(policy).decide(args.subject, args.resource, args.question_action)
+        verdict = "ALLOW" if decision.allowed else "DENY"
+        print(f"{verdict}: {args.subject} {args.question_action} {args.resource}")
+        if decision.rule is None:
+            print("  no grant matched (deny by default)")
+        else:
+            kind = "explicit deny" if decision.reason == "explicit_deny" else "granted by"
+            print(f"  {kind}: {', '.join(decision.rule.row())}")
+        return 0 if decision.allowed else EXIT_FAILED
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _print_bootstrap(secret: str) -> None:
@@ -193,7 +323,7 @@ def _print_bootstrap(secret: str) -> None:
             "Browser: user name 'admin', password <the token>",
         ]
     lines += [
-        "Make your own: mlflow-guard token create --name NAME --role admin",
+        "Make your own: mlflow-guard token create --name NAME --role ROLE [--resource PATTERN]",
         "then retire this one: mlflow-guard token revoke admin",
         "=" * 72,
         "",
@@ -244,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "serve":
         return _serve(loaded)
+    if args.command in ("policy", "role"):
+        return _policy(args, loaded)
     return _token(args, loaded)
 
 

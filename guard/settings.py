@@ -289,12 +289,23 @@ class TokenSettings:
 
 
 @dataclass(frozen=True)
+class AuthzSettings:
+    poll_interval: float = option(
+        1.0,
+        "Seconds between checks for a policy change made by another replica or the CLI.",
+        kind="duration",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
+    authz: AuthzSettings = field(default_factory=AuthzSettings)
 
     @property
     def data_dir(self) -> Path:

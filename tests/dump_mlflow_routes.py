@@ -54,7 +54,8 @@ ROW_KEYS = frozenset(
 
 def _default_environment() -> None:
     # Must run before mlflow.server is first imported (routes are registered at import time).
-    # mlflow.server.handlers.STATIC_PREFIX_ENV_VAR, mlflow.server.constants.PROMETHEUS_EXPORTER_ENV_VAR
+    # = mlflow.server.handlers.STATIC_PREFIX_ENV_VAR and
+    #   mlflow.server.constants.PROMETHEUS_EXPORTER_ENV_VAR
     for name in ("_MLFLOW_STATIC_PREFIX", "prometheus_multiproc_dir"):
         os.environ.pop(name, None)
 
@@ -70,7 +71,7 @@ def _flask_routes() -> list[dict[str, str]]:
 
 
 def _iter_fastapi_routes(app: Any) -> list[tuple[str, set[str] | None, str]]:
-    """(path, methods, route type) of every effective route of ``app``, included routers expanded."""
+    """(path, methods, route type) of every effective route, included routers expanded."""
     from starlette.routing import Mount
 
     try:

@@ -162,6 +162,16 @@ class PolicySet:
         return sorted(theirs - mine), sorted(mine - theirs)
 
 
+def parse_lines(lines: Iterable[str]) -> list[Rule]:
+    """Rules from CSV lines such as ``p, user:alice, viewer, *``; no whole-set validation."""
+    rules = []
+    for line in lines:
+        for row in csv.reader([line], skipinitialspace=True):
+            if row:
+                rules.append(parse_row([cell.strip() for cell in row]))
+    return rules
+
+
 def parse_row(row: Sequence[str]) -> Rule:
     """One casbin-style row as a rule; ValueError says what is wrong."""
     kind, *values = row

@@ -33,8 +33,6 @@ from guard.identity.base import Credentials, Principal
 logger = logging.getLogger("guard.tokens")
 
 TOKEN_PREFIX: Final = "mlg_"  # noqa: S105 - a public marker, not a secret
-# Until the authorization work defines roles and policies, a token can only be an admin.
-ROLES: Final = frozenset({"admin"})
 BOOTSTRAP_NAME: Final = "admin"
 NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SECRET_PATTERN: Final = re.compile(r"[A-Za-z0-9._~+/=-]{32,256}")
@@ -95,8 +93,8 @@ class TokenStore:
                 f"token name {name!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
                 "starting with a letter or digit)"
             )
-        if role not in ROLES:
-            raise TokenError(f"role {role!r} does not exist (known: {', '.join(sorted(ROLES))})")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", role):
+            raise TokenError(f"{role!r} is not a role name")
         if not lifetime > 0:
             raise TokenError("the expiry must be in the future (e.g. --expires 90d)")
         if secret is None:

@@ -1,0 +1,88 @@
+"""Operations that span tokens and policies, shared by the CLI, startup and the admin API.
+
+A token's rights are ordinary grants to ``token:NAME``; creating a token adds its grant and
+revoking it removes every rule that names it, so a later token of the same name starts empty.
+No change may leave the gateway without an administrator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+from guard.authz.policy import Grant, PolicyError, PolicySet, Rule
+from guard.authz.store import PolicyStore
+from guard.identity.tokens import BOOTSTRAP_NAME, TokenError, TokenRecord, TokenStore
+
+ADMIN_ROLE = "admin"
+
+
+def administrators(policy: PolicySet) -> set[str]:
+    """Subjects holding ``admin`` on every resource: users, tokens, or non-empty groups."""
+    members = {m.group for m in policy.memberships}
+    return {
+        g.subject
+        for g in policy.grants
+        if g.role == ADMIN_ROLE and g.resource == "*" and g.effect == "allow"
+        and (not g.subject.startswith("group:") or g.subject in members)
+    }  # fmt: skip
+
+
+def rules_naming(policy: PolicySet, subject: str) -> list[Rule]:
+    rules: list[Rule] = [g for g in policy.grants if g.subject == subject]
+    rules += [m for m in policy.memberships if subject in (m.member, m.group)]
+    return rules
+
+
+class Governance:
+    def __init__(self, tokens: TokenStore, policies: PolicyStore) -> None:
+        self.tokens = tokens
+        self.policies = policies
+
+    def change(self, actor: str, add: Iterable[Rule] = (), remove: Iterable[Rule] = ()) -> int:
+        """Change the policy unless that would leave no administrator."""
+        add, remove = list(add), list(remove)
+        _, current = self.policies.load()
+        after = PolicySet.from_rules((set(current.rules()) - set(remove)) | set(add))
+        if administrators(current) and not administrators(after):
+            raise PolicyError(["this change would remove the last administrator"])
+        return self.policies.change(actor, add=add, remove=remove)
+
+    def replace(self, policy: PolicySet, actor: str) -> int:
+        _, current = self.policies.load()
+        if administrators(current) and not administrators(policy):
+            raise PolicyError(["the new policy has no administrator (p, SUBJECT, admin, *)"])
+        return self.policies.replace(policy, actor)
+
+    def create_token(
+        self, name: str, role: str, resource: str, lifetime: float, actor: str
+    ) -> tuple[TokenRecord, str]:
+        """A new token holding ``role`` on ``resource``; the secret is returned once."""
+        _, policy = self.policies.load()
+        if role not in policy.role_names():
+            known = ", ".join(sorted(policy.role_names()))
+            raise TokenError(f"role {role!r} does not exist (known: {known})")
+        grant = Grant(f"token:{name}", role, resource)
+        PolicySet.from_rules([*policy.rules(), grant])  # the resource pattern must be valid
+        record, secret = self.tokens.create(name, role, lifetime)
+        try:
+            self.change(actor, add=[grant])
+        except PolicyError:
+            self.tokens.revoke(name)
+            raise
+        return record, secret
+
+    def revoke_token(self, name: str, actor: str) -> TokenRecord:
+        _, policy = self.policies.load()
+        self.change(actor, remove=rules_naming(policy, f"token:{name}"))
+        return self.tokens.revoke(name)
+
+    def bootstrap(self, lifetime: float, secret: str | None, actor: str) -> str | None:
+        """First start: the shipped policy, grants for tokens made before policies existed, and
+        the first admin token. Returns that token's secret when one was created."""
+        created = self.tokens.bootstrap(lifetime, secret)
+        live = [t for t in self.tokens.list() if t.expires_at > dt.datetime.now(dt.UTC)]
+        self.policies.seed_defaults(actor, [Grant(f"token:{t.name}", t.role, "*") for t in live])
+        if created is not None:
+            self.policies.change(actor, add=[Grant(f"token:{BOOTSTRAP_NAME}", ADMIN_ROLE, "*")])
+        return created
