@@ -8,8 +8,10 @@ Outermost first, every request passes:
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
 5. the gateway's own routes under ``/guard/`` (no credentials), or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
-7. ``RouteClassifierMiddleware`` 400/403 unless the route table forwards the canonical path
-8. ``ProxyApp``                  MLflow
+7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
+8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
+9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
+10. ``ProxyApp``                 MLflow
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.authentication import AuthenticationMiddleware
+from guard.authorization import AuthorizationMiddleware
+from guard.authz.runtime import PolicyRuntime
+from guard.authz.store import PolicyStore
+from guard.bodies import BodyMiddleware
 from guard.context import RequestContextMiddleware
 from guard.cors import CORSMiddleware
 from guard.db import build_engine, migrate, ping
 from guard.errors import Refusal, send_refusal
+from guard.governance import Governance
 from guard.headers import SecurityHeadersMiddleware
 from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
 from guard.identity.tokens import TokenProvider, TokenStore
 from guard.keys import load_secret_key
 from guard.proxy import ProxyApp
-from guard.routes import RouteClassifierMiddleware, RouteTable, load_rules
+from guard.resolve import Resolver
+from guard.routes import RouteClassifierMiddleware, RouteTable, load_routes
 from guard.settings import Settings
 from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits
 from server.supervisor import EmbeddedConfig, MlflowSupervisor
@@ -57,6 +65,7 @@ class Gateway:
     engine: Engine
     tokens: TokenStore
     token_provider: TokenProvider
+    policies: PolicyRuntime
     upstream: UpstreamClient
     supervisor: MlflowSupervisor | None
     environ: Mapping[str, str]
@@ -71,12 +80,14 @@ class Gateway:
     async def startup(self) -> None:
         await anyio.to_thread.run_sync(migrate, self.engine)
         secret = await anyio.to_thread.run_sync(
-            self.tokens.bootstrap,
+            Governance(self.tokens, self.policies.store).bootstrap,
             self.settings.tokens.default_expiry,
             self.environ.get("MLFLOW_GUARD_BOOTSTRAP_TOKEN") or None,
+            "gateway:bootstrap",
         )
         if secret is not None:
             self.on_bootstrap(secret)
+        await self.policies.start()
         if self.supervisor is not None:
             await self.supervisor.start()
         self.upstream.open()
@@ -89,6 +100,7 @@ class Gateway:
             self.supervisor.begin_stop()
 
     async def shutdown(self) -> None:
+        await self.policies.stop()
         await self.upstream.close()
         if self.supervisor is not None:
             await self.supervisor.stop()
@@ -218,14 +230,13 @@ def build_gateway(
             return 503, {"detail": "; ".join(f"{n}: {result[n]}" for n in failing)}
         return 200, {"status": "ready", "checks": result}
 
-    protected = AuthenticationMiddleware(
-        RouteClassifierMiddleware(
-            ProxyApp(client=upstream, max_body_size=g.max_body_size),
-            table=RouteTable(load_rules()),
-        ),
-        providers=[token_provider],
-        realm=g.realm,
-    )
+    policies = PolicyRuntime(PolicyStore(engine), settings.authz.poll_interval)
+    resolver = Resolver(upstream, settings.authz.cache_size, settings.authz.cache_ttl)
+    protected: ASGIApp = ProxyApp(client=upstream)
+    protected = AuthorizationMiddleware(protected, policies=policies, resolver=resolver)
+    protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
+    protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
+    protected = AuthenticationMiddleware(protected, providers=[token_provider], realm=g.realm)
     app: ASGIApp = SplitByPrefix(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready}), protected
     )
@@ -245,6 +256,7 @@ def build_gateway(
         engine=engine,
         tokens=store,
         token_provider=token_provider,
+        policies=policies,
         upstream=upstream,
         supervisor=supervisor,
         environ=environ,

@@ -31,6 +31,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         400, "BAD_REQUEST", "Conflicting or invalid Content-Length / Transfer-Encoding."
     ),
     # 401: who are you?
+    "invalid_request_body": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The request body cannot be read unambiguously."
+    ),
+    "ambiguous_parameter": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "A parameter is given more than once or in two spellings."
+    ),
     "malformed_credentials": ReasonInfo(
         401, "UNAUTHENTICATED", "The Authorization header could not be parsed."
     ),
@@ -41,6 +47,18 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     # 403: you may not.
     "route_not_classified": ReasonInfo(
         403, "PERMISSION_DENIED", "This route is not served through the gateway."
+    ),
+    "permission_denied": ReasonInfo(
+        403, "PERMISSION_DENIED", "No grant allows this action on this resource."
+    ),
+    "explicit_deny": ReasonInfo(
+        403, "PERMISSION_DENIED", "A deny rule forbids this action on this resource."
+    ),
+    "resource_unresolved": ReasonInfo(
+        403, "PERMISSION_DENIED", "The resource this request acts on cannot be determined."
+    ),
+    "search_not_filtered": ReasonInfo(
+        403, "PERMISSION_DENIED", "Searching needs read access to every resource of this kind."
     ),
     "cors_origin_not_allowed": ReasonInfo(
         403, "PERMISSION_DENIED", "Cross-origin requests from this origin are not allowed."

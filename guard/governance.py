@@ -10,9 +10,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-from guard.authz.policy import Grant, PolicyError, PolicySet, Rule
+from guard.authz.policy import Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.store import PolicyStore
-from guard.identity.tokens import BOOTSTRAP_NAME, TokenError, TokenRecord, TokenStore
+from guard.identity.tokens import (
+    BOOTSTRAP_NAME,
+    TokenError,
+    TokenRecord,
+    TokenStore,
+    validate_name,
+)
 
 ADMIN_ROLE = "admin"
 
@@ -58,12 +64,15 @@ class Governance:
         self, name: str, role: str, resource: str, lifetime: float, actor: str
     ) -> tuple[TokenRecord, str]:
         """A new token holding ``role`` on ``resource``; the secret is returned once."""
+        validate_name(name)
         _, policy = self.policies.load()
         if role not in policy.role_names():
             known = ", ".join(sorted(policy.role_names()))
             raise TokenError(f"role {role!r} does not exist (known: {known})")
-        grant = Grant(f"token:{name}", role, resource)
-        PolicySet.from_rules([*policy.rules(), grant])  # the resource pattern must be valid
+        try:
+            grant = parse_row(Grant(f"token:{name}", role, resource).row())
+        except ValueError as exc:
+            raise TokenError(str(exc)) from None
         record, secret = self.tokens.create(name, role, lifetime)
         try:
             self.change(actor, add=[grant])

@@ -17,7 +17,6 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Scope, Send
 
 from guard.errors import Refusal, send_refusal
-from guard.routes import RouteRule
 from guard.upstream import UpstreamClient, UpstreamError
 
 logger = logging.getLogger("guard.proxy")
@@ -179,25 +178,15 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 class ProxyApp:
-    """Forward to MLflow. Expects ``scope["guard.route"]`` from the route classifier."""
+    """Forward to MLflow. Expects the route (``guard.route``) and, on buffered routes, the body
+    (``guard.body``) from the layers above."""
 
-    def __init__(
-        self,
-        *,
-        client: UpstreamClient,
-        max_body_size: int,
-    ) -> None:
+    def __init__(self, *, client: UpstreamClient) -> None:
         self.client = client
-        self.max_body_size = max_body_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = scope["guard"]
-        rule: RouteRule = scope["guard.route"]
-        refusal, length, chunked = check_framing(scope["headers"])
-        if refusal is not None:
-            await send_refusal(scope, send, refusal)
-            return
-        body: bytes | AsyncIterator[bytes] | None = None
+        length, chunked = scope["guard.framing"]
         extra = [
             ("host", self.client.host_header),
             ("x-forwarded-for", context.client),
@@ -205,26 +194,16 @@ class ProxyApp:
             ("x-forwarded-host", context.host or ""),
             ("x-request-id", context.request_id),
         ]
+        body: bytes | AsyncIterator[bytes] | None
+        if "guard.body" in scope:
+            body = scope["guard.body"] or None
+            if body is not None:
+                extra.append(("content-length", str(len(body))))
+        else:
+            body = stream_body(receive) if chunked or length else None
+            if length is not None:
+                extra.append(("content-length", str(length)))
         try:
-            if rule.body == "stream":
-                if chunked or length:
-                    body = stream_body(receive)
-                if length is not None:
-                    extra.append(("content-length", str(length)))
-            else:
-                if length is not None and length > self.max_body_size:
-                    limit = self.max_body_size
-                    await send_refusal(
-                        scope, send, Refusal("body_too_large", f"The limit is {limit} bytes.")
-                    )
-                    return
-                if length or chunked:
-                    read = await read_body(receive, self.max_body_size)
-                    if isinstance(read, Refusal):
-                        await send_refusal(scope, send, read)
-                        return
-                    body = read
-                    extra.append(("content-length", str(len(read))))
             await self._forward(scope, receive, send, body, extra)
         except ClientDisconnected:
             logger.info("request %s: client went away", context.request_id)

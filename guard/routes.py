@@ -1,12 +1,15 @@
-"""The MLflow route table (``routes.toml``) and the layer that applies it.
+"""The MLflow route table (``route_table.toml``) and the layer that applies it.
 
-A path is first checked to be canonical, then matched against the table; what the table does not
-forward never reaches MLflow. The canonical path is what gets forwarded, so the decision is made
-on exactly the string MLflow routes on.
+Every (method, path) the installed MLflow serves has one row: the resource kind it acts on,
+where MLflow reads the resource's id, the action it needs, and whether it is open to any
+authenticated caller or refused outright. A request is matched on its canonical path, which is
+also what gets forwarded, so the decision is made on exactly the string MLflow routes on. What
+matches no row is refused with ``route_not_classified`` and never reaches MLflow.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -14,40 +17,91 @@ from typing import Final, Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.authz.policy import ACTIONS
 from guard.errors import Refusal, send_refusal
 
-FORWARDED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+KINDS: Final = frozenset(
+    {
+        "experiment", "run", "logged_model", "registered_model", "model_version", "trace",
+        "dataset", "artifact", "scorer", "prompt_optimization", "webhook", "gateway", "job",
+        "assistant", "workspace", "user_admin", "server",
+    }
+)  # fmt: skip
+_KEYS: Final = frozenset(
+    {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body"}
+)
+_PARAM: Final = re.compile(r"<(?:(path):)?(\w+)>|\{(\w+)(?::(path))?\}")
 
 
 @dataclass(frozen=True, slots=True)
-class RouteRule:
-    path: str
-    match: Literal["exact", "prefix"]
-    action: Literal["forward", "refuse"]
+class Route:
+    method: str
+    path: str  # the template as MLflow declares it (Werkzeug <x> or Starlette {x})
+    kind: str
+    id_from: str
+    action: str
+    open: bool
+    refuse: bool
     body: Literal["buffer", "stream"]
     why: str
+    pattern: re.Pattern[str]
+    literal: int  # characters outside parameters: more literal wins, as in Werkzeug
 
-    def matches(self, path: str) -> bool:
-        return path == self.path if self.match == "exact" else path.startswith(self.path)
+    def params(self, path: str) -> dict[str, str] | None:
+        match = self.pattern.fullmatch(path)
+        return None if match is None else match.groupdict()
 
 
-def load_rules(text: str | None = None) -> tuple[RouteRule, ...]:
-    """Parse the route table (the packaged ``routes.toml`` unless ``text`` is given)."""
+def _compile(template: str) -> tuple[re.Pattern[str], int]:
+    parts, literal, end = [], 0, 0
+    for match in _PARAM.finditer(template):
+        text = template[end : match.start()]
+        parts.append(re.escape(text))
+        literal += len(text)
+        is_path = bool(match.group(1) or match.group(4))
+        name = match.group(2) or match.group(3)
+        parts.append(f"(?P<{name}>.+)" if is_path else f"(?P<{name}>[^/]+)")
+        end = match.end()
+    parts.append(re.escape(template[end:]))
+    literal += len(template) - end
+    return re.compile("".join(parts), re.DOTALL), literal
+
+
+def load_routes(text: str | None = None) -> tuple[Route, ...]:
+    """Parse and check the route table (the packaged one unless ``text`` is given)."""
     if text is None:
-        text = resources.files("guard").joinpath("routes.toml").read_text()
-    rules = []
-    for i, row in enumerate(tomllib.loads(text).get("rule", [])):
-        unknown = set(row) - {"path", "match", "action", "body", "why"}
-        path = row.get("path")
-        if unknown or not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError(f"route rule {i}: bad keys or path: {row!r}")
-        match, action, body = row.get("match"), row.get("action"), row.get("body", "buffer")
-        if match not in {"exact", "prefix"} or action not in {"forward", "refuse"}:
-            raise ValueError(f"route rule {i} ({path}): match/action invalid")
-        if body not in {"buffer", "stream"} or not row.get("why"):
-            raise ValueError(f"route rule {i} ({path}): body invalid or no 'why'")
-        rules.append(RouteRule(path, match, action, body, row["why"]))
-    return tuple(rules)
+        text = resources.files("guard").joinpath("route_table.toml").read_text()
+    routes, problems = [], []
+    for i, row in enumerate(tomllib.loads(text).get("route", [])):
+        where = f"route {i} ({row.get('method')} {row.get('path')})"
+        if unknown := set(row) - _KEYS:
+            problems.append(f"{where}: unknown keys {sorted(unknown)}")
+        path, method = row.get("path", ""), row.get("method", "")
+        if not isinstance(path, str) or not path.startswith("/") or not method:
+            problems.append(f"{where}: needs a method and a path starting with /")
+            continue
+        if row.get("kind") not in KINDS or row.get("action") not in ACTIONS:
+            problems.append(f"{where}: unknown kind or action")
+        if (row.get("open") or row.get("refuse")) and not row.get("why"):
+            problems.append(f"{where}: open and refused rows must say why")
+        if row.get("open") and row.get("refuse"):
+            problems.append(f"{where}: a row cannot be both open and refused")
+        if row.get("body", "buffer") not in ("buffer", "stream"):
+            problems.append(f"{where}: body must be buffer or stream")
+        pattern, literal = _compile(path)
+        routes.append(
+            Route(method, path, row.get("kind", ""), row.get("id_from", "none"),
+                  row.get("action", ""), bool(row.get("open")), bool(row.get("refuse")),
+                  row.get("body", "buffer"), row.get("why", ""), pattern, literal)
+        )  # fmt: skip
+    seen = set()
+    for route in routes:
+        if (route.method, route.path) in seen:
+            problems.append(f"{route.method} {route.path}: more than one row")
+        seen.add((route.method, route.path))
+    if problems:
+        raise ValueError("route table: " + "; ".join(problems))
+    return tuple(routes)
 
 
 def validate_path(path: str) -> bool:
@@ -69,19 +123,36 @@ def validate_query(query: bytes) -> bool:
 
 
 class RouteTable:
-    def __init__(self, rules: tuple[RouteRule, ...]) -> None:
-        self.rules = rules
+    """Finds the row for a request: exact paths by dict, templates by most literal first."""
 
-    def classify(self, path: str) -> RouteRule | None:
-        """The first rule matching ``path``, or None."""
-        for rule in self.rules:
-            if rule.matches(path):
-                return rule
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._templates: dict[str, list[Route]] = {}
+        for route in routes:
+            if _PARAM.search(route.path):
+                self._templates.setdefault(route.method, []).append(route)
+            else:
+                self._exact[(route.method, route.path)] = route
+        for templates in self._templates.values():
+            # Native FastAPI routes answer before the Flask mount; then Werkzeug's order.
+            templates.sort(key=lambda r: ("{" not in r.path, -r.literal))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The row and its path parameters; HEAD is classified as GET."""
+        method = "GET" if method == "HEAD" else method
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
+        for route in self._templates.get(method, ()):
+            params = route.params(path)
+            if params is not None:
+                return route, params
         return None
 
 
 class RouteClassifierMiddleware:
-    """Refuse non-canonical paths and routes the table does not forward; tag the rest."""
+    """Refuse non-canonical requests and routes the table refuses or lacks; tag the rest."""
 
     def __init__(self, app: ASGIApp, *, table: RouteTable) -> None:
         self.app = app
@@ -92,12 +163,9 @@ class RouteClassifierMiddleware:
         if not validate_path(path) or not validate_query(scope["query_string"]):
             await send_refusal(scope, send, Refusal("path_not_canonical"))
             return
-        rule = self.table.classify(path)
-        if rule is None or rule.action != "forward":
+        found = self.table.match(scope["method"], path)
+        if found is None or found[0].refuse:
             await send_refusal(scope, send, Refusal("route_not_classified"))
             return
-        if scope["method"] not in FORWARDED_METHODS:
-            await send_refusal(scope, send, Refusal("method_not_allowed"))
-            return
-        scope["guard.route"] = rule
+        scope["guard.route"], scope["guard.params"] = found
         await self.app(scope, receive, send)

@@ -296,6 +296,18 @@ class AuthzSettings:
         kind="duration",
         check=_positive,
     )
+    cache_size: int = option(
+        10000,
+        "Most resource lookups (run -> experiment, experiment id -> name) kept in memory.",
+        check=_positive,
+    )
+    cache_ttl: float = option(
+        60.0,
+        "Seconds a resource lookup is trusted; renames and deletes seen by this replica are "
+        "forgotten at once, those made elsewhere within this time.",
+        kind="duration",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 Usage (from the repository root, with the project venv)::
 
-    .venv/bin/python tests/dump_mlflow_routes.py            # JSON list on stdout, counts on stderr
-    .venv/bin/python tests/dump_mlflow_routes.py --check    # also check guard/route_table.toml
+    .venv/bin/python tests/dump_mlflow_routes.py    # JSON list on stdout, counts on stderr
 
-Importable: ``dump_routes() -> list[dict]`` and ``check_table() -> list[str]`` (problems found).
+Importable: ``dump_routes() -> list[dict]``. ``tests/unit/test_route_table.py`` runs it and fails
+if any route lacks a row in ``guard/route_table.toml``.
 
 What is introspected (nothing is started, no socket is opened):
 
@@ -26,27 +26,15 @@ except the native artifact router; ``--expose-prometheus`` adds ``/metrics``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tomllib
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 IGNORED_METHODS = frozenset({"HEAD", "OPTIONS"})
-TABLE_PATH = Path(__file__).resolve().parent.parent / "guard" / "route_table.toml"
 
-KINDS = frozenset(
-    {
-        "experiment", "run", "logged_model", "registered_model", "model_version", "trace",
-        "dataset", "artifact", "scorer", "prompt_optimization", "webhook", "gateway", "job",
-        "assistant", "workspace", "user_admin", "server",
-    }
-)  # fmt: skip
-ACTIONS = frozenset({"read", "create", "update", "delete", "manage", "promote"})
 ROW_KEYS = frozenset(
     {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note"}
 )
@@ -130,50 +118,7 @@ def dump_routes() -> list[dict[str, str]]:
     return routes
 
 
-def load_table(path: Path = TABLE_PATH) -> list[dict[str, Any]]:
-    with path.open("rb") as f:
-        return list(tomllib.load(f).get("route", []))
-
-
-def check_table(path: Path = TABLE_PATH, routes: list[dict[str, str]] | None = None) -> list[str]:
-    """Problems with the route table: every dumped (method, path) needs exactly one valid row."""
-    routes = dump_routes() if routes is None else routes
-    rows = load_table(path)
-    problems: list[str] = []
-    wanted = {(r["method"], r["path"]) for r in routes}
-    count: Counter[tuple[str, str]] = Counter()
-    for i, row in enumerate(rows):
-        where = f"row {i} ({row.get('method')} {row.get('path')})"
-        count[(row.get("method"), row.get("path"))] += 1  # type: ignore[index]
-        if set(row) - ROW_KEYS:
-            problems.append(f"{where}: unknown keys {sorted(set(row) - ROW_KEYS)}")
-        for key in ("method", "path", "kind", "id_from", "action"):
-            if not isinstance(row.get(key), str) or not row[key]:
-                problems.append(f"{where}: missing {key}")
-        if row.get("kind") not in KINDS:
-            problems.append(f"{where}: bad kind {row.get('kind')!r}")
-        if row.get("action") not in ACTIONS:
-            problems.append(f"{where}: bad action {row.get('action')!r}")
-        for flag in ("open", "refuse"):
-            if flag in row and not isinstance(row[flag], bool):
-                problems.append(f"{where}: {flag} must be a boolean")
-        if row.get("open") and row.get("refuse"):
-            problems.append(f"{where}: both open and refuse")
-        if (row.get("open") or row.get("refuse")) and not row.get("why"):
-            problems.append(f"{where}: open/refuse row without 'why'")
-        if (row.get("method"), row.get("path")) not in wanted:
-            problems.append(f"{where}: not served by the installed MLflow")
-    for key in sorted(wanted, key=lambda k: (k[1], k[0])):
-        if count[key] != 1:
-            problems.append(f"{key[0]} {key[1]}: {count[key]} rows (want exactly 1)")
-    return problems
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help=f"also check {TABLE_PATH.name}")
-    args = parser.parse_args(argv)
-
+def main() -> int:
     routes = dump_routes()
     json.dump(routes, sys.stdout, indent=1)
     sys.stdout.write("\n")
@@ -184,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"total: {len(routes)}  distinct (method, path): {len(pairs)}",
         file=sys.stderr,
     )
-    if not args.check:
-        return 0
-    problems = check_table(routes=routes)
-    for problem in problems:
-        print(f"route_table: {problem}", file=sys.stderr)
-    print(f"route_table: {len(load_table())} rows, {len(problems)} problems", file=sys.stderr)
-    return 1 if problems else 0
+    return 0
 
 
 if __name__ == "__main__":

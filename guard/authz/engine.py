@@ -83,6 +83,7 @@ class PolicyIndex:
         for m in policy.memberships:
             self._group_edges.setdefault(m.member, []).append(m.group)
         self._subjects: dict[str, tuple[str, ...]] = {}
+        self._unconditional: dict[tuple[str, str, str], bool] = {}
         self._grants: dict[str, dict[str, _Bucket]] = {}
         for grant in policy.grants:
             bucket = self._grants.setdefault(grant.subject, {}).setdefault(
@@ -131,6 +132,33 @@ class PolicyIndex:
         if allowed_by is not None:
             return Decision(True, "allowed", allowed_by)
         return Decision(False, "no_matching_grant", None)
+
+    def unconditional(self, subject: str, kind: str, action: str) -> bool:
+        """True when ``action`` is allowed on every resource of ``kind``: an allow on ``*`` or
+        ``KIND:*`` and no deny that could apply. Then nothing needs resolving (or filtering)."""
+        key = (subject, kind, action)
+        known = self._unconditional.get(key)
+        if known is None:
+            known = self._unconditional[key] = self._compute_unconditional(subject, kind, action)
+        return known
+
+    def _compute_unconditional(self, subject: str, kind: str, action: str) -> bool:
+        everything = ("*", f"{kind}:*")
+        allowed = False
+        for who in self.subjects_of(subject):
+            for bucket_kind, bucket in self._grants.get(who, {}).items():
+                if bucket_kind not in (kind, "*"):
+                    continue
+                grants = [g for _, g in bucket.patterns] + [
+                    g for gs in bucket.exact.values() for g in gs
+                ]
+                for grant in grants:
+                    if action not in self.actions_of(grant.role):
+                        continue
+                    if grant.effect == "deny":
+                        return False
+                    allowed = allowed or grant.resource in everything
+        return allowed
 
 
 EMPTY: Final = PolicyIndex(PolicySet())

@@ -22,6 +22,8 @@ from guard.authz.store import PolicyStore
 
 logger = logging.getLogger("guard.authz")
 
+RECHECK_INTERVAL = 0.25
+
 
 class PolicyRuntime:
     def __init__(self, store: PolicyStore, poll_interval: float) -> None:
@@ -30,6 +32,7 @@ class PolicyRuntime:
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
+        self._last_check = 0.0
 
     def decide(self, subject: str, resource: str, action: str) -> Decision:
         return self.index.decide(subject, resource, action)
@@ -44,8 +47,19 @@ class PolicyRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def refresh_soon(self) -> bool:
+        """Before a refusal: pick up a change not yet polled (a token or grant made a moment
+        ago), at most four times a second however many refusals there are."""
+        if time.monotonic() - self._last_check < RECHECK_INTERVAL:
+            return False
+        try:
+            return await self.refresh()
+        except sa.exc.SQLAlchemyError:
+            return False
+
     async def refresh(self) -> bool:
         """Load and swap in the stored policy if its version moved; True if it did."""
+        self._last_check = time.monotonic()
         version = await anyio.to_thread.run_sync(self.store.version)
         if version == self.index.version and self.index is not EMPTY:
             return False

@@ -69,6 +69,15 @@ class TokenRecord:
         return "expired" if now >= self.expires_at else "active"
 
 
+def validate_name(name: str) -> None:
+    """Raise TokenError unless ``name`` can name a token (and be a Basic user name)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise TokenError(
+            f"token name {name!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit)"
+        )
+
+
 def new_secret() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
@@ -88,11 +97,7 @@ class TokenStore:
         self, name: str, role: str, lifetime: float, secret: str | None = None
     ) -> tuple[TokenRecord, str]:
         """Create a token; returns its record and the secret (shown once, never stored)."""
-        if not NAME_PATTERN.fullmatch(name):
-            raise TokenError(
-                f"token name {name!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
-                "starting with a letter or digit)"
-            )
+        validate_name(name)
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", role):
             raise TokenError(f"{role!r} is not a role name")
         if not lifetime > 0:

@@ -82,7 +82,8 @@ def test_token_lifecycle(env: Path, capsys) -> None:  # type: ignore[no-untyped-
     ("extra", "message"),
     [
         (["--name", "Bad Name", "--role", "admin"], "is invalid"),
-        (["--name", "ok", "--role", "viewer"], "does not exist"),
+        (["--name", "ok", "--role", "superuser"], "does not exist"),
+        (["--name", "ok", "--role", "viewer", "--resource", "runs:x"], "unknown resource kind"),
         (["--name", "ok", "--role", "admin", "--expires", "soon"], "not a duration"),
         (["--name", "ok", "--role", "admin", "--expires", "0d"], "future"),
     ],
@@ -90,3 +91,71 @@ def test_token_lifecycle(env: Path, capsys) -> None:  # type: ignore[no-untyped-
 def test_token_create_errors(env: Path, capsys, extra: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     assert main(["token", "create", *extra, "--data-dir", str(env / "data")]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_token_roles_are_grants(env: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = ["--data-dir", str(env / "data")]
+    assert main(["token", "create", "--name", "ci", "--role", "promoter",
+                 "--resource", "model:fraud-*", "--quiet", *args]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["policy", "explain", "--subject", "token:ci", "--action", "promote",
+                 "--resource", "model:fraud-detector", *args]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "ALLOW: token:ci promote model:fraud-detector" in out
+    assert "granted by: p, token:ci, promoter, model:fraud-*, allow" in out
+    assert main(["policy", "explain", "--subject", "token:ci", "--action", "delete",
+                 "--resource", "model:fraud-detector", *args]) == 1  # fmt: skip
+    assert "no grant matched" in capsys.readouterr().out
+    assert main(["token", "revoke", "ci", *args]) == 0
+    assert main(["policy", "export", *args]) == 0
+    assert "token:ci" not in capsys.readouterr().out  # revoking removed its grants
+
+
+def test_policy_commands(env: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = ["--data-dir", str(env / "data")]
+    assert main(["role", "assign", "--subject", "user:root", "--role", "admin", *args]) == 0
+    assert main(["role", "assign", "--subject", "user:alice", "--role", "editor",
+                 "--resource", "experiment:fraud/*", *args]) == 0  # fmt: skip
+    assert main(["policy", "add", "g, user:alice, group:risk",
+                 "p, group:risk, viewer, experiment:*", *args]) == 0  # fmt: skip
+    assert main(["policy", "add", "p, user:bob, ghost, *", *args]) == 1
+    assert "role 'ghost' is not defined" in capsys.readouterr().err
+    assert main(["policy", "export", "--output", str(env / "p.csv"), *args]) == 0
+    exported = (env / "p.csv").read_text()
+    assert "p, user:alice, editor, experiment:fraud/*, allow" in exported
+    assert "g, user:alice, group:risk" in exported
+    capsys.readouterr()
+
+    edited = exported.replace("p, group:risk, viewer, experiment:*, allow\n", "")
+    edited += "p, user:carol, viewer, model:*\n"
+    (env / "p.csv").write_text(edited)
+    assert main(["policy", "import", str(env / "p.csv"), "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "- p, group:risk, viewer, experiment:*, allow" in out
+    assert "+ p, user:carol, viewer, model:*, allow" in out
+    assert "1 to add, 1 to remove" in out
+    assert (
+        main(
+            [
+                "policy",
+                "explain",
+                "--subject",
+                "user:carol",
+                "--action",
+                "read",
+                "--resource",
+                "model:x",
+                *args,
+            ]
+        )
+        == 1
+    )  # fmt: skip  (dry run changed nothing)
+    assert main(["policy", "import", str(env / "p.csv"), *args]) == 0
+    assert main(["policy", "explain", "--subject", "user:carol", "--action", "read",
+                 "--resource", "model:x", *args]) == 0  # fmt: skip
+    (env / "bad.csv").write_text("p, user:x, ghost, *\n")
+    assert main(["policy", "import", str(env / "bad.csv"), *args]) == 1
+    assert main(["role", "unassign", "--subject", "user:root", "--role", "admin", *args]) == 1
+    assert "last administrator" in capsys.readouterr().err
+    assert main(["role", "list", *args]) == 0
+    assert "promoter     promote, read" in capsys.readouterr().out

@@ -25,7 +25,7 @@ GZIPPED = gzip.compress(b'{"compressed": true}')
 
 
 class FakeMlflow:
-    """Answers under any path; the last path segment picks the behaviour."""
+    """Answers under any path; the query parameter ``mode`` picks the behaviour."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, object]] = []
@@ -40,7 +40,9 @@ class FakeMlflow:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        name = scope["path"].rsplit("/", 1)[-1]
+        name = dict(
+            part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
+        ).get("mode", "")
         record = {
             "method": scope["method"],
             "path": scope["path"],
@@ -137,7 +139,7 @@ def test_what_mlflow_receives(gateway: str, upstream: tuple[ServerThread, FakeMl
     }
     body = b'{"experiment_id": "1", "x": "\\u00e9"}  \n'
     response = httpx.post(
-        f"{gateway}/api/2.0/mlflow/runs/echo?b=2&a=1&a=3",
+        f"{gateway}/api/2.0/mlflow/runs/log-metric?b=2&a=1&a=3",
         headers={**AUTH, **spoofed, "Content-Type": "application/json"},
         content=body,
     )
@@ -164,7 +166,7 @@ def test_what_mlflow_receives(gateway: str, upstream: tuple[ServerThread, FakeMl
 
 
 def test_what_the_caller_gets_back(gateway: str) -> None:
-    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH)
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", headers=AUTH)
     assert response.status_code == 200
     assert "set-cookie" not in response.headers
     assert "access-control-allow-origin" not in response.headers
@@ -180,9 +182,9 @@ def test_no_cookie_jar_between_callers(
     _, fake = upstream
     # The upstream sets a cookie on every answer; the next caller must not carry it.
     with httpx.Client(headers=AUTH) as first, httpx.Client(headers=AUTH) as second:
-        first.get(f"{gateway}/api/2.0/mlflow/runs/echo")
-        second.get(f"{gateway}/api/2.0/mlflow/runs/echo")
-        first.get(f"{gateway}/api/2.0/mlflow/runs/echo")
+        first.get(f"{gateway}/api/2.0/mlflow/runs/get")
+        second.get(f"{gateway}/api/2.0/mlflow/runs/get")
+        first.get(f"{gateway}/api/2.0/mlflow/runs/get")
     assert all("cookie" not in header_names(r) for r in fake.seen[-3:])
 
 
@@ -201,7 +203,7 @@ def test_encoded_paths_reach_mlflow_as_the_same_path(
         "/api/2.0/mlflow/../../ajax-api/3.0/mlflow/assistant/message",
         "/api/2.0/mlflow/%2e%2e/%2e%2e/ajax-api/3.0/mlflow/assistant/message",
         "/api/2.0/mlflow%2F..%2F..%2Fajax-api/3.0/mlflow/assistant/message",
-        "//api/2.0/mlflow/runs/echo",
+        "//api/2.0/mlflow/runs/get",
         "/api/2.0/mlflow//runs/echo",
     ],
 )
@@ -222,7 +224,7 @@ def test_absolute_uri_request_line_cannot_choose_the_upstream_host(
     # httptools hands over only the path of an absolute-form target; the Host header is what
     # gets checked, and MLflow sees the gateway's fixed Host, never the target's authority.
     server, fake = upstream
-    reply = raw_request(gateway, "GET http://evil.com/api/2.0/mlflow/runs/echo")
+    reply = raw_request(gateway, "GET http://evil.com/api/2.0/mlflow/runs/get")
     assert reply.startswith("HTTP/1.1 200"), reply
     headers = dict(last(fake)["headers"])  # type: ignore[arg-type]
     assert headers["host"] == f"127.0.0.1:{server.port}"
@@ -235,14 +237,17 @@ def test_refused_routes_never_reach_mlflow(
 ) -> None:
     _, fake = upstream
     before = len(fake.seen)
-    for path in ("/ajax-api/3.0/mlflow/assistant/message", "/v1/traces", "/metrics", "/gateway/x"):
+    for path in (
+        "/ajax-api/3.0/mlflow/assistant/message",
+        "/ajax-api/3.0/jobs/",
+        "/metrics",
+        "/gateway/x",
+    ):
         response = httpx.post(f"{gateway}{path}", headers=AUTH, json={})
         assert response.status_code == 403, path
         assert response.json()["reason"] == "route_not_classified"
-    assert (
-        httpx.request("TRACE", f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH).status_code
-        == 405
-    )
+    trace = httpx.request("TRACE", f"{gateway}/api/2.0/mlflow/runs/get", headers=AUTH)
+    assert trace.json()["reason"] == "route_not_classified"
     assert len(fake.seen) == before
 
 
@@ -251,25 +256,25 @@ def test_unauthenticated_requests_never_reach_mlflow(
 ) -> None:
     _, fake = upstream
     before = len(fake.seen)
-    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo")
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get")
     assert response.status_code == 401
     assert response.headers.get_list("www-authenticate")[0].startswith("Basic realm=")
-    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("admin", "wrong"))
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", auth=("admin", "wrong"))
     assert response.json()["reason"] == "invalid_credentials"
     assert len(fake.seen) == before
 
 
 def test_basic_with_token_name_as_user(gateway: str) -> None:
-    assert (
-        httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("admin", TOKEN)).status_code == 200
-    )
-    assert httpx.get(f"{gateway}/api/2.0/mlflow/runs/echo", auth=("root", TOKEN)).status_code == 401
+    assert httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", auth=("admin", TOKEN)).status_code == 200
+    assert httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", auth=("root", TOKEN)).status_code == 401
 
 
 def test_body_limit(gateway: str, upstream: tuple[ServerThread, FakeMlflow]) -> None:
     _, fake = upstream
     before = len(fake.seen)
-    response = httpx.post(f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH, content=b"x" * 1025)
+    response = httpx.post(
+        f"{gateway}/api/2.0/mlflow/runs/log-metric", headers=AUTH, content=b"x" * 1025
+    )
     assert response.status_code == 413
     assert response.json()["reason"] == "body_too_large"
 
@@ -277,10 +282,14 @@ def test_body_limit(gateway: str, upstream: tuple[ServerThread, FakeMlflow]) -> 
         for _ in range(5):
             yield b"y" * 300
 
-    response = httpx.post(f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH, content=chunks())
+    response = httpx.post(
+        f"{gateway}/api/2.0/mlflow/runs/log-metric", headers=AUTH, content=chunks()
+    )
     assert response.status_code == 413
     assert len(fake.seen) == before
-    exact = httpx.post(f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH, content=b"z" * 1024)
+    exact = httpx.post(
+        f"{gateway}/api/2.0/mlflow/runs/log-metric", headers=AUTH, content=b"z" * 1024
+    )
     assert exact.status_code == 200
 
 
@@ -316,27 +325,29 @@ def test_conflicting_framing_is_refused(
     _, fake = upstream
     before = len(fake.seen)
     reply = raw_request(
-        gateway, "POST /api/2.0/mlflow/runs/echo", framing, "4\r\nabcd\r\n0\r\n\r\n"
+        gateway, "POST /api/2.0/mlflow/runs/log-metric", framing, "4\r\nabcd\r\n0\r\n\r\n"
     )
     assert reply.startswith("HTTP/1.1 400"), reply
     assert len(fake.seen) == before
 
 
 def test_content_encoding_passes_through_untouched(gateway: str) -> None:
-    with httpx.stream("GET", f"{gateway}/api/2.0/mlflow/runs/gzip", headers=AUTH) as response:
+    with httpx.stream(
+        "GET", f"{gateway}/api/2.0/mlflow/runs/get?mode=gzip", headers=AUTH
+    ) as response:
         raw = b"".join(response.iter_raw())
     assert response.headers["content-encoding"] == "gzip"
     assert raw == GZIPPED
 
 
 def test_head(gateway: str) -> None:
-    response = httpx.head(f"{gateway}/api/2.0/mlflow/runs/echo", headers=AUTH)
+    response = httpx.head(f"{gateway}/api/2.0/mlflow/runs/get", headers=AUTH)
     assert response.status_code == 200
     assert response.content == b""
 
 
 def test_upstream_timeout_is_504(gateway: str) -> None:
-    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/slow", headers=AUTH, timeout=10)
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get?mode=slow", headers=AUTH, timeout=10)
     assert response.status_code == 504
     assert response.json() | {"request_id": ""} == {
         "error_code": "DEADLINE_EXCEEDED",
@@ -354,10 +365,10 @@ def test_pool_exhaustion_is_503_not_a_hang(
 
         async def run() -> list[int]:
             async with httpx.AsyncClient(headers=AUTH, timeout=20) as client:
-                slow = [client.get(f"{gw.url}/api/2.0/mlflow/runs/slow") for _ in range(2)]
+                slow = [client.get(f"{gw.url}/api/2.0/mlflow/runs/get?mode=slow") for _ in range(2)]
                 tasks = [asyncio.ensure_future(c) for c in slow]
                 await asyncio.sleep(0.5)
-                quick = await client.get(f"{gw.url}/api/2.0/mlflow/runs/echo")
+                quick = await client.get(f"{gw.url}/api/2.0/mlflow/runs/get")
                 return [quick.status_code, *[(await t).status_code for t in tasks]]
 
         quick, *slow = asyncio.run(run())
@@ -367,7 +378,7 @@ def test_pool_exhaustion_is_503_not_a_hang(
 
 def test_upstream_down_is_502(tmp_path: Path) -> None:
     with start_gateway(tmp_path, f"http://127.0.0.1:{free_port()}") as gw:
-        response = httpx.get(f"{gw.url}/api/2.0/mlflow/runs/echo", headers=AUTH)
+        response = httpx.get(f"{gw.url}/api/2.0/mlflow/runs/get", headers=AUTH)
         assert response.status_code == 502
         assert response.json()["reason"] == "upstream_unreachable"
         ready = httpx.get(f"{gw.url}/guard/ready")
@@ -384,7 +395,5 @@ def test_guard_routes(gateway: str) -> None:
     assert (
         httpx.get(f"{gateway}/guard/health", headers={"Host": "10.1.2.3:5000"}).status_code == 200
     )
-    response = httpx.get(
-        f"{gateway}/api/2.0/mlflow/runs/echo", headers={**AUTH, "Host": "evil.com"}
-    )
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", headers={**AUTH, "Host": "evil.com"})
     assert response.json()["reason"] == "host_not_allowed"
