@@ -146,6 +146,8 @@ class Resolver:
         if not values:
             raise Unresolved(Refusal("invalid_request_body", f"The request names no {fields[0]}."))
         field = fields[0]
+        if route.kind == "artifact" and field == "path":  # listing a proxied artifact folder
+            return [await self._experiment(_artifact_experiment(_text(v))) for v in values]
         if route.kind in MODEL_KINDS and field == "name":
             return [f"model:{_text(v)}" for v in values]
         if field in ("name", "experiment_name") and route.kind == "experiment":
@@ -187,7 +189,9 @@ class Resolver:
                 values = data.values(field)
             if values:
                 found.append((field, values))
-        if len(found) > 1:  # run_id and run_uuid both given: which one would MLflow use?
+        # The MLflow client sends run_id and the legacy run_uuid with the same value; two
+        # different values leave open which one MLflow acts on.
+        if len(found) > 1 and any(values != found[0][1] for _, values in found[1:]):
             raise RequestDataError(
                 Refusal("ambiguous_parameter", f"Both {found[0][0]!r} and {found[1][0]!r} given.")
             )
@@ -226,6 +230,7 @@ def _text(value: Any) -> str:
 def _artifact_experiment(path: str) -> str:
     """The experiment a proxied artifact path lives under: its leading numeric segment."""
     first = path.split("/", 1)[0]
-    if not first.isdigit():
+    # MLflow stores experiment 1's artifacts under "1/", so "01/" is no experiment's folder.
+    if not first.isdigit() or first != str(int(first)):
         raise Unresolved(Refusal("resource_unresolved", "The artifact path names no experiment."))
     return str(int(first))

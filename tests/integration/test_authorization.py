@@ -1,0 +1,205 @@
+"""Non-admin callers through the gateway, with the real MLflow client, and the ways around."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tests.integration.conftest import Gateway, start_gateway
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class World:
+    gateway: Gateway
+    tokens: dict[str, str]
+    fraud: str  # experiment ids
+    other: str
+    fraud_run: str
+    other_run: str
+
+
+def make_token(gateway: Gateway, name: str, role: str, resource: str) -> str:
+    created = gateway.cli("token", "create", "--name", name, "--role", role,
+                          "--resource", resource, "--quiet")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    gateway = start_gateway(tmp_path_factory.mktemp("authz"))
+    admin = MlflowClient(tracking_uri=gateway.url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_TOKEN", gateway.token)
+        fraud = admin.create_experiment("fraud/train")
+        other = admin.create_experiment("other/x")
+        fraud_run = admin.create_run(fraud).info.run_id
+        other_run = admin.create_run(other).info.run_id
+        for name in ("fraud-detector", "other-model"):
+            admin.create_registered_model(name)
+            admin.create_model_version(name, f"runs:/{fraud_run}/model", fraud_run)
+    tokens = {
+        "alice": make_token(gateway, "alice", "editor", "experiment:fraud/*"),
+        "ci": make_token(gateway, "ci", "promoter", "model:fraud-*"),
+        "reader": make_token(gateway, "reader", "viewer", "*"),
+    }
+    deny = gateway.cli("role", "assign", "--subject", "token:reader", "--role", "viewer",
+                       "--resource", "experiment:other/*", "--deny")  # fmt: skip
+    assert deny.returncode == 0, deny.stderr
+    yield World(gateway, tokens, fraud, other, fraud_run, other_run)
+    gateway.stop()
+
+
+@pytest.fixture
+def as_(monkeypatch: pytest.MonkeyPatch, world: World):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+    def client(name: str) -> MlflowClient:
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", world.tokens[name])
+        return MlflowClient(tracking_uri=world.gateway.url, registry_uri=world.gateway.url)
+
+    return client
+
+
+def refused(call, reason: str) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(MlflowException) as info:
+        call()
+    assert info.value.error_code == "PERMISSION_DENIED", info.value.message
+    assert reason in info.value.message or reason in str(info.value)
+    return info.value.message
+
+
+def test_editor_works_inside_its_experiments_only(world: World, as_, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = as_("alice")
+    run = alice.create_run(world.fraud).info.run_id
+    alice.log_metric(run, "auc", 0.9)
+    (tmp_path / "a.txt").write_text("x")
+    alice.log_artifact(run, str(tmp_path / "a.txt"))
+    assert [f.path for f in alice.list_artifacts(run)] == ["a.txt"]
+    assert alice.get_run(run).data.metrics == {"auc": 0.9}
+    assert [r.info.run_id for r in alice.search_runs([world.fraud])]
+    created = alice.create_experiment("fraud/new")
+    assert alice.get_experiment(created).name == "fraud/new"
+
+    message = refused(lambda: alice.create_run(world.other), "may not create experiment:other/x")
+    assert "token:alice" in message
+    refused(lambda: alice.get_experiment(world.other), "experiment:other/x")
+    refused(lambda: alice.log_metric(world.other_run, "auc", 1.0), "experiment:other/x")
+    refused(lambda: alice.search_runs([world.fraud, world.other]), "experiment:other/x")
+    refused(lambda: alice.create_experiment("other/new"), "experiment:other/new")
+    refused(lambda: alice.search_experiments(), "read on experiment:*")
+    refused(lambda: alice.get_registered_model("fraud-detector"), "model:fraud-detector")
+
+
+def test_promoter_moves_aliases_on_its_models_only(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    ci = as_("ci")
+    ci.set_registered_model_alias("fraud-detector", "champion", "1")
+    assert ci.get_model_version_by_alias("fraud-detector", "champion").version == "1"
+    refused(lambda: ci.set_registered_model_alias("other-model", "champion", "1"), "other-model")
+    refused(lambda: ci.delete_registered_model("fraud-detector"), "may not delete")
+    refused(lambda: ci.create_run(world.fraud), "experiment:fraud/train")
+
+
+def test_explicit_deny_wins(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    reader = as_("reader")
+    assert reader.get_experiment(world.fraud).name == "fraud/train"
+    message = refused(lambda: reader.get_experiment(world.other), "experiment:other/x")
+    assert "deny" in message.lower()
+    refused(lambda: reader.log_metric(world.fraud_run, "auc", 1.0), "may not update")
+    # A deny on some experiments means searches cannot be answered unfiltered.
+    refused(lambda: reader.search_experiments(), "read on experiment:*")
+
+
+def raw(
+    world: World, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: object
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {world.tokens['alice']}", **(headers or {})}
+    return httpx.request(method, world.gateway.url + path, headers=headers, **kwargs)  # type: ignore[arg-type]
+
+
+def reason(response: httpx.Response) -> str | None:
+    return response.headers.get("x-guard-reason")
+
+
+def test_ways_around_are_refused(world: World) -> None:
+    get = "/api/2.0/mlflow/experiments/get"
+    # Sanity: the plain request is allowed.
+    assert raw(world, "GET", get, params={"experiment_id": world.fraud}).status_code == 200
+    # A repeated singular parameter: MLflow acts on the first, which the gateway will not guess.
+    both = f"{get}?experiment_id={world.fraud}&experiment_id={world.other}"
+    assert reason(raw(world, "GET", both)) == "ambiguous_parameter"
+    # Leading zeros, signs and spaces name the same experiment in MLflow's SQL store.
+    for spelling in (f"0{world.other}", f"+{world.other}", f" {world.other}"):
+        response = raw(world, "GET", get, params={"experiment_id": spelling})
+        assert reason(response) == "permission_denied", spelling
+    # GET with an empty query string: MLflow reads a JSON body, so does the gateway.
+    body = json.dumps({"experiment_id": world.other})
+    assert reason(raw(world, "GET", get, content=body)) == "permission_denied"
+    assert (
+        raw(world, "GET", get, content=json.dumps({"experiment_id": world.fraud})).status_code
+        == 200
+    )
+    # camelCase is the same field to MLflow.
+    response = raw(world, "GET", "/api/2.0/mlflow/runs/get", params={"runId": world.other_run})
+    assert reason(response) == "permission_denied"
+    response = raw(world, "GET", "/api/2.0/mlflow/runs/get",
+                   params={"run_id": world.fraud_run, "runId": world.other_run})  # fmt: skip
+    assert reason(response) == "ambiguous_parameter"
+    # The legacy run_uuid beside run_id, naming another run.
+    metric = {"key": "m", "value": 1, "timestamp": 0, "step": 0}
+    both_runs = {"run_id": world.fraud_run, "run_uuid": world.other_run, **metric}
+    response = raw(world, "POST", "/api/2.0/mlflow/runs/log-metric", json=both_runs)
+    assert reason(response) == "ambiguous_parameter"
+    # Duplicate JSON keys: Python's json keeps the last, other parsers the first.
+    duplicated = (
+        f'{{"run_id": "{world.fraud_run}", "run_id": "{world.other_run}", '
+        '"key": "m", "value": 1, "timestamp": 0}'
+    )
+    response = raw(world, "POST", "/api/2.0/mlflow/runs/log-metric", content=duplicated,
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert reason(response) == "invalid_request_body"
+    # Not JSON at all.
+    response = raw(world, "POST", "/api/2.0/mlflow/runs/log-metric", content=b"\xff{",
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert reason(response) == "invalid_request_body"
+    # Proxied artifacts: the path names the experiment.
+    url = f"/api/2.0/mlflow-artifacts/artifacts/{world.other}/{world.other_run}/artifacts/x.txt"
+    assert reason(raw(world, "PUT", url, content=b"x")) == "permission_denied"
+    url = f"/api/2.0/mlflow-artifacts/artifacts/0{world.other}/{world.other_run}/artifacts/x.txt"
+    assert reason(raw(world, "PUT", url, content=b"x")) == "resource_unresolved"
+    # A run that does not exist cannot be placed in an experiment.
+    response = raw(world, "GET", "/api/2.0/mlflow/runs/get", params={"run_id": "f" * 32})
+    assert reason(response) == "resource_unresolved"
+    # Server-wide routes need a grant on server:mlflow.
+    response = raw(world, "POST", "/ajax-api/3.0/mlflow/demo/generate", json={})
+    assert reason(response) == "permission_denied"
+
+
+def test_policy_changes_reach_a_running_gateway_within_2_s(world: World) -> None:
+    get = "/api/2.0/mlflow/experiments/get"
+    assert (
+        reason(raw(world, "GET", get, params={"experiment_id": world.other})) == "permission_denied"
+    )
+    started = time.monotonic()
+    granted = world.gateway.cli("role", "assign", "--subject", "token:alice", "--role", "viewer",
+                                "--resource", "experiment:other/*")  # fmt: skip
+    assert granted.returncode == 0, granted.stderr
+    deadline = started + 10
+    while time.monotonic() < deadline:
+        if raw(world, "GET", get, params={"experiment_id": world.other}).status_code == 200:
+            break
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0 + 1.0, f"took {elapsed:.2f} s"  # 2 s, plus the CLI's own start-up
+    world.gateway.cli("role", "unassign", "--subject", "token:alice", "--role", "viewer",
+                      "--resource", "experiment:other/*")  # fmt: skip
