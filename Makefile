@@ -39,6 +39,7 @@ test: $(STAMP) system-packages lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.authz
 	$(BIN)/python -m bench.proxy
 
 clean:

@@ -1,0 +1,71 @@
+import pytest
+
+from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
+
+
+def data(method: str, query: bytes = b"", body: bytes = b"") -> RequestData:
+    return RequestData.build(method, query, body)
+
+
+def reason(call) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(RequestDataError) as info:
+        call()
+    return info.value.refusal.reason
+
+
+def test_get_reads_the_query_string_and_falls_back_to_the_body() -> None:
+    assert data("GET", b"run_id=a").single("run_id") == "a"
+    assert data("GET", b"run_id=a", b'{"run_id": "b"}').single("run_id") == "a"  # body ignored
+    assert data("GET", b"", b'{"run_id": "b"}').single("run_id") == "b"  # empty query: body
+    assert data("GET", b"other=1", b'{"run_id": "b"}').single("run_id") is None
+
+
+def test_other_methods_read_the_body() -> None:
+    assert data("POST", b"run_id=a", b'{"run_id": "b"}').single("run_id") == "b"
+    assert data("DELETE", b"", b'{"name": "m"}').single("name") == "m"
+
+
+def test_camel_case_is_the_same_field() -> None:
+    assert data("GET", b"runId=a").single("run_id") == "a"
+    assert data("POST", b"", b'{"experimentIds": ["1", "2"]}').values("experiment_ids") == [
+        "1",
+        "2",
+    ]
+    assert (
+        reason(lambda: data("GET", b"run_id=a&runId=b").single("run_id")) == "ambiguous_parameter"
+    )
+    body = b'{"run_id": "a", "runId": "a"}'
+    assert reason(lambda: data("POST", b"", body).single("run_id")) == "ambiguous_parameter"
+
+
+def test_repeated_singular_parameters_are_refused_lists_are_not() -> None:
+    assert reason(lambda: data("GET", b"run_id=a&run_id=b").single("run_id")) == (
+        "ambiguous_parameter"
+    )
+    assert data("GET", b"run_ids=a&run_ids=b").values("run_ids") == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a": 1, "a": 2}', b'{"x": {"a": 1, "a": 1}}', b"\xff", b"{", b"[1]", b'"not json"', b"1"],
+)
+def test_bodies_that_cannot_be_read_one_way(body: bytes) -> None:
+    assert reason(lambda: data("POST", b"", body)) == "invalid_request_body"
+
+
+def test_double_encoded_json_is_decoded_again() -> None:
+    assert data("POST", b"", b'"{\\"run_id\\": \\"a\\"}"').single("run_id") == "a"
+
+
+@pytest.mark.parametrize(
+    ("value", "canonical"),
+    [("1", "1"), ("01", "1"), ("+1", "1"), (" 1", "1"), ("1 ", "1"), (1, "1"), ("", "0"),
+     ("  ", "0"), ("007", "7")],
+)  # fmt: skip
+def test_experiment_ids_as_mlflow_reads_them(value: object, canonical: str) -> None:
+    assert canonical_experiment_id(value) == canonical
+
+
+@pytest.mark.parametrize("value", ["x", "1.0", "1e3", None, True, [1], {"a": 1}])
+def test_malformed_experiment_ids(value: object) -> None:
+    assert reason(lambda: canonical_experiment_id(value)) == "invalid_request_body"
