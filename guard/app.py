@@ -44,9 +44,14 @@ from guard.identity.tokens import TokenProvider, TokenStore
 from guard.keys import load_secret_key
 from guard.proxy import ProxyApp
 from guard.resolve import Resolver
-from guard.routes import RouteClassifierMiddleware, RouteTable, load_routes
+from guard.routes import (
+    VERIFIED_MLFLOW_VERSIONS,
+    RouteClassifierMiddleware,
+    RouteTable,
+    load_routes,
+)
 from guard.settings import Settings
-from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits
+from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits, VersionGate
 from server.supervisor import EmbeddedConfig, MlflowSupervisor
 
 logger = logging.getLogger("guard")
@@ -232,7 +237,8 @@ def build_gateway(
 
     policies = PolicyRuntime(PolicyStore(engine), settings.authz.poll_interval)
     resolver = Resolver(upstream, settings.authz.cache_size, settings.authz.cache_ttl)
-    protected: ASGIApp = ProxyApp(client=upstream)
+    version = VersionGate(VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow)
+    protected: ASGIApp = ProxyApp(client=upstream, version=version)
     protected = AuthorizationMiddleware(protected, policies=policies, resolver=resolver)
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))

@@ -77,6 +77,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "upstream_busy": ReasonInfo(
         503, "TEMPORARILY_UNAVAILABLE", "All connections to the MLflow server are in use."
     ),
+    "upstream_unverified": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "The MLflow server is not a verified release."
+    ),
     "identity_unavailable": ReasonInfo(
         503, "TEMPORARILY_UNAVAILABLE", "Credentials cannot be checked right now."
     ),

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Scope, Send
 
 from guard.errors import Refusal, send_refusal
-from guard.upstream import UpstreamClient, UpstreamError
+from guard.upstream import UpstreamClient, UpstreamError, VersionGate
 
 logger = logging.getLogger("guard.proxy")
 
@@ -181,11 +181,15 @@ class ProxyApp:
     """Forward to MLflow. Expects the route (``guard.route``) and, on buffered routes, the body
     (``guard.body``) from the layers above."""
 
-    def __init__(self, *, client: UpstreamClient) -> None:
+    def __init__(self, *, client: UpstreamClient, version: VersionGate) -> None:
         self.client = client
+        self.version = version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = scope["guard"]
+        if (refusal := await self.version.check(self.client)) is not None:
+            await send_refusal(scope, send, refusal)
+            return
         length, chunked = scope["guard.framing"]
         extra = [
             ("host", self.client.host_header),

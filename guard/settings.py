@@ -227,6 +227,11 @@ class UpstreamSettings:
         check=_positive,
     )
     max_connections: int = option(64, "Most concurrent connections to MLflow.", check=_positive)
+    allow_unverified_mlflow: bool = option(
+        False,
+        "Forward to an MLflow release the route table was not verified against (logged loudly).",
+        flag="--allow-unverified-mlflow",
+    )
     keepalive_expiry: float = option(
         4.0,
         "Seconds an idle upstream connection is kept; keep it below MLflow's keep-alive timeout.",

@@ -11,6 +11,7 @@ a bounded pool whose exhaustion is a clear 503 rather than a hang.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,6 +22,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from guard.errors import Refusal
+
+logger = logging.getLogger("guard.upstream")
 
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 CHUNK_SIZE = 256 * 1024
@@ -162,3 +165,59 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class VersionGate:
+    """Forward only to an MLflow release the route table was verified against.
+
+    The upstream's ``/version`` is read before the first forwarded request (and again after a
+    failure to read it); an unverified release is refused with ``upstream_unverified`` unless
+    the operator allowed it, which is logged loudly.
+    """
+
+    def __init__(self, verified: frozenset[str], allow_unverified: bool) -> None:
+        self.verified = verified
+        self.allow_unverified = allow_unverified
+        self.version: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def check(self, client: UpstreamClient) -> Refusal | None:
+        if self.version is None:
+            async with self._lock:
+                if self.version is None:
+                    try:
+                        self.version = await self._read(client)
+                    except UpstreamError as exc:
+                        return exc.refusal
+                    self._report()
+        if self.version in self.verified or self.allow_unverified:
+            return None
+        return Refusal(
+            "upstream_unverified",
+            f"MLflow {self.version} is not a verified release "
+            f"({', '.join(sorted(self.verified))}); see --allow-unverified-mlflow.",
+        )
+
+    async def _read(self, client: UpstreamClient) -> str:
+        response = await client.request("GET", "/version", [("host", client.host_header)], None)
+        async with response:
+            body = b"".join([chunk async for chunk in response.body()])
+            if response.status != 200:
+                raise UpstreamError(Refusal("upstream_unverified", "MLflow has no /version."))
+        return body.decode("utf-8", "replace").strip()
+
+    def _report(self) -> None:
+        if self.version in self.verified:
+            logger.info("upstream MLflow %s (verified)", self.version)
+        elif self.allow_unverified:
+            logger.warning(
+                "UPSTREAM MLFLOW %s IS NOT A VERIFIED RELEASE (verified: %s); forwarding anyway "
+                "because --allow-unverified-mlflow is set: routes it added or changed may be "
+                "misclassified", self.version, ", ".join(sorted(self.verified)),
+            )  # fmt: skip
+        else:
+            logger.error(
+                "upstream MLflow %s is not a verified release (verified: %s); refusing to "
+                "forward (start with --allow-unverified-mlflow to override)",
+                self.version, ", ".join(sorted(self.verified)),
+            )  # fmt: skip

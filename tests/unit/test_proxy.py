@@ -29,7 +29,7 @@ class FakeMlflow:
 
     def __init__(self) -> None:
         self.seen: list[dict[str, object]] = []
-        self.release = asyncio.Event()
+        self.version = b"3.17.2"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +40,10 @@ class FakeMlflow:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if scope["path"] == "/version":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": self.version})
+            return
         name = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
         ).get("mode", "")
@@ -397,3 +401,21 @@ def test_guard_routes(gateway: str) -> None:
     )
     response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", headers={**AUTH, "Host": "evil.com"})
     assert response.json()["reason"] == "host_not_allowed"
+
+
+def test_unverified_mlflow_releases_are_refused_unless_allowed(
+    tmp_path: Path, upstream: tuple[ServerThread, FakeMlflow]
+) -> None:
+    server, fake = upstream
+    fake.version = b"9.9.9"
+    try:
+        with start_gateway(tmp_path / "a", server.url) as gw:
+            response = httpx.get(f"{gw.url}/api/2.0/mlflow/runs/get", headers=AUTH)
+            assert response.status_code == 503
+            assert response.json()["reason"] == "upstream_unverified"
+            assert "9.9.9" in response.json()["message"]
+        flags = {"upstream.allow_unverified_mlflow": "true"}
+        with start_gateway(tmp_path / "b", server.url, **flags) as gw:
+            assert httpx.get(f"{gw.url}/api/2.0/mlflow/runs/get", headers=AUTH).status_code == 200
+    finally:
+        fake.version = b"3.17.2"
