@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.authentication import AuthenticationMiddleware
 from guard.authorization import AuthorizationMiddleware
+from guard.authz.policy import Grant, PolicyError
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyStore
 from guard.bodies import BodyMiddleware
@@ -57,6 +58,7 @@ from server.supervisor import EmbeddedConfig, MlflowSupervisor
 logger = logging.getLogger("guard")
 
 PROBE_TIMEOUT = 2.0
+CREATOR_ROLE = "manager"
 GUARD_PREFIX = "/guard/"
 PROBES = frozenset({"/guard/health", "/guard/ready"})
 
@@ -239,7 +241,25 @@ def build_gateway(
     resolver = Resolver(upstream, settings.authz.cache_size, settings.authz.cache_ttl)
     version = VersionGate(VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow)
     protected: ASGIApp = ProxyApp(client=upstream, version=version)
-    protected = AuthorizationMiddleware(protected, policies=policies, resolver=resolver)
+
+    async def grant_creator(subject: str, resource: str) -> None:
+        """Whoever created an experiment or a registered model manages it."""
+        if "*" in resource or "?" in resource:  # as a pattern the name would cover others
+            logger.warning("no creator grant for %s: its name holds a wildcard", resource)
+            return
+        grant = Grant(subject, CREATOR_ROLE, resource)
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: policies.store.change("gateway:creator", add=[grant])
+            )
+        except (PolicyError, sa.exc.SQLAlchemyError) as exc:
+            logger.warning("could not grant %s to its creator %s: %s", resource, subject, exc)
+            return
+        await policies.refresh()
+
+    protected = AuthorizationMiddleware(
+        protected, policies=policies, resolver=resolver, on_created=grant_creator
+    )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(protected, providers=[token_provider], realm=g.realm)

@@ -9,9 +9,10 @@ skips the lookups. Whatever cannot be determined is refused, never guessed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Final
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.authz.runtime import PolicyRuntime
 from guard.errors import Refusal, send_refusal
@@ -34,40 +35,75 @@ POLICY_KIND: Final = {
     ),
 }  # fmt: skip
 SERVER_RESOURCE: Final = "server:mlflow"
+# Creations after which the creator is granted manage on what they made.
+_CREATES: Final = ("/experiments/create", "/registered-models/create")
 # Routes after which a cached experiment name may be stale.
 _RENAMES: Final = ("/experiments/update", "/experiments/delete", "/experiments/restore")
 
 
+OnCreated = Callable[[str, str], Awaitable[None]]
+
+
 class AuthorizationMiddleware:
-    def __init__(self, app: ASGIApp, *, policies: PolicyRuntime, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policies: PolicyRuntime,
+        resolver: Resolver,
+        on_created: OnCreated | None = None,
+    ) -> None:
         self.app = app
         self.policies = policies
         self.resolver = resolver
+        self.on_created = on_created
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: Route = scope["guard.route"]
-        refusal = await self._check(scope, route)
+        refusal, resources = await self._check(scope, route)
         if refusal is not None and await self.policies.refresh_soon():
-            refusal = await self._check(scope, route)
+            refusal, resources = await self._check(scope, route)
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return
-        await self.app(scope, receive, send)
+        if route.path.endswith(_CREATES) and resources and self.on_created is not None:
+            await self._create(scope, receive, send, resources[0])
+        else:
+            await self.app(scope, receive, send)
         if route.path.endswith(_RENAMES):
             self._forget(scope)
 
-    async def _check(self, scope: Scope, route: Route) -> Refusal | None:
+    async def _create(self, scope: Scope, receive: Receive, send: Send, resource: str) -> None:
+        """Forward a create; once MLflow confirms it, its creator manages the new resource."""
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        subject = scope["guard"].principal.subject
+        kind = resource.partition(":")[0]
+        if status == 200 and not self.policies.index.unconditional(subject, kind, "manage"):
+            assert self.on_created is not None  # noqa: S101 - checked by the caller
+            await self.on_created(subject, resource)
+
+    async def _check(self, scope: Scope, route: Route) -> tuple[Refusal | None, list[str]]:
+        """A refusal, or None and the resources the request acts on (when they were needed)."""
         kind = POLICY_KIND[route.kind]
         if route.open and kind == "server":
-            return None  # the reviewed open list: UI files, version, health, server info
+            return None, []  # the reviewed open list: UI files, version, health, server info
         subject = scope["guard"].principal.subject
         index = self.policies.index
-        if index.unconditional(subject, kind, route.action):
-            return None
+        creates = route.path.endswith(_CREATES)
+        if index.unconditional(subject, kind, route.action) and not creates:
+            return None, []
         if route.open:
             # Searches are open to all once results are filtered; until then only to those
             # who may read every resource of the kind.
-            return Refusal("search_not_filtered", f"Searching needs read on {kind}:*.")
+            return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
         if kind == "server":
             resources = [SERVER_RESOURCE]
         else:
@@ -80,15 +116,14 @@ class AuthorizationMiddleware:
                     route, scope["guard.params"], data, headers
                 )
             except (RequestDataError, Unresolved) as exc:
-                return exc.refusal
+                return exc.refusal, []
         for resource in resources:
             decision = index.decide(subject, resource, route.action)
             if not decision.allowed:
-                reason = (
-                    "explicit_deny" if decision.reason == "explicit_deny" else ("permission_denied")
-                )
-                return Refusal(reason, f"{subject} may not {route.action} {resource}.")
-        return None
+                explicit = decision.reason == "explicit_deny"
+                reason = "explicit_deny" if explicit else "permission_denied"
+                return Refusal(reason, f"{subject} may not {route.action} {resource}."), []
+        return None, resources
 
     def _forget(self, scope: Scope) -> None:
         try:

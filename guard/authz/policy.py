@@ -24,7 +24,9 @@ MAX_LINKS: Final = 9
 
 _SUBJECT: Final = re.compile(r"(user|group|token):[^\s,\"']+")
 _ROLE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_RESOURCE: Final = re.compile(r"[^\s,\"']+")
+# Names may hold inner spaces ("experiment:My Experiment"); commas and quotes would break
+# casbin's row format, and leading or trailing blanks are lost by it.
+_RESOURCE: Final = re.compile(r"[^\s,\"'](?:[^,\"'\r\n\t]*[^\s,\"'])?")
 
 Effect = Literal["allow", "deny"]
 
@@ -217,7 +219,10 @@ def _check_subject(subject: str) -> None:
 
 def _check_resource(resource: str) -> None:
     if not _RESOURCE.fullmatch(resource):
-        raise ValueError(f"{resource!r} is not a resource pattern (no spaces, commas or quotes)")
+        raise ValueError(
+            f"{resource!r} is not a resource pattern (no commas, quotes, line breaks, or blanks "
+            "at either end)"
+        )
     kind = resource_kind(resource)
     if resource != "*" and kind != "*" and kind not in RESOURCE_KINDS:
         raise ValueError(f"unknown resource kind {kind!r} (known: {', '.join(RESOURCE_KINDS)})")

@@ -90,6 +90,9 @@ def test_editor_works_inside_its_experiments_only(world: World, as_, tmp_path: P
     assert [r.info.run_id for r in alice.search_runs([world.fraud])]
     created = alice.create_experiment("fraud/new")
     assert alice.get_experiment(created).name == "fraud/new"
+    # The creator manages what they created, recorded once MLflow confirmed the creation.
+    exported = world.gateway.cli("policy", "export").stdout
+    assert "p, token:alice, manager, experiment:fraud/new, allow" in exported
 
     message = refused(lambda: alice.create_run(world.other), "may not create experiment:other/x")
     assert "token:alice" in message
@@ -97,6 +100,7 @@ def test_editor_works_inside_its_experiments_only(world: World, as_, tmp_path: P
     refused(lambda: alice.log_metric(world.other_run, "auc", 1.0), "experiment:other/x")
     refused(lambda: alice.search_runs([world.fraud, world.other]), "experiment:other/x")
     refused(lambda: alice.create_experiment("other/new"), "experiment:other/new")
+    assert "experiment:other/new" not in world.gateway.cli("policy", "export").stdout
     refused(lambda: alice.search_experiments(), "read on experiment:*")
     refused(lambda: alice.get_registered_model("fraud-detector"), "model:fraud-detector")
 

@@ -33,7 +33,8 @@ def test_parse_row(row: list[str], expected: object) -> None:
         (["p", "user:", "editor", "experiment:x"], "not a subject"),
         (["p", "user:a b", "editor", "experiment:x"], "not a subject"),
         (["p", "user:a", "Editor", "experiment:x"], "not a role name"),
-        (["p", "user:a", "editor", "experiment:a b"], "not a resource pattern"),
+        (["p", "user:a", "editor", "experiment:a b "], "not a resource pattern"),
+        (["p", "user:a", "editor", "experiment:a\nb"], "not a resource pattern"),
         (["p", "user:a", "editor", "experiment:a,b"], "not a resource pattern"),
         (["p", "user:a", "editor", "runs:x"], "unknown resource kind"),
         (["p", "user:a", "editor", "experiment:x", "maybe"], "allow or deny"),
@@ -72,6 +73,12 @@ p, bad subject, viewer, experiment:x
     assert "role 'boss' holds 'nothing'" in problems
     assert "role 'ghost' is not defined" in problems
     assert "group 'group:a' contains itself" in problems
+
+
+def test_names_with_inner_spaces_are_resources() -> None:
+    assert parse_row(["p", "user:a", "viewer", "experiment:My Experiment"]) == Grant(
+        "user:a", "viewer", "experiment:My Experiment"
+    )
 
 
 def test_diff() -> None:

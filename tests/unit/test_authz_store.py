@@ -29,7 +29,7 @@ def test_seed_once_then_load(store: PolicyStore) -> None:
 
 def test_changes_are_validated_atomic_and_versioned(store: PolicyStore) -> None:
     store.seed_defaults("test")
-    alice = Grant("user:alice", "editor", "experiment:fraud/*")
+    alice = Grant("user:alice", "editor", "experiment:fraud/My Experiment *")
     assert store.change("test", add=[alice, Membership("user:alice", "group:risk")]) == 2
     assert store.change("test", add=[alice]) == 2  # no-op: no new version
     with pytest.raises(PolicyError, match="not defined"):
