@@ -60,9 +60,14 @@ def parse_json_body(body: bytes) -> dict[str, Any] | None:
 class RequestData:
     """Parameters of one request, from the source MLflow would read them from."""
 
+    method: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
     from_query: bool  # True when MLflow reads this request's fields from the query string
+
+    def query_only(self) -> RequestData:
+        """The request as a handler that reads only its query string (``request.args``) sees it."""
+        return RequestData(self.method, self.query, None, True)
 
     @classmethod
     def build(cls, method: str, query_string: bytes, body: bytes) -> RequestData:
@@ -71,7 +76,7 @@ class RequestData:
             query.setdefault(key, []).append(value)
         parsed = parse_json_body(body) if body else None
         from_query = method in ("GET", "HEAD") and bool(query_string)
-        return cls(query, parsed, from_query)
+        return cls(method, query, parsed, from_query)
 
     def values(self, field: str) -> list[Any]:
         """Every value MLflow would see for ``field`` (either spelling); refuses ambiguity."""

@@ -185,6 +185,9 @@ class Resolver:
                 values: list[Any] = [params[field]] if field in params else []
             elif source == "header":
                 values = [headers[field.lower()]] if field.lower() in headers else []
+            elif source == "query" and data.method not in ("GET", "HEAD"):
+                # A query field on a POST (upload-artifact): that handler reads the query only.
+                values = data.query_only().values(field)
             else:
                 values = data.values(field)
             if values:
