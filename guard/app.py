@@ -43,6 +43,7 @@ from guard.headers import SecurityHeadersMiddleware
 from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
 from guard.identity.tokens import TokenProvider, TokenStore
 from guard.keys import load_secret_key
+from guard.promotion import PromotionRules
 from guard.proxy import ProxyApp
 from guard.resolve import Resolver
 from guard.routes import (
@@ -257,8 +258,13 @@ def build_gateway(
             return
         await policies.refresh()
 
+    promotion = PromotionRules(settings.authz.protected_aliases, settings.authz.validation_tags)
     protected = AuthorizationMiddleware(
-        protected, policies=policies, resolver=resolver, on_created=grant_creator
+        protected,
+        policies=policies,
+        resolver=resolver,
+        promotion=promotion,
+        on_created=grant_creator,
     )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.authz.runtime import PolicyRuntime
 from guard.errors import Refusal, send_refusal
+from guard.promotion import PromotionRules, Requirements
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.resolve import Resolver, Unresolved
 from guard.routes import Route
@@ -51,11 +52,13 @@ class AuthorizationMiddleware:
         *,
         policies: PolicyRuntime,
         resolver: Resolver,
+        promotion: PromotionRules,
         on_created: OnCreated | None = None,
     ) -> None:
         self.app = app
         self.policies = policies
         self.resolver = resolver
+        self.promotion = promotion
         self.on_created = on_created
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,33 +100,53 @@ class AuthorizationMiddleware:
             return None, []  # the reviewed open list: UI files, version, health, server info
         subject = scope["guard"].principal.subject
         index = self.policies.index
-        creates = route.path.endswith(_CREATES)
-        if index.unconditional(subject, kind, route.action) and not creates:
-            return None, []
-        if route.open:
-            # Searches are open to all once results are filtered; until then only to those
-            # who may read every resource of the kind.
-            return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
-        if kind == "server":
-            resources = [SERVER_RESOURCE]
-        else:
-            try:
-                data = RequestData.build(
-                    scope["method"], scope["query_string"], scope.get("guard.body", b"")
+        data: RequestData | None = None
+        needs = Requirements()
+        try:
+            if self.promotion.applies(route.path):
+                data = self._data(scope)
+                needs = self.promotion.requirements(route.path, data)
+            actions = {needs.replace_action or route.action, *needs.actions}
+            possible = actions | ({"promote"} if needs.version_aliases else set())
+            if (
+                not route.path.endswith(_CREATES)
+                and all(index.unconditional(subject, kind, a) for a in possible)
+                and all(
+                    index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
                 )
+            ):
+                return None, []
+            if route.open:
+                # Searches are open to all once results are filtered; until then only to those
+                # who may read every resource of the kind.
+                return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
+            if kind == "server":
+                resources = [SERVER_RESOURCE]
+            else:
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 resources = await self.resolver.resources(
-                    route, scope["guard.params"], data, headers
+                    route, scope["guard.params"], data or self._data(scope), headers
                 )
-            except (RequestDataError, Unresolved) as exc:
-                return exc.refusal, []
-        for resource in resources:
-            decision = index.decide(subject, resource, route.action)
+            if needs.version_aliases and await self.resolver.model_version_aliases(
+                *needs.version_aliases
+            ):
+                actions.add("promote")  # deleting a version that holds an alias
+        except (RequestDataError, Unresolved) as exc:
+            return exc.refusal, []
+        checks = [(r, a) for r in resources for a in sorted(actions)] + needs.elsewhere
+        for resource, action in checks:
+            decision = index.decide(subject, resource, action)
             if not decision.allowed:
                 explicit = decision.reason == "explicit_deny"
                 reason = "explicit_deny" if explicit else "permission_denied"
-                return Refusal(reason, f"{subject} may not {route.action} {resource}."), []
+                return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
+
+    @staticmethod
+    def _data(scope: Scope) -> RequestData:
+        return RequestData.build(
+            scope["method"], scope["query_string"], scope.get("guard.body", b"")
+        )
 
     def _forget(self, scope: Scope) -> None:
         try:

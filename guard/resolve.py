@@ -124,6 +124,14 @@ class Resolver:
 
         return await self._cached(f"trace:{trace_id}", fetch)
 
+    async def model_version_aliases(self, name: str, version: str) -> list[str]:
+        """The aliases a model version holds now (never cached: they are what changes)."""
+        data = await self._get(
+            "/api/2.0/mlflow/model-versions/get", {"name": name, "version": version}
+        )
+        aliases = (data or {}).get("model_version", {}).get("aliases", [])
+        return [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
+
     def forget(self, kind: str, key: str) -> None:
         self.cache.forget(f"{kind}:{key}")
 

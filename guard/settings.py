@@ -301,6 +301,16 @@ class AuthzSettings:
         kind="duration",
         check=_positive,
     )
+    protected_aliases: tuple[str, ...] = option(
+        ("*",),
+        "Aliases whose setting or deletion needs promote (patterns; * is every alias). Other "
+        "aliases need update.",
+    )
+    validation_tags: tuple[str, ...] = option(
+        ("validation_status",),
+        "Model version and registered model tag keys whose writing or deletion needs promote "
+        "(patterns), including tags given when a version is created.",
+    )
     cache_size: int = option(
         10000,
         "Most resource lookups (run -> experiment, experiment id -> name) kept in memory.",

@@ -52,6 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "alice": make_token(gateway, "alice", "editor", "experiment:fraud/*"),
         "ci": make_token(gateway, "ci", "promoter", "model:fraud-*"),
         "reader": make_token(gateway, "reader", "viewer", "*"),
+        "modeler": make_token(gateway, "modeler", "editor", "model:fraud-*"),
     }
     deny = gateway.cli("role", "assign", "--subject", "token:reader", "--role", "viewer",
                        "--resource", "experiment:other/*", "--deny")  # fmt: skip
@@ -207,3 +208,31 @@ def test_policy_changes_reach_a_running_gateway_within_2_s(world: World) -> None
     assert elapsed < 2.0 + 1.0, f"took {elapsed:.2f} s"  # 2 s, plus the CLI's own start-up
     world.gateway.cli("role", "unassign", "--subject", "token:alice", "--role", "viewer",
                       "--resource", "experiment:other/*")  # fmt: skip
+
+
+def test_promotion_needs_promote(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    """An editor of fraud-* models may edit them but not promote: protected aliases (all, by
+    default), validation tags, deleting a version that holds an alias."""
+    modeler = as_("modeler")
+    source = f"runs:/{world.fraud_run}/model"
+    modeler.create_registered_model("fraud-temp")
+    version = modeler.create_model_version("fraud-temp", source, world.fraud_run).version
+    modeler.set_model_version_tag("fraud-temp", version, "owner", "risk-team")
+    modeler.update_model_version("fraud-temp", version, description="candidate")
+    refused(lambda: modeler.set_registered_model_alias("fraud-temp", "champion", version),
+            "may not promote model:fraud-temp")  # fmt: skip
+    refused(lambda: modeler.set_model_version_tag("fraud-temp", version, "validation_status",
+                                                  "ok"), "may not promote")  # fmt: skip
+    refused(lambda: modeler.create_model_version("fraud-temp", source, world.fraud_run,
+                                                 tags={"validation_status": "ok"}),
+            "may not promote")  # fmt: skip
+    as_("ci").set_registered_model_alias("fraud-temp", "champion", version)  # the promoter may
+    modeler = as_("modeler")
+    refused(lambda: modeler.delete_model_version("fraud-temp", version), "may not promote")
+    second = modeler.create_model_version("fraud-temp", source, world.fraud_run).version
+    modeler.delete_model_version("fraud-temp", second)  # no alias: delete is enough
+    # Renaming needs create on the new name too.
+    refused(lambda: modeler.rename_registered_model("fraud-temp", "other-name"),
+            "may not create model:other-name")  # fmt: skip
+    modeler.rename_registered_model("fraud-temp", "fraud-temp2")
+    assert modeler.get_registered_model("fraud-temp2").name == "fraud-temp2"

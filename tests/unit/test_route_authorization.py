@@ -33,6 +33,11 @@ VALUES = {
     "artifact_path": "1/r1/artifacts/x.txt", "path": "1/r1/artifacts",
 }  # fmt: skip
 RESOLVABLE_FIELDS = set(VALUES) | {"name"}
+# What a few routes need beside their id before the gateway can judge them.
+EXTRA_FIELDS = {
+    "/model-versions/delete": {"version": "1"},
+    "/registered-models/rename": {"new_name": "model-a2"},
+}
 
 
 class FakeMlflow:
@@ -109,8 +114,8 @@ def governance_setup(gateway: object, data: Path) -> None:
 
     g = Governance(gateway.tokens, gateway.policies.store)  # type: ignore[attr-defined]
     for name, secret, experiment, model in (
-        ("allowed", ALLOWED, "exp-1", "model-a"),
-        ("refused", REFUSED, "exp-2", "model-b"),
+        ("allowed", ALLOWED, "exp-1", "model-a*"),
+        ("refused", REFUSED, "exp-2", "model-b*"),
     ):
         g.tokens.create(name, "admin", 3600, secret)
         g.change(
@@ -155,7 +160,8 @@ def build_request(route: Route) -> tuple[str, str, dict[str, object]]:
     if source == "query":
         kwargs["params"] = {field: value}
     elif source == "body":
-        kwargs["json"] = {field: value}
+        extra = next((v for k, v in EXTRA_FIELDS.items() if route.path.endswith(k)), {})
+        kwargs["json"] = {field: value, **extra}
     elif source == "header":
         kwargs["headers"] = {field: str(value)}
     return method, fill_path(route), kwargs
