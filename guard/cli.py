@@ -168,7 +168,6 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def _token(args: argparse.Namespace, loaded: Loaded) -> int:
-    from guard.authz.policy import PolicyError
     from guard.identity.tokens import TokenError, utcnow
 
     governance = _governance(loaded)
@@ -220,19 +219,21 @@ def _token(args: argparse.Namespace, loaded: Loaded) -> int:
         else:
             record = governance.revoke_token(args.name, ACTOR)
             print(f"Revoked token {record.name!r} and removed its grants.")
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_FAILED
-    except (TokenError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (TokenError, ValueError) as exc:  # PolicyError is a ValueError
+        return _fail(exc)
     return 0
+
+
+def _fail(exc: Exception) -> int:
+    """Print every problem an exception carries, one a line; the operation failed."""
+    for problem in getattr(exc, "problems", None) or [str(exc)]:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
     from guard.authz.engine import PolicyIndex
-    from guard.authz.policy import Grant, PolicyError, PolicySet, parse_lines, parse_row
+    from guard.authz.policy import Grant, PolicySet, parse_lines, parse_row
 
     governance = _governance(loaded)
     try:
@@ -299,13 +300,8 @@ def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
             kind = "explicit deny" if decision.reason == "explicit_deny" else "granted by"
             print(f"  {kind}: {', '.join(decision.rule.row())}")
         return 0 if decision.allowed else EXIT_FAILED
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_FAILED
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (ValueError, OSError) as exc:  # PolicyError is a ValueError
+        return _fail(exc)
 
 
 def _print_bootstrap(secret: str) -> None:
