@@ -40,7 +40,7 @@ class Unresolved(Exception):
 class TTLCache:
     def __init__(self, size: int, ttl: float) -> None:
         self.size, self.ttl = size, ttl
-        self._items: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def get(self, key: str) -> tuple[bool, str | None]:
         item = self._items.get(key)
@@ -49,7 +49,7 @@ class TTLCache:
         self._items.move_to_end(key)
         return True, item[1]
 
-    def put(self, key: str, value: str | None) -> None:
+    def put(self, key: str, value: str) -> None:
         self._items[key] = (time.monotonic(), value)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
@@ -89,7 +89,8 @@ class Resolver:
         if hit:
             return value
         value = await fetch()
-        self.cache.put(key, value)
+        if value is not None:  # "unknown" is not remembered: the id may exist a moment later
+            self.cache.put(key, value)
         return value
 
     async def experiment_name(self, experiment_id: str) -> str | None:
