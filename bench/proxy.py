@@ -232,6 +232,8 @@ def compare(
         p99 = statistics.median(g.quantile(0.99) - d.quantile(0.99) for d, g in pairs)
         cpu = statistics.median((r.gateway_cpu or 0) / max(r.requests, 1) for r in runs_gateway)
         errors = sum(r.errors for r in runs_direct + runs_gateway)
+        if errors:
+            print(f"    {errors} non-200 answers: the numbers below measure refusals, not work")
         ratios[c] = g_rps / d_rps
         print(f"{c:>3} {d_rps:>11.1f} {g_rps:>12.1f} {ratios[c]:>6.2f} {p50 * 1000:>8.2f} "
               f"{p99 * 1000:>8.2f} {cpu * 1000:>14.3f} {errors:>7}")  # fmt: skip
