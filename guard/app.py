@@ -52,6 +52,7 @@ from guard.routes import (
     RouteTable,
     load_routes,
 )
+from guard.search import SearchFilter
 from guard.settings import Settings
 from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits, VersionGate
 from server.supervisor import EmbeddedConfig, MlflowSupervisor
@@ -264,6 +265,7 @@ def build_gateway(
         policies=policies,
         resolver=resolver,
         promotion=promotion,
+        search=SearchFilter(upstream, store.key, settings.authz.search_max_pages),
         on_created=grant_creator,
     )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)

@@ -20,6 +20,7 @@ from guard.promotion import PromotionRules, Requirements
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.resolve import Resolver, Unresolved
 from guard.routes import Route
+from guard.search import SearchFilter, search_kind
 
 logger = logging.getLogger("guard.authz")
 
@@ -53,16 +54,29 @@ class AuthorizationMiddleware:
         policies: PolicyRuntime,
         resolver: Resolver,
         promotion: PromotionRules,
+        search: SearchFilter | None = None,
         on_created: OnCreated | None = None,
     ) -> None:
         self.app = app
         self.policies = policies
         self.resolver = resolver
         self.promotion = promotion
+        self.search = search
         self.on_created = on_created
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: Route = scope["guard.route"]
+        if route.open and self.search is not None and search_kind(route.path) is not None:
+            subject = scope["guard"].principal.subject
+            index = self.policies.index
+            if not index.unconditional(subject, POLICY_KIND[route.kind], "read"):
+                try:
+                    data = self._data(scope)
+                except RequestDataError as exc:
+                    await send_refusal(scope, send, exc.refusal)
+                    return
+                await self.search.respond(scope, send, subject, index, data)
+                return
         refusal, resources = await self._check(scope, route)
         if refusal is not None and await self.policies.refresh_soon():
             refusal, resources = await self._check(scope, route)

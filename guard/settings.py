@@ -311,6 +311,12 @@ class AuthzSettings:
         "Model version and registered model tag keys whose writing or deletion needs promote "
         "(patterns), including tags given when a version is created.",
     )
+    search_max_pages: int = option(
+        10,
+        "Upstream pages a filtered search reads at most to fill one page for a caller who may "
+        "not see everything (a shorter page and a next-page token come back past it).",
+        check=_positive,
+    )
     cache_size: int = option(
         10000,
         "Most resource lookups (run -> experiment, experiment id -> name) kept in memory.",

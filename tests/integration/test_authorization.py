@@ -102,7 +102,9 @@ def test_editor_works_inside_its_experiments_only(world: World, as_, tmp_path: P
     refused(lambda: alice.search_runs([world.fraud, world.other]), "experiment:other/x")
     refused(lambda: alice.create_experiment("other/new"), "experiment:other/new")
     assert "experiment:other/new" not in world.gateway.cli("policy", "export").stdout
-    refused(lambda: alice.search_experiments(), "read on experiment:*")
+    # Searches are filtered to what the caller may read.
+    assert {e.name for e in alice.search_experiments()} == {"fraud/train", "fraud/new"}
+    assert [m.name for m in alice.search_registered_models()] == []
     refused(lambda: alice.get_registered_model("fraud-detector"), "model:fraud-detector")
 
 
@@ -121,8 +123,10 @@ def test_explicit_deny_wins(world: World, as_) -> None:  # type: ignore[no-untyp
     message = refused(lambda: reader.get_experiment(world.other), "experiment:other/x")
     assert "deny" in message.lower()
     refused(lambda: reader.log_metric(world.fraud_run, "auc", 1.0), "may not update")
-    # A deny on some experiments means searches cannot be answered unfiltered.
-    refused(lambda: reader.search_experiments(), "read on experiment:*")
+    # A deny on some experiments hides them from searches too.
+    names = {e.name for e in reader.search_experiments()}
+    assert "fraud/train" in names
+    assert "other/x" not in names
 
 
 def raw(

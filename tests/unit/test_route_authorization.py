@@ -191,8 +191,8 @@ def expected(route: Route) -> tuple[str | None, str | None]:
         return "route_not_classified", "route_not_classified"
     if route.open and route.kind == "server":
         return None, None
-    if route.open:
-        return "search_not_filtered", "search_not_filtered"
+    if route.open:  # searches: answered, filtered to what each caller may read
+        return None, None
     if not resolvable(route):
         return "resource_unresolved", "resource_unresolved"
     return None, "permission_denied"

@@ -1,0 +1,172 @@
+"""Filtered search through the real gateway: every visible item exactly once, no hidden one."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from guard.app import build_gateway
+from guard.authz.policy import parse_lines
+from guard.governance import Governance
+from guard.settings import load_settings
+from tests.servers import ServerThread
+
+READER = "mlg_" + "v" * 43
+OTHER = "mlg_" + "o" * 43
+# 40 experiments; a caller may read the "vis" ones, hidden ones come in runs of up to 5.
+NAMES = [f"{'vis' if i % 7 in (0, 3) else 'hid'}-{i:02d}" for i in range(40)]
+MODELS = [f"{'vis' if i % 2 else 'hid'}-m{i}" for i in range(9)]
+
+
+class PagingMlflow:
+    """experiments/search and registered-models/search with MLflow-style offset tokens."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/version":
+            await self._send(send, 200, b"3.17.2")
+            return
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        fields = json.loads(body) if body else query
+        size, offset = int(fields.get("max_results", 1000)), int(fields.get("page_token") or 0)
+        if scope["path"].endswith("/experiments/search"):
+            items, key = (
+                [{"experiment_id": str(i), "name": n} for i, n in enumerate(NAMES)],
+                "experiments",
+            )
+            if fields.get("filter") == "name LIKE 'x%'":
+                items = []
+        else:
+            items, key = [{"name": n} for n in MODELS], "registered_models"
+        self.calls += 1
+        page = {key: items[offset : offset + size]}
+        if offset + size < len(items):
+            page["next_page_token"] = str(offset + size)
+        await self._send(send, 200, json.dumps(page).encode())
+
+    @staticmethod
+    async def _send(send: Send, status: int, body: bytes) -> None:
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data: Path = tmp_path_factory.mktemp("search")
+    with ServerThread(PagingMlflow(), lifespan="off") as upstream:
+        settings = load_settings(
+            {"upstream.url": upstream.url, "storage.data_dir": str(data),
+             "authz.search_max_pages": "3"}, {}, None,
+        ).settings  # fmt: skip
+        env = {
+            "MLFLOW_GUARD_BOOTSTRAP_TOKEN": "mlg_" + "b" * 43,
+            "MLFLOW_GUARD_SECRET_KEY": "k" * 40,
+        }
+        app = build_gateway(settings, env)
+        with ServerThread(app) as server:
+            g = Governance(app.tokens, app.policies.store)
+            g.tokens.create("reader", "admin", 3600, READER)
+            g.tokens.create("other", "admin", 3600, OTHER)
+            g.change("test", add=parse_lines([
+                "p, token:reader, viewer, experiment:vis-*",
+                "p, token:reader, viewer, model:vis-*",
+                "p, token:other, viewer, experiment:hid-*",
+            ]))  # fmt: skip
+            deadline = time.monotonic() + 10
+            while app.policies.index.version != app.policies.store.version():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            yield server.url
+
+
+def page_through(url: str, token: str, size: int, method: str = "POST") -> tuple[list[str], int]:
+    names: list[str] = []
+    page_token = None
+    pages = 0
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
+        while pages < 100:
+            fields: dict[str, object] = {"max_results": size}
+            if page_token:
+                fields["page_token"] = page_token
+            if method == "POST":
+                response = client.post(url, json=fields)
+            else:
+                response = client.get(url, params=fields)
+            assert response.status_code == 200, response.text
+            data = response.json()
+            items = data.get("experiments", data.get("registered_models", []))
+            assert len(items) <= size
+            names += [item["name"] for item in items]
+            pages += 1
+            page_token = data.get("next_page_token")
+            if not page_token:
+                break
+    return names, pages
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 1000])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_every_visible_experiment_exactly_once(gateway: str, size: int, method: str) -> None:
+    names, _ = page_through(f"{gateway}/api/2.0/mlflow/experiments/search", READER, size, method)
+    assert names == [n for n in NAMES if n.startswith("vis")]
+
+
+def test_another_caller_sees_their_own(gateway: str) -> None:
+    names, _ = page_through(f"{gateway}/ajax-api/2.0/mlflow/experiments/search", OTHER, 4)
+    assert names == [n for n in NAMES if n.startswith("hid")]
+
+
+def test_registered_models(gateway: str) -> None:
+    names, _ = page_through(f"{gateway}/api/2.0/mlflow/registered-models/search", READER, 2, "GET")
+    assert names == [n for n in MODELS if n.startswith("vis")]
+
+
+def test_sparse_results_come_in_short_pages_not_silence(gateway: str) -> None:
+    # At most 3 upstream pages of 1 per answer: some answers are short or empty, none lost.
+    names, pages = page_through(f"{gateway}/api/2.0/mlflow/experiments/search", READER, 1)
+    assert names == [n for n in NAMES if n.startswith("vis")]
+    assert pages > len(names)
+
+
+def test_the_callers_filter_is_kept(gateway: str) -> None:
+    response = httpx.post(f"{gateway}/api/2.0/mlflow/experiments/search",
+                          headers={"Authorization": f"Bearer {READER}"},
+                          json={"filter": "name LIKE 'x%'"})  # fmt: skip
+    assert response.json() == {"experiments": []}
+
+
+def test_page_tokens_cannot_be_forged_or_shared(gateway: str) -> None:
+    url = f"{gateway}/api/2.0/mlflow/experiments/search"
+    first = httpx.post(url, headers={"Authorization": f"Bearer {READER}"}, json={"max_results": 2})
+    token = first.json()["next_page_token"]
+    for bad, who in ((token[:-2] + "xx", READER), ("10", READER), (token, OTHER)):
+        response = httpx.post(url, headers={"Authorization": f"Bearer {who}"},
+                              json={"max_results": 2, "page_token": bad})  # fmt: skip
+        assert response.status_code == 400
+        assert response.json()["reason"] == "invalid_request_body"
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "x", "50001"])
+def test_bad_page_sizes(gateway: str, size: str) -> None:
+    response = httpx.get(f"{gateway}/api/2.0/mlflow/experiments/search",
+                         headers={"Authorization": f"Bearer {READER}"},
+                         params={"max_results": size})  # fmt: skip
+    assert response.json()["reason"] == "invalid_request_body"
