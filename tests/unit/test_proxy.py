@@ -169,6 +169,22 @@ def test_what_mlflow_receives(gateway: str, upstream: tuple[ServerThread, FakeMl
     assert seen["query"] == "b=2&a=1&a=3"  # untouched, duplicates and order kept
 
 
+def test_nothing_is_invented_for_mlflow(
+    gateway: str, upstream: tuple[ServerThread, FakeMlflow]
+) -> None:
+    _, fake = upstream
+    assert raw_request(gateway, "GET /api/2.0/mlflow/runs/get").startswith("HTTP/1.1 200")
+    names = header_names(last(fake))
+    for invented in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert invented not in names
+    reply = raw_request(
+        gateway, "POST /api/2.0/mlflow/runs/log-metric", "Content-Length: 2\r\n", "{}"
+    )
+    assert reply.startswith("HTTP/1.1 200")
+    assert "content-type" not in header_names(last(fake))
+    assert bytes.fromhex(last(fake)["body"]) == b"{}"  # type: ignore[arg-type]
+
+
 def test_what_the_caller_gets_back(gateway: str) -> None:
     response = httpx.get(f"{gateway}/api/2.0/mlflow/runs/get", headers=AUTH)
     assert response.status_code == 200
