@@ -7,7 +7,7 @@ import time
 from types import TracebackType
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Send
 
 from guard.app import uvicorn_options
 from guard.settings import load_settings
@@ -40,3 +40,22 @@ class ServerThread:
     ) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+async def read_request_body(receive: Receive) -> bytes:
+    """The whole body of the request a fake upstream is answering."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def send_response(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer from a fake upstream with a Content-Length."""
+    headers = [*(headers or []), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from guard.app import build_gateway
 from guard.settings import load_settings
 from tests.conftest import free_port
-from tests.servers import ServerThread
+from tests.servers import ServerThread, read_request_body, send_response
 
 TOKEN = "mlg_" + "t" * 43
 ENV = {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": TOKEN, "MLFLOW_GUARD_SECRET_KEY": "s" * 40}
@@ -34,15 +34,9 @@ class FakeMlflow:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_request_body(receive)
         if scope["path"] == "/version":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": self.version})
+            await send_response(send, 200, self.version)
             return
         name = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
@@ -68,10 +62,8 @@ class FakeMlflow:
             (b"access-control-allow-origin", b"*"),
             (b"x-frame-options", b"ALLOWALL"),
             (b"server", b"fake-mlflow"),
-            (b"content-length", str(len(payload)).encode()),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send_response(send, 200, payload, headers)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from guard.app import build_gateway
 from guard.routes import Route, load_routes
 from guard.settings import load_settings
-from tests.servers import ServerThread
+from tests.servers import ServerThread, read_request_body, send_response
 
 ALLOWED = "mlg_" + "a" * 43
 REFUSED = "mlg_" + "r" * 43
@@ -50,12 +50,11 @@ class FakeMlflow:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        while (await receive()).get("more_body"):
-            pass
+        await read_request_body(receive)
         path, query = scope["path"], scope["query_string"].decode()
         status, payload = 200, {}
         if path == "/version":
-            await self._send(send, 200, b"3.17.2")
+            await send_response(send, 200, b"3.17.2")
             return
         if path == "/api/2.0/mlflow/experiments/get":
             experiment = re.search(r"experiment_id=(\d+)", query)
@@ -73,13 +72,7 @@ class FakeMlflow:
                 "mlflow_experiment": {"experiment_id": "1"}}}}}  # fmt: skip
         else:
             self.forwarded.append((scope["method"], path))
-        await self._send(send, status, json.dumps(payload).encode())
-
-    @staticmethod
-    async def _send(send: Send, status: int, body: bytes) -> None:
-        headers = [(b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, status, json.dumps(payload).encode())
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from guard.app import build_gateway
 from guard.authz.policy import parse_lines
 from guard.governance import Governance
 from guard.settings import load_settings
-from tests.servers import ServerThread
+from tests.servers import ServerThread, read_request_body, send_response
 
 READER = "mlg_" + "v" * 43
 OTHER = "mlg_" + "o" * 43
@@ -34,14 +34,9 @@ class PagingMlflow:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_request_body(receive)
         if scope["path"] == "/version":
-            await self._send(send, 200, b"3.17.2")
+            await send_response(send, 200, b"3.17.2")
             return
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         fields = json.loads(body) if body else query
@@ -59,13 +54,7 @@ class PagingMlflow:
         page = {key: items[offset : offset + size]}
         if offset + size < len(items):
             page["next_page_token"] = str(offset + size)
-        await self._send(send, 200, json.dumps(page).encode())
-
-    @staticmethod
-    async def _send(send: Send, status: int, body: bytes) -> None:
-        headers = [(b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, 200, json.dumps(page).encode())
 
 
 @pytest.fixture(scope="module")
