@@ -37,6 +37,11 @@ POLICY_KIND: Final = {
     ),
 }  # fmt: skip
 SERVER_RESOURCE: Final = "server:mlflow"
+# Requests that point MLflow at artifacts by address: (route suffix, the field holding it).
+_SOURCES: Final = (
+    ("/model-versions/create", "source"),
+    ("/experiments/create", "artifact_location"),
+)
 # Creations after which the creator is granted manage on what they made.
 _CREATES: Final = ("/experiments/create", "/registered-models/create")
 # Routes after which a cached experiment name may be stale.
@@ -122,8 +127,10 @@ class AuthorizationMiddleware:
                 needs = self.promotion.requirements(route.path, data)
             actions = {needs.replace_action or route.action, *needs.actions}
             possible = actions | ({"promote"} if needs.version_aliases else set())
+            source_field = next((f for p, f in _SOURCES if route.path.endswith(p)), None)
             if (
                 not route.path.endswith(_CREATES)
+                and source_field is None
                 and all(index.unconditional(subject, kind, a) for a in possible)
                 and all(
                     index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
@@ -145,6 +152,13 @@ class AuthorizationMiddleware:
                 *needs.version_aliases
             ):
                 actions.add("promote")  # deleting a version that holds an alias
+            if source_field is not None:
+                refusal, read = await self._sources(
+                    scope, data or self._data(scope), source_field, subject
+                )
+                if refusal is not None:
+                    return refusal, []
+                needs.elsewhere.extend((r, "read") for r in read)
         except (RequestDataError, Unresolved) as exc:
             return exc.refusal, []
         checks = [(r, a) for r in resources for a in sorted(actions)] + needs.elsewhere
@@ -154,6 +168,23 @@ class AuthorizationMiddleware:
                 explicit = decision.reason == "explicit_deny"
                 reason = "explicit_deny" if explicit else "permission_denied"
                 return Refusal(reason, f"{subject} may not {action} {resource}."), []
+        return None, resources
+
+    async def _sources(
+        self, scope: Scope, data: RequestData, field: str, subject: str
+    ) -> tuple[Refusal | None, list[str]]:
+        """Artifacts named by address must be ones the caller may read; other addresses (files,
+        object stores) are for administrators only."""
+        uri = data.single(field)
+        if uri in (None, ""):
+            return None, []
+        if not isinstance(uri, str):
+            return Refusal("invalid_request_body", f"{field} must be a string."), []
+        resources = await self.resolver.source_resources(uri)
+        if resources is None:
+            if self.policies.index.unconditional(subject, "server", "manage"):
+                return None, []
+            return Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."), []
         return None, resources
 
     @staticmethod

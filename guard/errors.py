@@ -57,6 +57,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "resource_unresolved": ReasonInfo(
         403, "PERMISSION_DENIED", "The resource this request acts on cannot be determined."
     ),
+    "source_not_allowed": ReasonInfo(
+        403, "PERMISSION_DENIED", "The artifact address is outside what the caller may read."
+    ),
     "search_not_filtered": ReasonInfo(
         403, "PERMISSION_DENIED", "Searching needs read access to every resource of this kind."
     ),

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from guard.errors import Refusal
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
@@ -132,6 +132,31 @@ class Resolver:
         )
         aliases = (data or {}).get("model_version", {}).get("aliases", [])
         return [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
+
+    async def source_resources(self, uri: str) -> list[str] | None:
+        """The resources an artifact address reads from, or None for an address the gateway
+        cannot vouch for (a file path, an object store, anything else)."""
+        parts = urlsplit(uri)
+        path = parts.path.lstrip("/")
+        if ".." in path.split("/") or "\\" in uri:
+            return None
+        if parts.scheme == "runs" and not parts.netloc:
+            run_id = path.split("/", 1)[0]
+            experiment_id = await self.run_experiment(run_id) if run_id else None
+            if experiment_id is None:
+                raise Unresolved(Refusal("resource_unresolved", f"Unknown run {run_id!r}."))
+            return [await self._experiment(experiment_id)]
+        if parts.scheme == "models" and not parts.netloc:
+            name = path.split("/", 1)[0].split("@", 1)[0]
+            if name.startswith("m-"):  # a logged model id
+                experiment_id = await self.logged_model_experiment(name)
+                if experiment_id is None:
+                    raise Unresolved(Refusal("resource_unresolved", f"Unknown model {name!r}."))
+                return [await self._experiment(experiment_id)]
+            return [f"model:{name}"] if name else None
+        if parts.scheme == "mlflow-artifacts":
+            return [await self._experiment(_artifact_experiment(path))]
+        return None
 
     def forget(self, kind: str, key: str) -> None:
         self.cache.forget(f"{kind}:{key}")

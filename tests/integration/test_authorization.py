@@ -57,6 +57,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     deny = gateway.cli("role", "assign", "--subject", "token:reader", "--role", "viewer",
                        "--resource", "experiment:other/*", "--deny")  # fmt: skip
     assert deny.returncode == 0, deny.stderr
+    reads = gateway.cli("role", "assign", "--subject", "token:modeler", "--role", "viewer",
+                        "--resource", "experiment:fraud/*")  # fmt: skip
+    assert reads.returncode == 0, reads.stderr
     yield World(gateway, tokens, fraud, other, fraud_run, other_run)
     gateway.stop()
 
@@ -240,3 +243,27 @@ def test_promotion_needs_promote(world: World, as_) -> None:  # type: ignore[no-
             "may not create model:other-name")  # fmt: skip
     modeler.rename_registered_model("fraud-temp", "fraud-temp2")
     assert modeler.get_registered_model("fraud-temp2").name == "fraud-temp2"
+
+
+def test_artifact_addresses_must_be_readable(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    """A model version's source and an experiment's artifact location may only point at
+    artifacts the caller may read; other addresses are for administrators."""
+    modeler = as_("modeler")
+    modeler.create_registered_model("fraud-sources")
+    refused(lambda: modeler.create_model_version("fraud-sources", f"runs:/{world.other_run}/m",
+                                                 world.other_run),
+            "may not read experiment:other/x")  # fmt: skip
+    refused(lambda: modeler.create_model_version("fraud-sources", "file:///etc"),
+            "is not allowed")  # fmt: skip
+    refused(lambda: modeler.create_model_version("fraud-sources", "models:/other-model/1"),
+            "may not read model:other-model")  # fmt: skip
+    alice = as_("alice")
+    refused(lambda: alice.create_experiment("fraud/s3", artifact_location="s3://bucket/x"),
+            "is not allowed")  # fmt: skip
+    refused(lambda: alice.create_experiment("fraud/peek",
+                                            artifact_location=f"mlflow-artifacts:/{world.other}"),
+            "may not read experiment:other/x")  # fmt: skip
+    own = alice.create_experiment(
+        "fraud/own", artifact_location=f"mlflow-artifacts:/{world.fraud}/sub"
+    )
+    assert alice.get_experiment(own).name == "fraud/own"
