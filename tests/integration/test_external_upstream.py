@@ -4,6 +4,7 @@ database on PostgreSQL."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -75,3 +76,41 @@ def test_first_start_prints_a_token_once(external_mlflow: Mlflow, tmp_path: Path
     listed = again.cli("token", "list")
     assert listed.returncode == 0
     assert "admin" in listed.stdout and printed[0] not in listed.stdout
+
+
+def test_two_replicas_follow_one_policy_within_2_s(
+    external_mlflow: Mlflow, postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    database = postgres.create_database()
+    args = ("--upstream-url", external_mlflow.url, "--database-uri", database)
+    first = start_gateway(tmp_path / "a", *args)
+    key = (tmp_path / "a" / "secret.key").read_text().strip()
+    second = start_gateway(tmp_path / "b", *args, token="mlg_" + "s" * 43,
+                           MLFLOW_GUARD_SECRET_KEY=key)  # fmt: skip
+    try:
+        created = first.cli("token", "create", "--name", "late", "--role", "viewer",
+                            "--resource", "experiment:nothing-yet", "--quiet",
+                            "--database-uri", database)  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        auth = {"Authorization": f"Bearer {created.stdout.strip()}"}
+        url = "/api/2.0/mlflow/experiments/get?experiment_id=0"
+        for replica in (first, second):
+            response = httpx.get(replica.url + url, headers=auth)
+            assert response.headers.get("x-guard-reason") == "permission_denied"
+        started = time.monotonic()
+        granted = first.cli("role", "assign", "--subject", "token:late", "--role", "viewer",
+                            "--resource", "experiment:Default",
+                            "--database-uri", database)  # fmt: skip
+        assert granted.returncode == 0, granted.stderr
+        waiting = {first.url, second.url}
+        while waiting and time.monotonic() - started < 10:
+            for replica_url in list(waiting):
+                if httpx.get(replica_url + url, headers=auth).status_code == 200:
+                    waiting.discard(replica_url)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        assert not waiting, f"replicas still refusing after {elapsed:.1f} s"
+        assert elapsed < 3.0, f"took {elapsed:.2f} s (2 s, plus the CLI's own start-up)"
+    finally:
+        first.stop()
+        second.stop()
