@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
-from guard.errors import Refusal, send_refusal
+from guard.errors import send_refusal
 from guard.upstream import UpstreamClient, UpstreamError, VersionGate
 
 logger = logging.getLogger("guard.proxy")
@@ -126,39 +126,6 @@ def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tu
             continue
         result.append((name, value))
     return result
-
-
-def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[Refusal | None, int | None, bool]:
-    """Validate Content-Length / Transfer-Encoding. Returns (refusal, length, chunked)."""
-    lengths = {v.strip() for k, v in headers if k == b"content-length"}
-    encodings = [v.strip().lower() for k, v in headers if k == b"transfer-encoding"]
-    if encodings and (lengths or encodings != [b"chunked"]):
-        return Refusal("invalid_body_framing"), None, False
-    if len(lengths) > 1:
-        return Refusal("invalid_body_framing"), None, False
-    if lengths:
-        (text,) = lengths
-        if not text.isdigit():
-            return Refusal("invalid_body_framing"), None, False
-        return None, int(text), False
-    return None, None, bool(encodings)
-
-
-async def read_body(receive: Receive, limit: int) -> bytes | Refusal:
-    """Read the whole request body, refusing past ``limit`` bytes."""
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return Refusal("body_too_large", f"The limit is {limit} bytes.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def stream_body(receive: Receive) -> AsyncIterator[bytes]:

@@ -1,6 +1,7 @@
 import pytest
 
-from guard.proxy import check_framing, client_response_headers, upstream_request_headers
+from guard.bodies import check_framing
+from guard.proxy import client_response_headers, upstream_request_headers
 
 
 def enc(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
