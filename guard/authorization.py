@@ -144,9 +144,10 @@ class AuthorizationMiddleware:
             if kind == "server":
                 resources = [SERVER_RESOURCE]
             else:
+                data = data or self._data(scope)
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 resources = await self.resolver.resources(
-                    route, scope["guard.params"], data or self._data(scope), headers
+                    route, scope["guard.params"], data, headers
                 )
             if needs.version_aliases and await self.resolver.model_version_aliases(
                 *needs.version_aliases
@@ -154,7 +155,7 @@ class AuthorizationMiddleware:
                 actions.add("promote")  # deleting a version that holds an alias
             if source_field is not None:
                 refusal, read = await self._sources(
-                    scope, data or self._data(scope), source_field, subject
+                    data or self._data(scope), source_field, subject
                 )
                 if refusal is not None:
                     return refusal, []
@@ -171,7 +172,7 @@ class AuthorizationMiddleware:
         return None, resources
 
     async def _sources(
-        self, scope: Scope, data: RequestData, field: str, subject: str
+        self, data: RequestData, field: str, subject: str
     ) -> tuple[Refusal | None, list[str]]:
         """Artifacts named by address must be ones the caller may read; other addresses (files,
         object stores) are for administrators only."""
