@@ -6,7 +6,8 @@ Outermost first, every request passes:
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
-5. the gateway's own routes under ``/guard/`` (no credentials), or:
+5. the gateway's probes under ``/guard/`` (no credentials); ``/guard/api/`` (the policy API,
+   ``guard.api``) behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
 8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.api import PolicyApi
 from guard.authentication import AuthenticationMiddleware
 from guard.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
@@ -62,6 +64,7 @@ logger = logging.getLogger("guard")
 PROBE_TIMEOUT = 2.0
 CREATOR_ROLE = "manager"
 GUARD_PREFIX = "/guard/"
+API_PREFIX = "/guard/api/"
 PROBES = frozenset({"/guard/health", "/guard/ready"})
 
 
@@ -163,14 +166,22 @@ class GuardRoutes:
 
 
 class SplitByPrefix:
-    """Send /guard/... to the gateway's own routes and everything else to the protected stack."""
+    """Send /guard/api/... to the policy API (behind authentication), the rest of /guard/... to
+    the gateway's probes (no credentials) and everything else to the protected stack."""
 
-    def __init__(self, guard: ASGIApp, protected: ASGIApp) -> None:
+    def __init__(self, guard: ASGIApp, api: ASGIApp, protected: ASGIApp) -> None:
         self.guard = guard
+        self.api = api
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        app = self.guard if scope["path"].startswith(GUARD_PREFIX) else self.protected
+        path: str = scope["path"]
+        if path.startswith(API_PREFIX):
+            app = self.api
+        elif path.startswith(GUARD_PREFIX):
+            app = self.guard
+        else:
+            app = self.protected
         await app(scope, receive, send)
 
 
@@ -271,8 +282,15 @@ def build_gateway(
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(protected, providers=[token_provider], realm=g.realm)
+    api = PolicyApi(
+        policies=policies,
+        governance=Governance(store, policies.store),
+        max_body_size=g.max_body_size,
+    )
     app: ASGIApp = SplitByPrefix(
-        GuardRoutes({"/guard/health": health, "/guard/ready": ready}), protected
+        GuardRoutes({"/guard/health": health, "/guard/ready": ready}),
+        AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm),
+        protected,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
     app = AllowedHostsMiddleware(

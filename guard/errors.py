@@ -37,6 +37,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "ambiguous_parameter": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "A parameter is given more than once or in two spellings."
     ),
+    "policy_invalid": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The policy change is malformed or not allowed."
+    ),
     "malformed_credentials": ReasonInfo(
         401, "UNAUTHENTICATED", "The Authorization header could not be parsed."
     ),
@@ -72,6 +75,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         405, "BAD_REQUEST", "This method is not allowed on this route."
     ),
     "body_too_large": ReasonInfo(413, "RESOURCE_EXHAUSTED", "The request body is too large."),
+    "unsupported_media_type": ReasonInfo(
+        415, "BAD_REQUEST", "The request body has the wrong Content-Type."
+    ),
     # 5xx: the gateway or the upstream failed; never a stack trace.
     "internal_error": ReasonInfo(500, "INTERNAL_ERROR", "Internal gateway error."),
     "upstream_unreachable": ReasonInfo(
@@ -87,6 +93,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         503, "TEMPORARILY_UNAVAILABLE", "Credentials cannot be checked right now."
     ),
     "not_ready": ReasonInfo(503, "TEMPORARILY_UNAVAILABLE", "The gateway is not ready."),
+    "policy_store_unavailable": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "The policy database cannot be reached."
+    ),
     "upstream_timeout": ReasonInfo(
         504, "DEADLINE_EXCEEDED", "The MLflow server did not answer in time."
     ),

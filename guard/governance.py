@@ -45,13 +45,20 @@ class Governance:
         self.tokens = tokens
         self.policies = policies
 
+    def preview(self, add: Iterable[Rule] = (), remove: Iterable[Rule] = ()) -> PolicySet:
+        """The policy a change would leave; raises PolicyError if it may not be made."""
+        _, current = self.policies.load()
+        after = PolicySet.from_rules((set(current.rules()) - set(remove)) | set(add))
+        if problems := after.problems():
+            raise PolicyError(problems)
+        if administrators(current) and not administrators(after):
+            raise PolicyError(["this change would remove the last administrator"])
+        return after
+
     def change(self, actor: str, add: Iterable[Rule] = (), remove: Iterable[Rule] = ()) -> int:
         """Change the policy unless that would leave no administrator."""
         add, remove = list(add), list(remove)
-        _, current = self.policies.load()
-        after = PolicySet.from_rules((set(current.rules()) - set(remove)) | set(add))
-        if administrators(current) and not administrators(after):
-            raise PolicyError(["this change would remove the last administrator"])
+        self.preview(add, remove)
         return self.policies.change(actor, add=add, remove=remove)
 
     def replace(self, policy: PolicySet, actor: str) -> int:

@@ -44,3 +44,18 @@ def test_html_is_escaped() -> None:
     _, body = render(Refusal("not_found", "<script>x</script>"), "<b>", True)
     assert b"<script>" not in body
     assert b"&lt;script&gt;" in body
+
+
+def test_readme_lists_every_reason() -> None:
+    """The README's error table is the reason table, row for row."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    listed = {}
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[1].isdigit():
+            listed[cells[0].strip("`")] = (int(cells[1]), cells[2].strip("`"), cells[3])
+    expected = {r: (i.status, i.error_code, i.message) for r, i in REASONS.items()}
+    assert listed == expected

@@ -1,0 +1,372 @@
+"""The policy API under ``/guard/api/``: the CLI's policy and role commands, over HTTP.
+
+Who may do what:
+
+- Policy administrators change anything: holders of ``manage`` on ``guard:policy``, and every
+  administrator (``admin`` on ``*``) whatever deny rules say, so no deny can lock them out.
+- Readers of ``guard:policy`` (the ``auditor`` role) list, export and explain.
+- Everyone else may delegate: whoever holds ``manage`` on an experiment or a registered model
+  may grant or revoke, on that one resource, a role whose every action they hold there
+  themselves. Patterns, deny rules, memberships and role definitions are the administrators'.
+
+Every change is validated as a whole and may not remove the last administrator (see
+``guard.governance``); it lands in the database in one transaction, so every replica follows it
+within a poll interval and this one at once.
+
+Endpoints (JSON in MLflow's error shape on refusal)::
+
+    GET  /guard/api/me                          the caller and the groups it is in
+    GET  /guard/api/roles                       every role and the actions it holds
+    GET  /guard/api/policy[?resource=R]         the rules (or the grants that apply to R)
+    GET  /guard/api/policy/export               the policy as CSV, as ``policy export`` writes it
+    GET  /guard/api/policy/explain?subject=S&action=A&resource=R
+    POST /guard/api/policy/changes              {"add": [ROW...], "remove": [ROW...], "dry_run"}
+    PUT  /guard/api/policy[?dry_run=true]       replace the whole policy with a CSV body (import)
+
+A ROW is a policy row as a list of strings: ``["p", "user:bob", "viewer", "experiment:x"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+import sqlalchemy as sa
+from starlette.types import Receive, Scope, Send
+
+from guard.authz.engine import PolicyIndex, resource_match
+from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
+from guard.authz.runtime import PolicyRuntime
+from guard.bodies import check_framing, read_body, too_large
+from guard.errors import Refusal, send_refusal
+from guard.governance import Governance, administrators
+from guard.proxy import ClientDisconnected
+from guard.requestdata import RequestDataError, parse_json_body
+
+logger = logging.getLogger("guard.api")
+
+PREFIX = "/guard/api"
+POLICY = "guard:policy"
+DELEGABLE_KINDS = ("experiment", "model")
+
+Payload = dict[str, Any]
+
+
+class ApiError(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+@lru_cache(maxsize=2)
+def _administrators(index: PolicyIndex) -> frozenset[str]:
+    return frozenset(administrators(index.policy))
+
+
+def is_administrator(index: PolicyIndex, subject: str) -> bool:
+    """Holds ``admin`` on ``*`` itself or through a group. Deny rules do not count here."""
+    admins = _administrators(index)
+    return any(who in admins for who in index.subjects_of(subject))
+
+
+def may(index: PolicyIndex, subject: str, action: str) -> bool:
+    """May ``subject`` read or manage the policy itself?"""
+    return is_administrator(index, subject) or index.decide(subject, POLICY, action).allowed
+
+
+def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal | None:
+    """Why ``subject``, not a policy administrator, may not add or remove ``rule``; or None."""
+    text = ", ".join(rule.row())
+    if not isinstance(rule, Grant) or rule.effect != "allow":
+        return Refusal("permission_denied", f"Only policy administrators may change: {text}.")
+    kind, sep, name = rule.resource.partition(":")
+    if kind not in DELEGABLE_KINDS or not sep or not name or "*" in name or "?" in name:
+        return Refusal(
+            "permission_denied",
+            f"Only policy administrators may grant on {rule.resource!r}; managers grant on one "
+            "experiment or model by its exact name.",
+        )
+    for action in ("manage", *sorted(index.actions_of(rule.role) & set(ACTIONS))):
+        decision = index.decide(subject, rule.resource, action)
+        if not decision.allowed:
+            reason = "explicit_deny" if decision.reason == "explicit_deny" else "permission_denied"
+            return Refusal(
+                reason,
+                f"{subject} may not {action} {rule.resource}, so may not grant or revoke "
+                f"{rule.role} there.",
+            )
+    return None
+
+
+def _rows(value: Any, field: str) -> list[Rule]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(Refusal("invalid_request_body", f"{field!r} must be a list of rows."))
+    rules: list[Rule] = []
+    problems: list[str] = []
+    for number, row in enumerate(value, 1):
+        if not isinstance(row, list) or not all(isinstance(cell, str) for cell in row):
+            problems.append(f"{field} row {number}: a row is a list of strings")
+            continue
+        try:
+            rules.append(parse_row([cell.strip() for cell in row]))
+        except ValueError as exc:
+            problems.append(f"{field} row {number} ({', '.join(row)}): {exc}")
+    if problems:
+        raise ApiError(Refusal("policy_invalid", "; ".join(problems)))
+    return rules
+
+
+def _rule_json(rule: Rule) -> list[str]:
+    return list(rule.row())
+
+
+class PolicyApi:
+    """The ASGI app behind authentication for ``/guard/api/``."""
+
+    def __init__(
+        self, *, policies: PolicyRuntime, governance: Governance, max_body_size: int
+    ) -> None:
+        self.policies = policies
+        self.governance = governance
+        self.max_body_size = max_body_size
+        Handler = Callable[[Scope, Receive], Awaitable[tuple[int, Payload | str]]]
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/me"): self.me,
+            ("GET", "/roles"): self.roles,
+            ("GET", "/policy"): self.list_policy,
+            ("PUT", "/policy"): self.replace_policy,
+            ("GET", "/policy/export"): self.export_policy,
+            ("GET", "/policy/explain"): self.explain,
+            ("POST", "/policy/changes"): self.change_policy,
+        }
+        self.paths = {path for _, path in self.routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"].removeprefix(PREFIX)
+        handler = self.routes.get((scope["method"], path))
+        if handler is None:
+            reason = "method_not_allowed" if path in self.paths else "not_found"
+            await send_refusal(scope, send, Refusal(reason))
+            return
+        try:
+            status, payload = await handler(scope, receive)
+        except ApiError as exc:
+            await send_refusal(scope, send, exc.refusal)
+            return
+        except RequestDataError as exc:
+            await send_refusal(scope, send, exc.refusal)
+            return
+        except ClientDisconnected:
+            return
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("policy store unavailable: %s", exc)
+            await send_refusal(scope, send, Refusal("policy_store_unavailable"))
+            return
+        if isinstance(payload, str):
+            body, content_type = payload.encode(), b"text/csv; charset=utf-8"
+        else:
+            body, content_type = json.dumps(payload).encode(), b"application/json"
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def me(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        principal = scope["guard"].principal
+        index = self.policies.index
+        groups = [s for s in index.subjects_of(principal.subject) if s != principal.subject]
+        return 200, {
+            "subject": principal.subject,
+            "auth_method": principal.method,
+            "groups": groups,
+            "policy_administrator": may(index, principal.subject, "manage"),
+            "policy_version": index.version,
+        }
+
+    async def roles(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        index = self.policies.index
+        roles = {
+            role: sorted(index.actions_of(role) & set(ACTIONS))
+            for role in sorted(index.policy.role_names())
+        }
+        return 200, {"roles": roles, "policy_version": index.version}
+
+    async def list_policy(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """Every rule, for readers of the policy; the grants that apply to one resource, for
+        whoever manages it (so a manager sees who has access to what they manage)."""
+        subject = scope["guard"].principal.subject
+        query = _query(scope, {"resource"})
+        index = self.policies.index
+        resource = query.get("resource")
+        if not may(index, subject, "read"):
+            if resource is None:
+                raise ApiError(Refusal("permission_denied", f"{subject} may not read {POLICY}."))
+            if not index.decide(subject, resource, "manage").allowed:
+                raise ApiError(
+                    Refusal("permission_denied", f"{subject} may not manage {resource}.")
+                )
+        rules: list[Rule] = index.policy.rules()
+        if resource is not None:
+            rules = [r for r in index.policy.grants if resource_match(resource, r.resource)]
+            rules.sort()
+        return 200, {"policy_version": index.version, "rules": [_rule_json(r) for r in rules]}
+
+    async def export_policy(self, scope: Scope, receive: Receive) -> tuple[int, str]:
+        subject = scope["guard"].principal.subject
+        _query(scope, set())
+        if not may(self.policies.index, subject, "read"):
+            raise ApiError(Refusal("permission_denied", f"{subject} may not read {POLICY}."))
+        version, policy = await anyio.to_thread.run_sync(self.governance.policies.load)
+        return 200, f"# mlflow-guard policy, version {version}\n" + policy.to_csv()
+
+    async def explain(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """The decision for a question and the rule that made it. Anyone may ask about
+        themselves; asking about others needs read on the policy."""
+        caller = scope["guard"].principal.subject
+        query = _query(scope, {"subject", "action", "resource"})
+        missing = [k for k in ("action", "resource") if not query.get(k)]
+        if missing:
+            raise ApiError(Refusal("invalid_request_body", f"Missing {', '.join(missing)}."))
+        subject, action, resource = query.get("subject", caller), query["action"], query["resource"]
+        if action not in ACTIONS:
+            raise ApiError(Refusal("invalid_request_body", f"Unknown action {action!r}."))
+        index = self.policies.index
+        if subject != caller and not may(index, caller, "read"):
+            raise ApiError(Refusal("permission_denied", f"{caller} may not read {POLICY}."))
+        decision = index.decide(subject, resource, action)
+        return 200, {
+            "allowed": decision.allowed,
+            "reason": decision.reason,
+            "rule": list(decision.rule.row()) if decision.rule is not None else None,
+            "policy_version": index.version,
+        }
+
+    async def change_policy(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        subject = scope["guard"].principal.subject
+        _query(scope, set())
+        document = parse_json_body(await self._body(scope, receive, b"application/json")) or {}
+        if unknown := set(document) - {"add", "remove", "dry_run"}:
+            raise ApiError(Refusal("invalid_request_body", f"Unknown keys {sorted(unknown)}."))
+        add, remove = _rows(document.get("add"), "add"), _rows(document.get("remove"), "remove")
+        dry_run = document.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ApiError(Refusal("invalid_request_body", "'dry_run' must be true or false."))
+        if not add and not remove:
+            raise ApiError(Refusal("invalid_request_body", "Nothing to add or remove."))
+        index = self.policies.index
+        if not may(index, subject, "manage"):
+            for rule in (*add, *remove):
+                if (refusal := delegation_refusal(index, subject, rule)) is not None:
+                    raise ApiError(refusal)
+        _, current = await anyio.to_thread.run_sync(self.governance.policies.load)
+        added = sorted(set(add) - set(current.rules()))
+        removed = sorted(set(remove) & set(current.rules()))
+        try:
+            if dry_run:
+                await anyio.to_thread.run_sync(lambda: self.governance.preview(add, remove))
+                version = index.version
+            else:
+                version = await anyio.to_thread.run_sync(
+                    lambda: self.governance.change(subject, add=add, remove=remove)
+                )
+        except PolicyError as exc:
+            raise ApiError(Refusal("policy_invalid", "; ".join(exc.problems))) from None
+        if not dry_run and (added or removed):
+            logger.info(
+                "policy changed by %s: +%d -%d rules, version %d",
+                subject, len(added), len(removed), version,
+            )  # fmt: skip
+            await self.policies.refresh()
+        return 200, {
+            "policy_version": version,
+            "dry_run": dry_run,
+            "added": [_rule_json(r) for r in added],
+            "removed": [_rule_json(r) for r in removed],
+        }
+
+    async def replace_policy(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """``policy import`` over HTTP: the body is the whole new policy as CSV."""
+        subject = scope["guard"].principal.subject
+        query = _query(scope, {"dry_run"})
+        dry_run = query.get("dry_run", "false")
+        if dry_run not in ("true", "false"):
+            raise ApiError(Refusal("invalid_request_body", "dry_run must be true or false."))
+        if not may(self.policies.index, subject, "manage"):
+            raise ApiError(Refusal("permission_denied", f"{subject} may not manage {POLICY}."))
+        body = await self._body(scope, receive, b"text/csv")
+        try:
+            new = PolicySet.from_csv(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(Refusal("invalid_request_body", "The CSV is not UTF-8.")) from None
+        except PolicyError as exc:
+            raise ApiError(Refusal("policy_invalid", "; ".join(exc.problems))) from None
+        version, current = await anyio.to_thread.run_sync(self.governance.policies.load)
+        added, removed = current.diff(new)
+        if dry_run == "false" and (added or removed):
+            try:
+                version = await anyio.to_thread.run_sync(
+                    lambda: self.governance.replace(new, subject)
+                )
+            except PolicyError as exc:
+                raise ApiError(Refusal("policy_invalid", "; ".join(exc.problems))) from None
+            logger.info(
+                "policy replaced by %s: +%d -%d rules, version %d",
+                subject, len(added), len(removed), version,
+            )  # fmt: skip
+            await self.policies.refresh()
+        return 200, {
+            "policy_version": version,
+            "dry_run": dry_run == "true",
+            "added": [list(r) for r in added],
+            "removed": [list(r) for r in removed],
+        }
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _body(self, scope: Scope, receive: Receive, content_type: bytes) -> bytes:
+        """The whole body, of the one media type the endpoint takes. Requiring it also keeps
+        HTML forms out: a browser cannot send JSON or CSV cross-site without a preflight."""
+        declared = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        if declared.split(b";")[0].strip().lower() != content_type:
+            raise ApiError(
+                Refusal("unsupported_media_type", f"Send Content-Type {content_type.decode()}.")
+            )
+        refusal, length, chunked = check_framing(scope["headers"])
+        if refusal is not None:
+            raise ApiError(refusal)
+        if length is not None and length > self.max_body_size:
+            raise ApiError(too_large(self.max_body_size))
+        if not length and not chunked:
+            return b""
+        body = await read_body(receive, self.max_body_size)
+        if isinstance(body, Refusal):
+            raise ApiError(body)
+        return body
+
+
+def _query(scope: Scope, allowed: set[str]) -> dict[str, str]:
+    """The query string as single values: an unknown or repeated parameter is refused."""
+    query: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(scope["query_string"].decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise ApiError(Refusal("invalid_request_body", "The query string is not UTF-8.")) from None
+    for key, value in pairs:
+        if key not in allowed:
+            raise ApiError(Refusal("invalid_request_body", f"Unknown parameter {key!r}."))
+        if key in query:
+            raise ApiError(Refusal("ambiguous_parameter", f"The parameter {key!r} is repeated."))
+        query[key] = value
+    return query

@@ -1,0 +1,367 @@
+"""The policy API under /guard/api/: who may read and change what, through the real gateway.
+
+Callers: the bootstrap admin; ``token:mgr`` manages experiment ``exp-1`` (through a pattern
+grant on ``exp-1*``) and is denied manage on ``exp-1b``; ``token:aud`` holds ``auditor`` on the
+policy; ``token:nobody`` holds nothing. Every refusal is checked for its reason code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from guard.app import Gateway, build_gateway
+from guard.authz.policy import parse_lines
+from guard.governance import Governance
+from guard.settings import load_settings
+from tests.servers import ServerThread, read_request_body, send_response
+
+ADMIN = "mlg_" + "b" * 43
+MANAGER = "mlg_" + "m" * 43
+AUDITOR = "mlg_" + "u" * 43
+NOBODY = "mlg_" + "n" * 43
+API = "/guard/api"
+
+
+async def fake_mlflow(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await read_request_body(receive)
+    await send_response(send, 200, b"3.17.2" if scope["path"] == "/version" else b"{}")
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    data = tmp_path_factory.mktemp("api")
+    with ServerThread(fake_mlflow, lifespan="off") as upstream:
+        settings = load_settings(
+            {
+                "upstream.url": upstream.url,
+                "storage.data_dir": str(data),
+                "gateway.max_body_size": "64KiB",
+                "gateway.cors_allowed_origins": "https://ui.example",
+            },
+            {},
+            None,
+        ).settings
+        env = {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": ADMIN, "MLFLOW_GUARD_SECRET_KEY": "k" * 40}
+        gateway = build_gateway(settings, env)
+        with ServerThread(gateway) as server:
+            g = Governance(gateway.tokens, gateway.policies.store)
+            for name, secret in (("mgr", MANAGER), ("aud", AUDITOR), ("nobody", NOBODY)):
+                g.tokens.create(name, "viewer", 3600, secret)
+            g.change(
+                "test",
+                add=parse_lines(
+                    [
+                        "p, token:mgr, manager, experiment:exp-1*",
+                        "p, token:mgr, manager, experiment:exp-1b, deny",
+                        "p, token:aud, auditor, guard:policy",
+                    ]
+                ),
+            )
+            deadline = time.monotonic() + 10
+            while gateway.policies.index.version != gateway.policies.store.version():
+                assert time.monotonic() < deadline, "the policy change was not picked up"
+                time.sleep(0.05)
+            yield gateway, server.url
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as c:
+        yield c
+
+
+def call(
+    http: httpx.Client, url: str, token: str | None, method: str, path: str, **kwargs: Any
+) -> httpx.Response:
+    headers = dict(kwargs.pop("headers", {}))
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return http.request(method, url + API + path, headers=headers, **kwargs)
+
+
+def change(http: httpx.Client, url: str, token: str, **document: Any) -> httpx.Response:
+    return call(http, url, token, "POST", "/policy/changes", json=document)
+
+
+def refused(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["x-guard-reason"] == reason
+    body: dict[str, Any] = response.json()
+    assert body["reason"] == reason and body["error_code"] and body["message"]
+    return body
+
+
+def grants(gateway: Gateway) -> set[tuple[str, ...]]:
+    return {g.row() for g in gateway.policies.index.policy.grants}
+
+
+def test_me_names_the_caller(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    me = call(http, url, MANAGER, "GET", "/me").json()
+    assert me["subject"] == "token:mgr" and me["policy_administrator"] is False
+    assert call(http, url, ADMIN, "GET", "/me").json()["policy_administrator"] is True
+
+
+def test_every_endpoint_needs_credentials(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    for method, path in (("GET", "/me"), ("GET", "/policy"), ("POST", "/policy/changes")):
+        response = call(http, url, None, method, path, json={})
+        refused(response, 401, "unauthenticated")
+        assert response.headers.get_list("www-authenticate")
+    refused(call(http, url, "mlg_" + "x" * 43, "GET", "/me"), 401, "invalid_credentials")
+
+
+def test_unknown_paths_and_methods(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    refused(call(http, url, ADMIN, "GET", "/nope"), 404, "not_found")
+    refused(call(http, url, ADMIN, "DELETE", "/policy"), 405, "method_not_allowed")
+    refused(call(http, url, ADMIN, "GET", "/policy/"), 404, "not_found")
+
+
+def test_roles_are_listed_for_anyone(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    roles = call(http, url, NOBODY, "GET", "/roles").json()["roles"]
+    assert roles["viewer"] == ["read"]
+    assert set(roles["manager"]) == {"read", "create", "update", "delete", "manage"}
+
+
+def test_reading_the_policy(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    gateway, url = running
+    for token in (ADMIN, AUDITOR):
+        listed = call(http, url, token, "GET", "/policy").json()
+        assert ["p", "token:aud", "auditor", "guard:policy", "allow"] in listed["rules"]
+        assert listed["policy_version"] == gateway.policies.index.version
+        export = call(http, url, token, "GET", "/policy/export")
+        assert export.headers["content-type"].startswith("text/csv")
+        assert "p, token:mgr, manager, experiment:exp-1*, allow" in export.text
+    refused(call(http, url, NOBODY, "GET", "/policy"), 403, "permission_denied")
+    refused(call(http, url, MANAGER, "GET", "/policy"), 403, "permission_denied")
+    refused(call(http, url, NOBODY, "GET", "/policy/export"), 403, "permission_denied")
+
+
+def test_a_manager_sees_who_has_access_to_what_they_manage(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    _, url = running
+    listed = call(http, url, MANAGER, "GET", "/policy", params={"resource": "experiment:exp-1"})
+    rules = listed.json()["rules"]
+    assert ["p", "token:mgr", "manager", "experiment:exp-1*", "allow"] in rules
+    assert all(r[0] == "p" for r in rules) and ["p", "token:aud", "auditor"] not in rules
+    for resource in ("experiment:exp-2", "experiment:exp-1b", "guard:policy"):
+        response = call(http, url, MANAGER, "GET", "/policy", params={"resource": resource})
+        refused(response, 403, "permission_denied")
+
+
+def test_explain(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    question = {"subject": "token:mgr", "action": "delete", "resource": "experiment:exp-1b"}
+    answer = call(http, url, AUDITOR, "GET", "/policy/explain", params=question).json()
+    assert answer["allowed"] is False and answer["reason"] == "explicit_deny"
+    assert answer["rule"] == ["p", "token:mgr", "manager", "experiment:exp-1b", "deny"]
+    # Anyone may ask about themselves, nobody without policy read about others.
+    own = {"action": "update", "resource": "experiment:exp-1"}
+    assert call(http, url, MANAGER, "GET", "/policy/explain", params=own).json()["allowed"]
+    response = call(http, url, NOBODY, "GET", "/policy/explain", params=question)
+    refused(response, 403, "permission_denied")
+    bad = {"action": "fly", "resource": "experiment:exp-1"}
+    refused(
+        call(http, url, ADMIN, "GET", "/policy/explain", params=bad), 400, "invalid_request_body"
+    )
+    refused(
+        call(http, url, ADMIN, "GET", "/policy/explain?action=read&action=delete&resource=x"),
+        400,
+        "ambiguous_parameter",
+    )
+    refused(
+        call(http, url, ADMIN, "GET", "/policy/explain", params={**own, "as": "token:x"}),
+        400,
+        "invalid_request_body",
+    )
+
+
+def test_a_manager_grants_and_revokes_what_they_hold_on_what_they_manage(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    gateway, url = running
+    row = ["p", "token:bob", "editor", "experiment:exp-1"]
+    response = change(http, url, MANAGER, add=[row])
+    assert response.status_code == 200, response.text
+    assert response.json()["added"] == [[*row, "allow"]]
+    # The replica that took the change applies it before answering.
+    assert ("p", "token:bob", "editor", "experiment:exp-1", "allow") in grants(gateway)
+    assert gateway.policies.index.decide("token:bob", "experiment:exp-1", "update").allowed
+    again = change(http, url, MANAGER, add=[row]).json()
+    assert again["added"] == [] and again["policy_version"] == response.json()["policy_version"]
+    response = change(http, url, MANAGER, remove=[row])
+    assert response.json()["removed"] == [[*row, "allow"]]
+    assert not gateway.policies.index.decide("token:bob", "experiment:exp-1", "read").allowed
+
+
+@pytest.mark.parametrize(
+    ("row", "reason", "names"),
+    [
+        # an action the manager does not hold there
+        (["p", "token:bob", "promoter", "experiment:exp-1"], "permission_denied", "promote"),
+        # a resource they do not manage, or are denied on
+        (["p", "token:bob", "viewer", "experiment:exp-2"], "permission_denied", "exp-2"),
+        (["p", "token:bob", "viewer", "experiment:exp-1b"], "explicit_deny", "exp-1b"),
+        # patterns, even ones inside what they manage
+        (["p", "token:bob", "viewer", "experiment:exp-1*"], "permission_denied", "exact name"),
+        (["p", "token:bob", "viewer", "experiment:exp-1?"], "permission_denied", "exact name"),
+        (["p", "token:bob", "viewer", "*"], "permission_denied", "exact name"),
+        (["p", "token:bob", "viewer", "guard:policy"], "permission_denied", "exact name"),
+        (["p", "token:bob", "viewer", "server:mlflow"], "permission_denied", "exact name"),
+        # deny rules, memberships, role definitions
+        (["p", "token:bob", "viewer", "experiment:exp-1", "deny"], "permission_denied", "deny"),
+        (["g", "token:mgr", "group:admins"], "permission_denied", "group:admins"),
+        (["g2", "viewer", "manage"], "permission_denied", "g2"),
+        # a role they cannot know the actions of
+        (["p", "token:mgr", "admin", "experiment:exp-1"], "permission_denied", "promote"),
+    ],
+)
+def test_a_manager_cannot_delegate_beyond_their_rights(
+    running: tuple[Gateway, str], http: httpx.Client, row: list[str], reason: str, names: str
+) -> None:
+    gateway, url = running
+    before = gateway.policies.store.version()
+    for document in ({"add": [row]}, {"remove": [row]}):
+        body = refused(change(http, url, MANAGER, **document), 403, reason)
+        assert names in body["message"]
+    # One refused row refuses the whole change.
+    ok = ["p", "token:bob", "viewer", "experiment:exp-1"]
+    refused(change(http, url, MANAGER, add=[ok, row]), 403, reason)
+    assert gateway.policies.store.version() == before
+    refused(change(http, url, NOBODY, add=[ok]), 403, "permission_denied")
+    refused(change(http, url, AUDITOR, add=[ok]), 403, "permission_denied")
+
+
+def test_malformed_changes_change_nothing(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    gateway, url = running
+    before = gateway.policies.store.version()
+    for document, reason in (
+        ({"add": [["p", "token:bob", "no-such-role", "experiment:x"]]}, "policy_invalid"),
+        ({"add": [["p", "bob", "viewer", "experiment:x"]]}, "policy_invalid"),
+        ({"add": [["x", "y"]]}, "policy_invalid"),
+        ({"add": ["p, token:bob, viewer, experiment:x"]}, "policy_invalid"),
+        ({"add": [["p", "token:bob", "viewer", 7]]}, "policy_invalid"),
+        ({"add": {"p": 1}}, "invalid_request_body"),
+        ({"add": []}, "invalid_request_body"),
+        ({"rows": []}, "invalid_request_body"),
+        ({"add": [["p", "token:b", "viewer", "experiment:x"]], "dry_run": "no"},
+         "invalid_request_body"),
+        ({"add": [["g2", "viewer", "viewer"]]}, "policy_invalid"),
+    ):  # fmt: skip
+        refused(change(http, url, ADMIN, **document), 400, reason)
+    headers = {"content-type": "application/json"}
+    for body in (b"{", b"[]", b'{"add": [], "add": []}'):
+        response = call(http, url, ADMIN, "POST", "/policy/changes", content=body, headers=headers)
+        refused(response, 400, "invalid_request_body")
+    assert gateway.policies.store.version() == before
+
+
+def test_bodies_must_be_json_and_bounded(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    document = json.dumps({"add": [["p", "token:bob", "viewer", "experiment:x"]]})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        response = call(
+            http, url, ADMIN, "POST", "/policy/changes",
+            content=document, headers={"content-type": content_type},
+        )  # fmt: skip
+        refused(response, 415, "unsupported_media_type")
+    big = json.dumps({"add": [["p", "token:bob", "viewer", "experiment:" + "x" * 70_000]]})
+    response = call(
+        http, url, ADMIN, "POST", "/policy/changes",
+        content=big, headers={"content-type": "application/json"},
+    )  # fmt: skip
+    refused(response, 413, "body_too_large")
+
+
+def test_cross_site_writes_are_refused(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    response = call(
+        http, url, ADMIN, "POST", "/policy/changes",
+        json={"add": [["p", "token:bob", "viewer", "experiment:x"]]},
+        headers={"origin": "https://evil.example"},
+    )  # fmt: skip
+    assert response.status_code == 403
+    assert response.headers["x-guard-reason"] == "cors_origin_not_allowed"
+
+
+def test_dry_run_reports_and_changes_nothing(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    gateway, url = running
+    before = gateway.policies.store.version()
+    row = ["p", "token:bob", "viewer", "experiment:x", "allow"]
+    answer = change(http, url, ADMIN, add=[row], dry_run=True).json()
+    assert answer == {"policy_version": before, "dry_run": True, "added": [row], "removed": []}
+    assert gateway.policies.store.version() == before
+    bad = [["p", "token:bob", "no-such-role", "experiment:x"]]
+    refused(change(http, url, ADMIN, add=bad, dry_run=True), 400, "policy_invalid")
+
+
+def test_the_last_administrator_cannot_be_removed(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    gateway, url = running
+    admin = ["p", "token:admin", "admin", "*", "allow"]
+    assert tuple(admin) in grants(gateway)
+    body = refused(change(http, url, ADMIN, remove=[admin]), 400, "policy_invalid")
+    assert "last administrator" in body["message"]
+    refused(change(http, url, ADMIN, remove=[admin], dry_run=True), 400, "policy_invalid")
+    assert tuple(admin) in grants(gateway)
+
+
+def test_deny_rules_never_lock_administrators_out(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    gateway, url = running
+    denies = [["p", "token:admin", "admin", "*", "deny"], ["p", "token:admin", "admin",
+              "guard:policy", "deny"]]  # fmt: skip
+    assert change(http, url, ADMIN, add=denies).status_code == 200
+    assert not gateway.policies.index.decide("token:admin", "guard:policy", "manage").allowed
+    assert call(http, url, ADMIN, "GET", "/policy").status_code == 200
+    response = change(http, url, ADMIN, remove=denies)
+    assert response.status_code == 200, response.text
+    assert gateway.policies.index.decide("token:admin", "guard:policy", "manage").allowed
+
+
+def test_importing_a_whole_policy(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    gateway, url = running
+    csv = call(http, url, ADMIN, "GET", "/policy/export").text
+    extra = "p, token:carol, viewer, model:fraud-*, allow\n"
+    headers = {"content-type": "text/csv"}
+    preview = call(
+        http, url, ADMIN, "PUT", "/policy?dry_run=true", content=csv + extra, headers=headers
+    ).json()
+    assert preview["added"] == [["p", "token:carol", "viewer", "model:fraud-*", "allow"]]
+    assert preview["removed"] == [] and preview["dry_run"] is True
+    assert ("p", "token:carol", "viewer", "model:fraud-*", "allow") not in grants(gateway)
+    applied = call(http, url, ADMIN, "PUT", "/policy", content=csv + extra, headers=headers)
+    assert applied.status_code == 200, applied.text
+    assert ("p", "token:carol", "viewer", "model:fraud-*", "allow") in grants(gateway)
+    before = gateway.policies.store.version()
+    for text, reason in (
+        (csv + "p, token:carol, no-such-role, model:x\n", "policy_invalid"),
+        ("g2, viewer, read\n", "policy_invalid"),  # no administrator left
+    ):
+        response = call(http, url, ADMIN, "PUT", "/policy", content=text, headers=headers)
+        refused(response, 400, reason)
+    response = call(http, url, ADMIN, "PUT", "/policy", content=b"\xff\xfe", headers=headers)
+    refused(response, 400, "invalid_request_body")
+    refused(call(http, url, AUDITOR, "PUT", "/policy", content=csv, headers=headers), 403,
+            "permission_denied")  # fmt: skip
+    refused(call(http, url, MANAGER, "PUT", "/policy", content=csv, headers=headers), 403,
+            "permission_denied")  # fmt: skip
+    assert gateway.policies.store.version() == before
+    restore = call(http, url, ADMIN, "PUT", "/policy", content=csv, headers=headers)
+    assert restore.json()["removed"] == [["p", "token:carol", "viewer", "model:fraud-*", "allow"]]
