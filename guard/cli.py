@@ -44,6 +44,15 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(opt.flag, dest=opt.name, help=opt.doc)
 
 
+def _remote_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="make the change through a running gateway's /guard/api/ with your own rights "
+        "(MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the database",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlflow-guard", description="Authentication, authorization and audit for MLflow."
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = policy_commands.add_parser("list", help="print the policy in force")
     _common(show)
     show.add_argument("--format", choices=["csv", "table"], default="table")
+    _remote_flag(show)
     export = policy_commands.add_parser("export", help="print the policy as CSV")
     _common(export)
     export.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -91,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = policy_commands.add_parser(name, help=f"{text}, e.g. 'p, user:alice, viewer, *'")
         _common(sub)
         sub.add_argument("rows", nargs="+", metavar="ROW")
+        _remote_flag(sub)
     load = policy_commands.add_parser("import", help="replace the policy with a CSV file")
     _common(load)
     load.add_argument("file")
@@ -100,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--subject", required=True)
     explain.add_argument("--action", dest="question_action", required=True)
     explain.add_argument("--resource", required=True)
+    _remote_flag(explain)
 
     role = commands.add_parser("role", help="grant or withdraw a role on a resource pattern")
     role_commands = role.add_subparsers(dest="action", required=True)
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--role", required=True)
         sub.add_argument("--resource", default="*", help="resource pattern (default: all)")
         sub.add_argument("--deny", action="store_true", help="an explicit deny rule")
+        _remote_flag(sub)
     roles = role_commands.add_parser("list", help="the roles and the actions each holds")
     _common(roles)
     return parser
@@ -304,6 +317,50 @@ def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
         return _fail(exc)
 
 
+def _remote(args: argparse.Namespace) -> int:
+    """A policy or role command sent to a running gateway, which applies the caller's rights
+    (a manager may grant on what they manage) and records the change under their name."""
+    from guard.authz.policy import Grant, parse_lines, parse_row
+    from guard.remote import RemoteError, call_api
+
+    try:
+        if args.command == "role":
+            grant = Grant(args.subject, args.role, args.resource, "deny" if args.deny else "allow")
+            rule = parse_row(grant.row())
+            key = "add" if args.action == "assign" else "remove"
+            result = call_api(args.gateway, "POST", "/policy/changes", {key: [list(rule.row())]})
+            print(f"{args.action}ed: {', '.join(rule.row())} "
+                  f"(policy version {result['policy_version']})")  # fmt: skip
+        elif args.action in ("add", "remove"):
+            rows = [list(rule.row()) for rule in parse_lines(args.rows)]
+            result = call_api(args.gateway, "POST", "/policy/changes", {args.action: rows})
+            print(f"policy version {result['policy_version']}")
+        elif args.action == "list":
+            result = call_api(args.gateway, "GET", "/policy")
+            if args.format == "csv":
+                print(f"# mlflow-guard policy, version {result['policy_version']}")
+                print("".join(", ".join(row) + "\n" for row in result["rules"]), end="")
+            else:
+                print(f"policy version {result['policy_version']}: {len(result['rules'])} rules")
+                for row in result["rules"]:
+                    print("  " + ", ".join(row))
+        else:
+            query = {"subject": args.subject, "action": args.question_action,
+                     "resource": args.resource}  # fmt: skip
+            result = call_api(args.gateway, "GET", "/policy/explain", query=query)
+            verdict = "ALLOW" if result["allowed"] else "DENY"
+            print(f"{verdict}: {args.subject} {args.question_action} {args.resource}")
+            if result["rule"] is None:
+                print("  no grant matched (deny by default)")
+            else:
+                kind = "explicit deny" if result["reason"] == "explicit_deny" else "granted by"
+                print(f"  {kind}: {', '.join(result['rule'])}")
+            return 0 if result["allowed"] else EXIT_FAILED
+    except (RemoteError, ValueError) as exc:
+        return _fail(exc)
+    return 0
+
+
 def _print_bootstrap(secret: str) -> None:
     supplied = secret == os.environ.get("MLFLOW_GUARD_BOOTSTRAP_TOKEN")
     lines = ["", "=" * 72]
@@ -365,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         flags = {k: v for k, v in vars(args).items() if "." in k}
         return _check_config(load_settings(flags, os.environ, args.config))
+    if getattr(args, "gateway", None):
+        return _remote(args)
     loaded = _load(args)
     if loaded is None:
         return EXIT_CONFIG

@@ -365,3 +365,43 @@ def test_importing_a_whole_policy(running: tuple[Gateway, str], http: httpx.Clie
     assert gateway.policies.store.version() == before
     restore = call(http, url, ADMIN, "PUT", "/policy", content=csv, headers=headers)
     assert restore.json()["removed"] == [["p", "token:carol", "viewer", "model:fraud-*", "allow"]]
+
+
+def test_the_cli_delegates_through_the_gateway(
+    running: tuple[Gateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`role assign --gateway URL` applies the caller's own rights, not the database's."""
+    from guard.cli import main
+
+    gateway, url = running
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", MANAGER)
+    base = ["--subject", "token:dave", "--role", "viewer", "--gateway", url]
+    assert main(["role", "assign", "--resource", "experiment:exp-1", *base]) == 0
+    assert "assigned: p, token:dave, viewer, experiment:exp-1, allow" in capsys.readouterr().out
+    assert gateway.policies.index.decide("token:dave", "experiment:exp-1", "read").allowed
+    assert main(["role", "assign", "--resource", "experiment:exp-2", *base]) == 1
+    error = capsys.readouterr().err
+    assert "may not manage experiment:exp-2" in error and "(permission_denied, HTTP 403)" in error
+    assert main(["role", "unassign", "--resource", "experiment:exp-1", *base]) == 0
+    assert not gateway.policies.index.decide("token:dave", "experiment:exp-1", "read").allowed
+    question = ["--subject", "token:mgr", "--action", "manage", "--resource", "experiment:exp-1"]
+    assert main(["policy", "explain", *question, "--gateway", url]) == 0
+    assert "granted by: p, token:mgr, manager, experiment:exp-1*, allow" in capsys.readouterr().out
+    assert main(["policy", "list", "--gateway", url]) == 1  # a manager may not read the policy
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "aud")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUDITOR)  # Basic wins, as in MLflow's client
+    assert main(["policy", "list", "--format", "csv", "--gateway", url]) == 0
+    assert "p, token:aud, auditor, guard:policy, allow" in capsys.readouterr().out
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
+    assert main(["policy", "list", "--gateway", url]) == 1
+    assert "no credentials" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", AUDITOR)
+    assert main(["policy", "list", "--gateway", "file:///etc/passwd"]) == 1
+    assert "must be an http(s) URL" in capsys.readouterr().err
+    assert main(["policy", "list", "--gateway", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the gateway" in capsys.readouterr().err
