@@ -14,6 +14,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard import systemtags
 from guard.authz.runtime import PolicyRuntime
 from guard.errors import Refusal, send_refusal
 from guard.promotion import PromotionRules, Requirements
@@ -85,6 +86,8 @@ class AuthorizationMiddleware:
         refusal, resources = await self._check(scope, route)
         if refusal is not None and await self.policies.refresh_soon():
             refusal, resources = await self._check(scope, route)
+        if refusal is None and systemtags.applies(route.path):
+            refusal = self._attribute(scope)
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return
@@ -94,6 +97,24 @@ class AuthorizationMiddleware:
             await self.app(scope, receive, send)
         if route.path.endswith(_RENAMES):
             self._forget(scope)
+
+    def _attribute(self, scope: Scope) -> Refusal | None:
+        """Runs are the caller's: their name goes into a new run, nobody else's into a later
+        write of its user tag (administrators excepted)."""
+        principal = scope["guard"].principal
+        if self.policies.index.unconditional(principal.subject, "server", "manage"):
+            return None
+        path = scope["guard.route"].path
+        try:
+            data = self._data(scope)
+            if (refusal := systemtags.refusal(path, data, principal.name)) is not None:
+                return refusal
+            body = systemtags.attribute_run(path, data, principal.name)
+        except RequestDataError as exc:
+            return exc.refusal
+        if body is not None:
+            scope["guard.body"] = body
+        return None
 
     async def _create(self, scope: Scope, receive: Receive, send: Send, resource: str) -> None:
         """Forward a create; once MLflow confirms it, its creator manages the new resource."""

@@ -63,8 +63,14 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "source_not_allowed": ReasonInfo(
         403, "PERMISSION_DENIED", "The artifact address is outside what the caller may read."
     ),
+    "system_tag_not_allowed": ReasonInfo(
+        403, "PERMISSION_DENIED", "Runs may not be attributed to someone else."
+    ),
     "search_not_filtered": ReasonInfo(
         403, "PERMISSION_DENIED", "Searching needs read access to every resource of this kind."
+    ),
+    "graphql_not_authorizable": ReasonInfo(
+        403, "PERMISSION_DENIED", "The GraphQL document asks for what cannot be authorized."
     ),
     "cors_origin_not_allowed": ReasonInfo(
         403, "PERMISSION_DENIED", "Cross-origin requests from this origin are not allowed."

@@ -2,9 +2,10 @@
 
 Setting or deleting a protected alias and writing or deleting a validation tag (on a model
 version or a registered model) need ``promote`` instead of ``update``: they are the promoter's
-job. Creating a version with a validation tag, and deleting a version that holds an alias, need
-``promote`` as well as the row's own action. Renaming a model needs ``delete`` on the old name
-and ``create`` on the new one. Stage transitions are ``promote`` in the route table itself.
+job. Creating a version or a model with a validation tag, and deleting a version that holds an
+alias, need ``promote`` as well as the row's own action. Renaming a model needs ``delete`` on
+the old name and ``create`` on the new one. Stage transitions are ``promote`` in the route
+table itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _TAGS: Final = (
     "/registered-models/set-tag",
     "/registered-models/delete-tag",
 )
-_CREATE_VERSION: Final = ("/model-versions/create",)
+_CREATE_VERSION: Final = ("/model-versions/create", "/registered-models/create")
 _DELETE_VERSION: Final = ("/model-versions/delete",)
 _RENAME: Final = ("/registered-models/rename",)
 APPLIES: Final = _ALIAS + _TAGS + _CREATE_VERSION + _DELETE_VERSION + _RENAME

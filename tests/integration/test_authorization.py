@@ -267,3 +267,35 @@ def test_artifact_addresses_must_be_readable(world: World, as_) -> None:  # type
         "fraud/own", artifact_location=f"mlflow-artifacts:/{world.fraud}/sub"
     )
     assert alice.get_experiment(own).name == "fraud/own"
+
+
+def test_runs_are_attributed_to_the_caller(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    """The client sends the OS account as the run's user; the gateway writes the caller's name,
+    and refuses a later write naming someone else (an admin may)."""
+    import mlflow
+
+    alice = as_("alice")
+    run = alice.create_run(world.fraud, tags={"mlflow.user": "bob"})
+    stored = alice.get_run(run.info.run_id)
+    assert stored.data.tags["mlflow.user"] == "alice" and stored.info.user_id == "alice"
+    alice.set_tag(run.info.run_id, "mlflow.user", "alice")  # naming oneself is fine
+    refused(lambda: alice.set_tag(run.info.run_id, "mlflow.user", "bob"),
+            "mlflow.user may not be set to 'bob'")  # fmt: skip
+    refused(lambda: alice.log_batch(run.info.run_id, tags=[mlflow.entities.RunTag(
+        "mlflow.user", "bob")]), "mlflow.user may not be set to 'bob'")  # fmt: skip
+    refused(lambda: alice.delete_tag(run.info.run_id, "mlflow.user"), "may not be removed")
+    # The fluent API, as a training script uses it.
+    mlflow.set_tracking_uri(world.gateway.url)
+    with mlflow.start_run(experiment_id=world.fraud) as active:
+        mlflow.log_metric("auc", 0.9)
+    assert alice.get_run(active.info.run_id).data.tags["mlflow.user"] == "alice"
+    mlflow.set_tracking_uri("")
+    admin_run = as_admin(world).create_run(world.fraud, tags={"mlflow.user": "import-bot"})
+    assert admin_run.data.tags["mlflow.user"] == "import-bot"
+
+
+def as_admin(world: World) -> MlflowClient:
+    import os
+
+    os.environ["MLFLOW_TRACKING_TOKEN"] = world.gateway.token  # restored by as_'s monkeypatch
+    return MlflowClient(tracking_uri=world.gateway.url)

@@ -34,6 +34,10 @@ def body(method: str, text: str) -> RequestData:
          '{"name": "m", "source": "s", "tags": [{"key": "a"}]}', set()),
         ("/api/2.0/mlflow/model-versions/create", "POST",
          '{"name": "m", "source": "s", "tags": ["not-an-object"]}', {"promote"}),
+        ("/ajax-api/2.0/mlflow/registered-models/create", "POST",
+         '{"name": "m", "tags": [{"key": "validation_status", "value": "ok"}]}', {"promote"}),
+        ("/api/2.0/mlflow/registered-models/create", "POST",
+         '{"name": "m", "tags": [{"key": "team", "value": "risk"}]}', set()),
     ],
 )  # fmt: skip
 def test_what_needs_promote(path: str, method: str, payload: str, actions: set[str]) -> None:
