@@ -265,6 +265,7 @@ class PolicyApi:
             raise ApiError(Refusal("invalid_request_body", "'dry_run' must be true or false."))
         if not add and not remove:
             raise ApiError(Refusal("invalid_request_body", "Nothing to add or remove."))
+        await self.policies.refresh()  # judge on the newest policy, not the last poll's
         index = self.policies.index
         if not may(index, subject, "manage"):
             for rule in (*add, *remove):
@@ -303,6 +304,7 @@ class PolicyApi:
         dry_run = query.get("dry_run", "false")
         if dry_run not in ("true", "false"):
             raise ApiError(Refusal("invalid_request_body", "dry_run must be true or false."))
+        await self.policies.refresh()
         if not may(self.policies.index, subject, "manage"):
             raise ApiError(Refusal("permission_denied", f"{subject} may not manage {POLICY}."))
         body = await self._body(scope, receive, b"text/csv")
