@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guard import systemtags
 from guard.authz.runtime import PolicyRuntime
 from guard.errors import Refusal, send_refusal
+from guard.graphql import graphql_needs
 from guard.promotion import PromotionRules, Requirements
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.resolve import Resolver, Unresolved
@@ -153,6 +154,8 @@ class AuthorizationMiddleware:
                 not route.path.endswith(_CREATES)
                 and source_field is None
                 and all(index.unconditional(subject, kind, a) for a in possible)
+                # GraphQL reads registered models too
+                and (route.id_from != "graphql" or index.unconditional(subject, "model", "read"))
                 and all(
                     index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
                 )
@@ -164,6 +167,8 @@ class AuthorizationMiddleware:
                 return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
             if kind == "server":
                 resources = [SERVER_RESOURCE]
+            elif route.id_from == "graphql":
+                resources = await self._graphql(scope, subject)
             else:
                 data = data or self._data(scope)
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -191,6 +196,29 @@ class AuthorizationMiddleware:
                 reason = "explicit_deny" if explicit else "permission_denied"
                 return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
+
+    async def _graphql(self, scope: Scope, subject: str) -> list[str]:
+        """The experiments a GraphQL document reads; a field that can return anything of a kind
+        (a search without ids, a run's model versions) needs read on every one of them."""
+        needs = graphql_needs(scope["method"], scope["query_string"], scope.get("guard.body", b""))
+        resources: list[str] = []
+        for need in needs:
+            if need.field.startswith("all:"):
+                kind = need.field.removeprefix("all:")
+                if not self.policies.index.unconditional(subject, kind, "read"):
+                    raise Unresolved(
+                        Refusal("permission_denied", f"{subject} may not read {kind}:*.")
+                    )
+            elif need.field == "experiment_id":
+                resources.append(await self.resolver.experiment_resource(need.value))
+            elif need.field == "run_id":
+                experiment_id = await self.resolver.run_experiment(need.value)
+                if experiment_id is None:
+                    raise Unresolved(Refusal("resource_unresolved", f"Unknown run {need.value!r}."))
+                resources.append(await self.resolver.experiment_resource(experiment_id))
+            else:  # pragma: no cover - graphql_needs names no other field
+                raise Unresolved(Refusal("resource_unresolved", f"Cannot check {need.field}."))
+        return list(dict.fromkeys(resources))
 
     async def _sources(
         self, data: RequestData, field: str, subject: str

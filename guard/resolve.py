@@ -2,9 +2,14 @@
 
 Policies name experiments and registered models by name (``experiment:fraud/train``,
 ``model:fraud-detector``). A request names them by id, by name, or through something that
-belongs to them: a run, a logged model, a trace, an artifact path. Lookups go to the upstream
-MLflow and are cached (bounded in size and age); the gateway forgets an entry when it forwards a
-request that renames, deletes or restores it.
+belongs to them: a run, a logged model, a trace, an issue, an evaluation dataset, an artifact
+path. Lookups go to the upstream MLflow and are cached (bounded in size and age); the gateway
+forgets an entry when it forwards a request that renames, deletes or restores it. What changes
+by design (dataset links, online-scoring configurations, aliases) is asked for every time.
+
+Names are compared as MLflow compares them: its SQL store matches a name with the database's
+``=``, which ignores case (and trailing blanks) on MySQL and MSSQL, so a name in a request is
+replaced by the name MLflow stores for it before any policy sees it.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote, urlencode, urlsplit
 
 from guard.errors import Refusal
-from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
+from guard.requestdata import RequestData, RequestDataError, _camel, canonical_experiment_id
 from guard.routes import Route
 from guard.upstream import UpstreamClient, UpstreamError
 
@@ -27,6 +33,52 @@ EXPERIMENT_FIELDS = ("experiment_id", "experiment_ids")
 LOGGED_MODEL_FIELDS = ("model_id",)
 TRACE_FIELDS = ("trace_id", "request_id", "trace_ids", "request_ids")
 MODEL_KINDS = ("registered_model", "model_version")
+# Dataset rows whose body also names the experiments being linked or unlinked (their notes).
+DATASET_LINKS: Final = ("/add-experiments", "/remove-experiments")
+# Registry writes after which a model name may belong to another model.
+MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/delete")
+_HEADER_PREFIX: Final = "x-mlflow-"  # MLflow's headers are x-mlflow-<field>
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Where MLflow answers which experiment a thing belongs to."""
+
+    kind: str  # the cache key's prefix
+    path: str  # the GET path; ``{id}`` is the id when it goes in the path
+    param: str | None  # the query parameter holding the id, when it goes in the query
+    answer: tuple[str, ...]  # the experiment id's place in the answer
+
+
+RUN: Final = Lookup("run", "/api/2.0/mlflow/runs/get", "run_id", ("run", "info", "experiment_id"))
+LOGGED_MODEL: Final = Lookup(
+    "logged_model", "/api/2.0/mlflow/logged-models/{id}", None, ("model", "info", "experiment_id")
+)
+TRACE: Final = Lookup(
+    "trace",
+    "/api/3.0/mlflow/traces/{id}/info",
+    None,
+    ("trace", "trace_info", "trace_location", "mlflow_experiment", "experiment_id"),
+)
+ISSUE: Final = Lookup("issue", "/api/3.0/mlflow/issues/{id}", None, ("issue", "experiment_id"))
+LABEL_SCHEMA: Final = Lookup(
+    "label_schema", "/api/3.0/mlflow/label-schemas/get", "schema_id",
+    ("label_schema", "experiment_id"),
+)  # fmt: skip
+REVIEW_QUEUE: Final = Lookup(
+    "review_queue", "/api/3.0/mlflow/review-queues/get", "queue_id",
+    ("review_queue", "experiment_id"),
+)  # fmt: skip
+LOOKUPS: Final = {
+    **dict.fromkeys(RUN_FIELDS, RUN),
+    **dict.fromkeys(LOGGED_MODEL_FIELDS, LOGGED_MODEL),
+    **dict.fromkeys(TRACE_FIELDS, TRACE),
+    "issue_id": ISSUE,
+    "schema_id": LABEL_SCHEMA,
+    "queue_id": REVIEW_QUEUE,
+}
+
+Headers = Mapping[str, str | list[str]]
 
 
 class Unresolved(Exception):
@@ -65,9 +117,11 @@ class Resolver:
         self.upstream = upstream
         self.cache = TTLCache(cache_size, cache_ttl)
 
-    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any] | None:
-        """GET an MLflow API path; None when MLflow does not know the resource."""
-        target = f"{path}?{urlencode(params)}"
+    async def _fetch(
+        self, path: str, params: Mapping[str, str | list[str]]
+    ) -> tuple[int, dict[str, Any] | None]:
+        """GET an MLflow API path: its status and JSON object (None if it sent none)."""
+        target = f"{path}?{urlencode(params, doseq=True)}" if params else path
         try:
             response = await self.upstream.request(
                 "GET", target, [("host", self.upstream.host_header)], None
@@ -76,13 +130,16 @@ class Resolver:
             raise Unresolved(exc.refusal) from exc
         async with response:
             data = b"".join([chunk async for chunk in response.body()])
-            if response.status != 200:
-                return None
         try:
             value = json.loads(data)
         except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+            return response.status, None
+        return response.status, value if isinstance(value, dict) else None
+
+    async def _get(self, path: str, params: Mapping[str, str | list[str]]) -> dict[str, Any] | None:
+        """GET an MLflow API path; None when MLflow does not know the resource."""
+        status, data = await self._fetch(path, params)
+        return data if status == 200 else None
 
     async def _cached(self, key: str, fetch: Callable[[], Awaitable[str | None]]) -> str | None:
         hit, value = self.cache.get(key)
@@ -102,28 +159,74 @@ class Resolver:
 
         return await self._cached(f"experiment:{experiment_id}", fetch)
 
-    async def run_experiment(self, run_id: str) -> str | None:
-        async def fetch() -> str | None:
-            data = await self._get("/api/2.0/mlflow/runs/get", {"run_id": run_id})
-            return _dig(data, "run", "info", "experiment_id")
+    async def experiment_of(self, lookup: Lookup, value: str) -> str | None:
+        """The id of the experiment a run, trace, issue... belongs to; None if MLflow does not
+        know it."""
 
-        return await self._cached(f"run:{run_id}", fetch)
+        async def fetch() -> str | None:
+            path = lookup.path.format(id=quote(value, safe=""))
+            data = await self._get(path, {lookup.param: value} if lookup.param else {})
+            return _dig(data, *lookup.answer)
+
+        return await self._cached(f"{lookup.kind}:{value}", fetch)
+
+    async def run_experiment(self, run_id: str) -> str | None:
+        return await self.experiment_of(RUN, run_id)
 
     async def logged_model_experiment(self, model_id: str) -> str | None:
-        async def fetch() -> str | None:
-            data = await self._get(f"/api/2.0/mlflow/logged-models/{model_id}", {})
-            return _dig(data, "model", "info", "experiment_id")
-
-        return await self._cached(f"logged_model:{model_id}", fetch)
+        return await self.experiment_of(LOGGED_MODEL, model_id)
 
     async def trace_experiment(self, trace_id: str) -> str | None:
-        async def fetch() -> str | None:
-            data = await self._get(f"/api/3.0/mlflow/traces/{trace_id}/info", {})
-            return _dig(
-                data, "trace", "trace_info", "trace_location", "mlflow_experiment", "experiment_id"
-            )
+        return await self.experiment_of(TRACE, trace_id)
 
-        return await self._cached(f"trace:{trace_id}", fetch)
+    async def dataset_experiments(self, dataset_id: str) -> list[str]:
+        """The experiments an evaluation dataset is linked to (never cached: the links are what
+        add/remove-experiments change). MLflow answers an unknown id with none."""
+        path = f"/api/3.0/mlflow/datasets/{quote(dataset_id, safe='')}/experiment-ids"
+        data = await self._get(path, {})
+        ids = _ids(data.get("experiment_ids", []) if data is not None else None)
+        if ids is None:
+            raise Unresolved(Refusal("resource_unresolved", f"Unknown dataset {dataset_id!r}."))
+        return ids
+
+    async def scorer_experiments(self, scorer_ids: list[str]) -> list[str]:
+        """The experiments of the online-scoring configurations MLflow would return for
+        ``scorer_ids`` (asked every time: configurations come and go). A scorer without one
+        adds nothing, as MLflow returns nothing for it."""
+        data = await self._get("/api/3.0/mlflow/scorers/online-configs", {"scorer_ids": scorer_ids})
+        ids = _ids(data.get("configs", []) if data is not None else None, "experiment_id")
+        if ids is None:
+            raise Unresolved(Refusal("resource_unresolved", "Unreadable scorer configurations."))
+        return ids
+
+    async def model_resource(self, name: str) -> str:
+        """``model:NAME`` with the name MLflow stores for ``name`` (a prompt is a registered
+        model too); a name MLflow does not know (one being created) stays as given."""
+        stored = await self._stored_name(
+            "model_name", name, "/api/2.0/mlflow/registered-models/get", "name", "registered_model"
+        )
+        return f"model:{stored}"
+
+    async def experiment_resource_by_name(self, name: str) -> str:
+        """``experiment:NAME`` with the name MLflow stores for ``name``; one it does not know
+        stays as given."""
+        stored = await self._stored_name(
+            "experiment_name", name, "/api/2.0/mlflow/experiments/get-by-name",
+            "experiment_name", "experiment",
+        )  # fmt: skip
+        return f"experiment:{stored}"
+
+    async def _stored_name(self, kind: str, name: str, path: str, param: str, entity: str) -> str:
+        async def fetch() -> str | None:
+            status, data = await self._fetch(path, {param: name})
+            if status == 404:  # RESOURCE_DOES_NOT_EXIST: nothing else answers to this name
+                return None
+            stored = _dig(data, entity, "name") if status == 200 else None
+            if stored is None:  # an error is not "unknown": the name as given might be wrong
+                raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {name!r}."))
+            return stored
+
+        return await self._cached(f"{kind}:{name}", fetch) or name
 
     async def model_version_aliases(self, name: str, version: str) -> list[str]:
         """The aliases a model version holds now (never cached: they are what changes)."""
@@ -153,18 +256,26 @@ class Resolver:
                 if experiment_id is None:
                     raise Unresolved(Refusal("resource_unresolved", f"Unknown model {name!r}."))
                 return [await self._experiment(experiment_id)]
-            return [f"model:{name}"] if name else None
+            return [await self.model_resource(name)] if name else None
         if parts.scheme == "mlflow-artifacts":
             return [await self._experiment(_artifact_experiment(path))]
         return None
 
     def forget(self, kind: str, key: str) -> None:
+        """Drop what a forwarded rename, delete or restore of ``kind`` may have made stale. Every
+        name looked up to a stored name goes too: the change may free that name (or, where the
+        database ignores case, a case variant of it) for another resource."""
         self.cache.forget(f"{kind}:{key}")
+        if kind in ("experiment", "model"):
+            self.cache.forget(f"{kind}_name:")
 
     async def resources(
-        self, route: Route, params: dict[str, str], data: RequestData, headers: dict[str, str]
+        self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
     ) -> list[str]:
-        """The policy resources a request acts on (``experiment:NAME`` / ``model:NAME``)."""
+        """The policy resources a request acts on (``experiment:NAME`` / ``model:NAME``); empty
+        only for a request that can reach nothing a policy governs (scorer ids without an
+        online configuration). ``headers`` maps each lowercase name to every value it came
+        with; a single string per name hides repeats, so no id is read from it."""
         spec = route.id_from
         if spec == "none":
             raise Unresolved(Refusal("resource_unresolved", "This route names no resource."))
@@ -172,33 +283,57 @@ class Resolver:
         if source == "artifact_path":
             path = params.get("artifact_path") or data.single("path") or ""
             return [await self._experiment(_artifact_experiment(str(path)))]
-        if "+" in field_spec or "." in field_spec:
-            raise Unresolved(Refusal("resource_unresolved", "This route is not yet resolvable."))
-        is_list = field_spec.endswith("[]")
-        fields = field_spec.removesuffix("[]").split("|")
-        values = self._values(source, fields, is_list, params, data, headers)
+        # F+G is a composite key: F names the resource (the experiment), G a thing inside it.
+        key = field_spec.split("+", 1)[0]
+        if "." in key:
+            field, values = key.rsplit(".", 1)[1], _nested(source, key, data)
+        elif source == "header":
+            field = key.lower().removeprefix(_HEADER_PREFIX).replace("-", "_")
+            values = _header_values(headers, key)
+        else:
+            fields = key.removesuffix("[]").split("|")
+            field = fields[0]
+            values = self._values(source, fields, key.endswith("[]"), params, data)
         if not values:
-            raise Unresolved(Refusal("invalid_request_body", f"The request names no {fields[0]}."))
-        field = fields[0]
+            raise Unresolved(Refusal("invalid_request_body", f"The request names no {field}."))
+        result = await self._resolve(route, field, values)
+        if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
+            linked = self._values("body", ["experiment_ids"], True, params, data)
+            result += [await self._experiment(canonical_experiment_id(v)) for v in linked]
+        if route.path.endswith(MODEL_NAME_CHANGES):
+            self.forget("model", "")  # again once forwarded, if the caller does (see forget)
+        return list(dict.fromkeys(result))
+
+    async def _resolve(self, route: Route, field: str, values: list[Any]) -> list[str]:
         if route.kind == "artifact" and field == "path":  # listing a proxied artifact folder
             return [await self._experiment(_artifact_experiment(_text(v))) for v in values]
         if route.kind in MODEL_KINDS and field == "name":
-            return [f"model:{_text(v)}" for v in values]
+            return [await self.model_resource(_text(v)) for v in values]
         if field in ("name", "experiment_name") and route.kind == "experiment":
-            return [f"experiment:{_text(v)}" for v in values]
+            return [await self.experiment_resource_by_name(_text(v)) for v in values]
         if field in EXPERIMENT_FIELDS:
             return [await self._experiment(canonical_experiment_id(v)) for v in values]
-        lookups: dict[str, Callable[[str], Awaitable[str | None]]] = {
-            **dict.fromkeys(RUN_FIELDS, self.run_experiment),
-            **dict.fromkeys(LOGGED_MODEL_FIELDS, self.logged_model_experiment),
-            **dict.fromkeys(TRACE_FIELDS, self.trace_experiment),
-        }
-        lookup = lookups.get(field)
+        if field == "dataset_id":
+            result = []
+            for value in values:
+                experiment_ids = await self.dataset_experiments(_text(value))
+                if not experiment_ids:
+                    # Nobody's by policy: only callers allowed on every experiment (who never get
+                    # here) may use it, not whoever asks first.
+                    raise Unresolved(
+                        Refusal("resource_unresolved", f"Dataset {value!r} has no experiment.")
+                    )
+                result += [await self._experiment(i) for i in experiment_ids]
+            return result
+        if field == "scorer_ids":
+            experiment_ids = await self.scorer_experiments([_text(v) for v in values])
+            return [await self._experiment(i) for i in experiment_ids]
+        lookup = LOOKUPS.get(field)
         if lookup is None:
             raise Unresolved(Refusal("resource_unresolved", "This route is not yet resolvable."))
         result = []
         for value in values:
-            experiment_id = await lookup(_text(value))
+            experiment_id = await self.experiment_of(lookup, _text(value))
             if experiment_id is None:
                 raise Unresolved(Refusal("resource_unresolved", f"Unknown {field} {value!r}."))
             result.append(await self._experiment(experiment_id))
@@ -211,14 +346,11 @@ class Resolver:
         is_list: bool,
         params: dict[str, str],
         data: RequestData,
-        headers: dict[str, str],
     ) -> list[Any]:
         found: list[tuple[str, list[Any]]] = []
         for field in fields:
             if source == "path":
                 values: list[Any] = [params[field]] if field in params else []
-            elif source == "header":
-                values = [headers[field.lower()]] if field.lower() in headers else []
             elif source == "query" and data.method not in ("GET", "HEAD"):
                 # A query field on a POST (upload-artifact): that handler reads the query only.
                 values = data.query_only().values(field)
@@ -240,6 +372,10 @@ class Resolver:
             )
         return found[0][1]
 
+    async def experiment_resource(self, experiment_id: str) -> str:
+        """``experiment:NAME`` for an experiment id (canonical, as MLflow reads it)."""
+        return await self._experiment(canonical_experiment_id(experiment_id))
+
     async def _experiment(self, experiment_id: str) -> str:
         name = await self.experiment_name(experiment_id)
         if name is None:
@@ -249,6 +385,65 @@ class Resolver:
         return f"experiment:{name}"
 
 
+def _nested(source: str, path: str, data: RequestData) -> list[str]:
+    """Every string at a nested body path (``locations[].mlflow_experiment.experiment_id``),
+    read as MLflow's protobuf JSON parser reads it or refused where it might read otherwise.
+
+    Each step takes either spelling (both is ambiguous); ``[]`` steps must be lists and the
+    others objects, since the parser would otherwise read a partial message and MLflow act on
+    it anyway. Absent or null means unset: at the top the request names nothing, further down
+    an element (a trace location that is no MLflow experiment, say) names no resource.
+    """
+    if source != "body" or data.from_query or data.body is None:
+        return []
+    nodes: list[Any] = [data.body]
+    for depth, segment in enumerate(path.split(".")):
+        name, is_list = segment.removesuffix("[]"), segment.endswith("[]")
+        found: list[Any] = []
+        for node in nodes:
+            if not isinstance(node, dict):
+                raise _malformed(f"{path!r} does not lead through JSON objects.")
+            value = _member(node, name)
+            if value is None:
+                if depth == 0:
+                    return []
+                raise Unresolved(Refusal("resource_unresolved", f"An element names no {path}."))
+            if isinstance(value, list) != is_list:
+                raise _malformed(f"{name!r} must {'' if is_list else 'not '}be a list.")
+            found.extend(value if is_list else [value])
+        nodes = found
+    if not all(isinstance(node, str) for node in nodes):  # protobuf's string fields
+        raise _malformed(f"Every {path!r} must be a string.")
+    return nodes
+
+
+def _member(node: dict[str, Any], name: str) -> Any:
+    """``node[name]`` in either protobuf JSON spelling, None when absent; both is ambiguous."""
+    present = [n for n in dict.fromkeys((name, _camel(name))) if n in node]
+    if len(present) > 1:
+        raise RequestDataError(
+            Refusal("ambiguous_parameter", f"Both {present[0]!r} and {present[1]!r} given.")
+        )
+    return node[present[0]] if present else None
+
+
+def _header_values(headers: Headers, name: str) -> list[str]:
+    """Every value of a request header. MLflow (Starlette) reads the first of a repeated one,
+    so repeats are ambiguous; a single string per name may have folded them away already."""
+    value = headers.get(name.lower())
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise Unresolved(Refusal("resource_unresolved", f"{name} may be repeated."))
+    if len(value) > 1:
+        raise RequestDataError(Refusal("ambiguous_parameter", f"The header {name} is repeated."))
+    return list(value)
+
+
+def _malformed(message: str) -> RequestDataError:
+    return RequestDataError(Refusal("invalid_request_body", message))
+
+
 def _dig(data: Any, *keys: str) -> str | None:
     """``data[k1][k2]...`` if every step is a JSON object and the end a string or number."""
     for key in keys:
@@ -256,6 +451,15 @@ def _dig(data: Any, *keys: str) -> str | None:
             return None
         data = data.get(key)
     return str(data) if isinstance(data, str | int) and not isinstance(data, bool) else None
+
+
+def _ids(items: Any, *keys: str) -> list[str] | None:
+    """Every element of a JSON list read as an id (at ``keys`` inside it); None when the list
+    or any element is unreadable."""
+    if not isinstance(items, list):
+        return None
+    ids = [_dig(item, *keys) for item in items]
+    return None if None in ids else [i for i in ids if i is not None]
 
 
 def _text(value: Any) -> str:

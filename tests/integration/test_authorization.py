@@ -299,3 +299,43 @@ def as_admin(world: World) -> MlflowClient:
 
     os.environ["MLFLOW_TRACKING_TOKEN"] = world.gateway.token  # restored by as_'s monkeypatch
     return MlflowClient(tracking_uri=world.gateway.url)
+
+
+def test_graphql_is_authorized_field_by_field(world: World) -> None:
+    """The UI's GraphQL: each run and experiment a document names must be readable."""
+    get_run = """query GetRun($id: String) { a: mlflowGetRun(input: {runId: $id}) {
+        run { info { runId experimentId } } } }"""
+    alice = {"Authorization": f"Bearer {world.tokens['alice']}"}
+    admin = {"Authorization": f"Bearer {world.gateway.token}"}
+    url = world.gateway.url + "/graphql"
+    ok = httpx.post(url, json={"query": get_run, "variables": {"id": world.fraud_run}},
+                    headers=alice)  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["data"]["a"]["run"]["info"]["runId"] == world.fraud_run
+    # MLflow reads the document from the body for GET too.
+    got = httpx.request("GET", url, json={"query": get_run, "variables": {"id": world.fraud_run}},
+                        headers=alice)  # fmt: skip
+    assert got.status_code == 200, got.text
+    for document, why in (
+        ({"query": get_run, "variables": {"id": world.other_run}}, "permission_denied"),
+        ({"query": '{ mlflowGetExperiment(input: {experimentId: "EXP"}) { experiment { name } } }'
+          .replace("EXP", world.other)}, "permission_denied"),
+        ({"query": "{ mlflowSearchModelVersions(input: {}) { modelVersions { name } } }"},
+         "permission_denied"),
+        ({"query": 'query A { test { output } } query B { mlflowGetRun(input: {runId: "RUN"}) '
+          "{ run { info { runId } } } }".replace("RUN", world.other_run), "operationName": "B"},
+         "permission_denied"),
+        ({"query": 'fragment F on Query { mlflowGetRun(input: {runId: "RUN"}) { run { info '
+          "{ runId } } } } { ...F }".replace("RUN", world.other_run)}, "permission_denied"),
+        ({"query": "mutation { mlflowSearchRuns(input: {}) { runs { info { runId } } } }"},
+         "graphql_not_authorizable"),
+        ({"query": "{ nope }"}, "graphql_not_authorizable"),
+        ({"query": "{"}, "invalid_request_body"),
+    ):  # fmt: skip
+        response = httpx.post(url, json=document, headers=alice)
+        assert response.headers.get("x-guard-reason") == why, (document, response.text)
+    batch = httpx.post(url, json=[{"query": get_run}], headers=alice)
+    assert batch.headers.get("x-guard-reason") == "invalid_request_body"
+    # An administrator reads everything, searches included.
+    search = {"query": "{ mlflowSearchModelVersions(input: {}) { modelVersions { name } } }"}
+    assert httpx.post(url, json=search, headers=admin).status_code == 200
