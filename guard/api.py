@@ -28,6 +28,7 @@ A ROW is a policy row as a list of strings: ``["p", "user:bob", "viewer", "exper
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 from guard.authz.engine import PolicyIndex, resource_match
 from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
+from guard.authz.store import PolicyConflict
 from guard.bodies import check_framing, read_body, too_large
 from guard.errors import Refusal, send_refusal
 from guard.governance import Governance, administrators
@@ -53,6 +55,7 @@ logger = logging.getLogger("guard.api")
 PREFIX = "/guard/api"
 POLICY = "guard:policy"
 DELEGABLE_KINDS = ("experiment", "model")
+CONFLICT_RETRIES = 5
 
 Payload = dict[str, Any]
 
@@ -125,6 +128,10 @@ def _rows(value: Any, field: str) -> list[Rule]:
 
 def _rule_json(rule: Rule) -> list[str]:
     return list(rule.row())
+
+
+def _by_row(rule: Rule) -> tuple[str, ...]:
+    return rule.row()
 
 
 class PolicyApi:
@@ -265,25 +272,36 @@ class PolicyApi:
             raise ApiError(Refusal("invalid_request_body", "'dry_run' must be true or false."))
         if not add and not remove:
             raise ApiError(Refusal("invalid_request_body", "Nothing to add or remove."))
-        await self.policies.refresh()  # judge on the newest policy, not the last poll's
-        index = self.policies.index
-        if not may(index, subject, "manage"):
-            for rule in (*add, *remove):
-                if (refusal := delegation_refusal(index, subject, rule)) is not None:
-                    raise ApiError(refusal)
-        _, current = await anyio.to_thread.run_sync(self.governance.policies.load)
-        added = sorted(set(add) - set(current.rules()))
-        removed = sorted(set(remove) & set(current.rules()))
-        try:
-            if dry_run:
-                await anyio.to_thread.run_sync(lambda: self.governance.preview(add, remove))
-                version = index.version
-            else:
-                version = await anyio.to_thread.run_sync(
-                    lambda: self.governance.change(subject, add=add, remove=remove)
-                )
-        except PolicyError as exc:
-            raise ApiError(Refusal("policy_invalid", "; ".join(exc.problems))) from None
+        for _ in range(CONFLICT_RETRIES):
+            # Judge on the newest policy, and write only if it is still the newest: a
+            # concurrent change (say, revoking this caller's manage) makes us judge again.
+            await self.policies.refresh()
+            index = self.policies.index
+            if not may(index, subject, "manage"):
+                for rule in (*add, *remove):
+                    if (refusal := delegation_refusal(index, subject, rule)) is not None:
+                        raise ApiError(refusal)
+            rules = set(index.policy.rules())
+            added = sorted(set(add) - rules, key=_by_row)
+            removed = sorted(set(remove) & rules, key=_by_row)
+            try:
+                if dry_run:
+                    await anyio.to_thread.run_sync(lambda: self.governance.preview(add, remove))
+                    version = index.version
+                else:
+                    version = await anyio.to_thread.run_sync(
+                        functools.partial(
+                            self.governance.change, subject, add=add, remove=remove,
+                            expected_version=index.version,
+                        )
+                    )  # fmt: skip
+            except PolicyConflict:
+                continue
+            except PolicyError as exc:
+                raise ApiError(Refusal("policy_invalid", "; ".join(exc.problems))) from None
+            break
+        else:
+            raise ApiError(Refusal("policy_store_unavailable", "The policy kept changing; retry."))
         if not dry_run and (added or removed):
             logger.info(
                 "policy changed by %s: +%d -%d rules, version %d",

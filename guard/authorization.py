@@ -48,6 +48,7 @@ _SOURCES: Final = (
 _CREATES: Final = ("/experiments/create", "/registered-models/create")
 # Routes after which a cached experiment name may be stale.
 _RENAMES: Final = ("/experiments/update", "/experiments/delete", "/experiments/restore")
+_MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/delete")
 
 
 OnCreated = Callable[[str, str], Awaitable[None]]
@@ -98,6 +99,8 @@ class AuthorizationMiddleware:
             await self.app(scope, receive, send)
         if route.path.endswith(_RENAMES):
             self._forget(scope)
+        elif route.path.endswith(_MODEL_NAME_CHANGES):
+            self.resolver.forget("model", "")
 
     def _attribute(self, scope: Scope) -> Refusal | None:
         """Runs are the caller's: their name goes into a new run, nobody else's into a later
@@ -171,24 +174,35 @@ class AuthorizationMiddleware:
                 resources = await self._graphql(scope, subject)
             else:
                 data = data or self._data(scope)
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                headers: dict[str, list[str]] = {}
+                for k, v in scope["headers"]:  # every value: MLflow reads the first of repeats
+                    headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
                 resources = await self.resolver.resources(
                     route, scope["guard.params"], data, headers
                 )
+                if route.path == "/v1/traces" and "x-mlflow-run-id" in headers:
+                    needs.elsewhere.append((await self._linked_run(headers), "update"))
             if needs.version_aliases and await self.resolver.model_version_aliases(
                 *needs.version_aliases
             ):
                 actions.add("promote")  # deleting a version that holds an alias
+            # A model named by the request (a rename's new name) as MLflow stores it; artifact
+            # sources come back from the resolver that way already.
+            elsewhere = [
+                (await self.resolver.model_resource(r.removeprefix("model:"))
+                 if r.startswith("model:") and a != "read" else r, a)
+                for r, a in needs.elsewhere
+            ]  # fmt: skip
             if source_field is not None:
                 refusal, read = await self._sources(
                     data or self._data(scope), source_field, subject
                 )
                 if refusal is not None:
                     return refusal, []
-                needs.elsewhere.extend((r, "read") for r in read)
+                elsewhere.extend((r, "read") for r in read)
         except (RequestDataError, Unresolved) as exc:
             return exc.refusal, []
-        checks = [(r, a) for r in resources for a in sorted(actions)] + needs.elsewhere
+        checks = [(r, a) for r in resources for a in sorted(actions)] + elsewhere
         for resource, action in checks:
             decision = index.decide(subject, resource, action)
             if not decision.allowed:
@@ -196,6 +210,16 @@ class AuthorizationMiddleware:
                 reason = "explicit_deny" if explicit else "permission_denied"
                 return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
+
+    async def _linked_run(self, headers: dict[str, list[str]]) -> str:
+        """The experiment of the run OTLP traces are linked to (``X-Mlflow-Run-Id``)."""
+        values = headers["x-mlflow-run-id"]
+        if len(values) != 1:
+            raise RequestDataError(Refusal("ambiguous_parameter", "X-Mlflow-Run-Id is repeated."))
+        experiment_id = await self.resolver.run_experiment(values[0])
+        if experiment_id is None:
+            raise Unresolved(Refusal("resource_unresolved", f"Unknown run {values[0]!r}."))
+        return await self.resolver.experiment_resource(experiment_id)
 
     async def _graphql(self, scope: Scope, subject: str) -> list[str]:
         """The experiments a GraphQL document reads; a field that can return anything of a kind

@@ -34,6 +34,13 @@ def administrators(policy: PolicySet) -> set[str]:
     }  # fmt: skip
 
 
+def keeps_an_administrator(current: PolicySet, after: PolicySet) -> list[str]:
+    """The problem with a change that leaves no administrator where there was one."""
+    if administrators(current) and not administrators(after):
+        return ["this change would remove the last administrator (p, SUBJECT, admin, *)"]
+    return []
+
+
 def rules_naming(policy: PolicySet, subject: str) -> list[Rule]:
     rules: list[Rule] = [g for g in policy.grants if g.subject == subject]
     rules += [m for m in policy.memberships if subject in (m.member, m.group)]
@@ -49,23 +56,26 @@ class Governance:
         """The policy a change would leave; raises PolicyError if it may not be made."""
         _, current = self.policies.load()
         after = PolicySet.from_rules((set(current.rules()) - set(remove)) | set(add))
-        if problems := after.problems():
+        if problems := after.problems() or keeps_an_administrator(current, after):
             raise PolicyError(problems)
-        if administrators(current) and not administrators(after):
-            raise PolicyError(["this change would remove the last administrator"])
         return after
 
-    def change(self, actor: str, add: Iterable[Rule] = (), remove: Iterable[Rule] = ()) -> int:
-        """Change the policy unless that would leave no administrator."""
-        add, remove = list(add), list(remove)
-        self.preview(add, remove)
-        return self.policies.change(actor, add=add, remove=remove)
+    def change(
+        self,
+        actor: str,
+        add: Iterable[Rule] = (),
+        remove: Iterable[Rule] = (),
+        expected_version: int | None = None,
+    ) -> int:
+        """Change the policy unless that would leave no administrator (judged under the
+        store's write lock, so two concurrent removals cannot both pass)."""
+        return self.policies.change(
+            actor, add=add, remove=remove, check=keeps_an_administrator,
+            expected_version=expected_version,
+        )  # fmt: skip
 
     def replace(self, policy: PolicySet, actor: str) -> int:
-        _, current = self.policies.load()
-        if administrators(current) and not administrators(policy):
-            raise PolicyError(["the new policy has no administrator (p, SUBJECT, admin, *)"])
-        return self.policies.replace(policy, actor)
+        return self.policies.replace(policy, actor, check=keeps_an_administrator)
 
     def create_token(
         self, name: str, role: str, resource: str, lifetime: float, actor: str

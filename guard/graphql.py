@@ -181,7 +181,7 @@ def _read_body(body: bytes) -> dict[str, Any]:
     """The JSON object Flask's ``get_json`` hands MLflow: no second decoding, no batches."""
     try:
         shape = json.loads(body)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError; absurd nesting
         raise _refuse("invalid_request_body", "The body is not valid JSON.") from None
     if isinstance(shape, list):
         raise _refuse("invalid_request_body", "Batched GraphQL requests fail in MLflow.")

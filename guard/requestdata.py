@@ -47,7 +47,7 @@ def parse_json_body(body: bytes) -> dict[str, Any] | None:
         value = json.loads(body, object_pairs_hook=_no_duplicates)
         if isinstance(value, str):  # legacy clients double-encode
             value = json.loads(value, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise RequestDataError(
             Refusal("invalid_request_body", "The body is not valid JSON.")
         ) from None

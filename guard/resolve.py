@@ -132,7 +132,7 @@ class Resolver:
             data = b"".join([chunk async for chunk in response.body()])
         try:
             value = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return response.status, None
         return response.status, value if isinstance(value, dict) else None
 

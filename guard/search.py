@@ -151,7 +151,7 @@ class SearchFilter:
             raise _UpstreamAnswer(response.status, raw)
         try:
             page = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _UpstreamAnswer(502, raw) from None
         return page if isinstance(page, dict) else {}
 

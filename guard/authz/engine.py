@@ -17,6 +17,9 @@ from typing import Final, Literal
 
 from guard.authz.policy import MAX_LINKS, Grant, PolicySet, resource_kind
 
+# Kinds that wildcard patterns (``*``, ``*:*``) never reach; see resource_match.
+SEALED_KINDS: Final = ("guard",)
+
 
 def _is_pattern(resource: str) -> bool:
     return "*" in resource or "?" in resource
@@ -31,9 +34,14 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 def resource_match(resource: str, pattern: str) -> bool:
-    """The gateway's glob: ``*`` matches any run of characters (``/`` too), ``?`` one."""
+    """The gateway's glob: ``*`` matches any run of characters (``/`` too), ``?`` one. The
+    gateway's own resources (``guard:policy``, ``guard:audit``) match only patterns that name
+    their kind: a grant on ``*`` covers MLflow, not who may change or read the policy."""
     if not _is_pattern(pattern):
         return resource == pattern
+    kind = resource_kind(resource)
+    if kind in SEALED_KINDS and resource_kind(pattern) != kind:
+        return False
     return _compile(pattern).fullmatch(resource) is not None
 
 
@@ -116,7 +124,8 @@ class PolicyIndex:
             buckets = self._grants.get(who)
             if buckets is None:
                 continue
-            for bucket in (buckets.get(kind), buckets.get("*") if kind != "*" else None):
+            wide = buckets.get("*") if kind not in ("*", *SEALED_KINDS) else None
+            for bucket in (buckets.get(kind), wide):
                 if bucket is None:
                     continue
                 for grant in bucket.exact.get(resource, ()):
@@ -143,11 +152,12 @@ class PolicyIndex:
         return known
 
     def _compute_unconditional(self, subject: str, kind: str, action: str) -> bool:
-        everything = ("*", f"{kind}:*")
+        sealed = kind in SEALED_KINDS
+        everything = (f"{kind}:*",) if sealed else ("*", f"{kind}:*")
         allowed = False
         for who in self.subjects_of(subject):
             for bucket_kind, bucket in self._grants.get(who, {}).items():
-                if bucket_kind not in (kind, "*"):
+                if bucket_kind not in ((kind,) if sealed else (kind, "*")):
                     continue
                 grants = [g for _, g in bucket.patterns] + [
                     g for gs in bucket.exact.values() for g in gs

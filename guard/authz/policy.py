@@ -135,6 +135,11 @@ class PolicySet:
     def problems(self) -> list[str]:
         """Everything wrong with the set as a whole (unknown roles, cycles, shadowed names)."""
         problems = []
+        for rule in self.rules():  # rules made in code (a creator's grant) meet the CSV grammar
+            try:
+                parse_row(rule.row())
+            except ValueError as exc:
+                problems.append(f"{', '.join(rule.row())}: {exc}")
         roles = self.role_names()
         for rule in sorted(self.roles):
             if rule.role in ACTIONS:

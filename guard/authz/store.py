@@ -8,7 +8,7 @@ malformed is refused before anything is written.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -16,6 +16,16 @@ from sqlalchemy.engine import Connection, Engine
 from guard.authz.casbin_adapter import default_policy_text, load_rows
 from guard.authz.policy import PolicyError, PolicySet, Rule
 from guard.db import casbin_rules, policy_state
+
+Check = Callable[[PolicySet, PolicySet], list[str]]
+
+
+class PolicyConflict(Exception):
+    """Another change landed first; decide again on the newer policy."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the policy moved on to version {version}")
+        self.version = version
 
 
 def _now() -> dt.datetime:
@@ -39,25 +49,43 @@ class PolicyStore:
                 return before, PolicySet.from_rows(rows)
         raise PolicyError(["the policy kept changing while it was read; try again"])
 
-    def replace(self, policy: PolicySet, actor: str) -> int:
-        """Make ``policy`` the whole policy in force; returns the new version."""
+    def replace(self, policy: PolicySet, actor: str, check: Check | None = None) -> int:
+        """Make ``policy`` the whole policy in force; returns the new version. ``check`` judges
+        (current, new) under the write lock, so no concurrent change slips in between."""
         if problems := policy.problems():
             raise PolicyError(problems)
         with self.engine.begin() as conn:
             version = self._lock(conn)
+            if check is not None:
+                current = PolicySet.from_rows(_rows(conn), validate=False)
+                if problems := check(current, policy):
+                    raise PolicyError(problems)
             conn.execute(casbin_rules.delete())
             self._insert(conn, policy)
             return self._bump(conn, version, actor)
 
-    def change(self, actor: str, add: Iterable[Rule] = (), remove: Iterable[Rule] = ()) -> int:
-        """Add and remove rules against the current policy, validated as a whole."""
+    def change(
+        self,
+        actor: str,
+        add: Iterable[Rule] = (),
+        remove: Iterable[Rule] = (),
+        check: Check | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Add and remove rules against the current policy, validated as a whole. ``check``
+        judges (current, new) under the write lock; with ``expected_version`` the change is
+        made only if no other change landed since that version (``PolicyConflict``)."""
         add, remove = list(add), list(remove)
         with self.engine.begin() as conn:
             version = self._lock(conn)
+            if expected_version is not None and version != expected_version:
+                raise PolicyConflict(version)
             current = PolicySet.from_rows(_rows(conn), validate=False)
             rules = (set(current.rules()) - set(remove)) | set(add)
             updated = PolicySet.from_rules(rules)
             if problems := updated.problems():
+                raise PolicyError(problems)
+            if check is not None and (problems := check(current, updated)):
                 raise PolicyError(problems)
             if updated == current:
                 return version

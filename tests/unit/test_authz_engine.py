@@ -77,6 +77,7 @@ p, token:ci, promoter, model:fraud-detector
 p, group:ml, viewer, experiment:*
 p, user:alice, editor, experiment:fraud/secret, deny
 p, user:editor, admin, guard:policy, deny
+p, user:wide, viewer, *:*
 """
 )
 INDEX = PolicyIndex(POLICY)
@@ -98,7 +99,11 @@ INDEX = PolicyIndex(POLICY)
         # Names that look like roles, groups or patterns gain nothing.
         ("user:admin", "experiment:x", "read", False, "no_matching_grant"),
         ("user:group:risk", "model:fraud-x", "promote", False, "no_matching_grant"),
-        ("group:admins", "guard:policy", "manage", True, "allowed"),
+        # "*" covers MLflow, not the gateway's own resources: those need a guard: grant.
+        ("group:admins", "guard:policy", "manage", False, "no_matching_grant"),
+        ("group:auditors", "guard:policy", "read", True, "allowed"),
+        ("user:wide", "guard:audit", "read", False, "no_matching_grant"),
+        ("user:wide", "experiment:x", "read", True, "allowed"),
         ("user:*", "experiment:x", "read", False, "no_matching_grant"),
         ("user:alice", "experiment:fraud/*", "update", True, "allowed"),
     ],

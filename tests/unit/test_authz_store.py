@@ -68,3 +68,60 @@ def test_stored_rows_use_casbins_layout(store: PolicyStore) -> None:
         row = conn.execute(sa.select(casbin_rules).where(casbin_rules.c.ptype == "p")).first()
     assert row is not None
     assert (row.v0, row.v1, row.v2, row.v3, row.v4) == ("group:admins", "admin", "*", "allow", None)
+
+
+def test_rules_made_in_code_meet_the_csv_grammar(store: PolicyStore) -> None:
+    """An experiment named with a quote must not become a grant no one can load again."""
+    store.seed_defaults("test")
+    for name in ("alice-it's", 'say "hi"', "a,b", "trailing ", "line\nbreak"):
+        with pytest.raises(PolicyError, match="not a resource pattern"):
+            store.change("test", add=[Grant("user:alice", "manager", f"experiment:{name}")])
+    version, _ = store.load()  # still loadable
+    assert version == 1
+
+
+def test_a_change_judged_on_an_old_version_is_refused(store: PolicyStore) -> None:
+    from guard.authz.store import PolicyConflict
+
+    store.seed_defaults("test")
+    grant = Grant("user:alice", "viewer", "experiment:x")
+    store.change("test", add=[Grant("user:bob", "viewer", "*")])
+    with pytest.raises(PolicyConflict):
+        store.change("test", add=[grant], expected_version=1)
+    assert store.change("test", add=[grant], expected_version=2) == 3
+
+
+def test_two_concurrent_removals_cannot_remove_the_last_administrator(
+    store: PolicyStore,
+) -> None:
+    """Each removal alone is fine; together they would leave none. The check runs under the
+    store's write lock, so one of them must fail, every time."""
+    import threading
+
+    from guard.governance import Governance, administrators
+
+    store.seed_defaults("test")
+    governance = Governance(None, store)  # type: ignore[arg-type] - tokens are not used here
+    admins = [Grant("user:a", "admin", "*"), Grant("user:b", "admin", "*")]
+    for _ in range(15):
+        governance.change("test", add=admins)
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def remove(
+            grant: Grant, barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes
+        ) -> None:
+            barrier.wait()
+            try:
+                governance.change("test", remove=[grant])
+                outcomes.append("removed")
+            except PolicyError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=remove, args=(g,)) for g in admins]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["refused", "removed"]
+        assert administrators(store.load()[1])

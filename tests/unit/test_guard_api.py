@@ -332,7 +332,24 @@ def test_deny_rules_never_lock_administrators_out(
     assert call(http, url, ADMIN, "GET", "/policy").status_code == 200
     response = change(http, url, ADMIN, remove=denies)
     assert response.status_code == 200, response.text
-    assert gateway.policies.index.decide("token:admin", "guard:policy", "manage").allowed
+    assert call(http, url, ADMIN, "GET", "/me").json()["policy_administrator"] is True
+
+
+def test_a_grant_on_everything_does_not_cover_the_policy(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    """manager on * (or *:*) manages every experiment and model, not the policy itself."""
+    gateway, url = running
+    wide = [["p", "token:mgr", "manager", "*"], ["p", "token:mgr", "manager", "*:*"]]
+    assert change(http, url, ADMIN, add=wide).status_code == 200
+    try:
+        assert gateway.policies.index.decide("token:mgr", "experiment:any", "manage").allowed
+        refused(call(http, url, MANAGER, "GET", "/policy"), 403, "permission_denied")
+        escalate = [["p", "token:mgr", "admin", "*"]]
+        refused(change(http, url, MANAGER, add=escalate), 403, "permission_denied")
+        assert call(http, url, MANAGER, "GET", "/me").json()["policy_administrator"] is False
+    finally:
+        assert change(http, url, ADMIN, remove=wide).status_code == 200
 
 
 def test_importing_a_whole_policy(running: tuple[Gateway, str], http: httpx.Client) -> None:
@@ -405,3 +422,22 @@ def test_the_cli_delegates_through_the_gateway(
     assert "must be an http(s) URL" in capsys.readouterr().err
     assert main(["policy", "list", "--gateway", "http://127.0.0.1:9"]) == 1
     assert "cannot reach the gateway" in capsys.readouterr().err
+
+
+def test_a_change_may_mix_rule_types(running: tuple[Gateway, str], http: httpx.Client) -> None:
+    _, url = running
+    rows = [["g", "token:erin", "group:readers"], ["p", "group:readers", "viewer", "model:x"]]
+    response = change(http, url, ADMIN, add=rows)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["added"]) == 2
+    assert change(http, url, ADMIN, remove=rows).status_code == 200
+
+
+def test_deeply_nested_json_is_refused_not_a_500(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    _, url = running
+    body = b"[" * 30_000 + b"]" * 30_000  # within the 64 KiB limit, far past the recursion limit
+    headers = {"content-type": "application/json"}
+    response = call(http, url, ADMIN, "POST", "/policy/changes", content=body, headers=headers)
+    refused(response, 400, "invalid_request_body")

@@ -203,12 +203,8 @@ def resolvable(route: Route) -> bool:
     if route.kind == "server" or route.kind in ("webhook", "gateway", "job", "assistant",
                                                 "workspace", "user_admin"):  # fmt: skip
         return True
-    if source in ("artifact_path", "graphql"):
+    if source in ("artifact_path", "graphql", "header"):
         return True
-    if source == "header":
-        # The authorization layer passes one value per header, which hides a repeated one
-        # (MLflow reads the first); the resolver reads no id from that (see test_resolve.py).
-        return False
     if source not in ("query", "body", "path"):
         return False
     key = spec.split("+")[0]  # a composite key is resolved on its first part
@@ -282,6 +278,12 @@ def exp(experiment_id: str) -> dict[str, object]:
         # MLflow reads the first of a repeated header; the gateway must not check another one.
         ("POST", "/v1/traces",
          {"headers": [("x-mlflow-experiment-id", "2"), ("x-mlflow-experiment-id", "1")]}, "any"),
+        # Traces linked to a run need update on the run's experiment too.
+        ("POST", "/v1/traces",
+         {"headers": [("x-mlflow-experiment-id", "1"), ("x-mlflow-run-id", "r1")]}, None),
+        ("POST", "/v1/traces",
+         {"headers": [("x-mlflow-experiment-id", "1"), ("x-mlflow-run-id", "r1"),
+                      ("x-mlflow-run-id", "r2")]}, "ambiguous_parameter"),
         # A model named in another case is the model MLflow stores under that name.
         ("GET", "/api/2.0/mlflow/registered-models/get", {"params": {"name": "MODEL-A"}}, None),
         ("GET", "/api/2.0/mlflow/registered-models/get", {"params": {"name": "Model-B"}},
