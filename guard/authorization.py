@@ -186,13 +186,11 @@ class AuthorizationMiddleware:
                 *needs.version_aliases
             ):
                 actions.add("promote")  # deleting a version that holds an alias
-            # A model named by the request (a rename's new name) as MLflow stores it; artifact
-            # sources come back from the resolver that way already.
+            # Names in the request (a rename's new name) as MLflow stores them; artifact sources
+            # come back from the resolver that way already.
             elsewhere = [
-                (await self.resolver.model_resource(r.removeprefix("model:"))
-                 if r.startswith("model:") and a != "read" else r, a)
-                for r, a in needs.elsewhere
-            ]  # fmt: skip
+                (await self._stored(r) if a != "read" else r, a) for r, a in needs.elsewhere
+            ]
             if source_field is not None:
                 refusal, read = await self._sources(
                     data or self._data(scope), source_field, subject
@@ -210,6 +208,14 @@ class AuthorizationMiddleware:
                 reason = "explicit_deny" if explicit else "permission_denied"
                 return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
+
+    async def _stored(self, resource: str) -> str:
+        kind, _, name = resource.partition(":")
+        if kind == "model":
+            return await self.resolver.model_resource(name)
+        if kind == "experiment":
+            return await self.resolver.experiment_resource_by_name(name)
+        return resource
 
     async def _linked_run(self, headers: dict[str, list[str]]) -> str:
         """The experiment of the run OTLP traces are linked to (``X-Mlflow-Run-Id``)."""

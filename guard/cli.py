@@ -336,7 +336,7 @@ def _remote(args: argparse.Namespace) -> int:
             result = call_api(args.gateway, "POST", "/policy/changes", {args.action: rows})
             print(f"policy version {result['policy_version']}")
         elif args.action == "list":
-            result = call_api(args.gateway, "GET", "/policy")
+            result = call_api(args.gateway, "GET", "/policy", expect=("policy_version", "rules"))
             if args.format == "csv":
                 print(f"# mlflow-guard policy, version {result['policy_version']}")
                 print("".join(", ".join(row) + "\n" for row in result["rules"]), end="")
@@ -347,7 +347,10 @@ def _remote(args: argparse.Namespace) -> int:
         else:
             query = {"subject": args.subject, "action": args.question_action,
                      "resource": args.resource}  # fmt: skip
-            result = call_api(args.gateway, "GET", "/policy/explain", query=query)
+            result = call_api(
+                args.gateway, "GET", "/policy/explain", query=query,
+                expect=("allowed", "reason", "rule"),
+            )  # fmt: skip
             verdict = "ALLOW" if result["allowed"] else "DENY"
             print(f"{verdict}: {args.subject} {args.question_action} {args.resource}")
             if result["rule"] is None:

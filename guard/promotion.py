@@ -3,9 +3,9 @@
 Setting or deleting a protected alias and writing or deleting a validation tag (on a model
 version or a registered model) need ``promote`` instead of ``update``: they are the promoter's
 job. Creating a version or a model with a validation tag, and deleting a version that holds an
-alias, need ``promote`` as well as the row's own action. Renaming a model needs ``delete`` on
-the old name and ``create`` on the new one. Stage transitions are ``promote`` in the route
-table itself.
+alias, need ``promote`` as well as the row's own action. Renaming a model or an experiment
+needs ``delete`` on the old name and ``create`` on the new one. Stage transitions are
+``promote`` in the route table itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ _TAGS: Final = (
 _CREATE_VERSION: Final = ("/model-versions/create", "/registered-models/create")
 _DELETE_VERSION: Final = ("/model-versions/delete",)
 _RENAME: Final = ("/registered-models/rename",)
-APPLIES: Final = _ALIAS + _TAGS + _CREATE_VERSION + _DELETE_VERSION + _RENAME
+_RENAME_EXPERIMENT: Final = ("/experiments/update",)  # its only change is a new name
+APPLIES: Final = _ALIAS + _TAGS + _CREATE_VERSION + _DELETE_VERSION + _RENAME + _RENAME_EXPERIMENT
 
 
 @dataclass
@@ -74,6 +75,14 @@ class PromotionRules:
                 raise RequestDataError(Refusal("invalid_request_body", "Name the new model."))
             needs.replace_action = "delete"
             needs.elsewhere.append((f"model:{new_name}", "create"))
+        elif path.endswith(_RENAME_EXPERIMENT):
+            # Like a model: a rename moves the experiment out of the grants on its old name and
+            # under those on the new one, so it needs delete there and create here.
+            new_name = data.single("new_name")
+            if not isinstance(new_name, str) or not new_name:
+                raise RequestDataError(Refusal("invalid_request_body", "Name the experiment."))
+            needs.replace_action = "delete"
+            needs.elsewhere.append((f"experiment:{new_name}", "create"))
         return needs
 
     @staticmethod

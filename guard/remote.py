@@ -37,6 +37,16 @@ def credentials(environ: Mapping[str, str]) -> str:
     )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the caller's credentials to another address (perhaps over plain
+    HTTP) and turn a POST into a GET that changes nothing: refuse it."""
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
+        raise RemoteError(f"the gateway answered with a redirect ({code}) to {newurl}")
+
+
 def call_api(
     gateway: str,
     method: str,
@@ -44,8 +54,10 @@ def call_api(
     document: Mapping[str, Any] | None = None,
     query: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    expect: tuple[str, ...] = ("policy_version",),
 ) -> dict[str, Any]:
-    """One JSON call to ``GATEWAY/guard/api{path}``; its JSON answer, or RemoteError."""
+    """One JSON call to ``GATEWAY/guard/api{path}``; its JSON answer (holding the ``expect``
+    keys), or RemoteError."""
     parts = urlsplit(gateway)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise RemoteError(f"--gateway must be an http(s) URL, not {gateway!r}")
@@ -58,16 +70,22 @@ def call_api(
         data = json.dumps(document).encode()
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - scheme checked
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-            answer: dict[str, Any] = json.loads(response.read())
-            return answer
+        with opener.open(request, timeout=TIMEOUT) as response:
+            answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        try:
-            error = json.loads(exc.read())
-            detail = f"{error['message']} ({error['reason']}, HTTP {exc.code})"
-        except (ValueError, KeyError, TypeError):
-            detail = f"HTTP {exc.code}"
-        raise RemoteError(f"the gateway refused: {detail}") from None
+        raise RemoteError(f"the gateway refused: {_detail(exc)}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise RemoteError(f"cannot reach the gateway at {gateway}: {exc}") from None
+    if not isinstance(answer, dict) or not set(expect) <= set(answer):
+        raise RemoteError(f"{url} did not answer as the mlflow-guard policy API does")
+    return answer
+
+
+def _detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())
+        return f"{error['message']} ({error['reason']}, HTTP {exc.code})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code}"

@@ -3,10 +3,12 @@
 The MLflow UI shows them as the run's user, and teams filter on them, so a caller may not
 attribute work to someone else. The MLflow client fills both from the operating-system account
 (``runner`` in CI, ``jovyan`` in a notebook), which is rarely the gateway identity, so refusing
-every run that disagrees would break every client: on ``runs/create`` the gateway writes the
-authenticated name into both instead. Later writes of ``mlflow.user`` (``set-tag``,
-``log-batch``, ``delete-tag``) naming anyone but the caller are refused. Administrators (those
-holding ``manage`` on the whole server) may set any value, for migrations and imports.
+every run that disagrees would break every client: on ``runs/create`` (and the UI's
+``runs/create-promptlab-run``) the gateway writes the authenticated name into both instead.
+Later writes of ``mlflow.user`` (``set-tag``, ``log-batch``, ``delete-tag``) naming anyone but
+the caller are refused. Administrators (those holding ``manage`` on the whole server) may set
+any value, for migrations and imports. Traces carry their own user (``mlflow.trace.user``); that
+is not checked yet.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from guard.errors import Refusal
 from guard.requestdata import RequestData, RequestDataError
 
 USER_TAG: Final = "mlflow.user"
-_CREATE: Final = ("/runs/create",)
+_CREATE: Final = ("/runs/create", "/runs/create-promptlab-run")
 _SET_TAG: Final = ("/runs/set-tag",)
 _LOG_BATCH: Final = ("/runs/log-batch",)
 _DELETE_TAG: Final = ("/runs/delete-tag",)

@@ -339,3 +339,13 @@ def test_graphql_is_authorized_field_by_field(world: World) -> None:
     # An administrator reads everything, searches included.
     search = {"query": "{ mlflowSearchModelVersions(input: {}) { modelVersions { name } } }"}
     assert httpx.post(url, json=search, headers=admin).status_code == 200
+
+
+def test_renaming_an_experiment_cannot_move_it_out_of_its_grants(world: World, as_) -> None:  # type: ignore[no-untyped-def]
+    alice = as_("alice")
+    own = alice.create_experiment("fraud/rename-me")
+    refused(lambda: alice.rename_experiment(own, "other/mine-now"),
+            "may not create experiment:other/mine-now")  # fmt: skip
+    refused(lambda: alice.rename_experiment(world.other, "fraud/taken"), "experiment:other/x")
+    alice.rename_experiment(own, "fraud/renamed")
+    assert alice.get_experiment(own).name == "fraud/renamed"

@@ -441,3 +441,32 @@ def test_deeply_nested_json_is_refused_not_a_500(
     headers = {"content-type": "application/json"}
     response = call(http, url, ADMIN, "POST", "/policy/changes", content=body, headers=headers)
     refused(response, 400, "invalid_request_body")
+
+
+def test_the_cli_never_follows_a_redirect_with_credentials(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway URL that redirects elsewhere must not receive (or forward) the token."""
+    from guard.cli import main
+
+    seen: list[str | None] = []
+
+    async def elsewhere(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_request_body(receive)
+        headers = dict(scope["headers"])
+        seen.append(headers.get(b"authorization", b"").decode() or None)
+        if scope["path"].startswith("/guard/api"):
+            location = f"http://127.0.0.1:{scope['server'][1]}/stolen".encode()
+            await send_response(send, 307, b"", [(b"location", location)])
+        else:
+            await send_response(send, 200, b"{}")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlg_secret")
+    with ServerThread(elsewhere, lifespan="off") as server:
+        assert main(["policy", "list", "--gateway", server.url]) == 1
+        assert main(["role", "assign", "--subject", "token:x", "--role", "viewer",
+                     "--resource", "experiment:x", "--gateway", server.url]) == 1  # fmt: skip
+    assert "redirect (307)" in capsys.readouterr().err
+    assert seen == ["Bearer mlg_secret", "Bearer mlg_secret"]  # only the URL given, never /stolen

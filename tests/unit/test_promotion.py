@@ -76,3 +76,14 @@ def test_rename_needs_delete_here_and_create_there() -> None:
         RULES.requirements(
             "/api/2.0/mlflow/registered-models/rename", body("POST", '{"name": "a"}')
         )
+
+
+def test_renaming_an_experiment_needs_delete_here_and_create_there() -> None:
+    needs = RULES.requirements(
+        "/ajax-api/2.0/mlflow/experiments/update",
+        body("POST", '{"experiment_id": "1", "new_name": "fraud/b"}'),
+    )
+    assert needs.replace_action == "delete"
+    assert needs.elsewhere == [("experiment:fraud/b", "create")]
+    with pytest.raises(RequestDataError):
+        RULES.requirements("/api/2.0/mlflow/experiments/update", body("POST", '{"new_name": 3}'))

@@ -54,6 +54,7 @@ OWNED_BY_EXPERIMENT_1 = {
 EXTRA_FIELDS = {
     "/model-versions/delete": {"version": "1"},
     "/registered-models/rename": {"new_name": "model-a2"},
+    "/experiments/update": {"new_name": "exp-1"},  # the allowed caller may create only exp-1
 }
 
 

@@ -67,3 +67,10 @@ def test_a_value_that_merely_converts_to_the_name_is_refused() -> None:
     path = "/api/2.0/mlflow/runs/set-tag"
     refusal = systemtags.refusal(path, data({"run_id": "r", "key": "mlflow.user", "value": 7}), "7")
     assert refusal is not None
+
+
+def test_prompt_lab_runs_are_attributed_too() -> None:
+    path = "/ajax-api/2.0/mlflow/runs/create-promptlab-run"
+    assert systemtags.applies(path)
+    body = systemtags.attribute_run(path, data({"experiment_id": "1", "user_id": "carol"}), "alice")
+    assert body is not None and json.loads(body)["user_id"] == "alice"
