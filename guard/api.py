@@ -307,6 +307,7 @@ class PolicyApi:
                 "policy changed by %s: +%d -%d rules, version %d",
                 subject, len(added), len(removed), version,
             )  # fmt: skip
+            _record(scope, version, added, removed)
             await self.policies.refresh()
         return 200, {
             "policy_version": version,
@@ -345,6 +346,11 @@ class PolicyApi:
                 "policy replaced by %s: +%d -%d rules, version %d",
                 subject, len(added), len(removed), version,
             )  # fmt: skip
+            scope["guard"].changes = {
+                "policy_version": version,
+                "added": [", ".join(r) for r in added],
+                "removed": [", ".join(r) for r in removed],
+            }
             await self.policies.refresh()
         return 200, {
             "policy_version": version,
@@ -374,6 +380,15 @@ class PolicyApi:
         if isinstance(body, Refusal):
             raise ApiError(body)
         return body
+
+
+def _record(scope: Scope, version: int, added: list[Rule], removed: list[Rule]) -> None:
+    """What the change did, for the request's audit record."""
+    scope["guard"].changes = {
+        "policy_version": version,
+        "added": [", ".join(r.row()) for r in added],
+        "removed": [", ".join(r.row()) for r in removed],
+    }
 
 
 def _query(scope: Scope, allowed: set[str]) -> dict[str, str]:

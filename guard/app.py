@@ -2,7 +2,8 @@
 
 Outermost first, every request passes:
 
-1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500
+1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500,
+                                 the audit outcome of every request (``guard.audit``)
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
@@ -12,7 +13,8 @@ Outermost first, every request passes:
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
 8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
-10. ``ProxyApp``                 MLflow
+10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
+11. ``ProxyApp``                 MLflow
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.api import PolicyApi
+from guard.audit.trail import AuditTrail, IntentMiddleware
 from guard.authentication import AuthenticationMiddleware
 from guard.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
@@ -81,6 +84,7 @@ class Gateway:
     upstream: UpstreamClient
     supervisor: MlflowSupervisor | None
     environ: Mapping[str, str]
+    trail: AuditTrail | None = None
     on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +103,8 @@ class Gateway:
         )
         if secret is not None:
             self.on_bootstrap(secret)
+        if self.trail is not None:
+            await self.trail.start()
         await self.policies.start()
         if self.supervisor is not None:
             await self.supervisor.start()
@@ -117,6 +123,8 @@ class Gateway:
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.token_provider.drain()
+        if self.trail is not None:
+            await self.trail.stop()
         self.engine.dispose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -242,9 +250,23 @@ def build_gateway(
     async def health() -> tuple[int, dict[str, object]]:
         return 200, {"status": "ok"}
 
+    trail: AuditTrail | None = None
+    if settings.audit.enabled:
+        a = settings.audit
+        trail = AuditTrail(
+            spool_dir=settings.audit_spool_dir,
+            secret_key=store.key,
+            engine=engine,
+            segment_size=a.segment_size,
+            batch_size=a.batch_size,
+            shutdown_grace=a.shutdown_grace,
+        )
+
     async def ready() -> tuple[int, dict[str, object]]:
         checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
         result = dict(zip(("database", "upstream"), checks, strict=True))
+        if trail is not None:
+            result["audit"] = trail.problem or "ok"
         failing = [name for name, state in result.items() if state != "ok"]
         if failing:
             return 503, {"detail": "; ".join(f"{n}: {result[n]}" for n in failing)}
@@ -254,6 +276,8 @@ def build_gateway(
     resolver = Resolver(upstream, settings.authz.cache_size, settings.authz.cache_ttl)
     version = VersionGate(VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow)
     protected: ASGIApp = ProxyApp(client=upstream, version=version)
+    if trail is not None:
+        protected = IntentMiddleware(protected, trail=trail)
 
     async def grant_creator(subject: str, resource: str) -> None:
         """Whoever created an experiment or a registered model manages it."""
@@ -278,15 +302,18 @@ def build_gateway(
         promotion=promotion,
         search=SearchFilter(upstream, store.key, settings.authz.search_max_pages),
         on_created=grant_creator,
+        before_search=trail.intent if trail is not None else None,
     )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(protected, providers=[token_provider], realm=g.realm)
-    api = PolicyApi(
+    api: ASGIApp = PolicyApi(
         policies=policies,
         governance=Governance(store, policies.store),
         max_body_size=g.max_body_size,
     )
+    if trail is not None:
+        api = IntentMiddleware(api, trail=trail, methods=frozenset({"POST", "PUT"}))
     app: ASGIApp = SplitByPrefix(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready}),
         AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm),
@@ -301,7 +328,11 @@ def build_gateway(
     app = SecurityHeadersMiddleware(
         app, frame_ancestors=g.frame_ancestors, hsts_max_age=g.hsts_max_age
     )
-    app = RequestContextMiddleware(app, trusted_proxies=g.trusted_proxies)
+    app = RequestContextMiddleware(
+        app,
+        trusted_proxies=g.trusted_proxies,
+        on_complete=trail.outcome if trail is not None else None,
+    )
     return Gateway(
         settings=settings,
         app=app,
@@ -312,6 +343,7 @@ def build_gateway(
         upstream=upstream,
         supervisor=supervisor,
         environ=environ,
+        trail=trail,
         on_bootstrap=on_bootstrap or (lambda secret: None),
     )
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guard import systemtags
 from guard.authz.runtime import PolicyRuntime
 from guard.errors import Refusal, send_refusal
-from guard.graphql import graphql_needs
+from guard.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
 from guard.promotion import PromotionRules, Requirements
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.resolve import Resolver, Unresolved
@@ -64,6 +64,7 @@ class AuthorizationMiddleware:
         promotion: PromotionRules,
         search: SearchFilter | None = None,
         on_created: OnCreated | None = None,
+        before_search: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
     ) -> None:
         self.app = app
         self.policies = policies
@@ -71,6 +72,7 @@ class AuthorizationMiddleware:
         self.promotion = promotion
         self.search = search
         self.on_created = on_created
+        self.before_search = before_search  # a filtered search reaches MLflow itself: audit it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: Route = scope["guard.route"]
@@ -82,6 +84,13 @@ class AuthorizationMiddleware:
                     data = self._data(scope)
                 except RequestDataError as exc:
                     await send_refusal(scope, send, exc.refusal)
+                    return
+                scope["guard"].action, scope["guard"].policy_version = "read", index.version
+                if (
+                    self.before_search is not None
+                    and (refusal := await self.before_search(scope)) is not None
+                ):
+                    await send_refusal(scope, send, refusal)
                     return
                 await self.search.respond(scope, send, subject, index, data)
                 return
@@ -95,12 +104,71 @@ class AuthorizationMiddleware:
             return
         if route.path.endswith(_CREATES) and resources and self.on_created is not None:
             await self._create(scope, receive, send, resources[0])
+        elif filters := scope.get("guard.graphql_filters"):
+            await self._filtered(scope, receive, send, filters)
         else:
             await self.app(scope, receive, send)
         if route.path.endswith(_RENAMES):
             self._forget(scope)
         elif route.path.endswith(_MODEL_NAME_CHANGES):
             self.resolver.forget("model", "")
+        await self._name_for_audit(scope, route)
+
+    async def _name_for_audit(self, scope: Scope, route: Route) -> None:
+        """A caller allowed everything skipped the lookups; once the answer is out, name what
+        it acted on for the audit trail (cached lookups, nearly always). Failing is fine."""
+        context = scope["guard"]
+        if context.resources or route.kind == "server" or route.id_from in ("none", "graphql"):
+            return
+        try:
+            headers: dict[str, list[str]] = {}
+            context.resources = await self.resolver.resources(
+                route, scope["guard.params"], self._data(scope), headers
+            )
+        except (RequestDataError, Unresolved):
+            return
+
+    async def _filtered(
+        self, scope: Scope, receive: Receive, send: Send, filters: list[ModelVersionsPath]
+    ) -> None:
+        """Forward a GraphQL query and drop, from its answer, the model versions of models the
+        caller may not read. An answer that cannot be filtered exactly is not sent at all."""
+        subject = scope["guard"].principal.subject
+        index = self.policies.index
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        def may_read(name: str) -> bool:
+            return index.decide(subject, f"model:{name}", "read").allowed
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False) or start is None:
+                return
+            body = b"".join(chunks)
+            headers = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+            ]
+            encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
+            if start["status"] == 200:
+                filtered = None if encoded else filter_model_versions(body, filters, may_read)
+                if filtered is None:
+                    await send_refusal(
+                        scope,
+                        send,
+                        Refusal("graphql_not_authorizable", "The answer cannot be filtered."),
+                    )
+                    return
+                body = filtered
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)
 
     def _attribute(self, scope: Scope) -> Refusal | None:
         """Runs are the caller's: their name goes into a new run, nobody else's into a later
@@ -163,6 +231,9 @@ class AuthorizationMiddleware:
                     index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
                 )
             ):
+                context = scope["guard"]
+                context.policy_version, context.action = index.version, ",".join(sorted(actions))
+                context.rule = f"unconditional {','.join(sorted(actions))} on {kind}:*"
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
@@ -201,11 +272,18 @@ class AuthorizationMiddleware:
         except (RequestDataError, Unresolved) as exc:
             return exc.refusal, []
         checks = [(r, a) for r in resources for a in sorted(actions)] + elsewhere
+        context = scope["guard"]
+        context.policy_version = index.version
+        context.action = ",".join(sorted(actions))
+        context.resources = list(dict.fromkeys(r for r, _ in checks))
         for resource, action in checks:
             decision = index.decide(subject, resource, action)
+            if decision.rule is not None:
+                context.rule = ", ".join(decision.rule.row())
             if not decision.allowed:
                 explicit = decision.reason == "explicit_deny"
                 reason = "explicit_deny" if explicit else "permission_denied"
+                context.action, context.resources = action, [resource]
                 return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
 
@@ -229,8 +307,13 @@ class AuthorizationMiddleware:
 
     async def _graphql(self, scope: Scope, subject: str) -> list[str]:
         """The experiments a GraphQL document reads; a field that can return anything of a kind
-        (a search without ids, a run's model versions) needs read on every one of them."""
-        needs = graphql_needs(scope["method"], scope["query_string"], scope.get("guard.body", b""))
+        (a search without ids) needs read on every one of them. A run's model versions are
+        filtered out of the answer instead, down to the models the caller may read."""
+        needs, filters = graphql_plan(
+            scope["method"], scope["query_string"], scope.get("guard.body", b"")
+        )
+        if filters and not self.policies.index.unconditional(subject, "model", "read"):
+            scope["guard.graphql_filters"] = filters
         resources: list[str] = []
         for need in needs:
             if need.field.startswith("all:"):

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -42,6 +43,16 @@ class RequestContext:
     principal: Principal | None = None
     refusal: Refusal | None = None
     status: int = 0
+    # What the audit trail records, filled in by the layer that knows it.
+    action: str = ""  # the action(s) authorized, e.g. "update" or "delete,promote"
+    resources: list[str] = field(default_factory=list)  # experiment:NAME / model:NAME
+    rule: str = ""  # the grant that allowed (or the deny that refused), as a policy row
+    policy_version: int = 0
+    changes: dict[str, object] = field(default_factory=dict)  # declared fields a write sets
+    upstream_status: int = 0
+    upstream_seconds: float = 0.0  # until MLflow's response headers arrived
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
@@ -100,9 +111,16 @@ def build_context(scope: Scope, trusted: tuple[Network, ...]) -> RequestContext:
 class RequestContextMiddleware:
     """Build the request context, stamp X-Request-Id, and turn any exception into a 500."""
 
-    def __init__(self, app: ASGIApp, *, trusted_proxies: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        trusted_proxies: tuple[str, ...] = (),
+        on_complete: Callable[[Scope], None] | None = None,
+    ) -> None:
         self.app = app
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        self.on_complete = on_complete  # the audit trail's outcome record, whatever happened
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -123,13 +141,27 @@ class RequestContextMiddleware:
                 started = True
                 context.status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            elif message["type"] == "http.response.body":
+                context.bytes_out += len(message.get("body", b""))
             await send(message)
 
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                context.bytes_in += len(message.get("body", b""))
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, counting_receive, send_with_id)
         except Exception:
             logger.exception(
                 "request %s %s %s failed", context.request_id, scope["method"], scope["path"]
             )
             if not started:
                 await send_refusal(scope, send_with_id, Refusal("internal_error"))
+        finally:
+            if self.on_complete is not None:
+                try:
+                    self.on_complete(scope)
+                except Exception:  # logged with its trace; the response is already out
+                    logger.exception("request %s: audit outcome not recorded", context.request_id)

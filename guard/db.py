@@ -85,6 +85,44 @@ policy_state = sa.Table(
 )
 
 
+# The audit trail (guard.audit): one row per record; ``record`` is the canonical JSON the chain's
+# MAC covers, the other columns copy what auditors filter on.
+audit_records = sa.Table(
+    "guard_audit",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("writer", sa.String(128), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("time", UTCDateTime, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("principal", sa.String(256), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("resource", sa.String(512), nullable=False),
+    sa.Column("decision", sa.String(8), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+    sa.UniqueConstraint("writer", "seq", name="guard_audit_writer_seq"),
+    sa.Index("guard_audit_time", "time"),
+    sa.Index("guard_audit_principal", "principal", "time"),
+    sa.Index("guard_audit_resource", "resource", "time"),
+    sa.Index("guard_audit_request", "request_id"),
+)  # fmt: skip
+
+# Where each writer's stored chain starts after a prune: the last pruned record's seq and MAC,
+# signed with the audit key so that moving the start forward is detected too.
+audit_anchors = sa.Table(
+    "guard_audit_anchor",
+    metadata,
+    sa.Column("writer", sa.String(128), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+    sa.Column("signature", sa.String(64), nullable=False),
+)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

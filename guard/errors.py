@@ -99,6 +99,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         503, "TEMPORARILY_UNAVAILABLE", "Credentials cannot be checked right now."
     ),
     "not_ready": ReasonInfo(503, "TEMPORARILY_UNAVAILABLE", "The gateway is not ready."),
+    "audit_unavailable": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "The audit trail cannot be written; nothing is served."
+    ),
     "policy_store_unavailable": ReasonInfo(
         503, "TEMPORARILY_UNAVAILABLE", "The policy database cannot be reached."
     ),

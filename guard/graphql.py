@@ -7,6 +7,11 @@ served. The document is parsed with graphql-core, MLflow's own parser, and read 
 graphql-core executes it: the operation ``operationName`` picks, variables with their defaults,
 aliases ignored, every fragment expanded, ``@skip``/``@include`` not evaluated (the field counts).
 
+A run's ``modelVersions`` are found by searching every model's versions, so the field is read on
+every registered model, unless its entries carry their ``name``: then ``graphql_plan`` says where
+in the response each such list lands (fields merged by response key, as graphql-core merges them)
+and ``filter_model_versions`` removes from the response the versions the caller may not read.
+
 Deny by default: every root field and every nested field whose resolver reaches a resource is in
 the tables below; any other field that could select data is refused, and so is any document the
 gateway cannot read exactly as graphql-core would (many of those MLflow rejects anyway). A test
@@ -16,6 +21,7 @@ checks the tables against the installed MLflow schema, so an upgrade cannot add 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -47,6 +53,16 @@ from guard.requestdata import RequestDataError, canonical_experiment_id, parse_j
 class Need:
     field: str  # "experiment_id" | "run_id" | "model_name" | "all:experiment" | "all:model"
     value: str  # the id or name; "" for the "all:*" kinds (read on every resource of that kind)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersionsPath:
+    """Where one run's ``modelVersions`` list lands in the response, to be filtered by name."""
+
+    # Response keys (aliases applied) from ``data`` down to the list. A list met on the way (the
+    # runs of a search) has no key of its own: each of its items is walked on with the next key.
+    path: tuple[str, ...]
+    name_key: str  # the response key holding each version's ``name`` (its model's name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +119,7 @@ ROOT_FIELDS: Final[dict[str, RootField]] = {
 NESTED_FIELDS: Final[dict[tuple[str, str], tuple[Need | None, str]]] = {
     ("MlflowRunExtension", "modelVersions"): (
         Need("all:model", ""),
-        "a search by run_id: versions of any registered model",
+        "a search by run_id: versions of any registered model (filtered when `name` is selected)",
     ),
     ("MlflowRunExtension", "experiment"): (None, "the run's own experiment, read for the run"),
     ("MlflowMetricExtension", "value"): (None, "the metric's own value (NaN becomes null)"),
@@ -148,6 +164,8 @@ _GRAPHQL_PARAMETERS: Final = frozenset({"query", "variables", "operationName", "
 # Selections visited at most; fragments spread in fragments can otherwise fan out exponentially.
 _MAX_SELECTIONS: Final = 5000
 _MISSING: Final = object()  # a variable neither given nor defaulted
+_FILTERABLE: Final = ("MlflowRunExtension", "modelVersions")
+_EVERY_MODEL: Final = Need("all:model", "")
 
 
 def _refuse(reason: str, detail: str) -> RequestDataError:
@@ -155,8 +173,20 @@ def _refuse(reason: str, detail: str) -> RequestDataError:
 
 
 def graphql_needs(method: str, query_string: bytes, body: bytes) -> list[Need]:
-    """Every read the document needs. Raises guard.requestdata.RequestDataError(Refusal(...))
-    when the request cannot be read or authorized."""
+    """Every read the document needs when the response is passed on unfiltered: a run's
+    ``modelVersions`` then needs read on every model. Raises like ``graphql_plan``."""
+    needs, paths = graphql_plan(method, query_string, body)
+    if paths and _EVERY_MODEL not in needs:
+        needs.append(_EVERY_MODEL)
+    return needs
+
+
+def graphql_plan(
+    method: str, query_string: bytes, body: bytes
+) -> tuple[list[Need], list[ModelVersionsPath]]:
+    """The reads the document needs, and the model-version lists ``filter_model_versions`` must
+    filter in its response. Raises guard.requestdata.RequestDataError(Refusal(...)) when the
+    request cannot be read or authorized."""
     if method not in ("GET", "POST"):
         raise _refuse("method_not_allowed", "GraphQL is served for GET and POST only.")
     given = {key for key, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)}
@@ -273,21 +303,38 @@ def _walk(
     selection_set: SelectionSetNode,
     fragments: dict[str, FragmentDefinitionNode],
     variables: dict[str, Any],
-) -> list[Need]:
-    """The needs of every field the operation selects, through fragments of any depth."""
+) -> tuple[list[Need], list[ModelVersionsPath]]:
+    """The needs of every field the operation selects, through fragments of any depth, and
+    where a run's model versions land in the response."""
     needs: dict[Need, None] = {}  # ordered and without repeats
-    stack = [(selection_set, _QUERY_TYPE, frozenset[str]())]
+    # Response path (keys from the root) -> the field answering there. graphql-core merges every
+    # field with one key in one object, so a path is one place in the response, whatever
+    # fragments the fields came from.
+    fields: dict[tuple[str, ...], str] = {}
+    versions: dict[tuple[str, ...], None] = {}  # paths of a run's modelVersions
+    names: dict[tuple[str, ...], list[str]] = {}  # path -> the keys of its `name` fields
+    stack: list[tuple[SelectionSetNode, str, tuple[str, ...], frozenset[str]]]
+    stack = [(selection_set, _QUERY_TYPE, (), frozenset())]
     budget = _MAX_SELECTIONS
     while stack:
-        selections, parent, spread = stack.pop()
+        selections, parent, at, spread = stack.pop()
         for selection in selections.selections:
             budget -= 1
             if budget < 0:
                 raise _refuse("invalid_request_body", "The document is too large to authorize.")
             if isinstance(selection, FieldNode):
+                name, key = selection.name.value, (selection.alias or selection.name).value
+                path = (*at, key)
+                if fields.setdefault(path, name) != name:
+                    # Validation forbids it; graphql-core would answer with only one of them.
+                    raise _refuse("ambiguous_parameter", f"Two fields answer as {key!r}.")
+                if (parent, name) == _FILTERABLE:
+                    versions[path] = None
+                elif name == "name":
+                    names.setdefault(at, []).append(key)
                 child = _field(selection, parent, variables, needs)
                 if child is not None and selection.selection_set is not None:
-                    stack.append((selection.selection_set, child, spread))
+                    stack.append((selection.selection_set, child, path, spread))
                 continue
             inside = spread
             if isinstance(selection, InlineFragmentNode):
@@ -308,8 +355,14 @@ def _walk(
                     "graphql_not_authorizable",
                     f"A fragment on {condition.name.value} is spread in {parent}.",
                 )
-            stack.append((inner, parent, inside))
-    return list(needs)
+            stack.append((inner, parent, at, inside))
+    paths: list[ModelVersionsPath] = []
+    for path in versions:
+        if path in names:
+            paths.append(ModelVersionsPath(path, min(names[path])))  # any copy of `name` will do
+        else:
+            needs[_EVERY_MODEL] = None  # nothing in the response says whose version it is
+    return list(needs), paths
 
 
 def _field(
@@ -329,7 +382,7 @@ def _field(
     if node.arguments or name.startswith("__") or (node.selection_set and name not in children):
         raise _refuse("graphql_not_authorizable", f"The field {parent}.{name} is not mapped.")
     crossing, _ = NESTED_FIELDS.get((parent, name), (None, ""))
-    if crossing is not None:
+    if crossing is not None and (parent, name) != _FILTERABLE:  # decided by _walk
         needs[crossing] = None
     return children.get(name)
 
@@ -375,3 +428,71 @@ def _ids(name: str, root: RootField, given: dict[str, Any]) -> list[str]:
     if not root.many and len(set(ids)) > 1:
         raise _refuse("ambiguous_parameter", f"{name} names two different runs.")
     return ids if root.many else ids[:1]
+
+
+def filter_model_versions(
+    response: bytes, paths: list[ModelVersionsPath], may_read: Callable[[str], bool]
+) -> bytes | None:
+    """MLflow's GraphQL response without the model versions of models ``may_read`` refuses:
+    the body itself when nothing is removed, None when it cannot be read one way."""
+    if not paths:
+        return response
+    try:
+        # Not requestdata.parse_json_body: a body that is a JSON string it would decode again.
+        document = json.loads(response, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError and duplicate keys
+        return None
+    if not isinstance(document, dict):
+        return None
+    data = document.get("data")  # null when the operation failed: nothing to filter
+    if data is not None and not isinstance(data, dict):
+        return None
+    removed = False
+    for plan in paths:
+        lists = _lists_at(data, plan.path)
+        if lists is None:
+            return None
+        for entries in lists:
+            kept = []
+            for entry in entries:
+                name = entry.get(plan.name_key) if isinstance(entry, dict) else None
+                if not isinstance(name, str):
+                    return None
+                if may_read(name):
+                    kept.append(entry)
+            removed = removed or len(kept) < len(entries)
+            entries[:] = kept
+    if not removed:
+        return response
+    # The compact form Flask's jsonify writes in production, keys in the order MLflow sent.
+    end = b"\n" if response.endswith(b"\n") else b""
+    return json.dumps(document, separators=(",", ":")).encode() + end
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("A JSON key appears twice.")
+    return dict(pairs)
+
+
+def _lists_at(data: Any, path: tuple[str, ...]) -> list[list[Any]] | None:
+    """Every list at ``path``, walking on from each item of a list met on the way; a missing or
+    null value holds none. None when a value has a shape that does not fit the path."""
+    found: list[list[Any]] = []
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if value is None:
+            continue
+        if depth == len(path):
+            if not isinstance(value, list):
+                return None
+            found.append(value)
+        elif isinstance(value, list):
+            stack.extend((item, depth) for item in value)
+        elif isinstance(value, dict):
+            stack.append((value.get(path[depth]), depth + 1))
+        else:
+            return None
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 from urllib.parse import quote
@@ -191,14 +192,19 @@ class ProxyApp:
         if query := scope["query_string"]:
             target += "?" + query.decode("latin-1")
         headers = upstream_request_headers(scope["headers"], extra)
+        context = scope["guard"]
+        started = time.monotonic()
         try:
             response = await self.client.request(scope["method"], target, headers, body)
         except UpstreamError as exc:
+            context.upstream_seconds = time.monotonic() - started
             logger.warning(
                 "request %s: upstream failed: %s", scope["guard"].request_id, exc.refusal.reason
             )
             await send_refusal(scope, send, exc.refusal)
             return
+        context.upstream_seconds = time.monotonic() - started
+        context.upstream_status = response.status
         async with response:
             start: Message = {
                 "type": "http.response.start",

@@ -332,6 +332,35 @@ class AuthzSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    enabled: bool = option(
+        True,
+        "Record every request in the audit trail. Off only for development and benchmarks: "
+        "with it off nothing is recorded at all.",
+    )
+    spool_dir: str = option(
+        "",
+        "Local directory where records are fsynced before a request is forwarded; empty means "
+        "<data_dir>/audit. One per gateway process (it is locked); keep it on a local disk.",
+    )
+    segment_size: int = option(
+        64 * 1024**2,
+        "Bytes per spool file before the next one starts; stored files are deleted.",
+        kind="size",
+        check=_positive,
+    )
+    batch_size: int = option(
+        500, "Records stored in the database per transaction.", check=_positive
+    )
+    shutdown_grace: float = option(
+        5.0,
+        "Seconds a stopping gateway spends storing spooled records in the database; what is "
+        "left is stored by the next start.",
+        kind="duration",
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -339,6 +368,7 @@ class Settings:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     authz: AuthzSettings = field(default_factory=AuthzSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -351,6 +381,10 @@ class Settings:
     @property
     def secret_key_file(self) -> Path:
         return Path(self.storage.secret_key_file or self.data_dir / "secret.key").resolve()
+
+    @property
+    def audit_spool_dir(self) -> Path:
+        return Path(self.audit.spool_dir or self.data_dir / "audit").resolve()
 
     @property
     def embedded(self) -> bool:

@@ -349,3 +349,22 @@ def test_renaming_an_experiment_cannot_move_it_out_of_its_grants(world: World, a
     refused(lambda: alice.rename_experiment(world.other, "fraud/taken"), "experiment:other/x")
     alice.rename_experiment(own, "fraud/renamed")
     assert alice.get_experiment(own).name == "fraud/renamed"
+
+
+def test_graphql_answers_hide_model_versions_of_unreadable_models(world: World) -> None:
+    """A run's modelVersions (the UI's run page asks for them) list only readable models."""
+    document = {
+        "query": "query R($id: String) { mlflowGetRun(input: {runId: $id}) { run { info "
+        "{ runId } mv: modelVersions { version n: name } } } }",
+        "variables": {"id": world.fraud_run},
+    }
+    url = world.gateway.url + "/graphql"
+
+    def names(token: str) -> list[str]:
+        response = httpx.post(url, json=document, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        return sorted(v["n"] for v in response.json()["data"]["mlflowGetRun"]["run"]["mv"])
+
+    assert names(world.gateway.token) == ["fraud-detector", "other-model"]
+    assert names(world.tokens["modeler"]) == ["fraud-detector"]
+    assert names(world.tokens["alice"]) == []  # reads the run, no model

@@ -3,16 +3,20 @@
 Three kinds of check: table-driven cases (including the ways around a field check: aliases,
 fragments, second operations, variables), the mapping tables against MLflow's real schema, and a
 differential run of every case through MLflow's executor, recording the resolvers it would call.
+Then a run's model versions: where the plan says they land in the response, and the filter that
+removes the unreadable ones, also on responses MLflow's executor and Flask really produce.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import flask
 import graphql
 import mlflow
 import pytest
@@ -21,7 +25,16 @@ from graphql import GraphQLInputObjectType, GraphQLList, GraphQLObjectType, get_
 from mlflow.server.graphql.graphql_no_batching import check_query_safety
 from mlflow.server.graphql.graphql_schema_extensions import schema
 
-from guard.graphql import NESTED_FIELDS, OBJECT_FIELDS, ROOT_FIELDS, Need, graphql_needs
+from guard.graphql import (
+    NESTED_FIELDS,
+    OBJECT_FIELDS,
+    ROOT_FIELDS,
+    ModelVersionsPath,
+    Need,
+    filter_model_versions,
+    graphql_needs,
+    graphql_plan,
+)
 from guard.requestdata import RequestDataError, canonical_experiment_id
 
 RUN = "query($d: MlflowGetRunInput) { mlflowGetRun(input: $d) { run { info { runId } } } }"
@@ -633,3 +646,387 @@ def test_ui_documents_agree_with_mlflow() -> None:
         variables, expected = UI_QUERIES[name]
         request = body(document, variables, name)
         assert mlflow_needs(request) == set(expected) == set(needs_of(request))
+
+
+# --- a run's model versions: where they land in the response, and the filter -----------------
+
+GOT = ("mlflowGetRun", "run", "modelVersions")
+SEARCHED = ("mlflowSearchRuns", "runs", "modelVersions")
+SEARCH = '{ mlflowSearchRuns(input: {experimentIds: ["1"]}) { runs { %s } } }'
+
+
+def versions_at(path: tuple[str, ...], name_key: str = "name") -> ModelVersionsPath:
+    return ModelVersionsPath(path, name_key)
+
+
+def plan_of(request: dict[str, Any]) -> tuple[list[Need], set[ModelVersionsPath]]:
+    needs, paths = graphql_plan("POST", b"", json.dumps(request).encode())
+    assert len(paths) == len(set(paths))
+    return needs, set(paths)
+
+
+# (id, request body, expected needs, expected paths; or the refusal reason)
+PLANS: list[tuple[str, dict[str, Any], tuple[list[Need], set[ModelVersionsPath]] | str]] = [
+    ("name selected", body("{ " + get_run("r1", "run { modelVersions { name version } }") + " }"),
+     ([run("r1")], {versions_at(GOT)})),
+    ("name not selected: every model",
+     body("{ " + get_run("r1", "run { modelVersions { version source } }") + " }"),
+     ([run("r1"), MODELS], set())),
+    ("only __typename: every model",
+     body("{ " + get_run("r1", "run { modelVersions { __typename } }") + " }"),
+     ([run("r1"), MODELS], set())),
+    ("an alias hiding modelVersions behind another field's key",
+     body("{ " + get_run("r1", "run { info: modelVersions { name } }") + " }"),
+     ([run("r1")], {versions_at(("mlflowGetRun", "run", "info"))})),
+    ("an alias on name", body("{ " + get_run("r1", "run { modelVersions { n: name } }") + " }"),
+     ([run("r1")], {versions_at(GOT, "n")})),
+    ("aliases all the way down",
+     body('{ g: mlflowGetRun(input: {runId: "r1"}) { r: run { v: modelVersions { n: name } } } }'),
+     ([run("r1")], {versions_at(("g", "r", "v"), "n")})),
+    ("another field answers as name; name itself under another key",
+     body("{ " + get_run("r1", "run { modelVersions { name: version n: name } }") + " }"),
+     ([run("r1")], {versions_at(GOT, "n")})),
+    ("name and version swap keys",
+     body("{ " + get_run("r1", "run { modelVersions { version: name name: version } }") + " }"),
+     ([run("r1")], {versions_at(GOT, "version")})),
+    ("__typename answers as name; name itself under another key",
+     body("{ " + get_run("r1", "run { modelVersions { name: __typename n: name } }") + " }"),
+     ([run("r1")], {versions_at(GOT, "n")})),
+    ("name selected twice under two keys: either will do",
+     body("{ " + get_run("r1", "run { modelVersions { b: name a: name name } }") + " }"),
+     ([run("r1")], {versions_at(GOT, "a")})),
+    ("two keys of modelVersions, one without name",
+     body("{ " + get_run("r1", "run { a: modelVersions { name } b: modelVersions { version } }")
+          + " }"),
+     ([run("r1"), MODELS], {versions_at(("mlflowGetRun", "run", "a"))})),
+    ("two keys of modelVersions, both with name",
+     body("{ " + get_run("r1", "run { a: modelVersions { x: name } modelVersions { name } }")
+          + " }"),
+     ([run("r1")], {versions_at(("mlflowGetRun", "run", "a"), "x"), versions_at(GOT)})),
+    ("modelVersions twice under one key: their selections merge",
+     body("{ " + get_run("r1", "run { modelVersions { version } modelVersions { name } }") + " }"),
+     ([run("r1")], {versions_at(GOT)})),
+    ("name only in a fragment on the version",
+     body("{ " + get_run("r1", "run { modelVersions { version ...V } }") + " } "
+          "fragment V on MlflowModelVersion { m: name }"),
+     ([run("r1")], {versions_at(GOT, "m")})),
+    ("modelVersions in a named fragment, name merged in from an inline one",
+     body("{ " + get_run("r1", "run { ...R ... on MlflowRunExtension { modelVersions { name } } }")
+          + " } fragment R on MlflowRunExtension { modelVersions { version } }"),
+     ([run("r1")], {versions_at(GOT)})),
+    ("the same run field twice: one place in the response",
+     body("{ " + get_run("r1", "run { modelVersions { name } } run { modelVersions { n: name } }")
+          + " }"),
+     ([run("r1")], {versions_at(GOT, "n")})),
+    ("root fields merged through fragments",
+     body("{ ...A ...B } fragment A on Query { g: " + get_run("r1", "run { modelVersions { v: "
+          "version } }") + " } fragment B on Query { g: " + get_run("r1", "run { modelVersions "
+          "{ name } }") + " }"),
+     ([run("r1")], {versions_at(("g", "run", "modelVersions"))})),
+    ("the runs of a search are a list",
+     body(SEARCH % "info { runId } modelVersions { name }"),
+     ([experiment("1")], {versions_at(SEARCHED)})),
+    ("search and get in one document",
+     body("{ s: " + SEARCH[2:-2] % "mv: modelVersions { name }" + " "
+          + get_run("r1", "run { modelVersions { name } }") + " }"),
+     ([experiment("1"), run("r1")],
+      {versions_at(("s", "runs", "mv")), versions_at(GOT)})),
+    ("a model-version search is no run's: every model",
+     body('{ mlflowSearchModelVersions(input: {}) { modelVersions { name } } }'),
+     ([MODELS], set())),
+    ("two fields answer as name",
+     body("{ " + get_run("r1", "run { modelVersions { name name: version } }") + " }"),
+     "ambiguous_parameter"),
+    ("two fields answer as name, one from a fragment",
+     body("{ " + get_run("r1", "run { modelVersions { name ...V } }") + " } "
+          "fragment V on MlflowModelVersion { name: source }"),
+     "ambiguous_parameter"),
+    ("__typename and name answer as name",
+     body("{ " + get_run("r1", "run { modelVersions { name name: __typename } }") + " }"),
+     "ambiguous_parameter"),
+    ("two fields answer as name in merged runs",
+     body("{ " + get_run("r1", "run { modelVersions { name } } run { modelVersions { "
+          "name: runId } }") + " }"),
+     "ambiguous_parameter"),
+    ("another field answers as modelVersions",
+     body("{ " + get_run("r1", "run { modelVersions { name } modelVersions: info { runId } }")
+          + " }"),
+     "ambiguous_parameter"),
+    ("another root field answers at the same key",
+     body('{ a: mlflowGetRun(input: {runId: "r1"}) { run { modelVersions { name } } } '
+          'a: test(inputString: "x") { output } }'),
+     "ambiguous_parameter"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_body", "expected"), [c[1:] for c in PLANS], ids=[c[0] for c in PLANS]
+)
+def test_plans(
+    request_body: dict[str, Any], expected: tuple[list[Need], set[ModelVersionsPath]] | str
+) -> None:
+    if isinstance(expected, str):
+        assert refusal("POST", b"", json.dumps(request_body).encode()) == expected
+        return
+    assert plan_of(request_body) == expected
+    # A caller that does not filter still needs read on every model.
+    needs = expected[0] + [MODELS] if expected[1] and MODELS not in expected[0] else expected[0]
+    assert needs_of(request_body) == needs
+
+
+@pytest.mark.parametrize("request_body", [c[1] for c in PLANS], ids=[c[0] for c in PLANS])
+def test_plans_are_what_mlflow_would_resolve(request_body: dict[str, Any]) -> None:
+    """The refusals among these are documents MLflow's validation rejects too."""
+    try:
+        ours = needs_of(request_body)
+    except RequestDataError:
+        assert mlflow_needs(request_body) is None
+        return
+    assert mlflow_needs(request_body) == set(ours)
+
+
+@pytest.mark.parametrize(("name", "path"), [("GetRun", GOT), ("SearchRuns", SEARCHED)])
+def test_the_ui_run_pages_are_filtered_not_refused(name: str, path: tuple[str, ...]) -> None:
+    document = ui_documents()[name]
+    variables, expected = UI_QUERIES[name]
+    for text in (document, document.replace("{", "{ __typename ")):
+        assert plan_of(body(text, variables, name)) == (
+            [need for need in expected if need != MODELS],
+            {versions_at(path)},
+        )
+
+
+def readable(name: str) -> bool:
+    return name.startswith("ok")
+
+
+def dumped(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def version(name: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "version": "1", **more}
+
+
+def got(versions: Any) -> dict[str, Any]:
+    return {"data": {"mlflowGetRun": {"run": {"info": {"runId": "r1"}, "modelVersions": versions},
+                                      "apiError": None}}, "errors": None}  # fmt: skip
+
+
+def test_the_filter_keeps_only_readable_versions_and_everything_else() -> None:
+    response = got([version("ok1"), version("no", source="s3://x"), version("ok2")])
+    filtered = filter_model_versions(dumped(response), [versions_at(GOT)], readable)
+    assert filtered is not None
+    assert json.loads(filtered) == got([version("ok1"), version("ok2")])
+    assert filtered == dumped(got([version("ok1"), version("ok2")])).replace(b", ", b",").replace(
+        b": ", b":"
+    )  # same keys in the same order, compact
+
+
+def test_the_filter_reads_the_key_name_was_given_not_the_key_called_name() -> None:
+    # `modelVersions { name: version  n: name }`: "name" holds a version, "n" the model.
+    response = got([{"name": "ok-looking", "n": "no"}, {"name": "1", "n": "ok"}])
+    filtered = filter_model_versions(dumped(response), [versions_at(GOT, "n")], readable)
+    assert filtered is not None
+    assert json.loads(filtered) == got([{"name": "1", "n": "ok"}])
+
+
+def test_the_filter_walks_every_run_of_a_search() -> None:
+    runs = [
+        {"modelVersions": [version("no"), version("ok")]},
+        {"modelVersions": None},
+        None,
+        {"modelVersions": []},
+        {"info": {}},
+        {"modelVersions": [version("no2")]},
+    ]
+    response = {"data": {"mlflowSearchRuns": {"runs": runs}}, "errors": None}
+    filtered = filter_model_versions(dumped(response), [versions_at(SEARCHED)], readable)
+    assert filtered is not None
+    kept = json.loads(filtered)["data"]["mlflowSearchRuns"]["runs"]
+    assert kept == [{"modelVersions": [version("ok")]}, {"modelVersions": None}, None,
+                    {"modelVersions": []}, {"info": {}}, {"modelVersions": []}]  # fmt: skip
+
+
+def test_the_filter_filters_every_path() -> None:
+    response = {"data": {"mlflowGetRun": {"run": {"a": [version("no")], "b": [{"x": "no"}]}}}}
+    paths = [
+        versions_at(("mlflowGetRun", "run", "a")),
+        versions_at(("mlflowGetRun", "run", "b"), "x"),
+    ]
+    filtered = filter_model_versions(dumped(response), paths, readable)
+    assert filtered is not None
+    assert json.loads(filtered) == {"data": {"mlflowGetRun": {"run": {"a": [], "b": []}}}}
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        got([version("ok")]),
+        got([]),
+        got(None),
+        {"data": {"mlflowGetRun": {"run": None, "apiError": {"code": "RESOURCE_DOES_NOT_EXIST"}}}},
+        {"data": {"mlflowGetRun": None}, "errors": ["boom"]},
+        {"data": None, "errors": ["Cannot query field"]},
+        {"errors": ["no data at all"]},
+        {"data": {}},
+    ],
+    ids=["all readable", "none", "null list", "run not found", "root null", "data null",
+         "data missing", "field missing"],
+)  # fmt: skip
+def test_nothing_to_remove_is_the_same_bytes(response: dict[str, Any]) -> None:
+    raw = json.dumps(response, indent=1).encode() + b"\n"
+    assert filter_model_versions(raw, [versions_at(GOT)], readable) == raw
+
+
+def test_no_paths_means_the_response_is_not_read() -> None:
+    assert filter_model_versions(b"not json", [], readable) == b"not json"
+
+
+def test_a_filtered_body_keeps_non_ascii_names_and_the_final_newline() -> None:
+    raw = dumped(got([version("ok-é"), version("no-ü")])) + b"\n"
+    filtered = filter_model_versions(raw, [versions_at(GOT)], readable)
+    assert filtered is not None and filtered.endswith(b"}\n")
+    assert json.loads(filtered) == got([version("ok-é")])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"",
+        b"\xff\xfe{",
+        b"[]",
+        b"null",
+        dumped(json.dumps(got([version("no")]))),  # a JSON string holding the response
+        b'{"data": {"mlflowGetRun": {"run": {"modelVersions": []}}}, "data": null}',
+        b'{"data": {"mlflowGetRun": {"run": {"modelVersions": [{"name": "ok", "name": "no"}]}}}}',
+        b'{"data": {"mlflowGetRun": {"run": {"modelVersions": [], "modelVersions": '
+        b'[{"name": "no"}]}}}}',
+        b'{"data": {"mlflowGetRun": {"run": {"modelVersions": [{"name": "no", "tags": '
+        b'{"k": 1, "k": 2}}]}}}}',
+        b"[" * 100_000 + b"]" * 100_000,
+        dumped({"data": [got([version("no")])["data"]]}),  # data is not an object
+        dumped({"data": "x"}),
+        dumped(got([{"version": "1"}])),  # an entry without the name
+        dumped(got([version("ok"), {"version": "1"}])),
+        dumped(got([{"name": None}])),
+        dumped(got([{"name": 5}])),
+        dumped(got([{"name": ["ok"]}])),
+        dumped(got([None])),
+        dumped(got(["ok"])),
+        dumped(got([[version("no")]])),  # a list of lists
+        dumped(got({"name": "no"})),  # an object for the list
+        dumped(got("no")),
+        dumped({"data": {"mlflowGetRun": {"run": "no"}}}),
+        dumped({"data": {"mlflowGetRun": {"run": 1}}}),
+        dumped({"data": {"mlflowGetRun": True}}),
+    ],
+)
+def test_responses_that_cannot_be_read_one_way(raw: bytes) -> None:
+    assert filter_model_versions(raw, [versions_at(GOT)], readable) is None
+
+
+def test_an_unreadable_response_is_refused_even_when_the_first_path_is_fine() -> None:
+    response = {"data": {"mlflowGetRun": {"run": {"a": [version("ok")], "b": [{"n": 1}]}}}}
+    paths = [
+        versions_at(("mlflowGetRun", "run", "a")),
+        versions_at(("mlflowGetRun", "run", "b"), "n"),
+    ]
+    assert filter_model_versions(dumped(response), paths, readable) is None
+
+
+class VersionsStandIn(Recorder):
+    """MLflow's executor with the resolvers stood in for, and each run's ``modelVersions``
+    answering versions of two models, as MLflow's search by run id finds them."""
+
+    VERSIONS: tuple[dict[str, Any], ...] = (
+        # The readable model's version is spelled like the other model and back, so a filter
+        # reading the wrong key keeps the wrong version.
+        {"name": "ok-model", "version": "no-model", "source": "s3://ok"},
+        {"name": "no-model", "version": "ok-model", "source": "s3://no"},
+    )
+
+    def resolve(self, next_: Any, root: Any, info: Any, **args: Any) -> Any:
+        if (info.parent_type.name, info.field_name) == ("MlflowRunExtension", "modelVersions"):
+            return copy.deepcopy(list(self.VERSIONS))
+        return super().resolve(next_, root, info, **args)
+
+
+def mlflow_response(request: dict[str, Any]) -> bytes:
+    """The body MLflow's ``_graphql`` answers: its executor's result through Flask's jsonify."""
+    result = schema.execute(
+        request["query"],
+        variables=request.get("variables"),
+        operation_name=request.get("operationName"),
+        middleware=[VersionsStandIn()],
+    )
+    assert not result.errors, result.errors
+    with flask.Flask(__name__).app_context():
+        return flask.jsonify({"data": result.data, "errors": None}).get_data()
+
+
+def model_names(value: Any, name_key: str) -> list[str]:
+    """Every value under ``name_key`` anywhere in a response, in order."""
+    if isinstance(value, list):
+        return [name for item in value for name in model_names(item, name_key)]
+    if isinstance(value, dict):
+        own = [value[name_key]] if isinstance(value.get(name_key), str) else []
+        return own + [name for item in value.values() for name in model_names(item, name_key)]
+    return []
+
+
+TRICKY = body(
+    "query Q($e: [String]) { "
+    "s: mlflowSearchRuns(input: {experimentIds: $e}) { runs { ...R info { runId } } } "
+    'g: mlflowGetRun(input: {runId: "r1"}) { run { v: modelVersions { name: version m: name } } }'
+    " } "
+    "fragment R on MlflowRunExtension { modelVersions { version ...V } w: modelVersions { name } }"
+    " fragment V on MlflowModelVersion { m: name source }",
+    {"e": ["1"]},
+    "Q",
+)
+
+
+def test_a_real_response_keeps_only_the_readable_model() -> None:
+    request = TRICKY
+    assert not graphql.validate(schema.graphql_schema, graphql.parse(request["query"]))
+    needs, paths = plan_of(request)
+    assert needs == [experiment("1"), run("r1")]
+    assert paths == {
+        versions_at(("s", "runs", "modelVersions"), "m"),
+        versions_at(("s", "runs", "w")),
+        versions_at(("g", "run", "v"), "m"),
+    }
+    raw = mlflow_response(request)
+    filtered = filter_model_versions(raw, list(paths), readable)
+    assert filtered is not None
+    before, after = json.loads(raw), json.loads(filtered)
+    assert len(before["data"]["s"]["runs"]) == 2
+    assert sorted(set(model_names(before, "m"))) == ["no-model", "ok-model"]
+    assert after == {
+        "data": {
+            "g": {"run": {"v": [{"m": "ok-model", "name": "no-model"}]}},
+            "s": {"runs": [
+                {"info": None, "modelVersions": [
+                    {"m": "ok-model", "source": "s3://ok", "version": "no-model"}
+                ], "w": [{"name": "ok-model"}]},
+            ] * 2},
+        },
+        "errors": None,
+    }  # fmt: skip
+    assert list(after["data"]) == list(before["data"])  # Flask's key order is kept
+
+
+@pytest.mark.parametrize("name", ["GetRun", "SearchRuns"])
+def test_the_ui_run_pages_show_only_readable_versions(name: str) -> None:
+    variables, _ = UI_QUERIES[name]
+    request = body(ui_documents()[name], variables, name)
+    _, paths = graphql_plan("POST", b"", json.dumps(request).encode())
+    raw = mlflow_response(request)
+    filtered = filter_model_versions(raw, paths, readable)
+    assert filtered is not None
+    assert "no-model" in model_names(json.loads(raw), "name")
+    names = model_names(json.loads(filtered), "name")
+    assert "no-model" not in names and "ok-model" in names
+    assert filter_model_versions(raw, paths, lambda _: True) == raw

@@ -108,7 +108,9 @@ def raw_request(gateway: str, request_line: str, extra: str = "", body: str = ""
 
 
 def last(fake: FakeMlflow) -> dict[str, object]:
-    return fake.seen[-1]
+    """The last request forwarded for a client (not a lookup of the gateway's own)."""
+    forwarded = [r for r in fake.seen if "x-forwarded-for" in header_names(r)]
+    return forwarded[-1]
 
 
 def header_names(record: dict[str, object]) -> list[str]:

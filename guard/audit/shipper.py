@@ -1,0 +1,143 @@
+"""The shipper: moves spooled records into the database, in batches, exactly once.
+
+It reads the spool from its oldest segment, skips what the table already holds for this writer
+(``(writer, seq)`` is unique, and the newest stored seq is asked once at start), and inserts the
+rest a batch per transaction. While the database is down, records wait in the spool and the
+shipper retries with backoff; when it is back they are replayed in order. A segment is deleted
+once everything in it is stored and the spool writes elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import sqlalchemy as sa
+
+from guard.audit.spool import Spool, read_records, segments
+from guard.audit.store import AuditStore
+
+logger = logging.getLogger("guard.audit")
+
+RETRY_MIN, RETRY_MAX = 0.5, 30.0
+
+
+class Shipper:
+    def __init__(self, spool: Spool, store: AuditStore, *, batch_size: int = 500) -> None:
+        self.spool = spool
+        self.store = store
+        self.batch_size = batch_size
+        self.shipped = 0  # newest seq known to be in the database
+        self.replayed = 0  # records stored by this process
+        self.failures = 0
+        self.last_error = ""
+        self._cursor: tuple[Path, int] | None = None
+        self._pending: tuple[Path, int] | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    def notify(self) -> None:
+        """Called from the spool's thread after each commit."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def depth(self) -> int:
+        """Records in the spool not yet in the database."""
+        return max(0, self.spool.head.seq - self.shipped)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self, grace: float) -> None:
+        """Ship what is spooled (for at most ``grace`` seconds), then stop. What is left
+        stays in the spool and is shipped by the next start."""
+        if self._task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.depth and asyncio.get_running_loop().time() < deadline and not self._task.done():
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        if self.depth:
+            logger.warning("%d audit records left in the spool for the next start", self.depth)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            try:
+                if not self._started:
+                    self.shipped = await anyio.to_thread.run_sync(
+                        self.store.max_seq, self.spool.writer
+                    )
+                    self._started = True
+                batch = await anyio.to_thread.run_sync(self._read)
+                if batch:
+                    await anyio.to_thread.run_sync(self.store.insert, batch)
+                    self.shipped = int(batch[-1]["seq"])
+                    self.replayed += len(batch)
+                    if self.last_error:
+                        logger.warning(
+                            "audit database reachable again; %d records behind", self.depth
+                        )
+                    self.last_error, delay = "", RETRY_MIN
+                    await anyio.to_thread.run_sync(self._prune_segments)
+                    continue
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                self.failures += 1
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if message != self.last_error:
+                    logger.error(
+                        "audit records not stored yet (%s); they wait in the spool", message
+                    )
+                self.last_error = message
+                self._started = self._started and not isinstance(exc, sa.exc.IntegrityError)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    def _read(self) -> list[dict[str, Any]]:
+        """The next batch not yet stored, from the durable part of the spool. Where it ends
+        becomes the cursor once the batch is stored."""
+        writing, durable = self.spool.committed()
+        cursor, batch = self._cursor, []
+        for path in segments(self.spool.directory):
+            if cursor is not None and path.name < cursor[0].name:
+                continue
+            start = cursor[1] if cursor is not None and cursor[0] == path else 0
+            current = int(path.stem) == writing
+            for record, after in read_records(path, start, durable if current else None):
+                cursor = (path, after)
+                if int(record["seq"]) <= self.shipped:
+                    continue  # stored before a restart: the spool replays from its start
+                batch.append(record)
+                if len(batch) >= self.batch_size:
+                    self._pending = cursor
+                    return batch
+            if current:
+                break
+        self._pending = cursor
+        return batch
+
+    def _prune_segments(self) -> None:
+        """Advance the cursor; delete segments before it that the spool no longer writes."""
+        self._cursor = self._pending
+        if self._cursor is None:
+            return
+        writing, _ = self.spool.committed()
+        for path in segments(self.spool.directory):
+            if path.name >= self._cursor[0].name or int(path.stem) >= writing:
+                break
+            path.unlink()

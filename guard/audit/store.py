@@ -1,0 +1,142 @@
+"""The audit table: records in, records out, for the shipper, the CLI and the API.
+
+Each row is one sealed record. ``(writer, seq)`` is unique, which makes shipping idempotent: a
+batch that was stored just before a crash is recognized and skipped when the spool replays it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from guard.audit.chain import Head, canonical
+from guard.authz.engine import resource_match
+from guard.db import audit_anchors, audit_records
+
+# Columns copied out of a record (name in the record -> its default when absent).
+COLUMNS = {
+    "kind": "", "request_id": "", "principal": "", "action": "", "resource": "",
+    "decision": "", "reason": "", "status": 0,
+}  # fmt: skip
+
+
+def parse_time(value: str) -> dt.datetime:
+    """A record's ``time`` (ISO 8601, UTC) as an aware datetime."""
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def row_of(record: dict[str, Any]) -> dict[str, Any]:
+    row = {name: record.get(name) or default for name, default in COLUMNS.items()}
+    row["resource"] = str(row["resource"])[:512]
+    row.update(
+        writer=record["writer"],
+        seq=record["seq"],
+        time=parse_time(record["time"]),
+        record=canonical(record).decode(),
+    )
+    return row
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What auditors ask for; every field is optional and they combine with AND."""
+
+    principal: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    action: str | None = None
+    resource: str | None = None  # a pattern, as in policies: model:fraud-*
+    decision: str | None = None
+    request_id: str | None = None
+    kind: str | None = None
+
+
+class AuditStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def max_seq(self, writer: str) -> int:
+        """The newest sequence number stored for ``writer`` (0 if none)."""
+        query = sa.select(sa.func.max(audit_records.c.seq)).where(audit_records.c.writer == writer)
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        if value is None:
+            anchor = self.anchors().get(writer)
+            return anchor.seq if anchor else 0
+        return int(value)
+
+    def insert(self, records: Sequence[dict[str, Any]]) -> None:
+        """Store a batch in one transaction (all or nothing)."""
+        if records:
+            with self.engine.begin() as conn:
+                conn.execute(audit_records.insert(), [row_of(r) for r in records])
+
+    def query(
+        self, filters: Filters, after: int = 0, limit: int = 100
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` matching records after row id ``after``, oldest first, as
+        ``(row id, record)``; the last row id is the cursor for the next page."""
+        c = audit_records.c
+        query = sa.select(c.id, c.record, c.resource).where(c.id > after).order_by(c.id)
+        if filters.principal:
+            query = query.where(c.principal == filters.principal)
+        if filters.since:
+            query = query.where(c.time >= filters.since)
+        if filters.until:
+            query = query.where(c.time < filters.until)
+        if filters.action:
+            query = query.where(c.action == filters.action)
+        if filters.decision:
+            query = query.where(c.decision == filters.decision)
+        if filters.request_id:
+            query = query.where(c.request_id == filters.request_id)
+        if filters.kind:
+            query = query.where(c.kind == filters.kind)
+        pattern = filters.resource
+        if pattern and "*" not in pattern and "?" not in pattern:
+            query = query.where(c.resource == pattern)
+        elif pattern:
+            prefix = pattern.split("*", 1)[0].split("?", 1)[0]
+            escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(c.resource.like(escaped + "%", escape="\\"))
+        result: list[tuple[int, dict[str, Any]]] = []
+        with self.engine.connect() as conn:
+            # A glob is narrowed by its literal prefix in SQL and matched exactly here.
+            for row in conn.execution_options(yield_per=500).execute(query):
+                if pattern and not resource_match(row.resource, pattern):
+                    continue
+                result.append((row.id, json.loads(row.record)))
+                if len(result) >= limit:
+                    break
+        return result
+
+    def chain(self) -> Iterator[dict[str, Any]]:
+        """Every record, ordered by writer and sequence number, for verification. A row whose
+        columns (what queries filter on) disagree with its record comes back altered, so the
+        MAC check reports it."""
+        c = audit_records.c
+        query = sa.select(audit_records).order_by(c.writer, c.seq)
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=1000).execute(query):
+                try:
+                    record = json.loads(row.record)
+                    expected = row_of(record)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    yield {"writer": row.writer, "seq": row.seq, "unreadable": True}
+                    continue
+                columns = {name: getattr(row, name) for name in expected}
+                if columns != expected:
+                    record = {**record, "columns_differ": True}
+                yield record
+
+    def anchors(self) -> dict[str, Head]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_anchors)).all()
+        return {r.writer: Head(r.writer, int(r.seq), r.mac) for r in rows}

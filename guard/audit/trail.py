@@ -1,0 +1,103 @@
+"""The audit trail of one gateway process: its spool, its shipper, and the two request hooks.
+
+``intent`` runs just before a request is forwarded (to MLflow, or a policy change is applied):
+it returns only once the record is fsynced, or refuses the request with ``audit_unavailable``.
+``outcome`` runs when the response is complete, for every request, refusals included; it queues
+the record without waiting (what it describes has already happened).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import anyio.to_thread
+from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from guard.audit import records
+from guard.audit.chain import derive_key
+from guard.audit.records import Redactor
+from guard.audit.shipper import Shipper
+from guard.audit.spool import Spool, SpoolError
+from guard.audit.store import AuditStore
+from guard.errors import Refusal, send_refusal
+
+logger = logging.getLogger("guard.audit")
+
+# Probes and metrics scrapes would drown the trail; they change nothing.
+NOT_RECORDED: Final = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
+
+
+class AuditTrail:
+    def __init__(
+        self,
+        *,
+        spool_dir: Path,
+        secret_key: bytes,
+        engine: Engine,
+        segment_size: int,
+        batch_size: int,
+        shutdown_grace: float,
+    ) -> None:
+        self.redactor = Redactor(derive_key(secret_key, "audit-redact"))
+        self.chain_key = derive_key(secret_key, "audit-chain")
+        self.spool = Spool(spool_dir, self.chain_key, segment_size=segment_size)
+        self.store = AuditStore(engine)
+        self.shipper = Shipper(self.spool, self.store, batch_size=batch_size)
+        self.spool.on_commit = self.shipper.notify
+        self.shutdown_grace = shutdown_grace
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self.spool.open)
+        await self.shipper.start()
+
+    async def stop(self) -> None:
+        """Write every queued record to the spool, then ship what the grace period allows."""
+        await anyio.to_thread.run_sync(self.spool.close)
+        await self.shipper.stop(self.shutdown_grace)
+
+    @property
+    def problem(self) -> str:
+        """Why requests are being refused right now ("" when the spool is writable)."""
+        return "" if self.spool.healthy and not self.spool.broken else self.spool.error
+
+    async def intent(self, scope: Scope) -> Refusal | None:
+        try:
+            await self.spool.append(records.intent(scope, self.redactor))
+        except SpoolError as exc:
+            logger.error("request %s refused: %s", scope["guard"].request_id, exc)
+            return Refusal("audit_unavailable")
+        return None
+
+    def outcome(self, scope: Scope) -> None:
+        if scope.get("type") != "http" or scope.get("path") in NOT_RECORDED:
+            return
+        context = scope.get("guard")
+        if context is None:
+            return
+        self.spool.append_nowait(
+            records.outcome(scope, self.redactor, time.monotonic() - context.started)
+        )
+
+    def event(self, body: dict[str, Any]) -> None:
+        """Something that is not a request: a token made or revoked by the gateway itself."""
+        self.spool.append_nowait({"kind": "event", "time": records.now(), **body})
+
+
+class IntentMiddleware:
+    """No request passes unrecorded: its intent is on disk before the inner app runs."""
+
+    def __init__(self, app: ASGIApp, *, trail: AuditTrail, methods: frozenset[str] | None = None):
+        self.app = app
+        self.trail = trail
+        self.methods = methods  # None: every method
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        wanted = self.methods is None or scope["method"] in self.methods
+        if wanted and (refusal := await self.trail.intent(scope)) is not None:
+            await send_refusal(scope, send, refusal)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,276 @@
+"""The spool and the shipper: durable before forwarding, exactly once into the database."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from guard.audit.chain import Head, derive_key, verify
+from guard.audit.shipper import Shipper
+from guard.audit.spool import Spool, SpoolError, read_records, segments
+from guard.audit.store import AuditStore
+from guard.db import audit_records, build_engine, migrate
+
+KEY = derive_key(b"k" * 40, "audit-chain")
+
+
+def body(i: int) -> dict[str, Any]:
+    return {"kind": "outcome", "time": "2026-12-01T00:00:00+00:00", "request_id": f"r{i}",
+            "principal": "token:ci", "status": 200}  # fmt: skip
+
+
+def spooled(directory: Path) -> list[dict[str, Any]]:
+    return [r for path in segments(directory) for r, _ in read_records(path)]
+
+
+def open_spool(directory: Path, segment_size: int = 1 << 20, **kwargs: Any) -> Spool:
+    spool = Spool(directory, KEY, segment_size=segment_size, **kwargs)
+    spool.open()
+    return spool
+
+
+def test_append_returns_once_the_record_is_on_disk(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(1)))
+        records = spooled(tmp_path)
+        assert [r["request_id"] for r in records] == ["r1"]
+        assert records[0]["writer"] == spool.writer and records[0]["seq"] == 1
+        head = json.loads((tmp_path / "head.json").read_text())
+        assert head == {"writer": spool.writer, "seq": 1, "mac": records[0]["mac"]}
+    finally:
+        spool.close()
+
+
+def test_concurrent_appends_share_fsyncs_and_keep_one_chain(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+
+    async def many() -> None:
+        await asyncio.gather(*(spool.append(body(i)) for i in range(200)))
+
+    try:
+        asyncio.run(many())
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert sorted(r["request_id"] for r in records) == sorted(f"r{i}" for i in range(200))
+    assert [r["seq"] for r in records] == list(range(1, 201))
+    assert verify(KEY, records) == []
+    assert spool.commits < 200  # group commit: queued records share one write and fsync
+
+
+def test_a_reopened_spool_continues_its_chain(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    asyncio.run(spool.append(body(1)))
+    writer = spool.writer
+    spool.close()
+    again = open_spool(tmp_path)
+    try:
+        assert again.writer == writer and again.head.seq == 1
+        asyncio.run(again.append(body(2)))
+    finally:
+        again.close()
+    assert verify(KEY, spooled(tmp_path)) == []
+
+
+def test_outcomes_queued_without_waiting_are_written_by_close(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    for i in range(50):
+        spool.append_nowait(body(i))
+    spool.close()
+    assert len(spooled(tmp_path)) == 50
+
+
+def test_a_torn_last_record_is_cut_off_and_the_chain_goes_on(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    asyncio.run(spool.append(body(1)))
+    spool.close()
+    (segment,) = segments(tmp_path)
+    with segment.open("ab") as file:
+        file.write(b'{"kind": "outcome", "seq": 2, "tor')  # a crash mid-write
+    again = open_spool(tmp_path)
+    try:
+        assert again.head.seq == 1
+        asyncio.run(again.append(body(2)))
+    finally:
+        again.close()
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == [1, 2] and verify(KEY, records) == []
+
+
+def test_one_spool_one_process(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        with pytest.raises(SpoolError, match="in use by another gateway"):
+            open_spool(tmp_path)
+    finally:
+        spool.close()
+
+
+def test_a_failed_write_is_refused_and_cut_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    real_write = os.write
+
+    def full_disk(fd: int, data: Any) -> int:
+        real_write(fd, bytes(data)[:10])  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        asyncio.run(spool.append(body(1)))
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(SpoolError, match="No space left"):
+            asyncio.run(spool.append(body(2)))
+        assert not spool.healthy and not spool.broken
+        monkeypatch.setattr(os, "write", real_write)
+        asyncio.run(spool.append(body(3)))  # space again: recovers by itself
+        assert spool.healthy
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [(r["seq"], r["request_id"]) for r in records] == [(1, "r1"), (2, "r3")]
+    assert verify(KEY, records) == []
+
+
+def test_a_write_that_cannot_be_cut_back_stops_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+
+    def fail(*args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    try:
+        monkeypatch.setattr(os, "fsync", fail)
+        monkeypatch.setattr(os, "ftruncate", fail)
+        with pytest.raises(SpoolError):
+            asyncio.run(spool.append(body(1)))
+        assert spool.broken
+        monkeypatch.undo()
+        with pytest.raises(SpoolError, match="restart the gateway"):
+            asyncio.run(spool.append(body(2)))  # never reuses a sequence number
+    finally:
+        spool.close()
+
+
+def test_segments_rotate(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, segment_size=2000)
+    try:
+        for i in range(40):
+            asyncio.run(spool.append(body(i)))
+    finally:
+        spool.close()
+    assert len(segments(tmp_path)) > 3
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == list(range(1, 41)) and verify(KEY, records) == []
+    for path in segments(tmp_path):
+        assert int(path.stem) == read_records(path)[0][0]["seq"]  # named by its first record
+
+
+@pytest.fixture
+def store(database_uri: str) -> Iterator[AuditStore]:
+    engine = build_engine(database_uri)
+    migrate(engine)
+    yield AuditStore(engine)
+    engine.dispose()
+
+
+def stored(store: AuditStore) -> list[dict[str, Any]]:
+    return list(store.chain())
+
+
+def test_the_shipper_stores_everything_exactly_once(tmp_path: Path, store: AuditStore) -> None:
+    async def run() -> None:
+        shipper: Shipper | None = None
+        spool = open_spool(
+            tmp_path / "spool", segment_size=4000, on_commit=lambda: shipper and shipper.notify()
+        )
+        shipper = Shipper(spool, store, batch_size=7)
+        await shipper.start()
+        await asyncio.gather(*(spool.append(body(i)) for i in range(100)))
+        await shipper.stop(grace=10)
+        spool.close()
+        # A restart replays the spool from its first segment: nothing is stored twice.
+        spool = open_spool(tmp_path / "spool", segment_size=4000)
+        for i in range(100, 110):
+            await spool.append(body(i))
+        again = Shipper(spool, store, batch_size=50)
+        await again.start()
+        await again.stop(grace=10)
+        spool.close()
+        assert again.replayed == 10
+
+    asyncio.run(run())
+    records = stored(store)
+    assert [r["seq"] for r in records] == list(range(1, 111))
+    assert verify(KEY, records) == []
+    assert len(segments(tmp_path / "spool")) == 1  # shipped segments are deleted
+
+
+class FlakyStore(AuditStore):
+    """Fails the first ``failures`` inserts, after committing some of them (a lost reply)."""
+
+    def __init__(self, store: AuditStore, failures: int) -> None:
+        super().__init__(store.engine)
+        self.failures = failures
+
+    def insert(self, records: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            if self.failures % 2:
+                super().insert(records)  # stored, but the caller hears of an error
+            raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
+        super().insert(records)
+
+
+def test_a_database_outage_is_replayed_exactly_once(
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("guard.audit.shipper.RETRY_MIN", 0.01)
+    flaky = FlakyStore(store, failures=4)
+
+    async def run() -> None:
+        spool = open_spool(tmp_path / "spool")
+        shipper = Shipper(spool, flaky, batch_size=10)
+        spool.on_commit = shipper.notify
+        await shipper.start()
+        for i in range(30):
+            await spool.append(body(i))
+        await shipper.stop(grace=10)
+        spool.close()
+        assert shipper.failures >= 4 and shipper.depth == 0
+
+    asyncio.run(run())
+    records = stored(store)
+    assert [r["seq"] for r in records] == list(range(1, 31))
+
+
+def test_columns_that_disagree_with_their_record_fail_verification(
+    tmp_path: Path, store: AuditStore
+) -> None:
+    spool = open_spool(tmp_path / "spool")
+
+    async def run() -> None:
+        shipper = Shipper(spool, store)
+        await shipper.start()
+        for i in range(3):
+            await spool.append(body(i))
+        await shipper.stop(grace=10)
+
+    asyncio.run(run())
+    spool.close()
+    heads = {spool.writer: Head(spool.writer, 3, spool.head.mac)}
+    assert verify(KEY, stored(store), heads=heads) == []
+    with store.engine.begin() as conn:  # hide a record from principal queries
+        conn.execute(audit_records.update().where(audit_records.c.seq == 2).values(principal="x"))
+    problems = verify(KEY, stored(store), heads=heads)
+    assert problems[0].seq == 2 and problems[0].what.startswith("altered")
