@@ -125,6 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
         _remote_flag(sub)
     roles = role_commands.add_parser("list", help="the roles and the actions each holds")
     _common(roles)
+
+    audit = commands.add_parser("audit", help="verify, query and export the audit trail")
+    audit_commands = audit.add_subparsers(dest="action", required=True)
+    check = audit_commands.add_parser("verify", help="check every chain; report the first break")
+    _common(check)
+    check.add_argument(
+        "--spool", action="append", default=[], metavar="DIR",
+        help="a spool directory whose head (and unshipped records) to check against; repeat "
+        "for each replica (default: this data directory's)",
+    )  # fmt: skip
+    for name, text in (("query", "matching records"), ("export", "every matching record")):
+        sub = audit_commands.add_parser(name, help=text)
+        _common(sub)
+        sub.add_argument("--principal", help="user:alice, token:ci, ...")
+        sub.add_argument("--since", help="2026-01-01 or 2026-01-01T12:00 (UTC)")
+        sub.add_argument("--until", help="exclusive, same forms as --since")
+        sub.add_argument("--action", dest="audit_action", choices=ACTIONS)
+        sub.add_argument("--resource", help="a resource or pattern: model:fraud-*")
+        sub.add_argument("--decision", choices=["allow", "deny", "error"])
+        sub.add_argument("--request-id")
+        sub.add_argument("--kind", choices=["intent", "outcome", "event"])
+        default = "table" if name == "query" else "jsonl"
+        sub.add_argument("--format", choices=["table", "csv", "jsonl"], default=default)
+        if name == "query":
+            sub.add_argument("--limit", type=int, default=100, help="most records (default 100)")
+        else:
+            sub.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     return parser
 
 
@@ -364,6 +391,48 @@ def _remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
+    from pathlib import Path
+
+    from guard.audit.commands import parse_when, query_records, verify_trail, write_records
+    from guard.audit.store import Filters
+    from guard.db import build_engine, migrate
+    from guard.keys import SecretKeyError, load_secret_key
+
+    settings = loaded.settings
+    engine = build_engine(settings.database_uri)
+    try:
+        migrate(engine)
+        if args.action == "verify":
+            key = load_secret_key(settings.secret_key_file, os.environ, create=False)
+            spools = [Path(s) for s in args.spool] or [settings.audit_spool_dir]
+            checked, problems = verify_trail(engine, key, spools)
+            for problem in problems:
+                print(f"BROKEN: {problem}")
+            if problems:
+                return EXIT_FAILED
+            print(f"OK: {checked} records, every chain intact")
+            return 0
+        filters = Filters(
+            principal=args.principal, action=args.audit_action, resource=args.resource,
+            decision=args.decision, request_id=args.request_id, kind=args.kind,
+            since=parse_when(args.since) if args.since else None,
+            until=parse_when(args.until) if args.until else None,
+        )  # fmt: skip
+        records = query_records(engine, filters, getattr(args, "limit", None))
+        if getattr(args, "output", None):
+            with open(args.output, "w", newline="") as out:
+                count = write_records(records, args.format, out)
+            print(f"wrote {count} records to {args.output}", file=sys.stderr)
+        else:
+            write_records(records, args.format, sys.stdout)
+        return 0
+    except (ValueError, OSError, SecretKeyError) as exc:  # a bad --since, no key, no --output
+        return _fail(exc)
+    finally:
+        engine.dispose()
+
+
 def _print_bootstrap(secret: str) -> None:
     supplied = secret == os.environ.get("MLFLOW_GUARD_BOOTSTRAP_TOKEN")
     lines = ["", "=" * 72]
@@ -434,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(loaded)
     if args.command in ("policy", "role"):
         return _policy(args, loaded)
+    if args.command == "audit":
+        return _audit(args, loaded)
     return _token(args, loaded)
 
 

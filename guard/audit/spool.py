@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import logging
@@ -193,7 +194,15 @@ class Spool:
                     break
             items = [item for item in batch if item is not _STOP]
             if items:
-                self._write(items)
+                try:
+                    self._write(items)
+                except Exception:  # the thread must outlive any bug: fail loudly, never hang
+                    logger.exception("audit spool failed unexpectedly")
+                    self.broken, self.healthy = True, False
+                    self.error = "audit spool failed unexpectedly: restart the gateway"
+                    self._fail(
+                        [i for i in items if i.done is None or not i.done.done()], self.error
+                    )
             if len(items) < len(batch):
                 return
 
@@ -265,7 +274,8 @@ class Spool:
             self.broken = True
             self.error += f"; cutting it back failed too ({again.strerror}): restart the gateway"
             logger.critical("%s", self.error)
-            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             self._fd = None
 
     def _open_segment(self, first_seq: int) -> None:

@@ -365,6 +365,7 @@ def test_graphql_answers_hide_model_versions_of_unreadable_models(world: World) 
         assert response.status_code == 200, response.text
         return sorted(v["n"] for v in response.json()["data"]["mlflowGetRun"]["run"]["mv"])
 
-    assert names(world.gateway.token) == ["fraud-detector", "other-model"]
-    assert names(world.tokens["modeler"]) == ["fraud-detector"]
+    everything = names(world.gateway.token)  # other tests add versions from this run too
+    assert {"fraud-detector", "other-model"} <= set(everything)
+    assert names(world.tokens["modeler"]) == [n for n in everything if n.startswith("fraud-")]
     assert names(world.tokens["alice"]) == []  # reads the run, no model

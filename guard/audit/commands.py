@@ -1,0 +1,138 @@
+"""What ``mlflow-guard audit ...`` does: verify the chains, query and export records.
+
+The CLI parses arguments and calls these; they take an engine and the secret key, never the
+network.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy.engine import Engine
+
+from guard.audit.chain import Head, Problem, derive_key, verify
+from guard.audit.spool import read_records, segments
+from guard.audit.store import AuditStore, Filters
+
+TABLE_COLUMNS = ("time", "principal", "method", "path", "action", "resource", "decision",
+                 "reason", "status")  # fmt: skip
+
+
+def read_head(spool_dir: Path) -> Head | None:
+    """The head a spool recorded beside itself (``head.json``), if there is one."""
+    try:
+        data = json.loads((spool_dir / "head.json").read_text())
+        return Head(str(data["writer"]), int(data["seq"]), str(data["mac"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _with_spooled(stored: Iterable[dict[str, Any]], spools: list[Path]) -> Iterator[dict[str, Any]]:
+    """The stored records, each writer's chain continued by what its spool holds beyond them
+    (records not yet shipped are part of the chain too)."""
+    tails: dict[str, list[dict[str, Any]]] = {}
+    for spool in spools:
+        for path in segments(spool):
+            for record, _ in read_records(path):
+                tails.setdefault(str(record.get("writer")), []).append(record)
+    last: dict[str, int] = {}
+    writer = None
+    for record in stored:
+        if writer is not None and record.get("writer") != writer:
+            yield from _tail(tails.pop(writer, []), last.get(writer, 0))
+        writer = str(record.get("writer"))
+        seq = record.get("seq")
+        last[writer] = seq if isinstance(seq, int) else last.get(writer, 0)
+        yield record
+    if writer is not None:
+        yield from _tail(tails.pop(writer, []), last.get(writer, 0))
+    for name in sorted(tails):
+        yield from _tail(tails[name], 0)
+
+
+def _tail(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]:
+    yield from (r for r in records if isinstance(r.get("seq"), int) and r["seq"] > after)
+
+
+def verify_trail(
+    engine: Engine, secret_key: bytes, spools: list[Path]
+) -> tuple[int, list[Problem]]:
+    """(records checked, the first break in each chain). ``spools`` are the spool directories
+    whose heads and unshipped records are to be checked against the table."""
+    store = AuditStore(engine)
+    heads = {h.writer: h for h in (read_head(s) for s in spools) if h is not None}
+    counted = 0
+
+    def counting(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        nonlocal counted
+        for record in records:
+            counted += 1
+            yield record
+
+    key = derive_key(secret_key, "audit-chain")
+    records = counting(_with_spooled(store.chain(), spools))
+    problems = verify(key, records, start=store.anchors(), heads=heads)
+    return counted, problems
+
+
+def parse_when(value: str) -> dt.datetime:
+    """A date (2026-01-01) or a time (2026-01-01T12:00, UTC unless it says otherwise)."""
+    parsed = dt.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
+    """Write records as ``table``, ``csv`` or ``jsonl``; returns how many."""
+    count = 0
+    if fmt == "jsonl":
+        for record in records:
+            out.write(json.dumps(record, sort_keys=True) + "\n")
+            count += 1
+        return count
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(TABLE_COLUMNS)
+        for record in records:
+            writer.writerow([_cell(record.get(c, "")) for c in TABLE_COLUMNS])
+            count += 1
+        return count
+    rows = [[_cell(r.get(c, "")) for c in TABLE_COLUMNS] for r in records]
+    widths = [
+        max([len(c.upper())] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)
+    ]
+    out.write(
+        "  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True)).rstrip()
+        + "\n"
+    )
+    for row in rows:
+        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return len(rows)
+
+
+def _cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    # A record's fields come from requests: keep control characters off the operator's terminal.
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def query_records(
+    engine: Engine, filters: Filters, limit: int | None, page: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """Matching records, oldest first, at most ``limit`` (None: all), read a page at a time."""
+    store = AuditStore(engine)
+    after, left = 0, limit
+    while left is None or left > 0:
+        size = page if left is None else min(page, left)
+        batch = store.query(filters, after=after, limit=size)
+        for row_id, record in batch:
+            after = row_id
+            yield record
+        if left is not None:
+            left -= len(batch)
+        if len(batch) < size:
+            return

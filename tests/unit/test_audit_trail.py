@@ -1,0 +1,257 @@
+"""The audit trail through the real gateway (fake MLflow): what is recorded, what never is,
+intents before forwarding, verification, and refusal when the spool cannot be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from starlette.types import Receive, Scope, Send
+
+from guard.app import Gateway, build_gateway
+from guard.audit.commands import verify_trail
+from guard.audit.spool import read_records, segments
+from guard.audit.store import AuditStore, Filters
+from guard.authz.policy import parse_lines
+from guard.db import audit_records
+from guard.governance import Governance
+from guard.settings import load_settings
+from tests.servers import ServerThread, read_request_body, send_response
+
+ADMIN = "mlg_" + "b" * 43
+ALICE = "mlg_" + "a" * 43
+BOGUS = "mlg_" + "x" * 43
+KEY = "k" * 40
+
+
+class FakeMlflow:
+    def __init__(self) -> None:
+        self.forwarded: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_request_body(receive)
+        path = scope["path"]
+        if path == "/version":
+            await send_response(send, 200, b"3.17.2")
+            return
+        payload: dict[str, Any] = {}
+        if path == "/api/2.0/mlflow/experiments/get":
+            payload = {"experiment": {"name": "fraud/train"}}
+        elif path == "/api/2.0/mlflow/registered-models/get":
+            payload = {"registered_model": {"name": "fraud-detector"}}
+        else:
+            headers = dict(scope["headers"])
+            self.forwarded.append(headers.get(b"x-request-id", b"").decode())
+        await send_response(send, 200, json.dumps(payload).encode())
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Gateway, str, FakeMlflow]]:
+    fake = FakeMlflow()
+    with ServerThread(fake, lifespan="off") as upstream:
+        settings = load_settings(
+            {"upstream.url": upstream.url, "storage.data_dir": str(tmp_path)}, {}, None
+        ).settings
+        gateway = build_gateway(
+            settings, {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": ADMIN, "MLFLOW_GUARD_SECRET_KEY": KEY}
+        )
+        with ServerThread(gateway) as server:
+            g = Governance(gateway.tokens, gateway.policies.store)
+            g.tokens.create("alice", "viewer", 3600, ALICE)
+            g.change("test", add=parse_lines(["p, token:alice, promoter, model:fraud-*"]))
+            deadline = time.monotonic() + 10
+            while gateway.policies.index.version != gateway.policies.store.version():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            yield gateway, server.url, fake
+
+
+def stored(gateway: Gateway, **filters: Any) -> list[dict[str, Any]]:
+    return [r for _, r in AuditStore(gateway.engine).query(Filters(**filters), limit=10_000)]
+
+
+def wait_stored(gateway: Gateway, request_id: str, kinds: int = 1) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = stored(gateway, request_id=request_id)
+        if len(found) >= kinds:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no audit record for {request_id}")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "User-Agent": "pytest-audit/1"}
+
+
+def test_a_forwarded_request_has_an_intent_before_and_an_outcome_after(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, fake = running
+    body = {"name": "fraud-detector", "alias": "champion", "version": "7"}
+    response = httpx.post(url + "/api/2.0/mlflow/registered-models/alias", json=body,
+                          headers=bearer(ALICE))  # fmt: skip
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    assert fake.forwarded[-1] == request_id
+    records = wait_stored(gateway, request_id, kinds=2)
+    intent, outcome = sorted(records, key=lambda r: r["seq"])
+    assert intent["kind"] == "intent" and outcome["kind"] == "outcome"
+    assert intent["seq"] < outcome["seq"]
+    for record in (intent, outcome):
+        assert record["principal"] == "token:alice" and record["auth_method"] == "token"
+        assert record["resource"] == "model:fraud-detector" and record["action"] == "promote"
+        assert record["rule"] == "p, token:alice, promoter, model:fraud-*, allow"
+        assert record["policy_version"] == gateway.policies.index.version
+        assert record["method"] == "POST" and record["user_agent"] == "pytest-audit/1"
+        assert record["path"] == "/api/2.0/mlflow/registered-models/alias"
+        assert record["client"] == "127.0.0.1"
+        # The promotion history can be read from the trail.
+        assert record["changes"] == body
+    assert outcome["decision"] == "allow" and outcome["status"] == 200
+    assert outcome["upstream_status"] == 200
+    assert outcome["bytes_in"] == len(response.request.content)
+    assert outcome["bytes_out"] == len(response.content)
+    assert outcome["latency_ms"] >= outcome["upstream_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "reason"),
+    [
+        ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=1", {}, 401, "unauthenticated"),
+        ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=1",
+         {"Authorization": f"Bearer {BOGUS}"}, 401, "invalid_credentials"),
+        ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=1",
+         {"Authorization": f"Bearer {ALICE}"}, 403, "permission_denied"),
+        ("GET", "/api/2.0/mlflow/experiments/get?experiment_id=1",
+         {"Authorization": f"Bearer {ALICE}", "Host": "evil.example"}, 400, "host_not_allowed"),
+        ("GET", "/metrics", {"Authorization": f"Bearer {ALICE}"}, 403, "route_not_classified"),
+    ],
+)  # fmt: skip
+def test_refusals_are_recorded_without_an_intent(
+    running: tuple[Gateway, str, FakeMlflow],
+    method: str, path: str, headers: dict[str, str], status: int, reason: str,
+) -> None:  # fmt: skip
+    gateway, url, fake = running
+    response = httpx.request(method, url + path, headers=headers)
+    assert response.status_code == status
+    (record,) = wait_stored(gateway, response.headers["x-request-id"])
+    assert record["kind"] == "outcome" and record["reason"] == reason
+    assert record["decision"] == ("error" if status == 400 else "deny")
+    assert record["status"] == status and record["upstream_status"] == 0
+    assert response.headers["x-request-id"] not in fake.forwarded
+
+
+def test_secrets_never_reach_the_trail(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    gateway, url, _ = running
+    ids = []
+    for _ in range(2):
+        response = httpx.get(url + "/api/2.0/mlflow/experiments/get?experiment_id=1",
+                             auth=("alice", BOGUS))  # fmt: skip
+        ids.append(response.headers["x-request-id"])
+    response = httpx.get(
+        url + "/api/2.0/mlflow/registered-models/search?page_token=SECRETPAGE&max_results=5",
+        headers={**bearer(ADMIN), "Cookie": "session=COOKIEVALUE"},
+    )
+    ids.append(response.headers["x-request-id"])
+    first, second = (wait_stored(gateway, i)[0] for i in ids[:2])
+    assert first["credential"]["username"] == "alice"
+    assert first["credential"]["secret"].startswith("hmac:")
+    assert first["credential"]["secret"] == second["credential"]["secret"]  # same token
+    page = wait_stored(gateway, ids[2])[-1]
+    assert page["query"]["page_token"].startswith("hmac:") and page["query"]["max_results"] == "5"
+    gateway_dir = Path(gateway.settings.storage.data_dir)
+    spooled = b"".join(p.read_bytes() for p in segments(gateway_dir / "audit"))
+    with gateway.engine.connect() as conn:
+        table = "\n".join(conn.execute(sa.select(audit_records.c.record)).scalars())
+    for secret in (BOGUS, ADMIN, ALICE, "SECRETPAGE", "COOKIEVALUE"):
+        assert secret not in table and secret.encode() not in spooled
+
+
+def test_probes_are_not_recorded(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    gateway, url, _ = running
+    ids = [httpx.get(url + p).headers["x-request-id"] for p in ("/guard/health", "/guard/ready")]
+    marker = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    wait_stored(gateway, marker, kinds=2)
+    assert all(stored(gateway, request_id=i) == [] for i in ids)
+
+
+def test_policy_changes_through_the_api_are_recorded(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    row = ["p", "token:bob", "viewer", "model:fraud-detector", "allow"]
+    response = httpx.post(url + "/guard/api/policy/changes", json={"add": [row]},
+                          headers=bearer(ADMIN))  # fmt: skip
+    assert response.status_code == 200
+    records = wait_stored(gateway, response.headers["x-request-id"], kinds=2)
+    outcome = next(r for r in records if r["kind"] == "outcome")
+    assert outcome["changes"]["added"] == [", ".join(row)]
+    assert outcome["principal"] == "token:admin"
+
+
+def test_the_trail_verifies_and_tampering_is_found(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    for _ in range(5):
+        last = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    wait_stored(gateway, last, kinds=2)
+    spool = gateway.settings.audit_spool_dir
+    key = KEY.encode()
+    checked, problems = verify_trail(gateway.engine, key, [spool])
+    assert problems == [] and checked >= 10
+    assert gateway.trail is not None
+    writer = gateway.trail.spool.writer
+    with gateway.engine.begin() as conn:
+        edited = sa.func.replace(audit_records.c.record, '"GET"', '"PUT"')
+        conn.execute(audit_records.update().where(audit_records.c.seq == 3).values(record=edited))
+    _, problems = verify_trail(gateway.engine, key, [spool])
+    assert [(p.writer, p.seq) for p in problems] == [(writer, 3)]
+
+
+def test_cutting_off_the_newest_records_is_found(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    for _ in range(3):
+        last = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    wait_stored(gateway, last, kinds=2)
+    assert gateway.trail is not None
+    spool = gateway.settings.audit_spool_dir
+    newest = gateway.trail.spool.head.seq
+    # Someone deletes the newest rows from the table and from the spool's files.
+    with gateway.engine.begin() as conn:
+        conn.execute(audit_records.delete().where(audit_records.c.seq > newest - 2))
+    for path in segments(spool):
+        kept = [r for r, _ in read_records(path) if r["seq"] <= newest - 2]
+        path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in kept))
+    _, problems = verify_trail(gateway.engine, KEY.encode(), [spool])
+    assert problems and "truncated" in problems[0].what
+
+
+def test_nothing_is_served_when_the_spool_cannot_be_written(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, fake = running
+    assert gateway.trail is not None
+    spool = gateway.trail.spool
+    httpx.get(url + "/version", headers=bearer(ADMIN))
+    assert spool._fd is not None  # the test breaks the spool's file on purpose:
+    os.close(spool._fd)  # every later write and cut-back fails
+    before = len(fake.forwarded)
+    response = httpx.get(url + "/api/2.0/mlflow/experiments/get?experiment_id=1",
+                         headers=bearer(ADMIN))  # fmt: skip
+    assert response.status_code == 503 and response.headers["x-guard-reason"] == "audit_unavailable"
+    assert len(fake.forwarded) == before
+    ready = httpx.get(url + "/guard/ready")
+    assert ready.status_code == 503 and "audit" in ready.json()["message"]
