@@ -4,7 +4,8 @@ Who may do what:
 
 - Policy administrators change anything: holders of ``manage`` on ``guard:policy``, and every
   administrator (``admin`` on ``*``) whatever deny rules say, so no deny can lock them out.
-- Readers of ``guard:policy`` (the ``auditor`` role) list, export and explain.
+- Readers of ``guard:policy`` (the ``auditor`` role) list, export and explain; readers of
+  ``guard:audit`` (auditors again) query the audit trail.
 - Everyone else may delegate: whoever holds ``manage`` on an experiment or a registered model
   may grant or revoke, on that one resource, a role whose every action they hold there
   themselves. Patterns, deny rules, memberships and role definitions are the administrators'.
@@ -20,6 +21,7 @@ Endpoints (JSON in MLflow's error shape on refusal)::
     GET  /guard/api/policy[?resource=R]         the rules (or the grants that apply to R)
     GET  /guard/api/policy/export               the policy as CSV, as ``policy export`` writes it
     GET  /guard/api/policy/explain?subject=S&action=A&resource=R
+    GET  /guard/api/audit?principal=&since=&until=&action=&resource=&decision=&cursor=&limit=
     POST /guard/api/policy/changes              {"add": [ROW...], "remove": [ROW...], "dry_run"}
     PUT  /guard/api/policy[?dry_run=true]       replace the whole policy with a CSV body (import)
 
@@ -32,6 +34,7 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
@@ -40,6 +43,8 @@ import anyio.to_thread
 import sqlalchemy as sa
 from starlette.types import Receive, Scope, Send
 
+from guard.audit.commands import parse_when
+from guard.audit.store import AuditStore, Filters
 from guard.authz.engine import PolicyIndex, resource_match
 from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
@@ -54,6 +59,12 @@ logger = logging.getLogger("guard.api")
 
 PREFIX = "/guard/api"
 POLICY = "guard:policy"
+AUDIT = "guard:audit"
+AUDIT_PARAMS = frozenset(
+    {"principal", "since", "until", "action", "resource", "decision", "request_id", "kind",
+     "cursor", "limit"}
+)  # fmt: skip
+MAX_AUDIT_PAGE = 1000
 DELEGABLE_KINDS = ("experiment", "model")
 CONFLICT_RETRIES = 5
 
@@ -77,9 +88,9 @@ def is_administrator(index: PolicyIndex, subject: str) -> bool:
     return any(who in admins for who in index.subjects_of(subject))
 
 
-def may(index: PolicyIndex, subject: str, action: str) -> bool:
-    """May ``subject`` read or manage the policy itself?"""
-    return is_administrator(index, subject) or index.decide(subject, POLICY, action).allowed
+def may(index: PolicyIndex, subject: str, action: str, resource: str = POLICY) -> bool:
+    """May ``subject`` read or manage the policy (or read the audit trail)?"""
+    return is_administrator(index, subject) or index.decide(subject, resource, action).allowed
 
 
 def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal | None:
@@ -138,11 +149,17 @@ class PolicyApi:
     """The ASGI app behind authentication for ``/guard/api/``."""
 
     def __init__(
-        self, *, policies: PolicyRuntime, governance: Governance, max_body_size: int
+        self,
+        *,
+        policies: PolicyRuntime,
+        governance: Governance,
+        max_body_size: int,
+        audit: AuditStore | None = None,
     ) -> None:
         self.policies = policies
         self.governance = governance
         self.max_body_size = max_body_size
+        self.audit = audit
         Handler = Callable[[Scope, Receive], Awaitable[tuple[int, Payload | str]]]
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/me"): self.me,
@@ -152,6 +169,7 @@ class PolicyApi:
             ("GET", "/policy/export"): self.export_policy,
             ("GET", "/policy/explain"): self.explain,
             ("POST", "/policy/changes"): self.change_policy,
+            ("GET", "/audit"): self.audit_records,
         }
         self.paths = {path for _, path in self.routes}
 
@@ -215,9 +233,10 @@ class PolicyApi:
         whoever manages it (so a manager sees who has access to what they manage)."""
         subject = scope["guard"].principal.subject
         query = _query(scope, {"resource"})
-        index = self.policies.index
         resource = query.get("resource")
-        if not may(index, subject, "read"):
+        reader = await self._may(subject, "read")
+        index = self.policies.index
+        if not reader:
             if resource is None:
                 raise ApiError(Refusal("permission_denied", f"{subject} may not read {POLICY}."))
             if not index.decide(subject, resource, "manage").allowed:
@@ -233,7 +252,7 @@ class PolicyApi:
     async def export_policy(self, scope: Scope, receive: Receive) -> tuple[int, str]:
         subject = scope["guard"].principal.subject
         _query(scope, set())
-        if not may(self.policies.index, subject, "read"):
+        if not await self._may(subject, "read"):
             raise ApiError(Refusal("permission_denied", f"{subject} may not read {POLICY}."))
         version, policy = await anyio.to_thread.run_sync(self.governance.policies.load)
         return 200, f"# mlflow-guard policy, version {version}\n" + policy.to_csv()
@@ -249,9 +268,9 @@ class PolicyApi:
         subject, action, resource = query.get("subject", caller), query["action"], query["resource"]
         if action not in ACTIONS:
             raise ApiError(Refusal("invalid_request_body", f"Unknown action {action!r}."))
-        index = self.policies.index
-        if subject != caller and not may(index, caller, "read"):
+        if subject != caller and not await self._may(caller, "read"):
             raise ApiError(Refusal("permission_denied", f"{caller} may not read {POLICY}."))
+        index = self.policies.index
         decision = index.decide(subject, resource, action)
         return 200, {
             "allowed": decision.allowed,
@@ -359,7 +378,48 @@ class PolicyApi:
             "removed": [list(r) for r in removed],
         }
 
+    async def audit_records(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """The audit trail, filtered, oldest first, a page at a time (``cursor`` continues
+        after the last record of the previous page). For auditors and administrators; the query
+        is itself a request, so it is recorded like any other."""
+        subject = scope["guard"].principal.subject
+        query = _query(scope, AUDIT_PARAMS)
+        if not await self._may(subject, "read", AUDIT):
+            raise ApiError(Refusal("permission_denied", f"{subject} may not read {AUDIT}."))
+        if self.audit is None:
+            raise ApiError(Refusal("not_found", "The audit trail is off on this gateway."))
+        try:
+            filters = Filters(
+                principal=query.get("principal"), action=query.get("action"),
+                resource=query.get("resource"), decision=query.get("decision"),
+                request_id=query.get("request_id"), kind=query.get("kind"),
+                since=parse_when(query["since"]) if "since" in query else None,
+                until=parse_when(query["until"]) if "until" in query else None,
+            )  # fmt: skip
+            after = int(query.get("cursor", "0"))
+            limit = int(query.get("limit", "100"))
+        except ValueError as exc:
+            raise ApiError(Refusal("invalid_request_body", str(exc))) from None
+        if not 0 < limit <= MAX_AUDIT_PAGE or after < 0:
+            raise ApiError(
+                Refusal("invalid_request_body", f"limit is 1..{MAX_AUDIT_PAGE}, cursor >= 0.")
+            )
+        audit = self.audit
+        rows = await anyio.to_thread.run_sync(lambda: audit.query(filters, after, limit))
+        return 200, {
+            "records": [record for _, record in rows],
+            "next_cursor": str(rows[-1][0]) if len(rows) == limit else None,
+        }
+
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _may(self, subject: str, action: str, resource: str = POLICY) -> bool:
+        """``may``, and before saying no, a look for a policy change not yet polled."""
+        if may(self.policies.index, subject, action, resource):
+            return True
+        return await self.policies.refresh_soon() and may(
+            self.policies.index, subject, action, resource
+        )
 
     async def _body(self, scope: Scope, receive: Receive, content_type: bytes) -> bytes:
         """The whole body, of the one media type the endpoint takes. Requiring it also keeps
@@ -391,7 +451,7 @@ def _record(scope: Scope, version: int, added: list[Rule], removed: list[Rule]) 
     }
 
 
-def _query(scope: Scope, allowed: set[str]) -> dict[str, str]:
+def _query(scope: Scope, allowed: AbstractSet[str]) -> dict[str, str]:
     """The query string as single values: an unknown or repeated parameter is refused."""
     query: dict[str, str] = {}
     try:

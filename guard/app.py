@@ -311,6 +311,7 @@ def build_gateway(
         policies=policies,
         governance=Governance(store, policies.store),
         max_body_size=g.max_body_size,
+        audit=trail.store if trail is not None else None,
     )
     if trail is not None:
         api = IntentMiddleware(api, trail=trail, methods=frozenset({"POST", "PUT"}))

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a spool directory whose head (and unshipped records) to check against; repeat "
         "for each replica (default: this data directory's)",
     )  # fmt: skip
+    history = audit_commands.add_parser(
+        "history", help="which version held which alias or stage, when, set by whom"
+    )
+    _common(history)
+    history.add_argument("--model", required=True, help="the registered model's name")
+    history.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     for name, text in (("query", "matching records"), ("export", "every matching record")):
         sub = audit_commands.add_parser(name, help=text)
         _common(sub)
@@ -412,6 +418,13 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
             if problems:
                 return EXIT_FAILED
             print(f"OK: {checked} records, every chain intact")
+            return 0
+        if args.action == "history":
+            from guard.audit.history import model_history
+
+            spans = [span.row() for span in model_history(engine, args.model)]
+            columns = ("holds", "version", "since", "until", "set_by", "rule")
+            write_records(spans, args.format, sys.stdout, columns)
             return 0
         filters = Filters(
             principal=args.principal, action=args.audit_action, resource=args.resource,

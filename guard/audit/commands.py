@@ -86,8 +86,14 @@ def parse_when(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
-    """Write records as ``table``, ``csv`` or ``jsonl``; returns how many."""
+def write_records(
+    records: Iterable[dict[str, Any]],
+    fmt: str,
+    out: TextIO,
+    columns: tuple[str, ...] = TABLE_COLUMNS,
+) -> int:
+    """Write records as ``table``, ``csv`` or ``jsonl`` (all fields; the others show
+    ``columns``); returns how many."""
     count = 0
     if fmt == "jsonl":
         for record in records:
@@ -96,18 +102,15 @@ def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> i
         return count
     if fmt == "csv":
         writer = csv.writer(out)
-        writer.writerow(TABLE_COLUMNS)
+        writer.writerow(columns)
         for record in records:
-            writer.writerow([_cell(record.get(c, "")) for c in TABLE_COLUMNS])
+            writer.writerow([_cell(record.get(c, "")) for c in columns])
             count += 1
         return count
-    rows = [[_cell(r.get(c, "")) for c in TABLE_COLUMNS] for r in records]
-    widths = [
-        max([len(c.upper())] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)
-    ]
+    rows = [[_cell(r.get(c, "")) for c in columns] for r in records]
+    widths = [max([len(c.upper())] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
     out.write(
-        "  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True)).rstrip()
-        + "\n"
+        "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n"
     )
     for row in rows:
         out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")

@@ -255,3 +255,92 @@ def test_nothing_is_served_when_the_spool_cannot_be_written(
     assert len(fake.forwarded) == before
     ready = httpx.get(url + "/guard/ready")
     assert ready.status_code == 503 and "audit" in ready.json()["message"]
+
+
+AUDITOR = "mlg_" + "u" * 43
+
+
+def set_alias(url: str, alias: str, version: str) -> httpx.Response:
+    body = {"name": "fraud-detector", "alias": alias, "version": version}
+    return httpx.post(
+        url + "/api/2.0/mlflow/registered-models/alias", headers=bearer(ALICE), json=body
+    )
+
+
+def test_auditors_query_the_trail_through_the_api(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    g = Governance(gateway.tokens, gateway.policies.store)
+    g.tokens.create("aud", "viewer", 3600, AUDITOR)
+    g.change("test", add=parse_lines(["p, token:aud, auditor, guard:audit"]))
+    ids = []  # (the API looks for a newer policy before it refuses, so no wait is needed)
+    for _ in range(5):
+        response = set_alias(url, "a", "1")
+        ids.append(response.headers["x-request-id"])
+    wait_stored(gateway, ids[-1], kinds=2)
+    seen, cursor = [], None
+    while True:
+        params = {"principal": "token:alice", "kind": "outcome", "limit": "2",
+                  **({"cursor": cursor} if cursor else {})}  # fmt: skip
+        page = httpx.get(url + "/guard/api/audit", params=params, headers=bearer(AUDITOR))
+        assert page.status_code == 200, page.text
+        seen += [r["request_id"] for r in page.json()["records"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids  # every one exactly once, in order
+    for params, reason in (({"limit": "0"}, "invalid_request_body"),
+                           ({"since": "yesterday"}, "invalid_request_body"),
+                           ({"limit": "1", "limit ": "2"}, "invalid_request_body")):  # fmt: skip
+        response = httpx.get(url + "/guard/api/audit", params=params, headers=bearer(AUDITOR))
+        assert response.headers["x-guard-reason"] == reason
+    refused = httpx.get(url + "/guard/api/audit", headers=bearer(ALICE))
+    assert refused.status_code == 403
+    assert httpx.get(url + "/guard/api/audit", headers=bearer(ADMIN)).status_code == 200
+    # The query itself is in the trail.
+    wait_stored(gateway, page.headers["x-request-id"])
+    audited = stored(gateway, principal="token:aud", kind="outcome")
+    assert any(r["path"] == "/guard/api/audit" for r in audited)
+
+
+def test_a_models_promotion_history() -> None:
+    from guard.audit.history import replay
+
+    def outcome(t: int, method: str, path: str, **changes: object) -> dict[str, Any]:
+        return {"kind": "outcome", "status": 200, "time": f"t{t}", "method": method,
+                "path": "/api/2.0/mlflow/" + path, "changes": changes,
+                "principal": "token:ci", "rule": "p, token:ci, promoter, model:m, allow",
+                "request_id": f"r{t}"}  # fmt: skip
+
+    spans = replay([
+        outcome(1, "POST", "registered-models/alias", name="m", alias="champion", version="1"),
+        outcome(2, "POST", "model-versions/transition-stage", name="m", version="1",
+                stage="Production"),
+        outcome(3, "POST", "registered-models/alias", name="m", alias="champion", version="2"),
+        outcome(4, "POST", "model-versions/transition-stage", name="m", version="2",
+                stage="Production", archive_existing_versions=True),
+        {**outcome(5, "POST", "registered-models/alias", name="m", alias="x", version="3"),
+         "status": 403},
+        outcome(6, "DELETE", "registered-models/alias", name="m", alias="champion"),
+    ])  # fmt: skip
+    assert [(s.holds, s.version, s.since, s.until) for s in spans] == [
+        ("alias champion", "1", "t1", "t3"),
+        ("stage Production", "1", "t2", "t4"),
+        ("alias champion", "2", "t3", "t6"),
+        ("stage Archived", "1", "t4", ""),
+        ("stage Production", "2", "t4", ""),
+    ]
+    assert spans[0].set_by == "token:ci" and spans[0].rule.startswith("p, token:ci")
+
+
+def test_history_from_the_gateway(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    from guard.audit.history import model_history
+
+    gateway, url, _ = running
+    for version in ("1", "2"):
+        response = set_alias(url, "champion", version)
+    wait_stored(gateway, response.headers["x-request-id"], kinds=2)
+    spans = model_history(gateway.engine, "fraud-detector")
+    assert [(s.version, bool(s.until)) for s in spans] == [("1", True), ("2", False)]
+    assert spans[1].set_by == "token:alice"
