@@ -48,6 +48,8 @@ from guard.headers import SecurityHeadersMiddleware
 from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
 from guard.identity.tokens import TokenProvider, TokenStore
 from guard.keys import load_secret_key
+from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from guard.metrics import Metrics
 from guard.promotion import PromotionRules
 from guard.proxy import ProxyApp
 from guard.resolve import Resolver
@@ -68,7 +70,8 @@ PROBE_TIMEOUT = 2.0
 CREATOR_ROLE = "manager"
 GUARD_PREFIX = "/guard/"
 API_PREFIX = "/guard/api/"
-PROBES = frozenset({"/guard/health", "/guard/ready"})
+# Orchestrators and Prometheus call these by IP: exempt from the Host check, no credentials.
+PROBES = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
 
 
 @dataclass
@@ -143,10 +146,13 @@ class Gateway:
         await send({"type": "lifespan.shutdown.complete"})
 
 
+Endpoint = Callable[[], Awaitable[tuple[int, dict[str, object] | bytes]]]
+
+
 class GuardRoutes:
     """The gateway's own endpoints under /guard/, dispatched by exact path."""
 
-    def __init__(self, routes: dict[str, Callable[[], Awaitable[tuple[int, dict[str, object]]]]]):
+    def __init__(self, routes: dict[str, Endpoint]):
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,12 +164,15 @@ class GuardRoutes:
             await send_refusal(scope, send, Refusal("method_not_allowed"))
             return
         status, payload = await endpoint()
-        if status != 200:
+        if isinstance(payload, bytes):  # metrics, in Prometheus' text format
+            body, content_type = payload, METRICS_CONTENT_TYPE
+        elif status != 200:
             await send_refusal(scope, send, Refusal("not_ready", str(payload.get("detail", ""))))
             return
-        body = json.dumps(payload).encode()
+        else:
+            body, content_type = json.dumps(payload).encode(), b"application/json"
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
         ]
@@ -247,7 +256,7 @@ def build_gateway(
     )
     g = settings.gateway
 
-    async def health() -> tuple[int, dict[str, object]]:
+    async def health() -> tuple[int, dict[str, object] | bytes]:
         return 200, {"status": "ok"}
 
     trail: AuditTrail | None = None
@@ -262,7 +271,7 @@ def build_gateway(
             shutdown_grace=a.shutdown_grace,
         )
 
-    async def ready() -> tuple[int, dict[str, object]]:
+    async def ready() -> tuple[int, dict[str, object] | bytes]:
         checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
         result = dict(zip(("database", "upstream"), checks, strict=True))
         if trail is not None:
@@ -315,8 +324,18 @@ def build_gateway(
     )
     if trail is not None:
         api = IntentMiddleware(api, trail=trail, methods=frozenset({"POST", "PUT"}))
+    metrics = Metrics(trail)
+
+    async def scrape() -> tuple[int, dict[str, object] | bytes]:
+        return 200, metrics.render()
+
+    def complete(scope: Scope) -> None:
+        metrics.observe(scope)
+        if trail is not None:
+            trail.outcome(scope)
+
     app: ASGIApp = SplitByPrefix(
-        GuardRoutes({"/guard/health": health, "/guard/ready": ready}),
+        GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
         AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm),
         protected,
     )
@@ -332,7 +351,7 @@ def build_gateway(
     app = RequestContextMiddleware(
         app,
         trusted_proxies=g.trusted_proxies,
-        on_complete=trail.outcome if trail is not None else None,
+        on_complete=complete,
     )
     return Gateway(
         settings=settings,

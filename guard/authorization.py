@@ -9,6 +9,7 @@ skips the lookups. Whatever cannot be determined is refused, never guessed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -94,11 +95,13 @@ class AuthorizationMiddleware:
                     return
                 await self.search.respond(scope, send, subject, index, data)
                 return
+        started = time.monotonic()
         refusal, resources = await self._check(scope, route)
         if refusal is not None and await self.policies.refresh_soon():
             refusal, resources = await self._check(scope, route)
         if refusal is None and systemtags.applies(route.path):
             refusal = self._attribute(scope)
+        scope["guard"].authorization_seconds = time.monotonic() - started
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -476,6 +477,9 @@ def _serve(loaded: Loaded) -> int:
     from guard.keys import SecretKeyError
 
     settings = loaded.settings
+    # A file grown past RLIMIT_FSIZE must fail the write (the spool then refuses requests with
+    # audit_unavailable), not kill the gateway with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(
         level=settings.gateway.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

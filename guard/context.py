@@ -53,6 +53,11 @@ class RequestContext:
     upstream_seconds: float = 0.0  # until MLflow's response headers arrived
     bytes_in: int = 0
     bytes_out: int = 0
+    authorization_seconds: float = 0.0
+    audit_seconds: float = 0.0  # waiting for the intent record's fsync
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:

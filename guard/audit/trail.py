@@ -65,11 +65,14 @@ class AuditTrail:
         return "" if self.spool.healthy and not self.spool.broken else self.spool.error
 
     async def intent(self, scope: Scope) -> Refusal | None:
+        started = time.monotonic()
         try:
             await self.spool.append(records.intent(scope, self.redactor))
         except SpoolError as exc:
             logger.error("request %s refused: %s", scope["guard"].request_id, exc)
             return Refusal("audit_unavailable")
+        finally:
+            scope["guard"].audit_seconds += time.monotonic() - started
         return None
 
     def outcome(self, scope: Scope) -> None:
@@ -78,9 +81,7 @@ class AuditTrail:
         context = scope.get("guard")
         if context is None:
             return
-        self.spool.append_nowait(
-            records.outcome(scope, self.redactor, time.monotonic() - context.started)
-        )
+        self.spool.append_nowait(records.outcome(scope, self.redactor, context.elapsed()))
 
     def event(self, body: dict[str, Any]) -> None:
         """Something that is not a request: a token made or revoked by the gateway itself."""

@@ -344,3 +344,28 @@ def test_history_from_the_gateway(running: tuple[Gateway, str, FakeMlflow]) -> N
     spans = model_history(gateway.engine, "fraud-detector")
     assert [(s.version, bool(s.until)) for s in spans] == [("1", True), ("2", False)]
     assert spans[1].set_by == "token:alice"
+
+
+def test_metrics(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    gateway, url, _ = running
+    for _ in range(3):
+        last = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    httpx.get(url + "/version")  # a 401
+    wait_stored(gateway, last, kinds=2)
+    scrape = httpx.get(url + "/guard/metrics", headers={"Host": "10.1.2.3:9"})  # by IP, no login
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = scrape.text
+    assert 'mlflow_guard_requests_total{decision="allow",status="200"} 3.0' in text
+    assert 'mlflow_guard_requests_total{decision="deny",status="401"} 1.0' in text
+    names = [
+        "request_seconds_bucket", "upstream_seconds_count", "authorization_seconds_count",
+        "audit_write_seconds_count", "audit_spool_depth", "audit_records_spooled_total",
+        "audit_records_stored_total", "audit_healthy 1.0",
+    ]  # fmt: skip
+    for name in names:
+        assert "mlflow_guard_" + name in text, name
+    assert gateway.trail is not None
+    head = gateway.trail.spool.head
+    assert f'mlflow_guard_audit_chain_head{{mac="{head.mac}",writer="{head.writer}"}}' in text
+    assert stored(gateway, request_id=scrape.headers["x-request-id"]) == []  # not audited
