@@ -52,6 +52,7 @@ from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from guard.metrics import Metrics
 from guard.promotion import PromotionRules
 from guard.proxy import ProxyApp
+from guard.ratelimit import FailureLimiter
 from guard.resolve import Resolver
 from guard.routes import (
     VERIFIED_MLFLOW_VERSIONS,
@@ -259,6 +260,7 @@ def build_gateway(
     async def health() -> tuple[int, dict[str, object] | bytes]:
         return 200, {"status": "ok"}
 
+    limiter = FailureLimiter(g.failed_login_limit, g.failed_login_interval)
     trail: AuditTrail | None = None
     if settings.audit.enabled:
         a = settings.audit
@@ -269,6 +271,7 @@ def build_gateway(
             segment_size=a.segment_size,
             batch_size=a.batch_size,
             shutdown_grace=a.shutdown_grace,
+            limiter=limiter,
         )
 
     async def ready() -> tuple[int, dict[str, object] | bytes]:
@@ -315,7 +318,9 @@ def build_gateway(
     )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
-    protected = AuthenticationMiddleware(protected, providers=[token_provider], realm=g.realm)
+    protected = AuthenticationMiddleware(
+        protected, providers=[token_provider], realm=g.realm, limiter=limiter
+    )
     api: ASGIApp = PolicyApi(
         policies=policies,
         governance=Governance(store, policies.store),
@@ -330,13 +335,17 @@ def build_gateway(
         return 200, metrics.render()
 
     def complete(scope: Scope) -> None:
+        """Every request, once answered: counted, and recorded (a flood only as a count)."""
+        context = scope.get("guard")
+        if context is not None and context.principal is None and context.status >= 400:
+            context.unrecorded = not limiter.refused(context.client)
         metrics.observe(scope)
         if trail is not None:
             trail.outcome(scope)
 
     app: ASGIApp = SplitByPrefix(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
-        AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm),
+        AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm, limiter=limiter),
         protected,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)

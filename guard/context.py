@@ -55,6 +55,7 @@ class RequestContext:
     bytes_out: int = 0
     authorization_seconds: float = 0.0
     audit_seconds: float = 0.0  # waiting for the intent record's fsync
+    unrecorded: bool = False  # one refusal of a flood: counted in a summary, not recorded alone
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

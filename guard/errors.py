@@ -81,6 +81,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         405, "BAD_REQUEST", "This method is not allowed on this route."
     ),
     "body_too_large": ReasonInfo(413, "RESOURCE_EXHAUSTED", "The request body is too large."),
+    "too_many_failures": ReasonInfo(
+        429, "RESOURCE_EXHAUSTED", "Too many failed logins from this address; retry later."
+    ),
     "unsupported_media_type": ReasonInfo(
         415, "BAD_REQUEST", "The request body has the wrong Content-Type."
     ),

@@ -180,6 +180,16 @@ class GatewaySettings:
         check=_positive,
     )
     log_level: str = option("info", "debug, info, warning or error.", check=_log_level)
+    failed_login_limit: int = option(
+        30,
+        "Refusals of callers who did not log in (401, bad host, ...) one client address may "
+        "get per failed_login_interval; past it, 429 instead of 401, and the audit trail counts "
+        "them in one summary instead of a record each.",
+        check=_positive,
+    )
+    failed_login_interval: float = option(
+        60.0, "The window failed_login_limit counts in.", kind="duration", check=_positive
+    )
 
 
 @dataclass(frozen=True)

@@ -83,14 +83,14 @@ class Shipper:
                 batch = await anyio.to_thread.run_sync(self._read)
                 if batch:
                     await anyio.to_thread.run_sync(self.store.insert, batch)
-                    self.shipped = int(batch[-1]["seq"])
+                    await anyio.to_thread.run_sync(self._prune_segments)
+                    self.shipped = int(batch[-1]["seq"])  # last: stop() waits for this
                     self.replayed += len(batch)
                     if self.last_error:
                         logger.warning(
                             "audit database reachable again; %d records behind", self.depth
                         )
                     self.last_error, delay = "", RETRY_MIN
-                    await anyio.to_thread.run_sync(self._prune_segments)
                     continue
             except (sa.exc.SQLAlchemyError, OSError) as exc:
                 self.failures += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import logging
@@ -106,6 +107,7 @@ class Spool:
         self.spooled = 0
         self.commits = 0
         self.failures = 0
+        self.lost = 0  # records queued without waiting that could not be written
         self.last_fsync = 0.0  # seconds the last group commit's fsync took
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -210,6 +212,10 @@ class Spool:
         if self.broken:
             self._fail(items, self.error)
             return
+        if self.lost:  # the first write that works says how many records could not be written
+            note = {"kind": "event", "event": "records_lost", "count": self.lost,
+                    "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
+            items = [_Item(note, None), *items]
         head, lines = self.head, []
         for item in items:
             record, head = head.seal(self.key, item.body)
@@ -236,14 +242,15 @@ class Spool:
         self.head = head
         self.spooled += len(items)
         self.commits += 1
+        self.lost = 0
         self._committed = (self._segment_first, self._offset)
         if not self.healthy:
             logger.warning("audit spool writable again")
         self.healthy, self.error = True, ""
+        self._write_head()  # before anyone hears "done": the head is never behind what was told
         for item in items:
             if item.done is not None:
                 item.done.set_result(None)
-        self._write_head()
         if self._offset >= self.segment_size:
             os.close(self._fd)
             self._fd = None  # the next write starts a new segment
@@ -251,6 +258,9 @@ class Spool:
 
     def _fail(self, items: list[_Item], error: str) -> None:
         self.failures += len(items)
+        self.lost += sum(
+            1 for i in items if i.done is None and i.body.get("event") != "records_lost"
+        )  # (an awaited record is not lost: its request is refused instead)
         for item in items:
             if item.done is not None:
                 item.done.set_exception(SpoolError(error))

@@ -24,6 +24,7 @@ from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool, SpoolError
 from guard.audit.store import AuditStore
 from guard.errors import Refusal, send_refusal
+from guard.ratelimit import FailureLimiter
 
 logger = logging.getLogger("guard.audit")
 
@@ -41,7 +42,9 @@ class AuditTrail:
         segment_size: int,
         batch_size: int,
         shutdown_grace: float,
+        limiter: FailureLimiter | None = None,
     ) -> None:
+        self.limiter = limiter
         self.redactor = Redactor(derive_key(secret_key, "audit-redact"))
         self.chain_key = derive_key(secret_key, "audit-chain")
         self.spool = Spool(spool_dir, self.chain_key, segment_size=segment_size)
@@ -56,6 +59,9 @@ class AuditTrail:
 
     async def stop(self) -> None:
         """Write every queued record to the spool, then ship what the grace period allows."""
+        if self.limiter is not None:
+            for summary in self.limiter.summaries(final=True):
+                self.event({"event": "unauthenticated_refusals", **summary})
         await anyio.to_thread.run_sync(self.spool.close)
         await self.shipper.stop(self.shutdown_grace)
 
@@ -81,7 +87,11 @@ class AuditTrail:
         context = scope.get("guard")
         if context is None:
             return
-        self.spool.append_nowait(records.outcome(scope, self.redactor, context.elapsed()))
+        if not context.unrecorded:
+            self.spool.append_nowait(records.outcome(scope, self.redactor, context.elapsed()))
+        if self.limiter is not None:
+            for summary in self.limiter.summaries():
+                self.event({"event": "unauthenticated_refusals", **summary})
 
     def event(self, body: dict[str, Any]) -> None:
         """Something that is not a request: a token made or revoked by the gateway itself."""

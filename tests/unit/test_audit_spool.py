@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,13 +132,20 @@ def test_a_failed_write_is_refused_and_cut_back(
         with pytest.raises(SpoolError, match="No space left"):
             asyncio.run(spool.append(body(2)))
         assert not spool.healthy and not spool.broken
+        spool.append_nowait(body(9))  # an outcome: nobody waits, it is lost (and counted)
+        deadline = time.monotonic() + 5
+        while spool.lost == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         monkeypatch.setattr(os, "write", real_write)
         asyncio.run(spool.append(body(3)))  # space again: recovers by itself
         assert spool.healthy
     finally:
         spool.close()
     records = spooled(tmp_path)
-    assert [(r["seq"], r["request_id"]) for r in records] == [(1, "r1"), (2, "r3")]
+    assert [(r["seq"], r.get("request_id", r.get("event"))) for r in records] == [
+        (1, "r1"), (2, "records_lost"), (3, "r3"),
+    ]  # fmt: skip
+    assert records[1]["count"] == 1
     assert verify(KEY, records) == []
 
 

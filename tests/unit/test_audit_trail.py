@@ -369,3 +369,49 @@ def test_metrics(running: tuple[Gateway, str, FakeMlflow]) -> None:
     head = gateway.trail.spool.head
     assert f'mlflow_guard_audit_chain_head{{mac="{head.mac}",writer="{head.writer}"}}' in text
     assert stored(gateway, request_id=scrape.headers["x-request-id"]) == []  # not audited
+
+
+def test_a_flood_of_bad_logins_is_limited_and_summarized(tmp_path: Path) -> None:
+    fake = FakeMlflow()
+    with ServerThread(fake, lifespan="off") as upstream:
+        settings = load_settings(
+            {"upstream.url": upstream.url, "storage.data_dir": str(tmp_path),
+             "gateway.failed_login_limit": "3", "gateway.failed_login_interval": "1s"}, {}, None,
+        ).settings  # fmt: skip
+        gateway = build_gateway(
+            settings, {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": ADMIN, "MLFLOW_GUARD_SECRET_KEY": KEY}
+        )
+        with ServerThread(gateway) as server:
+            url = server.url + "/version"
+            answers = [httpx.get(url, headers=bearer(BOGUS)) for _ in range(8)]
+            assert [a.status_code for a in answers] == [401] * 3 + [429] * 5
+            assert answers[-1].headers["x-guard-reason"] == "too_many_failures"
+            assert 1 <= int(answers[-1].headers["retry-after"]) <= 1
+            assert httpx.get(url, headers=bearer(ADMIN)).status_code == 200  # same address
+            time.sleep(1.2)  # the window ends; the next request writes its summary
+            last = httpx.get(url, headers=bearer(ADMIN)).headers["x-request-id"]
+            wait_stored(gateway, last, kinds=2)
+            deadline = time.monotonic() + 10
+            while not (summaries := stored(gateway, kind="event")):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    recorded = [a for a in answers if stored(gateway, request_id=a.headers["x-request-id"])]
+    assert len(recorded) == 3  # the first three on their own, the rest only counted
+    (summary,) = summaries
+    assert summary["event"] == "unauthenticated_refusals" and summary["client"] == "127.0.0.1"
+    assert summary["refused"] == 8 and summary["unrecorded"] == 5
+
+
+def test_the_limiter_is_bounded() -> None:
+    from guard.ratelimit import FailureLimiter
+
+    limiter = FailureLimiter(limit=2, interval=60, max_addresses=100)
+    for i in range(1000):
+        limiter.refused(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter._windows) == 100  # the bound is the point
+    assert limiter.blocked("10.0.3.231") == 0.0
+    for _ in range(3):
+        limiter.refused("192.0.2.1")
+    assert limiter.blocked("192.0.2.1") > 0
+    (summary,) = [s for s in limiter.summaries(final=True) if s["client"] == "192.0.2.1"]
+    assert summary["unrecorded"] == 1
