@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a spool directory whose head (and unshipped records) to check against; repeat "
         "for each replica (default: this data directory's)",
     )  # fmt: skip
+    check.add_argument("--archive", metavar="FILE", help="verify an archive `prune` wrote")
+    cut = audit_commands.add_parser(
+        "prune", help="move records older than a date into an archive that still verifies"
+    )
+    _common(cut)
+    cut.add_argument("--before", required=True, help="2026-01-01 (UTC) or a full time")
+    cut.add_argument(
+        "--archive", required=True, metavar="FILE", help="a new file (never overwritten)"
+    )
     history = audit_commands.add_parser(
         "history", help="which version held which alias or stage, when, set by whom"
     )
@@ -210,14 +219,38 @@ def _governance(loaded: Loaded) -> Any:
     return governance
 
 
+def _record(loaded: Loaded, governance: Any, event: str, **fields: object) -> None:
+    """Put a change the CLI made into the audit trail (its own chain)."""
+    if not loaded.settings.audit.enabled:
+        return
+    from guard.audit.spool import SpoolError
+    from guard.audit.trail import record_cli_event
+
+    body = {"event": event, "principal": ACTOR, "auth_method": "cli", **fields}
+    store = governance.tokens
+    try:
+        warning = record_cli_event(loaded.settings, store.engine, store.key, body)
+    except (OSError, SpoolError) as exc:  # the change is made; say loudly it is not recorded
+        warning = f"NOT RECORDED: {exc}"
+    if warning:
+        print(f"warning: audit: {warning}", file=sys.stderr)
+
+
 def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
 def _token(args: argparse.Namespace, loaded: Loaded) -> int:
+    governance = _governance(loaded)
+    try:
+        return _token_command(args, loaded, governance)
+    finally:
+        governance.tokens.engine.dispose()
+
+
+def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
     from guard.identity.tokens import TokenError, utcnow
 
-    governance = _governance(loaded)
     store = governance.tokens
     try:
         if args.action == "create":
@@ -229,6 +262,8 @@ def _token(args: argparse.Namespace, loaded: Loaded) -> int:
             record, secret = governance.create_token(
                 args.name, args.role, args.resource, lifetime, ACTOR
             )
+            _record(loaded, governance, "token_created", token=record.name, role=record.role,
+                    resource=args.resource, expires=record.expires_at.isoformat())  # fmt: skip
             if args.quiet:
                 print(secret)
                 return 0
@@ -265,6 +300,7 @@ def _token(args: argparse.Namespace, loaded: Loaded) -> int:
                 )
         else:
             record = governance.revoke_token(args.name, ACTOR)
+            _record(loaded, governance, "token_revoked", token=record.name)
             print(f"Revoked token {record.name!r} and removed its grants.")
     except (TokenError, ValueError) as exc:  # PolicyError is a ValueError
         return _fail(exc)
@@ -279,10 +315,17 @@ def _fail(exc: Exception) -> int:
 
 
 def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
+    governance = _governance(loaded)
+    try:
+        return _policy_command(args, loaded, governance)
+    finally:
+        governance.tokens.engine.dispose()
+
+
+def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
     from guard.authz.engine import PolicyIndex
     from guard.authz.policy import Grant, PolicySet, parse_lines, parse_row
 
-    governance = _governance(loaded)
     try:
         if args.command == "role":
             if args.action == "list":
@@ -298,6 +341,9 @@ def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
                 version = governance.change(ACTOR, add=[grant])
             else:
                 version = governance.change(ACTOR, remove=[grant])
+            key = "added" if args.action == "assign" else "removed"
+            _record(loaded, governance, "policy_changed",
+                    changes={key: [", ".join(grant.row())], "policy_version": version})  # fmt: skip
             print(f"{args.action}ed: {', '.join(grant.row())} (policy version {version})")
             return 0
         if args.action in ("list", "export"):
@@ -321,6 +367,9 @@ def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
                 version = governance.change(ACTOR, add=rules)
             else:
                 version = governance.change(ACTOR, remove=rules)
+            key = "added" if args.action == "add" else "removed"
+            _record(loaded, governance, "policy_changed", changes={
+                key: [", ".join(r.row()) for r in rules], "policy_version": version})  # fmt: skip
             print(f"policy version {version}")
             return 0
         if args.action == "import":
@@ -335,7 +384,11 @@ def _policy(args: argparse.Namespace, loaded: Loaded) -> int:
             print(f"{len(added)} to add, {len(removed)} to remove")
             if args.dry_run or not (added or removed):
                 return 0
-            print(f"applied: policy version {governance.replace(new, ACTOR)}")
+            version = governance.replace(new, ACTOR)
+            _record(loaded, governance, "policy_changed", changes={
+                "added": [", ".join(r) for r in added], "removed": [", ".join(r) for r in removed],
+                "policy_version": version})  # fmt: skip
+            print(f"applied: policy version {version}")
             return 0
         _, policy = governance.policies.load()
         decision = PolicyIndex(policy).decide(args.subject, args.resource, args.question_action)
@@ -403,6 +456,7 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
 
     from guard.audit.commands import parse_when, query_records, verify_trail, write_records
     from guard.audit.store import Filters
+    from guard.audit.trail import cli_spool_dir
     from guard.db import build_engine, migrate
     from guard.keys import SecretKeyError, load_secret_key
 
@@ -410,10 +464,24 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
     engine = build_engine(settings.database_uri)
     try:
         migrate(engine)
-        if args.action == "verify":
+        if args.action == "prune":
+            from guard.audit.prune import prune
+
             key = load_secret_key(settings.secret_key_file, os.environ, create=False)
-            spools = [Path(s) for s in args.spool] or [settings.audit_spool_dir]
-            checked, problems = verify_trail(engine, key, spools)
+            count = prune(engine, key, parse_when(args.before), Path(args.archive))
+            print(f"archived {count} records to {args.archive} and removed them from the table")
+            return 0
+        if args.action == "verify":
+            from guard.audit.prune import verify_archive
+
+            key = load_secret_key(settings.secret_key_file, os.environ, create=False)
+            spools = [Path(s) for s in args.spool] or [
+                p for p in (settings.audit_spool_dir, cli_spool_dir(settings)) if p.exists()
+            ]
+            if args.archive:
+                checked, problems = verify_archive(key, Path(args.archive))
+            else:
+                checked, problems = verify_trail(engine, key, spools)
             for problem in problems:
                 print(f"BROKEN: {problem}")
             if problems:

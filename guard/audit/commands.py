@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import Engine
 
 from guard.audit.chain import Head, Problem, derive_key, verify
+from guard.audit.prune import anchor_problems
 from guard.audit.spool import read_records, segments
 from guard.audit.store import AuditStore, Filters
 
@@ -32,7 +33,9 @@ def read_head(spool_dir: Path) -> Head | None:
         return None
 
 
-def _with_spooled(stored: Iterable[dict[str, Any]], spools: list[Path]) -> Iterator[dict[str, Any]]:
+def _with_spooled(
+    stored: Iterable[dict[str, Any]], spools: list[Path], anchors: dict[str, Head]
+) -> Iterator[dict[str, Any]]:
     """The stored records, each writer's chain continued by what its spool holds beyond them
     (records not yet shipped are part of the chain too)."""
     tails: dict[str, list[dict[str, Any]]] = {}
@@ -40,7 +43,7 @@ def _with_spooled(stored: Iterable[dict[str, Any]], spools: list[Path]) -> Itera
         for path in segments(spool):
             for record, _ in read_records(path):
                 tails.setdefault(str(record.get("writer")), []).append(record)
-    last: dict[str, int] = {}
+    last: dict[str, int] = {w: h.seq for w, h in anchors.items()}
     writer = None
     for record in stored:
         if writer is not None and record.get("writer") != writer:
@@ -52,7 +55,7 @@ def _with_spooled(stored: Iterable[dict[str, Any]], spools: list[Path]) -> Itera
     if writer is not None:
         yield from _tail(tails.pop(writer, []), last.get(writer, 0))
     for name in sorted(tails):
-        yield from _tail(tails[name], 0)
+        yield from _tail(tails[name], last.get(name, 0))
 
 
 def _tail(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]:
@@ -75,8 +78,9 @@ def verify_trail(
             yield record
 
     key = derive_key(secret_key, "audit-chain")
-    records = counting(_with_spooled(store.chain(), spools))
-    problems = verify(key, records, start=store.anchors(), heads=heads)
+    anchors = store.anchors()
+    records = counting(_with_spooled(store.chain(), spools, anchors))
+    problems = anchor_problems(key, engine) + verify(key, records, start=anchors, heads=heads)
     return counted, problems
 
 

@@ -108,6 +108,17 @@ class Shipper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
+    def ship_all(self) -> int:
+        """Store everything spooled, now, without a task (the CLI's short-lived chain)."""
+        self.shipped = self.store.max_seq(self.spool.writer)
+        stored = 0
+        while batch := self._read():
+            self.store.insert(batch)
+            self._prune_segments()
+            self.shipped = int(batch[-1]["seq"])
+            stored += len(batch)
+        return stored
+
     def _read(self) -> list[dict[str, Any]]:
         """The next batch not yet stored, from the durable part of the spool. Where it ends
         becomes the cursor once the batch is stored."""

@@ -119,15 +119,16 @@ class Spool:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Lock the directory, recover the chain's head, start the writer thread."""
+    def open(self, wait: bool = False) -> None:
+        """Lock the directory (``wait``: until the process holding it is done), recover the
+        chain's head, start the writer thread."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"audit spool {self.directory} cannot be opened: {exc}") from None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None

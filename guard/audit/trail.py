@@ -8,12 +8,14 @@ the record without waiting (what it describes has already happened).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
 from typing import Any, Final
 
 import anyio.to_thread
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -25,6 +27,7 @@ from guard.audit.spool import Spool, SpoolError
 from guard.audit.store import AuditStore
 from guard.errors import Refusal, send_refusal
 from guard.ratelimit import FailureLimiter
+from guard.settings import Settings
 
 logger = logging.getLogger("guard.audit")
 
@@ -112,3 +115,31 @@ class IntentMiddleware:
             await send_refusal(scope, send, refusal)
             return
         await self.app(scope, receive, send)
+
+
+def cli_spool_dir(settings: Settings) -> Path:
+    """The CLI's own spool, beside the gateway's: the CLI is a writer with its own chain."""
+    spool = settings.audit_spool_dir
+    return spool.with_name(spool.name + "-cli")
+
+
+def record_cli_event(
+    settings: Settings, engine: Engine, secret_key: bytes, body: dict[str, Any]
+) -> str:
+    """Record a change the CLI made (a token, a policy change): fsynced into the CLI's chain,
+    then stored with whatever that chain has not stored yet. Returns a warning, or ""."""
+    spool = Spool(
+        cli_spool_dir(settings),
+        derive_key(secret_key, "audit-chain"),
+        segment_size=settings.audit.segment_size,
+    )
+    spool.open(wait=True)  # two CLI runs take turns
+    try:
+        asyncio.run(spool.append({"kind": "event", "time": records.now(), **body}))
+    finally:
+        spool.close()
+    try:
+        Shipper(spool, AuditStore(engine)).ship_all()
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        return f"recorded in {spool.directory}; it reaches the database next time ({exc})"
+    return ""

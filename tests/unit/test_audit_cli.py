@@ -1,0 +1,130 @@
+"""The audit commands and the CLI's own chain: events for its changes, verify, query,
+history, prune with an archive that verifies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from guard.cli import main
+from guard.db import audit_anchors, audit_records, build_engine
+
+URIS: dict[Path, str] = {}
+
+
+@pytest.fixture
+def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_uri: str) -> Path:
+    """A data directory whose database is SQLite or a fresh PostgreSQL database."""
+    monkeypatch.setenv("MLFLOW_GUARD_SECRET_KEY", "k" * 40)
+    monkeypatch.delenv("MLFLOW_GUARD_BOOTSTRAP_TOKEN", raising=False)
+    URIS[tmp_path] = database_uri
+    return tmp_path
+
+
+def cli(data: Path, *args: str) -> int:
+    return main([*args, "--data-dir", str(data), "--database-uri", URIS[data]])
+
+
+ENGINES: list[sa.engine.Engine] = []
+
+
+def engine_of(data: Path) -> sa.engine.Engine:
+    ENGINES.append(build_engine(URIS[data]))
+    return ENGINES[-1]
+
+
+@pytest.fixture(autouse=True)
+def _dispose() -> Iterator[None]:
+    yield
+    while ENGINES:
+        ENGINES.pop().dispose()
+
+
+def test_cli_changes_are_recorded_in_their_own_chain(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(data, "token", "create", "--name", "ci", "--role", "promoter",
+               "--resource", "model:fraud-*", "--quiet") == 0  # fmt: skip
+    secret = capsys.readouterr().out.strip()
+    assert cli(data, "role", "assign", "--subject", "user:alice", "--role", "viewer",
+               "--resource", "experiment:x") == 0  # fmt: skip
+    assert cli(data, "token", "revoke", "ci") == 0
+    capsys.readouterr()
+    assert cli(data, "audit", "query", "--kind", "event", "--format", "jsonl") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["token_created", "policy_changed", "token_revoked"]
+    assert all(e["principal"].startswith("cli:") for e in events)
+    assert events[0]["token"] == "ci" and events[0]["resource"] == "model:fraud-*"
+    assert events[1]["changes"]["added"] == ["p, user:alice, viewer, experiment:x, allow"]
+    assert len({e["writer"] for e in events}) == 1 and [e["seq"] for e in events] == [1, 2, 3]
+    with engine_of(data).connect() as conn:
+        table = "".join(conn.execute(sa.select(audit_records.c.record)).scalars())
+    spooled = b"".join(p.read_bytes() for p in (data / "audit-cli").glob("*.jsonl"))
+    assert secret not in table and secret.encode() not in spooled
+    assert cli(data, "audit", "verify") == 0
+    assert "every chain intact" in capsys.readouterr().out
+
+
+def test_verify_fails_on_an_edited_record(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("a", "b", "c"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    engine = engine_of(data)
+    with engine.begin() as conn:
+        edited = sa.func.replace(audit_records.c.record, "user:b", "user:z")
+        conn.execute(audit_records.update().where(audit_records.c.seq == 2).values(record=edited))
+    capsys.readouterr()
+    assert cli(data, "audit", "verify") == 1
+    assert "record 2: altered" in capsys.readouterr().out
+
+
+def test_prune_archives_what_it_removes_and_both_still_verify(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    for name in ("a", "b"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    time.sleep(0.05)
+    cut = dt.datetime.now(dt.UTC).isoformat()
+    time.sleep(0.05)
+    for name in ("c", "d"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    archive = data / "old.jsonl"
+    capsys.readouterr()
+    assert cli(data, "audit", "prune", "--before", cut, "--archive", str(archive)) == 0
+    assert "archived 2 records" in capsys.readouterr().out
+    lines = archive.read_text().splitlines()
+    assert json.loads(lines[0])["archive"] == 1 and len(lines) == 3
+    assert cli(data, "audit", "verify", "--archive", str(archive)) == 0
+    assert cli(data, "audit", "verify") == 0  # the rest continues from the anchor
+    engine = engine_of(data)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(audit_records.c.seq)).scalars().all() == [3, 4]
+    # An edited archive does not verify; an archive is never overwritten.
+    archive.write_text(archive.read_text().replace("user:a", "user:z"))
+    capsys.readouterr()
+    assert cli(data, "audit", "verify", "--archive", str(archive)) == 1
+    assert cli(data, "audit", "prune", "--before", cut, "--archive", str(archive)) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_a_forged_anchor_is_found(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("a", "b", "c"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+    assert cli(data, "audit", "prune", "--before", future, "--archive", str(data / "a.jsonl")) == 0
+    assert cli(data, "role", "assign", "--subject", "user:d", "--role", "viewer") == 0
+    capsys.readouterr()
+    assert cli(data, "audit", "verify") == 0
+    engine = engine_of(data)
+    with engine.begin() as conn:  # hide record 4 by moving the anchor past it
+        conn.execute(audit_records.delete().where(audit_records.c.seq == 4))
+        conn.execute(audit_anchors.update().values(seq=4))
+    capsys.readouterr()
+    assert cli(data, "audit", "verify") == 1
+    assert "anchor" in capsys.readouterr().out
