@@ -41,6 +41,7 @@ test: $(STAMP) system-packages lint
 bench: $(STAMP)
 	$(BIN)/python -m bench.authz
 	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

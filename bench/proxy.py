@@ -109,13 +109,17 @@ def start_noop(stack: ExitStack, home: Path) -> str:
     return url
 
 
-def start_gateway(stack: ExitStack, home: Path, upstream: str) -> tuple[str, psutil.Process]:
+def start_gateway(
+    stack: ExitStack, home: Path, upstream: str, **env: str
+) -> tuple[str, psutil.Process]:
+    """A gateway in front of ``upstream``; ``env`` adds settings (MLFLOW_GUARD_<SECTION>_<KEY>)."""
     port = free_port()
     proc = spawn(
         stack,
         [sys.executable, "-m", "guard", "serve", "--upstream-url", upstream, "--port", str(port),
          "--data-dir", str(home)],
-        clean_env(MLFLOW_GUARD_BOOTSTRAP_TOKEN=TOKEN, MLFLOW_GUARD_GATEWAY_LOG_LEVEL="warning"),
+        clean_env(MLFLOW_GUARD_BOOTSTRAP_TOKEN=TOKEN, MLFLOW_GUARD_GATEWAY_LOG_LEVEL="warning",
+                  **env),
         home / "gateway.log",
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -24,6 +24,7 @@ from guard.audit.store import AuditStore
 logger = logging.getLogger("guard.audit")
 
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
+SETTLE = 0.2  # seconds a small backlog waits to grow into a bigger batch (fewer transactions)
 
 
 class Shipper:
@@ -80,6 +81,8 @@ class Shipper:
                         self.store.max_seq, self.spool.writer
                     )
                     self._started = True
+                if 0 < self.depth < self.batch_size:
+                    await asyncio.sleep(SETTLE)  # let a few commits gather into one transaction
                 batch = await anyio.to_thread.run_sync(self._read)
                 if batch:
                     await anyio.to_thread.run_sync(self.store.insert, batch)
@@ -121,25 +124,34 @@ class Shipper:
 
     def _read(self) -> list[dict[str, Any]]:
         """The next batch not yet stored, from the durable part of the spool. Where it ends
-        becomes the cursor once the batch is stored."""
+        becomes the cursor once the batch is stored. Reads at most a batch at a time, so a
+        long backlog is read once, not once per batch."""
         writing, durable = self.spool.committed()
-        cursor, batch = self._cursor, []
+        cursor = self._cursor
+        batch: list[dict[str, Any]] = []
         for path in segments(self.spool.directory):
             if cursor is not None and path.name < cursor[0].name:
                 continue
             start = cursor[1] if cursor is not None and cursor[0] == path else 0
             current = int(path.stem) == writing
-            for record, after in read_records(path, start, durable if current else None):
-                cursor = (path, after)
-                if int(record["seq"]) <= self.shipped:
-                    continue  # stored before a restart: the spool replays from its start
-                batch.append(record)
-                if len(batch) >= self.batch_size:
-                    self._pending = cursor
-                    return batch
+            while True:
+                chunk = read_records(path, start, durable if current else None, self.batch_size)
+                for record, after in chunk:
+                    cursor = (path, after)
+                    if int(record["seq"]) <= self.shipped:
+                        continue  # stored before a restart: the spool replays from its start
+                    batch.append(record)
+                    if len(batch) >= self.batch_size:
+                        self._pending = cursor
+                        return batch
+                if len(chunk) < self.batch_size:
+                    break
+                start = chunk[-1][1]
             if current:
                 break
         self._pending = cursor
+        if not batch:
+            self._cursor = cursor  # only stored records were passed over
         return batch
 
     def _prune_segments(self) -> None:

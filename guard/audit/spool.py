@@ -3,6 +3,8 @@
 One thread owns the files. Callers queue records; the thread takes whatever has queued up,
 seals it into the chain, appends it with one ``write`` and one ``fsync`` (group commit), then
 wakes the callers. A request waits for its intent record this way before it is forwarded.
+Records nobody waits for (outcomes: the request already happened) are written at once and
+fsynced with the next intent, or within ``FLUSH_INTERVAL``.
 
 The journal is a directory of segments named by their first sequence number
 (``00000000000000000001.jsonl``), one canonical JSON record per line. Only bytes up to the last
@@ -39,6 +41,8 @@ logger = logging.getLogger("guard.audit")
 
 SUFFIX: Final = ".jsonl"
 MAX_BATCH: Final = 1024
+HEAD_SIZE: Final = 512  # head.json is rewritten in place at this fixed size
+FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
 
 
 class SpoolError(Exception):
@@ -64,25 +68,28 @@ def segments(directory: Path) -> list[Path]:
 
 
 def read_records(
-    path: Path, start: int = 0, end: int | None = None
+    path: Path, start: int = 0, end: int | None = None, limit: int | None = None
 ) -> list[tuple[dict[str, Any], int]]:
-    """Whole records in ``path`` from byte ``start`` (up to ``end``), each with the offset just
-    after it. Stops at the first line that is not whole (a write cut short by a crash)."""
+    """Whole records in ``path`` from byte ``start`` (up to ``end``, at most ``limit`` of
+    them), each with the offset just after it. Stops at the first line that is not whole (a
+    write cut short by a crash)."""
+    records: list[tuple[dict[str, Any], int]] = []
+    offset = start
     with path.open("rb") as file:
         file.seek(start)
-        data = file.read() if end is None else file.read(max(0, end - start))
-    records, offset = [], start
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if not isinstance(record, dict):
-            break
-        offset += len(line)
-        records.append((record, offset))
+        for line in file:
+            if (end is not None and offset + len(line) > end) or not line.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not isinstance(record, dict):
+                break
+            offset += len(line)
+            records.append((record, offset))
+            if limit is not None and len(records) >= limit:
+                break
     return records
 
 
@@ -112,7 +119,9 @@ class Spool:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
+        self._head_fd: int | None = None
         self._fd: int | None = None
+        self._dirty = False  # written since the last fsync
         self._segment_first = 0  # first sequence number of the segment being written
         self._offset = 0
         self._committed = (0, 0)
@@ -156,9 +165,12 @@ class Spool:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for name in ("_fd", "_head_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -189,7 +201,11 @@ class Spool:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=FLUSH_INTERVAL if self._dirty else None)]
+            except queue.Empty:
+                self._flush()
+                continue
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -207,7 +223,22 @@ class Spool:
                         [i for i in items if i.done is None or not i.done.done()], self.error
                     )
             if len(items) < len(batch):
+                self._flush()
                 return
+
+    def _flush(self) -> None:
+        """fsync what was written without anyone waiting (outcomes), at most FLUSH_INTERVAL
+        after it was written."""
+        if not self._dirty or self._fd is None:
+            self._dirty = False
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:  # written but maybe not durable, and nothing to cut back
+            self.broken, self.healthy = True, False
+            self.error = f"audit spool fsync failed: {exc.strerror or exc}: restart the gateway"
+            logger.critical("%s", self.error)
+        self._dirty = False
 
     def _write(self, items: list[_Item]) -> None:
         if self.broken:
@@ -232,9 +263,17 @@ class Spool:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
-            started = time.perf_counter()
-            os.fsync(self._fd)
-            self.last_fsync = time.perf_counter() - started
+            # A record someone waits for (an intent) is fsynced now, with everything before it;
+            # records nobody waits for (outcomes) within FLUSH_INTERVAL, or with the next intent.
+            if any(item.done is not None for item in items) or (
+                offset + len(data) >= self.segment_size
+            ):
+                started = time.perf_counter()
+                os.fsync(self._fd)
+                self.last_fsync = time.perf_counter() - started
+                self._dirty = False
+            else:
+                self._dirty = True
         except OSError as exc:
             self._undo(offset, exc)
             self._fail(items, self.error)
@@ -301,12 +340,15 @@ class Spool:
             os.close(dir_fd)
 
     def _write_head(self) -> None:
-        """The chain's head beside the spool, for ``audit verify`` to detect truncation."""
-        draft = self.directory / "head.json.tmp"
+        """The chain's head beside the spool, for ``audit verify`` to detect truncation:
+        rewritten in place with one small ``pwrite`` (a rename per commit costs as much as the
+        fsync). A head torn by a crash reads as unknown, never as a wrong one."""
         head = {"writer": self.head.writer, "seq": self.head.seq, "mac": self.head.mac}
+        text = json.dumps(head).encode().ljust(HEAD_SIZE - 1) + b"\n"
         try:
-            draft.write_text(json.dumps(head))
-            draft.replace(self.directory / "head.json")
+            if self._head_fd is None:
+                self._head_fd = os.open(self.directory / "head.json", os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._head_fd, text, 0)
         except OSError as exc:
             logger.warning("audit head file not updated: %s", exc)
 

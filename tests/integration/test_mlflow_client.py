@@ -205,5 +205,7 @@ def test_keep_alive_requests_do_not_wait_for_delayed_acks(gateway: Gateway) -> N
                 assert client.get(gateway.url + path).status_code == 200
                 timings.append(time.perf_counter() - started)
             steady = sorted(timings[5:])
-            assert statistics.median(steady) < 0.020, (path, steady)
-            assert steady[int(len(steady) * 0.8)] < 0.030, (path, steady)
+            # Forwarded requests include MLflow (~15 ms here) and the audit intent's fsync; a
+            # delayed ACK would add ~40 ms to each.
+            assert statistics.median(steady) < 0.035, (path, steady)
+            assert steady[int(len(steady) * 0.8)] < 0.045, (path, steady)

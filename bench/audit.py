@@ -1,0 +1,430 @@
+"""What the audit trail costs (``make bench``): its writer, its shipper, and the gateway with it.
+
+1. The spool: many asyncio tasks call ``Spool.append`` (each waits for its fsync) until a
+   fixed number of records is on disk; records/s, fsyncs, records per fsync (group commit),
+   append latency, CPU per record. Alone at 1, 8 and 64 tasks, then as the gateway runs it at
+   c=8: an outcome queued after each intent, the shipper storing into SQLite meanwhile.
+2. The shipper: a spool holding a backlog is drained into SQLite and into a throwaway
+   PostgreSQL (tests/conftest.py's cluster; skipped with a note if it cannot start); records/s
+   from spool to table, at two backlog sizes (a rate that falls as the backlog grows means the
+   shipper's cost per record grows with it).
+3. The gateway with the audit trail on and off: direct, gateway (audit on) and gateway (audit
+   off) runs interleaved at c=8 with bench/proxy.py's request mix, against a no-op upstream
+   (the gateway's own cost dominates) and against real MLflow; medians, ratios to direct and
+   the gateway CPU per request.
+
+Target: with audit on, the c=8 ratio is no more than 5% below the ratio without audit.
+Every loop is bounded in count and time; everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import sqlalchemy as sa
+
+from bench.proxy import (
+    NOOP_MIX,
+    TOKEN,
+    Request,
+    Run,
+    load,
+    mlflow_mix,
+    start_gateway,
+    start_mlflow,
+    start_noop,
+)
+from guard.audit.chain import derive_key
+from guard.audit.shipper import Shipper
+from guard.audit.spool import Spool
+from guard.audit.store import AuditStore
+from guard.db import audit_records, build_engine, migrate
+from guard.settings import AuditSettings
+
+TARGET_RELATIVE = 0.95  # audit-on ratio >= 0.95 x audit-off ratio
+KEY = derive_key(b"bench" * 8, "audit-chain")
+DEFAULTS = AuditSettings()
+
+
+def record_body(i: int) -> dict[str, Any]:
+    """An intent record shaped like the gateway's for a log-metric call (about 800 bytes
+    sealed)."""
+    return {
+        "kind": "intent", "time": "2026-12-01T12:00:00.123456+00:00",
+        "request_id": f"{i:032x}", "client": "127.0.0.1", "peer": "127.0.0.1",
+        "host": "127.0.0.1:5000", "scheme": "http", "method": "POST",
+        "path": "/api/2.0/mlflow/runs/log-metric", "user_agent": "mlflow-python-client/3.17.2",
+        "principal": "token:bench-user", "auth_method": "token", "kind_of_resource": "run",
+        "action": "update", "resource": "experiment:bench-1764590400.123",
+        "policy_version": 12, "rule": "p, token:bench-user, editor, experiment:bench-*",
+        "decision": "allow",
+        "changes": {"run_id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "key": "loss", "value": 0.5},
+    }  # fmt: skip
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+# -- 1. the spool alone ---------------------------------------------------------------------
+
+
+@dataclass
+class SpoolRun:
+    label: str
+    records: int  # all records made durable (intents and, with the shipper, outcomes)
+    seconds: float
+    commits: int
+    latencies: list[float]  # of the appends that waited (intents)
+    writer_cpu: float
+    process_cpu: float
+
+    def row(self) -> str:
+        per_fsync = self.records / max(self.commits, 1)
+        writer_us = self.writer_cpu / max(self.records, 1) * 1e6
+        process_us = self.process_cpu / max(self.records, 1) * 1e6
+        return (f"{self.label:>7} {self.records:>8} {self.records / self.seconds:>10.0f} "
+                f"{self.commits:>7} {per_fsync:>9.1f} {quantile(self.latencies, 0.5) * 1e3:>8.2f} "
+                f"{quantile(self.latencies, 0.99) * 1e3:>8.2f} {writer_us:>10.0f} "
+                f"{process_us:>10.0f}")  # fmt: skip
+
+
+def thread_cpu(thread: threading.Thread | None) -> float:
+    """User + system seconds one thread of this process has used."""
+    for t in psutil.Process().threads():
+        if thread is not None and t.id == thread.native_id:
+            return float(t.user_time + t.system_time)
+    return 0.0
+
+
+async def spool_run(
+    directory: Path, tasks: int, count: int, max_seconds: float, ship_to: str | None = None
+) -> SpoolRun:
+    """``count`` appends from ``tasks`` tasks. With ``ship_to``, as in the gateway: each task
+    also queues an outcome after its intent, and a shipper stores records into ``ship_to``."""
+    spool = Spool(directory, KEY, segment_size=DEFAULTS.segment_size)
+    spool.open()
+    writer = spool._thread  # its CPU tells sealing and syscalls from waiting
+    shipper = None
+    if ship_to is not None:
+        engine = build_engine(ship_to)
+        migrate(engine)
+        shipper = Shipper(spool, AuditStore(engine), batch_size=DEFAULTS.batch_size)
+        spool.on_commit = shipper.notify
+        await shipper.start()
+    latencies: list[float] = []
+    issued = 0
+    stop_at = time.monotonic() + max_seconds
+    try:
+        await spool.append(record_body(-1))  # segment created, head recovered: not measured
+        before = spool.spooled, spool.commits, thread_cpu(writer), time.process_time()
+
+        async def task() -> None:
+            nonlocal issued
+            while issued < count and time.monotonic() < stop_at:
+                issued += 1
+                started = time.perf_counter()
+                await spool.append(record_body(issued))
+                latencies.append(time.perf_counter() - started)
+                if shipper is not None:
+                    spool.append_nowait(record_body(issued))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(task() for _ in range(tasks)))
+        elapsed = time.perf_counter() - started
+        after = spool.spooled, spool.commits, thread_cpu(writer), time.process_time()
+    finally:
+        if shipper is not None:
+            await shipper.stop(DEFAULTS.shutdown_grace)  # bounded
+        spool.close()
+    label = f"{tasks}+ship" if shipper is not None else str(tasks)
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    return SpoolRun(label, int(d[0]), elapsed, int(d[1]), latencies, d[2], d[3])
+
+
+def bench_spool(root: Path, levels: list[int], count: int, max_seconds: float) -> list[SpoolRun]:
+    print(f"\n== spool: Spool.append from concurrent tasks (each waits for its fsync), {count} "
+          f"appends per row, at most {max_seconds:.0f} s ==")  # fmt: skip
+    print(f"{'tasks':>7} {'records':>8} {'records/s':>10} {'fsyncs':>7} {'rec/fsync':>9} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'writer us':>10} {'process us':>10}")  # fmt: skip
+    runs = []
+    for tasks in levels:
+        run = asyncio.run(spool_run(root / f"spool-{tasks}", tasks, count, max_seconds))
+        print(run.row(), flush=True)
+        runs.append(run)
+    run = asyncio.run(spool_run(root / "spool-ship", 8, count, max_seconds,
+                                f"sqlite:///{root}/spool-ship.db"))  # fmt: skip
+    print(run.row(), flush=True)
+    runs.append(run)
+    print("  writer us / process us: CPU per record of the spool's thread / of the whole process\n"
+          "  8+ship: as in the gateway at c=8 (an intent waited for, then an outcome queued) with\n"
+          "  the shipper storing into SQLite meanwhile; records counts both kinds")  # fmt: skip
+    return runs
+
+
+# -- 2. the shipper -------------------------------------------------------------------------
+
+
+def fill_spool(directory: Path, count: int) -> None:
+    spool = Spool(directory, KEY, segment_size=DEFAULTS.segment_size)
+    spool.open()
+    for i in range(count):
+        spool.append_nowait(record_body(i))
+    spool.close()  # writes everything queued
+
+
+async def drain(
+    directory: Path, uri: str, batch_size: int, max_seconds: float
+) -> tuple[int, float]:
+    """(records stored, seconds) for a fresh shipper to move the whole spool into ``uri``."""
+    engine = build_engine(uri)
+    migrate(engine)
+    spool = Spool(directory, KEY, segment_size=DEFAULTS.segment_size)
+    spool.open()
+    shipper = Shipper(spool, AuditStore(engine), batch_size=batch_size)
+    spool.on_commit = shipper.notify
+    try:
+        started = time.perf_counter()
+        await shipper.start()
+        deadline = time.monotonic() + max_seconds
+        # The shipper has no event for "stored"; polling costs little next to an insert.
+        while shipper.replayed < spool.head.seq and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        await shipper.stop(0)
+    finally:
+        spool.close()
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(sa.func.count()).select_from(audit_records)).scalar()
+    engine.dispose()
+    return int(stored or 0), elapsed
+
+
+def bench_shipper(
+    root: Path, backlogs: list[int], batch_size: int, max_seconds: float
+) -> dict[str, dict[int, float]]:
+    print(f"\n== shipper: a backlog drained from the spool into the table, {batch_size} records "
+          f"per transaction (audit.batch_size), at most {max_seconds:.0f} s each ==")  # fmt: skip
+    results: dict[str, dict[int, float]] = {}
+    with ExitStack() as stack:  # PostgreSQL stops before the gateway runs
+        targets: list[tuple[str, Callable[[int], str]]] = [
+            ("sqlite", lambda n: f"sqlite:///{root}/ship-{n}.db")
+        ]
+        if (pg_uri := start_postgres(stack)) is not None:
+            targets.append(("postgresql", lambda n: pg_uri()))
+        print(f"{'database':>10} {'backlog':>8} {'stored':>8} {'seconds':>8} {'records/s':>10}")
+        for name, uri in targets:
+            rates = results.setdefault(name, {})
+            for backlog in backlogs:
+                directory = root / f"ship-{name}-{backlog}"
+                fill_spool(directory, backlog)
+                stored, seconds = asyncio.run(
+                    drain(directory, uri(backlog), batch_size, max_seconds)
+                )
+                rates[backlog] = stored / seconds
+                note = "" if stored == backlog else f"  (stopped at the time limit of {backlog})"
+                print(f"{name:>10} {backlog:>8} {stored:>8} {seconds:>8.2f} "
+                      f"{rates[backlog]:>10.0f}{note}", flush=True)  # fmt: skip
+            fewest, most = min(rates), max(rates)
+            if fewest >= 5000 and most > fewest and rates[most] < 0.7 * rates[fewest]:
+                print(f"{'':>10} records/s falls {rates[fewest] / rates[most]:.1f}x as the "
+                      f"backlog grows {most / fewest:.0f}x: the cost per record grows with "
+                      "it")  # fmt: skip
+    return results
+
+
+def start_postgres(stack: ExitStack) -> Callable[[], str] | None:
+    """A throwaway cluster from tests/conftest.py, or None (with a note) if there is none."""
+    try:
+        from tests.conftest import PostgresCluster
+    except ImportError as exc:
+        print(f"  PostgreSQL skipped: tests/conftest.py cannot be imported ({exc})")
+        return None
+    try:
+        cluster = PostgresCluster()
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"  PostgreSQL skipped: the throwaway cluster did not start ({exc}); "
+              "`make system-packages` installs it")  # fmt: skip
+        return None
+    stack.callback(cluster.stop)
+    print("  PostgreSQL: the test suite's throwaway cluster (fsync=off, synchronous_commit=off: "
+          "commits cost less than on a durable server)")  # fmt: skip
+    return cluster.create_database
+
+
+# -- 3. the gateway with audit on and off ---------------------------------------------------
+
+
+def intent_wait(url: str) -> tuple[float, float] | None:
+    """(seconds, requests) waited for intent fsyncs so far, from /guard/metrics if it has them."""
+    try:
+        text = httpx.get(url + "/guard/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (
+            "mlflow_guard_audit_write_seconds_sum",
+            "mlflow_guard_audit_write_seconds_count",
+        ):
+            found[name.rsplit("_", 1)[1]] = float(value)
+    return (found["sum"], found["count"]) if len(found) == 2 else None
+
+
+@dataclass
+class Triple:
+    direct: Run
+    on: Run
+    off: Run
+
+
+def three_way(
+    label: str, direct: str, on: tuple[str, psutil.Process], off: tuple[str, psutil.Process],
+    mix: list[Request], c: int, repeats: int, seconds: float,
+) -> dict[str, float]:  # fmt: skip
+    """Direct, audit on and audit off, interleaved (the order rotates each repeat)."""
+    print(f"\n== {label}: c={c}, {repeats} interleaved runs of {seconds:g} s each, medians ==")
+    triples: list[Triple] = []
+    waits: list[float] = []
+    for r in range(repeats):
+        got: dict[str, Run] = {}
+        for name in ["direct", "on", "off"][r % 3 :] + ["direct", "on", "off"][: r % 3]:
+            if name == "direct":
+                got[name] = asyncio.run(load(direct, mix, c, seconds, None, None))
+            elif name == "on":
+                before = intent_wait(on[0])
+                got[name] = asyncio.run(load(on[0], mix, c, seconds, TOKEN, on[1]))
+                after = intent_wait(on[0])
+                if before is not None and after is not None and after[1] > before[1]:
+                    waits.append((after[0] - before[0]) / (after[1] - before[1]))
+            else:
+                got[name] = asyncio.run(load(off[0], mix, c, seconds, TOKEN, off[1]))
+            time.sleep(0.3)  # let the audit-on gateway's shipper catch up outside the next run
+        triples.append(Triple(got["direct"], got["on"], got["off"]))
+    d = statistics.median(t.direct.rps for t in triples)
+    on_rps = statistics.median(t.on.rps for t in triples)
+    off_rps = statistics.median(t.off.rps for t in triples)
+    paired = [t.on.rps / t.off.rps for t in triples]
+
+    def cpu(run: Run) -> float:
+        return (run.gateway_cpu or 0.0) / max(run.requests, 1) * 1000
+
+    errors = sum(t.direct.errors + t.on.errors + t.off.errors for t in triples)
+    print(f"{'':>14} {'rps':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'gw cpu/req ms':>14}")
+    print(f"{'direct':>14} {d:>9.1f} {1:>6.2f} "
+          f"{statistics.median(t.direct.quantile(0.5) for t in triples) * 1e3:>7.2f} "
+          f"{statistics.median(t.direct.quantile(0.99) for t in triples) * 1e3:>7.2f}")  # fmt: skip
+    for name, rps, runs in (("gateway, on", on_rps, [t.on for t in triples]),
+                            ("gateway, off", off_rps, [t.off for t in triples])):  # fmt: skip
+        print(f"{name:>14} {rps:>9.1f} {rps / d:>6.2f} "
+              f"{statistics.median(r.quantile(0.5) for r in runs) * 1e3:>7.2f} "
+              f"{statistics.median(r.quantile(0.99) for r in runs) * 1e3:>7.2f} "
+              f"{statistics.median(cpu(r) for r in runs):>14.3f}")  # fmt: skip
+    ratio_on, ratio_off = on_rps / d, off_rps / d
+    relative = ratio_on / ratio_off
+    print(
+        f"  ratio on {ratio_on:.3f}, off {ratio_off:.3f}, difference {ratio_on - ratio_off:+.3f}"
+        f" ({(relative - 1) * 100:+.1f}%; per-run on/off {min(paired):.3f}..{max(paired):.3f})"
+    )
+    verdict = "met" if relative >= TARGET_RELATIVE else "MISSED: audit-on is more than 5% below"
+    print(f"  target: audit-on ratio >= {TARGET_RELATIVE:.2f} x audit-off ratio: {verdict}")
+    if waits:
+        print(f"  audit on: a request waits {statistics.median(waits) * 1e3:.2f} ms on average "
+              "for its intent record's fsync (the gateway's /guard/metrics)")  # fmt: skip
+    if errors:
+        print(f"  {errors} non-200 answers: these numbers measure refusals, not work")
+    return {"direct_rps": d, "on_rps": on_rps, "off_rps": off_rps, "ratio_on": ratio_on,
+            "ratio_off": ratio_off, "relative": relative, "errors": errors}  # fmt: skip
+
+
+def gateways(
+    stack: ExitStack, home: Path, name: str, upstream: str
+) -> tuple[tuple[str, psutil.Process], tuple[str, psutil.Process]]:
+    """Two gateways in front of ``upstream``: audit on, audit off."""
+    (home / f"{name}-on").mkdir()
+    (home / f"{name}-off").mkdir()
+    on = start_gateway(stack, home / f"{name}-on", upstream)
+    off = start_gateway(stack, home / f"{name}-off", upstream, MLFLOW_GUARD_AUDIT_ENABLED="false")
+    return on, off
+
+
+def bench_gateway(
+    home: Path, c: int, repeats: int, seconds: float, mlflow: bool
+) -> dict[str, dict[str, float]]:
+    results = {}
+    with ExitStack() as stack:
+        print("\nstarting a no-op upstream and two gateways in front of it (audit on, off) ...",
+              flush=True)  # fmt: skip
+        noop = start_noop(stack, home)
+        on, off = gateways(stack, home, "noop", noop)
+        results["noop"] = three_way("no-op upstream (the gateway's own cost)", noop, on, off,
+                                    NOOP_MIX, c, repeats, seconds)  # fmt: skip
+    if not mlflow:
+        return results
+    with ExitStack() as stack:
+        print("\nstarting MLflow and two gateways in front of it (audit on, off) ...", flush=True)
+        (home / "mlflow").mkdir()
+        upstream = start_mlflow(stack, home / "mlflow")
+        on, off = gateways(stack, home, "mlflow", upstream)
+        mix = mlflow_mix(on[0])  # the bootstrap token is admin on both gateways
+        results["mlflow"] = three_way("MLflow", upstream, on, off, mix, c, repeats, seconds)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts, short runs")
+    parser.add_argument("--records", type=int, default=20000, help="records per spool run")
+    parser.add_argument("--tasks", default="1,8,64", help="concurrent appenders per spool run")
+    parser.add_argument("--backlogs", default="5000,20000", help="records the shipper drains")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each gateway run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--no-mlflow", action="store_true", help="only the no-op upstream")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.records, args.backlogs = min(args.records, 2000), "500,2000"
+        args.seconds, args.repeats = min(args.seconds, 1.5), min(args.repeats, 1)
+    limit = 60.0 if not args.quick else 15.0  # seconds any one spool or shipper run may take
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="guard-bench-audit-") as tmp:
+        home = Path(tmp)
+        spool_runs = bench_spool(home, [int(t) for t in args.tasks.split(",")], args.records,
+                                 limit)  # fmt: skip
+        results["spool"] = {
+            r.label: {"records_per_s": r.records / r.seconds, "fsyncs": r.commits,
+                      "records_per_fsync": r.records / max(r.commits, 1),
+                      "p50_ms": quantile(r.latencies, 0.5) * 1e3,
+                      "p99_ms": quantile(r.latencies, 0.99) * 1e3}
+            for r in spool_runs
+        }  # fmt: skip
+        backlogs = [int(n) for n in args.backlogs.split(",")]
+        results["shipper"] = bench_shipper(home, backlogs, DEFAULTS.batch_size, limit)
+        results["gateway"] = bench_gateway(home, args.concurrency, args.repeats, args.seconds,
+                                           not args.no_mlflow)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
