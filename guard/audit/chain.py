@@ -26,8 +26,9 @@ def derive_key(secret: bytes, purpose: str) -> bytes:
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    """The one byte string a record is MACed and stored as."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one byte string a record is MACed and stored as. ASCII only: any string a request
+    carried (a lone surrogate included) encodes, so no record can fail to be written."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def mac_of(key: bytes, record: Mapping[str, Any]) -> str:

@@ -24,7 +24,7 @@ from starlette.types import Scope
 
 from guard.context import RequestContext
 from guard.identity.base import Credentials, parse_authorization
-from guard.requestdata import RequestDataError, parse_json_body
+from guard.requestdata import RequestDataError, _camel, parse_json_body
 
 # Body fields a write declares, recorded for mutating calls (model promotion history, renames,
 # tag writes). Everything else in a body stays out of the trail.
@@ -34,8 +34,16 @@ CHANGE_FIELDS: Final = (
     "artifact_location", "source", "description",
 )  # fmt: skip
 MAX_VALUE: Final = 256
-_SECRET: Final = re.compile(r"token|secret|passw|api[_-]?key|credential|signature|auth", re.I)
-_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+_SECRET: Final = re.compile(
+    r"token|secret|pass|pwd|api[_-]?key|access[_-]?key|private|credential|signature"
+    r"|(^|[_-])sig($|[_-])|auth|session|cookie|bearer|jwt",
+    re.I,
+)
+# A user name shown as given: short and plain. Anything longer, or shaped like a token (people
+# paste tokens into the user name field), is fingerprinted.
+_NAME: Final = re.compile(r"(?!mlg_)[A-Za-z0-9._@+-]{1,32}")
+# user:password@ in a URI (s3://KEY:SECRET@bucket, postgresql://u:p@db): the secret is hidden.
+_USERINFO: Final = re.compile(r"(?<=://)[^/@\s]*@")
 
 
 def now() -> str:
@@ -49,7 +57,7 @@ class Redactor:
         self.key = key
 
     def fingerprint(self, value: str) -> str:
-        digest = hmac.new(self.key, value.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        digest = hmac.new(self.key, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
         return "hmac:" + digest.hexdigest()[:16]
 
     def value(self, name: str, value: object) -> object:
@@ -57,6 +65,7 @@ class Redactor:
         if isinstance(value, str):
             if _SECRET.search(name):
                 return self.fingerprint(value)
+            value = _USERINFO.sub(lambda m: self.fingerprint(m.group(0)) + "@", value)
             return value if len(value) <= MAX_VALUE else value[:MAX_VALUE] + "..."
         if isinstance(value, bool | int | float) or value is None:
             return value
@@ -99,9 +108,11 @@ def changes(scope: Scope, redactor: Redactor) -> dict[str, object]:
         return {"body": "(unreadable)"}
     found: dict[str, object] = {}
     for field in CHANGE_FIELDS:
-        if field in body:
-            label = str(body.get("key", "")) if field == "value" else field
-            found[field] = redactor.value(label, body[field])
+        for spelling in dict.fromkeys((field, _camel(field))):  # MLflow reads both
+            if spelling in body:
+                # A tag's value is judged by the tag's name; the tag's name itself is shown.
+                label = str(body.get("key", "")) if field == "value" else field
+                found[field] = redactor.value(label, body[spelling])
     return found
 
 
@@ -147,9 +158,13 @@ def decision_fields(scope: Scope) -> dict[str, Any]:
 
 def intent(scope: Scope, redactor: Redactor) -> dict[str, Any]:
     """Written, and on disk, before MLflow sees the request."""
+    context: RequestContext = scope["guard"]
+    found = changes(scope, redactor)
+    if found and not context.changes:
+        context.changes = found  # the outcome says the same; read the body once
     return {
         "kind": "intent", "time": now(), **request_fields(scope, redactor),
-        **decision_fields(scope), "decision": "allow", "changes": changes(scope, redactor),
+        **decision_fields(scope), "decision": "allow", "changes": found,
     }  # fmt: skip
 
 

@@ -238,6 +238,9 @@ class Spool:
             self.broken, self.healthy = True, False
             self.error = f"audit spool fsync failed: {exc.strerror or exc}: restart the gateway"
             logger.critical("%s", self.error)
+        else:
+            self._committed = (self._segment_first, self._offset)
+            self.on_commit()
         self._dirty = False
 
     def _write(self, items: list[_Item]) -> None:
@@ -248,10 +251,21 @@ class Spool:
             note = {"kind": "event", "event": "records_lost", "count": self.lost,
                     "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
             items = [_Item(note, None), *items]
-        head, lines = self.head, []
+        head, lines, sealed = self.head, [], []
         for item in items:
-            record, head = head.seal(self.key, item.body)
-            lines.append(canonical(record) + b"\n")
+            try:
+                record, after = head.seal(self.key, item.body)
+                line = canonical(record) + b"\n"
+            except (TypeError, ValueError) as exc:  # one bad record fails only its own request
+                logger.error("audit record refused: %s", exc)
+                self._fail([item], f"audit record cannot be written: {exc}")
+                continue
+            head = after
+            lines.append(line)
+            sealed.append(item)
+        items = sealed
+        if not items:
+            return
         data = b"".join(lines)
         offset = self._offset
         try:
@@ -283,13 +297,14 @@ class Spool:
         self.spooled += len(items)
         self.commits += 1
         self.lost = 0
-        self._committed = (self._segment_first, self._offset)
+        if not self._dirty:  # only what is fsynced is offered to the shipper
+            self._committed = (self._segment_first, self._offset)
         if not self.healthy:
             logger.warning("audit spool writable again")
         self.healthy, self.error = True, ""
         self._write_head()  # before anyone hears "done": the head is never behind what was told
         for item in items:
-            if item.done is not None:
+            if item.done is not None and not item.done.done():  # a waiter may have given up
                 item.done.set_result(None)
         if self._offset >= self.segment_size:
             os.close(self._fd)
@@ -303,7 +318,8 @@ class Spool:
         )  # (an awaited record is not lost: its request is refused instead)
         for item in items:
             if item.done is not None:
-                item.done.set_exception(SpoolError(error))
+                if not item.done.done():
+                    item.done.set_exception(SpoolError(error))
             else:
                 logger.error("audit record lost, the spool is unavailable: %s", error)
 

@@ -415,3 +415,53 @@ def test_the_limiter_is_bounded() -> None:
     assert limiter.blocked("192.0.2.1") > 0
     (summary,) = [s for s in limiter.summaries(final=True) if s["client"] == "192.0.2.1"]
     assert summary["unrecorded"] == 1
+
+
+def test_more_secrets_stay_out_of_the_trail() -> None:
+    from guard.audit.records import Redactor
+
+    r = Redactor(b"k" * 32)
+    for name, value in (("access_key", "AKIA"), ("pwd", "x"), ("private_key", "p"),
+                        ("sig", "s"), ("X-Amz-Signature", "s"), ("session_id", "s")):  # fmt: skip
+        assert str(r.value(name, value)).startswith("hmac:"), name
+    for name in ("metric_key", "key", "design", "name"):
+        assert r.value(name, "plain") == "plain", name
+    hidden = r.value("source", "s3://AKIA:SECRET@bucket/model")
+    assert isinstance(hidden, str) and "SECRET" not in hidden and hidden.endswith("@bucket/model")
+    url = r.value("DATABASE_URL", "postgresql://u:TAGSECRET@db/x")
+    assert "TAGSECRET" not in str(url)
+    assert r.value("source", "runs:/abc/model") == "runs:/abc/model"
+
+
+def test_a_token_given_as_the_user_name_is_not_recorded(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    response = httpx.get(url + "/version", auth=(ALICE, ""))  # the token in the wrong field
+    (record,) = wait_stored(gateway, response.headers["x-request-id"])
+    assert ALICE not in json.dumps(record)
+    assert record["credential"]["username"].startswith("hmac:")
+
+
+def test_a_record_that_cannot_be_encoded_does_not_stop_the_spool(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    """A lone surrogate in a searched description reaches the intent record."""
+    gateway, url, _ = running
+    body = b'{"max_results": 5, "description": "\\ud800"}'
+    headers = {**bearer(ADMIN), "content-type": "application/json"}
+    first = httpx.post(url + "/api/2.0/mlflow/experiments/search", content=body, headers=headers)
+    assert first.status_code == 200
+    again = httpx.get(url + "/version", headers=bearer(ADMIN))
+    assert again.status_code == 200
+    assert gateway.trail is not None and gateway.trail.problem == ""
+
+
+def test_changes_read_both_spellings(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    gateway, url, _ = running
+    body = {"name": "fraud-detector", "version": "2", "stage": "Production",
+            "archiveExistingVersions": True}  # fmt: skip
+    response = httpx.post(url + "/api/2.0/mlflow/model-versions/transition-stage", json=body,
+                          headers=bearer(ADMIN))  # fmt: skip
+    records = wait_stored(gateway, response.headers["x-request-id"], kinds=2)
+    assert all(r["changes"]["archive_existing_versions"] is True for r in records)
