@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from guard.audit.chain import Head, Problem, derive_key, verify
+from guard.audit.chain import Head, Problem, canonical, derive_key, verify
 from guard.audit.store import AuditStore
 from guard.db import audit_anchors, audit_records
 
@@ -60,28 +60,33 @@ def prune(engine: Engine, secret_key: bytes, before: dt.datetime, archive: Path)
     if not cuts:
         return 0
     starts = store.anchors()
-    header = {
+    pruned: list[dict[str, Any]] = []
+    last: dict[str, Head] = {}
+    for record in store.chain():
+        writer = record.get("writer")
+        seq = record.get("seq")
+        if writer in cuts and isinstance(seq, int) and seq <= cuts[writer]:
+            pruned.append(record)
+            last[str(writer)] = Head(str(writer), seq, str(record.get("mac", "")))
+    # The header is signed and names where each chain starts and ends and how many records
+    # there are, so cutting records off either end of the archive is found too.
+    header: dict[str, Any] = {
         "archive": ARCHIVE_VERSION,
         "before": before.isoformat(),
         "created": dt.datetime.now(dt.UTC).isoformat(),
-        "start": {w: {"seq": h.seq, "mac": h.mac} for w, h in starts.items() if w in cuts},
+        "count": len(pruned),
+        "start": {w: _head(starts.get(w, Head(w))) for w in sorted(last)},
+        "end": {w: _head(h) for w, h in sorted(last.items())},
     }
-    count, last = 0, {}
+    header["signature"] = _sign_header(key, header)
     fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(json.dumps(header, sort_keys=True) + "\n")
-        for record in store.chain():
-            writer = record.get("writer")
-            if (
-                writer in cuts
-                and isinstance(record.get("seq"), int)
-                and record["seq"] <= cuts[writer]
-            ):
-                out.write(json.dumps(record, sort_keys=True) + "\n")
-                last[writer] = Head(str(writer), record["seq"], str(record["mac"]))
-                count += 1
+        for record in pruned:
+            out.write(json.dumps(record, sort_keys=True) + "\n")
         out.flush()
         os.fsync(out.fileno())
+    count = len(pruned)
     with engine.begin() as conn:
         for writer, seq in cuts.items():
             conn.execute(audit_records.delete().where(c.writer == writer, c.seq <= seq))
@@ -95,15 +100,29 @@ def prune(engine: Engine, secret_key: bytes, before: dt.datetime, archive: Path)
     return count
 
 
+def _head(head: Head) -> dict[str, Any]:
+    return {"seq": head.seq, "mac": head.mac}
+
+
+def _sign_header(key: bytes, header: dict[str, Any]) -> str:
+    body = {k: v for k, v in header.items() if k != "signature"}
+    return hmac.new(key, b"archive\n" + canonical(body), hashlib.sha256).hexdigest()
+
+
 def verify_archive(secret_key: bytes, archive: Path) -> tuple[int, list[Problem]]:
-    """(records in the archive, the first break in each of its chains)."""
+    """(records in the archive, the first break in each of its chains, or in its header)."""
     key = derive_key(secret_key, "audit-chain")
     with archive.open() as source:
         header: dict[str, Any] = json.loads(source.readline())
         if header.get("archive") != ARCHIVE_VERSION:
             raise ValueError(f"{archive} is not a mlflow-guard audit archive")
-        start = {
-            w: Head(w, int(h["seq"]), str(h["mac"])) for w, h in header.get("start", {}).items()
-        }
         records = [json.loads(line) for line in source if line.strip()]
-    return len(records), verify(key, records, start=start)
+    if not hmac.compare_digest(str(header.get("signature", "")), _sign_header(key, header)):
+        return len(records), [Problem("(archive)", 0, "its header was altered")]
+    start = {w: Head(w, int(h["seq"]), str(h["mac"])) for w, h in header["start"].items()}
+    ends = {w: Head(w, int(h["seq"]), str(h["mac"])) for w, h in header["end"].items()}
+    problems = verify(key, records, start=start, heads=ends)
+    if len(records) != header["count"] and not problems:
+        count = header["count"]
+        problems.append(Problem("(archive)", 0, f"holds {len(records)} records, not {count}"))
+    return len(records), problems

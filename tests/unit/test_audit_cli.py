@@ -128,3 +128,25 @@ def test_a_forged_anchor_is_found(data: Path, capsys: pytest.CaptureFixture[str]
     capsys.readouterr()
     assert cli(data, "audit", "verify") == 1
     assert "anchor" in capsys.readouterr().out
+
+
+def test_an_archive_cut_at_either_end_does_not_verify(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("a", "b", "c", "d", "e"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+    archive = data / "all.jsonl"
+    assert cli(data, "audit", "prune", "--before", future, "--archive", str(archive)) == 0
+    header, *records = archive.read_text().splitlines()
+    assert cli(data, "audit", "verify", "--archive", str(archive)) == 0
+    for cut in ([header, *records[:-2]], [header, *records[2:]]):
+        archive.write_text("\n".join(cut) + "\n")
+        capsys.readouterr()
+        assert cli(data, "audit", "verify", "--archive", str(archive)) == 1
+    forged = json.loads(header)  # move the start to hide the first records: the header breaks
+    forged["start"] = {w: {"seq": 2, "mac": json.loads(records[1])["mac"]} for w in forged["start"]}
+    archive.write_text("\n".join([json.dumps(forged), *records[2:]]) + "\n")
+    capsys.readouterr()
+    assert cli(data, "audit", "verify", "--archive", str(archive)) == 1
+    assert "header was altered" in capsys.readouterr().out
