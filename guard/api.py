@@ -155,11 +155,13 @@ class PolicyApi:
         governance: Governance,
         max_body_size: int,
         audit: AuditStore | None = None,
+        intent: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
     ) -> None:
         self.policies = policies
         self.governance = governance
         self.max_body_size = max_body_size
         self.audit = audit
+        self.intent = intent  # the audit intent, written just before a change is applied
         Handler = Callable[[Scope, Receive], Awaitable[tuple[int, Payload | str]]]
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/me"): self.me,
@@ -308,6 +310,7 @@ class PolicyApi:
                     await anyio.to_thread.run_sync(lambda: self.governance.preview(add, remove))
                     version = index.version
                 else:
+                    await self._intend(scope, added, removed)
                     version = await anyio.to_thread.run_sync(
                         functools.partial(
                             self.governance.change, subject, add=add, remove=remove,
@@ -355,6 +358,11 @@ class PolicyApi:
         version, current = await anyio.to_thread.run_sync(self.governance.policies.load)
         added, removed = current.diff(new)
         if dry_run == "false" and (added or removed):
+            scope["guard"].changes = {
+                "added": [", ".join(r) for r in added], "removed": [", ".join(r) for r in removed]
+            }  # fmt: skip
+            if self.intent is not None and (refusal := await self.intent(scope)) is not None:
+                raise ApiError(refusal)
             try:
                 version = await anyio.to_thread.run_sync(
                     lambda: self.governance.replace(new, subject)
@@ -412,6 +420,17 @@ class PolicyApi:
         }
 
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _intend(self, scope: Scope, added: list[Rule], removed: list[Rule]) -> None:
+        """The audit intent of an allowed, valid change: on disk before the change is made."""
+        if self.intent is None or not (added or removed):
+            return
+        scope["guard"].changes = {
+            "added": [", ".join(r.row()) for r in added],
+            "removed": [", ".join(r.row()) for r in removed],
+        }
+        if (refusal := await self.intent(scope)) is not None:
+            raise ApiError(refusal)
 
     async def _may(self, subject: str, action: str, resource: str = POLICY) -> bool:
         """``may``, and before saying no, a look for a policy change not yet polled."""

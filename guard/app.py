@@ -326,9 +326,8 @@ def build_gateway(
         governance=Governance(store, policies.store),
         max_body_size=g.max_body_size,
         audit=trail.store if trail is not None else None,
+        intent=trail.intent if trail is not None else None,
     )
-    if trail is not None:
-        api = IntentMiddleware(api, trail=trail, methods=frozenset({"POST", "PUT"}))
     metrics = Metrics(trail)
 
     async def scrape() -> tuple[int, dict[str, object] | bytes]:
@@ -337,7 +336,12 @@ def build_gateway(
     def complete(scope: Scope) -> None:
         """Every request, once answered: counted, and recorded (a flood only as a count)."""
         context = scope.get("guard")
-        if context is not None and context.principal is None and context.status >= 400:
+        # Refusals and preflights are what anyone can send without logging in: counted.
+        if (
+            context is not None
+            and context.principal is None
+            and (context.status >= 400 or scope.get("method") == "OPTIONS")
+        ):
             context.unrecorded = not limiter.refused(context.client)
         metrics.observe(scope)
         if trail is not None:

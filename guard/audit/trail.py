@@ -1,6 +1,6 @@
 """The audit trail of one gateway process: its spool, its shipper, and the two request hooks.
 
-``intent`` runs just before a request is forwarded (to MLflow, or a policy change is applied):
+``intent`` runs just before a request is forwarded to MLflow, or a policy change is applied:
 it returns only once the record is fsynced, or refuses the request with ``audit_unavailable``.
 ``outcome`` runs when the response is complete, for every request, refusals included; it queues
 the record without waiting (what it describes has already happened).
@@ -104,14 +104,12 @@ class AuditTrail:
 class IntentMiddleware:
     """No request passes unrecorded: its intent is on disk before the inner app runs."""
 
-    def __init__(self, app: ASGIApp, *, trail: AuditTrail, methods: frozenset[str] | None = None):
+    def __init__(self, app: ASGIApp, *, trail: AuditTrail) -> None:
         self.app = app
         self.trail = trail
-        self.methods = methods  # None: every method
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        wanted = self.methods is None or scope["method"] in self.methods
-        if wanted and (refusal := await self.trail.intent(scope)) is not None:
+        if (refusal := await self.trail.intent(scope)) is not None:
             await send_refusal(scope, send, refusal)
             return
         await self.app(scope, receive, send)

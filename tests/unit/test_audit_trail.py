@@ -465,3 +465,14 @@ def test_changes_read_both_spellings(running: tuple[Gateway, str, FakeMlflow]) -
                           headers=bearer(ADMIN))  # fmt: skip
     records = wait_stored(gateway, response.headers["x-request-id"], kinds=2)
     assert all(r["changes"]["archive_existing_versions"] is True for r in records)
+
+
+def test_refused_policy_changes_cost_no_intent(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    """An authenticated caller without rights cannot make the gateway fsync at will."""
+    gateway, url, _ = running
+    row = ["p", "token:alice", "admin", "*"]
+    response = httpx.post(url + "/guard/api/policy/changes", json={"add": [row]},
+                          headers=bearer(ALICE))  # fmt: skip
+    assert response.status_code == 403
+    (record,) = wait_stored(gateway, response.headers["x-request-id"])
+    assert record["kind"] == "outcome" and record["decision"] == "deny"
