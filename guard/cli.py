@@ -219,21 +219,29 @@ def _governance(loaded: Loaded) -> Any:
     return governance
 
 
-def _record(loaded: Loaded, governance: Any, event: str, **fields: object) -> None:
-    """Put a change the CLI made into the audit trail (its own chain)."""
+def _record(
+    loaded: Loaded, governance: Any, event: str, phase: str = "done", **fields: object
+) -> bool:
+    """Put a change the CLI makes into the audit trail (its own chain): its ``intent`` before
+    the change (if that cannot be written the change is not made) and its outcome after."""
     if not loaded.settings.audit.enabled:
-        return
+        return True
     from guard.audit.spool import SpoolError
     from guard.audit.trail import record_cli_event
 
-    body = {"event": event, "principal": ACTOR, "auth_method": "cli", **fields}
+    body = {"event": event, "phase": phase, "principal": ACTOR, "auth_method": "cli", **fields}
     store = governance.tokens
     try:
         warning = record_cli_event(loaded.settings, store.engine, store.key, body)
-    except (OSError, SpoolError) as exc:  # the change is made; say loudly it is not recorded
+    except (OSError, SpoolError) as exc:
+        if phase == "intent":
+            print(f"error: audit: cannot record the change, so it is not made: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return False
         warning = f"NOT RECORDED: {exc}"
     if warning:
         print(f"warning: audit: {warning}", file=sys.stderr)
+    return True
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -259,6 +267,9 @@ def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
                 if args.expires
                 else loaded.settings.tokens.default_expiry
             )
+            asked = {"token": args.name, "role": args.role, "resource": args.resource}
+            if not _record(loaded, governance, "token_created", "intent", **asked):
+                return EXIT_FAILED
             record, secret = governance.create_token(
                 args.name, args.role, args.resource, lifetime, ACTOR
             )
@@ -299,6 +310,8 @@ def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
                     "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                 )
         else:
+            if not _record(loaded, governance, "token_revoked", "intent", token=args.name):
+                return EXIT_FAILED
             record = governance.revoke_token(args.name, ACTOR)
             _record(loaded, governance, "token_revoked", token=record.name)
             print(f"Revoked token {record.name!r} and removed its grants.")
@@ -337,11 +350,14 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                 return 0
             grant = Grant(args.subject, args.role, args.resource, "deny" if args.deny else "allow")
             parse_row(grant.row())
+            key = "added" if args.action == "assign" else "removed"
+            if not _record(loaded, governance, "policy_changed", "intent",
+                           changes={key: [", ".join(grant.row())]}):  # fmt: skip
+                return EXIT_FAILED
             if args.action == "assign":
                 version = governance.change(ACTOR, add=[grant])
             else:
                 version = governance.change(ACTOR, remove=[grant])
-            key = "added" if args.action == "assign" else "removed"
             _record(loaded, governance, "policy_changed",
                     changes={key: [", ".join(grant.row())], "policy_version": version})  # fmt: skip
             print(f"{args.action}ed: {', '.join(grant.row())} (policy version {version})")
@@ -363,11 +379,14 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
             return 0
         if args.action in ("add", "remove"):
             rules = parse_lines(args.rows)
+            key = "added" if args.action == "add" else "removed"
+            if not _record(loaded, governance, "policy_changed", "intent",
+                           changes={key: [", ".join(r.row()) for r in rules]}):  # fmt: skip
+                return EXIT_FAILED
             if args.action == "add":
                 version = governance.change(ACTOR, add=rules)
             else:
                 version = governance.change(ACTOR, remove=rules)
-            key = "added" if args.action == "add" else "removed"
             _record(loaded, governance, "policy_changed", changes={
                 key: [", ".join(r.row()) for r in rules], "policy_version": version})  # fmt: skip
             print(f"policy version {version}")
@@ -384,6 +403,10 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
             print(f"{len(added)} to add, {len(removed)} to remove")
             if args.dry_run or not (added or removed):
                 return 0
+            planned = {"added": [", ".join(r) for r in added],
+                       "removed": [", ".join(r) for r in removed]}  # fmt: skip
+            if not _record(loaded, governance, "policy_changed", "intent", changes=planned):
+                return EXIT_FAILED
             version = governance.replace(new, ACTOR)
             _record(loaded, governance, "policy_changed", changes={
                 "added": [", ".join(r) for r in added], "removed": [", ".join(r) for r in removed],
@@ -478,10 +501,16 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
             spools = [Path(s) for s in args.spool] or [
                 p for p in (settings.audit_spool_dir, cli_spool_dir(settings)) if p.exists()
             ]
+            unchecked: list[str] = []
             if args.archive:
                 checked, problems = verify_archive(key, Path(args.archive))
             else:
-                checked, problems = verify_trail(engine, key, spools)
+                checked, problems = verify_trail(engine, key, spools, unchecked)
+            for writer in unchecked:
+                print(
+                    f"UNCHECKED: {writer}: no head to compare with, so records cut from its end "
+                    "(or the whole chain) would not show; pass its spool with --spool"
+                )
             for problem in problems:
                 print(f"BROKEN: {problem}")
             if problems:

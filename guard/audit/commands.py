@@ -41,7 +41,11 @@ def _with_spooled(
     tails: dict[str, list[dict[str, Any]]] = {}
     for spool in spools:
         for path in segments(spool):
-            for record, _ in read_records(path):
+            try:
+                found = read_records(path)
+            except FileNotFoundError:  # stored and deleted by the shipper meanwhile
+                continue
+            for record, _ in found:
                 tails.setdefault(str(record.get("writer")), []).append(record)
     last: dict[str, int] = {w: h.seq for w, h in anchors.items()}
     writer = None
@@ -63,24 +67,30 @@ def _tail(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]
 
 
 def verify_trail(
-    engine: Engine, secret_key: bytes, spools: list[Path]
+    engine: Engine, secret_key: bytes, spools: list[Path], unchecked: list[str] | None = None
 ) -> tuple[int, list[Problem]]:
     """(records checked, the first break in each chain). ``spools`` are the spool directories
-    whose heads and unshipped records are to be checked against the table."""
+    whose heads and unshipped records are to be checked against the table. Writers whose head
+    was not among them are appended to ``unchecked``: their newest records (or all of them)
+    could have been deleted unseen."""
     store = AuditStore(engine)
     heads = {h.writer: h for h in (read_head(s) for s in spools) if h is not None}
     counted = 0
+    writers: set[str] = set()
 
     def counting(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         nonlocal counted
         for record in records:
             counted += 1
+            writers.add(str(record.get("writer")))
             yield record
 
     key = derive_key(secret_key, "audit-chain")
     anchors = store.anchors()
     records = counting(_with_spooled(store.chain(), spools, anchors))
     problems = anchor_problems(key, engine) + verify(key, records, start=anchors, heads=heads)
+    if unchecked is not None:
+        unchecked.extend(sorted((writers | set(anchors)) - set(heads)))
     return counted, problems
 
 

@@ -57,11 +57,16 @@ def test_cli_changes_are_recorded_in_their_own_chain(
     capsys.readouterr()
     assert cli(data, "audit", "query", "--kind", "event", "--format", "jsonl") == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["event"] for e in events] == ["token_created", "policy_changed", "token_revoked"]
+    assert [(e["event"], e["phase"]) for e in events] == [
+        ("token_created", "intent"), ("token_created", "done"),
+        ("policy_changed", "intent"), ("policy_changed", "done"),
+        ("token_revoked", "intent"), ("token_revoked", "done"),
+    ]  # fmt: skip
     assert all(e["principal"].startswith("cli:") for e in events)
-    assert events[0]["token"] == "ci" and events[0]["resource"] == "model:fraud-*"
-    assert events[1]["changes"]["added"] == ["p, user:alice, viewer, experiment:x, allow"]
-    assert len({e["writer"] for e in events}) == 1 and [e["seq"] for e in events] == [1, 2, 3]
+    assert events[1]["token"] == "ci" and events[1]["resource"] == "model:fraud-*"
+    assert events[3]["changes"]["added"] == ["p, user:alice, viewer, experiment:x, allow"]
+    assert len({e["writer"] for e in events}) == 1
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
     with engine_of(data).connect() as conn:
         table = "".join(conn.execute(sa.select(audit_records.c.record)).scalars())
     spooled = b"".join(p.read_bytes() for p in (data / "audit-cli").glob("*.jsonl"))
@@ -76,10 +81,10 @@ def test_verify_fails_on_an_edited_record(data: Path, capsys: pytest.CaptureFixt
     engine = engine_of(data)
     with engine.begin() as conn:
         edited = sa.func.replace(audit_records.c.record, "user:b", "user:z")
-        conn.execute(audit_records.update().where(audit_records.c.seq == 2).values(record=edited))
+        conn.execute(audit_records.update().where(audit_records.c.seq == 4).values(record=edited))
     capsys.readouterr()
     assert cli(data, "audit", "verify") == 1
-    assert "record 2: altered" in capsys.readouterr().out
+    assert "record 4: altered" in capsys.readouterr().out  # b's change, as done
 
 
 def test_prune_archives_what_it_removes_and_both_still_verify(
@@ -97,14 +102,14 @@ def test_prune_archives_what_it_removes_and_both_still_verify(
     archive = data / "old.jsonl"
     capsys.readouterr()
     assert cli(data, "audit", "prune", "--before", cut, "--archive", str(archive)) == 0
-    assert "archived 2 records" in capsys.readouterr().out
+    assert "archived 4 records" in capsys.readouterr().out  # two changes: intent and done each
     lines = archive.read_text().splitlines()
-    assert json.loads(lines[0])["archive"] == 1 and len(lines) == 3
+    assert json.loads(lines[0])["archive"] == 1 and len(lines) == 5
     assert cli(data, "audit", "verify", "--archive", str(archive)) == 0
     assert cli(data, "audit", "verify") == 0  # the rest continues from the anchor
     engine = engine_of(data)
     with engine.connect() as conn:
-        assert conn.execute(sa.select(audit_records.c.seq)).scalars().all() == [3, 4]
+        assert conn.execute(sa.select(audit_records.c.seq)).scalars().all() == [5, 6, 7, 8]
     # An edited archive does not verify; an archive is never overwritten.
     archive.write_text(archive.read_text().replace("user:a", "user:z"))
     capsys.readouterr()
@@ -150,3 +155,23 @@ def test_an_archive_cut_at_either_end_does_not_verify(
     capsys.readouterr()
     assert cli(data, "audit", "verify", "--archive", str(archive)) == 1
     assert "header was altered" in capsys.readouterr().out
+
+
+def test_a_change_that_cannot_be_recorded_is_not_made(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (data / "audit-cli").write_text("not a directory")
+    assert cli(data, "token", "create", "--name", "ci", "--role", "viewer", "--quiet") == 1
+    assert "not made" in capsys.readouterr().err
+    assert cli(data, "token", "list") == 0
+    assert "ci" not in capsys.readouterr().out.split()
+
+
+def test_writers_without_a_head_are_named(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli(data, "role", "assign", "--subject", "user:a", "--role", "viewer")
+    capsys.readouterr()
+    assert cli(data, "audit", "verify", "--spool", str(data / "elsewhere")) == 0
+    out = capsys.readouterr().out
+    assert "UNCHECKED: " in out and "every chain intact" in out
+    assert cli(data, "audit", "verify") == 0
+    assert "UNCHECKED" not in capsys.readouterr().out  # the CLI's own spool holds its head
