@@ -109,6 +109,9 @@ class Gateway:
             self.on_bootstrap(secret)
         if self.trail is not None:
             await self.trail.start()
+            if secret is not None:
+                self.trail.event({"event": "token_created", "principal": "gateway:bootstrap",
+                                  "token": "admin", "role": "admin", "resource": "*"})  # fmt: skip
         await self.policies.start()
         if self.supervisor is not None:
             await self.supervisor.start()
@@ -304,6 +307,9 @@ def build_gateway(
         except (PolicyError, sa.exc.SQLAlchemyError) as exc:
             logger.warning("could not grant %s to its creator %s: %s", resource, subject, exc)
             return
+        if trail is not None:
+            trail.event({"event": "policy_changed", "principal": "gateway:creator",
+                         "changes": {"added": [", ".join(grant.row())]}})  # fmt: skip
         await policies.refresh()
 
     promotion = PromotionRules(settings.authz.protected_aliases, settings.authz.validation_tags)

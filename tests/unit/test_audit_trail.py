@@ -246,8 +246,10 @@ def test_nothing_is_served_when_the_spool_cannot_be_written(
     assert gateway.trail is not None
     spool = gateway.trail.spool
     httpx.get(url + "/version", headers=bearer(ADMIN))
-    assert spool._fd is not None  # the test breaks the spool's file on purpose:
-    os.close(spool._fd)  # every later write and cut-back fails
+    assert spool._fd is not None
+    real = spool._fd  # the test breaks the spool's file on purpose: a read-only stand-in, so
+    spool._fd = os.open("/dev/null", os.O_RDONLY)  # every later write and cut-back fails
+    os.close(real)
     before = len(fake.forwarded)
     response = httpx.get(url + "/api/2.0/mlflow/experiments/get?experiment_id=1",
                          headers=bearer(ADMIN))  # fmt: skip
@@ -392,7 +394,9 @@ def test_a_flood_of_bad_logins_is_limited_and_summarized(tmp_path: Path) -> None
             last = httpx.get(url, headers=bearer(ADMIN)).headers["x-request-id"]
             wait_stored(gateway, last, kinds=2)
             deadline = time.monotonic() + 10
-            while not (summaries := stored(gateway, kind="event")):
+            while not (summaries := [
+                e for e in stored(gateway, kind="event") if e["event"] == "unauthenticated_refusals"
+            ]):  # fmt: skip
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
     recorded = [a for a in answers if stored(gateway, request_id=a.headers["x-request-id"])]
@@ -476,3 +480,13 @@ def test_refused_policy_changes_cost_no_intent(running: tuple[Gateway, str, Fake
     assert response.status_code == 403
     (record,) = wait_stored(gateway, response.headers["x-request-id"])
     assert record["kind"] == "outcome" and record["decision"] == "deny"
+
+
+def test_the_bootstrap_token_is_recorded(running: tuple[Gateway, str, FakeMlflow]) -> None:
+    gateway, url, _ = running
+    last = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    wait_stored(gateway, last, kinds=2)
+    events = stored(gateway, kind="event")
+    assert [(e["event"], e["principal"], e["token"]) for e in events] == [
+        ("token_created", "gateway:bootstrap", "admin")
+    ]
