@@ -101,7 +101,7 @@ def _intents_by_key(records: list[dict[str, Any]], run_id: str) -> dict[str, dic
     intents: dict[str, dict[str, Any]] = {}
     for record in records:
         changes = record.get("changes") or {}
-        if (record["kind"], record["path"], changes.get("run_id")) == (
+        if (record["kind"], record.get("path"), changes.get("run_id")) == (
             "intent",
             LOG_METRIC,
             run_id,
@@ -298,11 +298,13 @@ def test_database_restart_mid_load_ends_with_one_intent_and_one_outcome_per_requ
         assert len(ids) == PG_TOTAL
 
         def caught_up() -> bool:
-            return sum(r["request_id"] in ids for r in _stored_records(database)) >= 2 * PG_TOTAL
+            return (
+                sum(r.get("request_id") in ids for r in _stored_records(database)) >= 2 * PG_TOTAL
+            )
 
         waited = _until(caught_up, 90, "the shipper catches up after the restart")
         time.sleep(1.5)  # nothing more should come: a duplicate would arrive now
-        records = [r for r in _stored_records(database) if r["request_id"] in ids]
+        records = [r for r in _stored_records(database) if r.get("request_id") in ids]
         kinds = Counter((r["request_id"], r["kind"]) for r in records)
         assert {kinds[(i, "intent")] for i in ids} == {1}
         assert {kinds[(i, "outcome")] for i in ids} == {1}
