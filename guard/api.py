@@ -50,7 +50,7 @@ from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, par
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
 from guard.bodies import check_framing, read_body, too_large
-from guard.errors import Refusal, send_refusal
+from guard.errors import Refusal, send_body, send_refusal
 from guard.governance import Governance, administrators
 from guard.proxy import ClientDisconnected
 from guard.requestdata import RequestDataError, parse_json_body
@@ -200,13 +200,7 @@ class PolicyApi:
             body, content_type = payload.encode(), b"text/csv; charset=utf-8"
         else:
             body, content_type = json.dumps(payload).encode(), b"application/json"
-        headers = [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_body(scope, send, status, content_type, body)
 
     # -- endpoints -------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from guard.bodies import BodyMiddleware
 from guard.context import RequestContextMiddleware
 from guard.cors import CORSMiddleware
 from guard.db import build_engine, migrate, ping
-from guard.errors import Refusal, send_refusal
+from guard.errors import Refusal, send_body, send_refusal
 from guard.governance import Governance
 from guard.headers import SecurityHeadersMiddleware
 from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
@@ -175,15 +175,7 @@ class GuardRoutes:
             return
         else:
             body, content_type = json.dumps(payload).encode(), b"application/json"
-        headers = [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
+        await send_body(scope, send, 200, content_type, body)
 
 
 class SplitByPrefix:

@@ -183,13 +183,25 @@ async def send_refusal(
     if context is not None:
         context.refusal = refusal
     content_type, body = render(refusal, request_id, wants_html(scope))
+    reason = [(b"x-guard-reason", refusal.reason.encode()), *(extra_headers or [])]
+    await send_body(scope, send, refusal.status, content_type, body, reason)
+
+
+async def send_body(
+    scope: Scope,
+    send: Send,
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer with a whole body the gateway made itself (a refusal, a probe, the policy API):
+    never cached, and empty for HEAD."""
     headers = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
-        (b"x-guard-reason", refusal.reason.encode()),
+        *(extra_headers or []),
     ]
-    if extra_headers:
-        headers.extend(extra_headers)
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
