@@ -355,9 +355,7 @@ class AuthorizationMiddleware:
 
     @staticmethod
     def _data(scope: Scope) -> RequestData:
-        return RequestData.build(
-            scope["method"], scope["query_string"], scope.get("guard.body", b"")
-        )
+        return RequestData.of(scope)
 
     def _forget(self, scope: Scope) -> None:
         try:

@@ -11,6 +11,7 @@ singular query parameter. What is authorized is then exactly what MLflow acts on
 from __future__ import annotations
 
 import json
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -77,6 +78,19 @@ class RequestData:
         parsed = parse_json_body(body) if body else None
         from_query = method in ("GET", "HEAD") and bool(query_string)
         return cls(method, query, parsed, from_query)
+
+    @classmethod
+    def of(cls, scope: MutableMapping[str, Any]) -> RequestData:
+        """The request's data, read once per body: authorization's checks and the audit
+        records share it. A body rewritten on the way (run attribution) is read again."""
+        body = scope.get("guard.body", b"")
+        cached = scope.get("guard.data")
+        if cached is not None and cached[0] is body:
+            data: RequestData = cached[1]
+            return data
+        data = cls.build(scope["method"], scope["query_string"], body)
+        scope["guard.data"] = (body, data)
+        return data
 
     def values(self, field: str) -> list[Any]:
         """Every value MLflow would see for ``field`` (either spelling); refuses ambiguity."""

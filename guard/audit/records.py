@@ -24,7 +24,7 @@ from starlette.types import Scope
 
 from guard.context import RequestContext
 from guard.identity.base import Credentials, parse_authorization
-from guard.requestdata import RequestDataError, _camel, parse_json_body
+from guard.requestdata import RequestData, RequestDataError, _camel
 
 # Body fields a write declares, recorded for mutating calls (model promotion history, renames,
 # tag writes). Everything else in a body stays out of the trail.
@@ -103,7 +103,7 @@ def changes(scope: Scope, redactor: Redactor) -> dict[str, object]:
     if scope["method"] in ("GET", "HEAD") or not scope.get("guard.body"):
         return {}
     try:
-        body = parse_json_body(scope["guard.body"]) or {}
+        body = RequestData.of(scope).body or {}
     except RequestDataError:
         return {"body": "(unreadable)"}
     found: dict[str, object] = {}

@@ -69,3 +69,11 @@ def test_experiment_ids_as_mlflow_reads_them(value: object, canonical: str) -> N
 @pytest.mark.parametrize("value", ["x", "1.0", "1e3", None, True, [1], {"a": 1}])
 def test_malformed_experiment_ids(value: object) -> None:
     assert reason(lambda: canonical_experiment_id(value)) == "invalid_request_body"
+
+
+def test_a_body_is_read_once_per_request_and_again_when_rewritten() -> None:
+    scope = {"method": "POST", "query_string": b"", "guard.body": b'{"run_id": "a"}'}
+    first = RequestData.of(scope)
+    assert RequestData.of(scope) is first
+    scope["guard.body"] = b'{"run_id": "b"}'
+    assert RequestData.of(scope).single("run_id") == "b"
