@@ -62,7 +62,7 @@ POLICY = "guard:policy"
 AUDIT = "guard:audit"
 AUDIT_PARAMS = frozenset(
     {"principal", "since", "until", "action", "resource", "decision", "request_id", "kind",
-     "cursor", "limit"}
+     "cursor", "limit", "order"}
 )  # fmt: skip
 MAX_AUDIT_PAGE = 1000
 DELEGABLE_KINDS = ("experiment", "model")
@@ -381,9 +381,10 @@ class PolicyApi:
         }
 
     async def audit_records(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
-        """The audit trail, filtered, oldest first, a page at a time (``cursor`` continues
-        after the last record of the previous page). For auditors and administrators; the query
-        is itself a request, so it is recorded like any other."""
+        """The audit trail, filtered, newest stored first (``order=oldest``: oldest first), a
+        page at a time (``cursor``, with the same ``order``, continues past the last record of
+        the previous page). For auditors and administrators; the query is itself a request, so
+        it is recorded like any other."""
         subject = scope["guard"].principal.subject
         query = _query(scope, AUDIT_PARAMS)
         if not await self._may(subject, "read", AUDIT):
@@ -402,12 +403,18 @@ class PolicyApi:
             limit = int(query.get("limit", "100"))
         except ValueError as exc:
             raise ApiError(Refusal("invalid_request_body", str(exc))) from None
-        if not 0 < limit <= MAX_AUDIT_PAGE or after < 0:
+        order = query.get("order", "newest")
+        if not 0 < limit <= MAX_AUDIT_PAGE or after < 0 or order not in ("newest", "oldest"):
             raise ApiError(
-                Refusal("invalid_request_body", f"limit is 1..{MAX_AUDIT_PAGE}, cursor >= 0.")
+                Refusal(
+                    "invalid_request_body",
+                    f"limit is 1..{MAX_AUDIT_PAGE}, cursor >= 0, order newest or oldest.",
+                )
             )
-        audit = self.audit
-        rows = await anyio.to_thread.run_sync(lambda: audit.query(filters, after, limit))
+        audit, newest_first = self.audit, order == "newest"
+        rows = await anyio.to_thread.run_sync(
+            lambda: audit.query(filters, after, limit, newest_first=newest_first)
+        )
         return 200, {
             "records": [record for _, record in rows],
             "next_cursor": str(rows[-1][0]) if len(rows) == limit else None,

@@ -164,8 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--kind", choices=["intent", "outcome", "event"])
         default = "table" if name == "query" else "jsonl"
         sub.add_argument("--format", choices=["table", "csv", "jsonl"], default=default)
+        order = "newest" if name == "query" else "oldest"
+        sub.add_argument(
+            "--order", choices=["newest", "oldest"], default=order,
+            help=f"newest or oldest stored first (default {order})",
+        )  # fmt: skip
         if name == "query":
-            sub.add_argument("--limit", type=int, default=100, help="most records (default 100)")
+            sub.add_argument(
+                "--limit", type=int, default=100, help="most records, newest unless --order "
+                "oldest (default 100)",
+            )  # fmt: skip
         else:
             sub.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     return parser
@@ -530,7 +538,9 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
             since=parse_when(args.since) if args.since else None,
             until=parse_when(args.until) if args.until else None,
         )  # fmt: skip
-        records = query_records(engine, filters, getattr(args, "limit", None))
+        records = query_records(
+            engine, filters, getattr(args, "limit", None), newest_first=args.order == "newest"
+        )
         if getattr(args, "output", None):
             with open(args.output, "w", newline="") as out:
                 count = write_records(records, args.format, out)

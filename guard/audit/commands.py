@@ -138,14 +138,20 @@ def _cell(value: object) -> str:
 
 
 def query_records(
-    engine: Engine, filters: Filters, limit: int | None, page: int = 1000
+    engine: Engine,
+    filters: Filters,
+    limit: int | None,
+    page: int = 1000,
+    *,
+    newest_first: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Matching records, oldest first, at most ``limit`` (None: all), read a page at a time."""
+    """Matching records, oldest stored first (or newest), at most ``limit`` (None: all), read a
+    page at a time."""
     store = AuditStore(engine)
     after, left = 0, limit
     while left is None or left > 0:
         size = page if left is None else min(page, left)
-        batch = store.query(filters, after=after, limit=size)
+        batch = store.query(filters, after=after, limit=size, newest_first=newest_first)
         for row_id, record in batch:
             after = row_id
             yield record

@@ -79,12 +79,18 @@ class AuditStore:
                 conn.execute(audit_records.insert(), [row_of(r) for r in records])
 
     def query(
-        self, filters: Filters, after: int = 0, limit: int = 100
+        self, filters: Filters, after: int = 0, limit: int = 100, *, newest_first: bool = False
     ) -> list[tuple[int, dict[str, Any]]]:
-        """Up to ``limit`` matching records after row id ``after``, oldest first, as
-        ``(row id, record)``; the last row id is the cursor for the next page."""
+        """Up to ``limit`` matching records as ``(row id, record)``: oldest stored first after
+        row id ``after``, or with ``newest_first`` newest first before it (0: from the newest).
+        The last row id is the cursor for the next page in the same order."""
         c = audit_records.c
-        query = sa.select(c.id, c.record, c.resource).where(c.id > after).order_by(c.id)
+        query = sa.select(c.id, c.record, c.resource)
+        if newest_first:
+            query = query.where(c.id < after) if after else query
+            query = query.order_by(c.id.desc())
+        else:
+            query = query.where(c.id > after).order_by(c.id)
         if filters.principal:
             query = query.where(c.principal == filters.principal)
         if filters.since:
@@ -107,9 +113,13 @@ class AuditStore:
             escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             query = query.where(c.resource.like(escaped + "%", escape="\\"))
         result: list[tuple[int, dict[str, Any]]] = []
-        with self.engine.connect() as conn:
-            # A glob is narrowed by its literal prefix in SQL and matched exactly here.
-            for row in conn.execution_options(yield_per=500).execute(query):
+        # A glob is narrowed by its literal prefix in SQL and matched exactly here. The result
+        # is closed even when the limit stops the loop early (PostgreSQL's server-side cursor).
+        with (
+            self.engine.connect() as conn,
+            conn.execution_options(yield_per=500).execute(query) as rows,
+        ):
+            for row in rows:
                 if pattern and not resource_match(row.resource, pattern):
                     continue
                 result.append((row.id, json.loads(row.record)))

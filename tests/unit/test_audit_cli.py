@@ -55,7 +55,8 @@ def test_cli_changes_are_recorded_in_their_own_chain(
                "--resource", "experiment:x") == 0  # fmt: skip
     assert cli(data, "token", "revoke", "ci") == 0
     capsys.readouterr()
-    assert cli(data, "audit", "query", "--kind", "event", "--format", "jsonl") == 0
+    assert cli(data, "audit", "query", "--kind", "event", "--format", "jsonl",
+               "--order", "oldest") == 0  # fmt: skip
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["event"], e["phase"]) for e in events] == [
         ("token_created", "intent"), ("token_created", "done"),
@@ -175,3 +176,41 @@ def test_writers_without_a_head_are_named(data: Path, capsys: pytest.CaptureFixt
     assert "UNCHECKED: " in out and "every chain intact" in out
     assert cli(data, "audit", "verify") == 0
     assert "UNCHECKED" not in capsys.readouterr().out  # the CLI's own spool holds its head
+
+
+def test_query_shows_the_newest_first_unless_asked(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("a", "b", "c", "d", "e"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    capsys.readouterr()
+
+    def seqs(*args: str) -> list[int]:
+        assert cli(data, "audit", *args, "--format", "jsonl") == 0
+        return [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+
+    assert seqs("query", "--limit", "3") == [10, 9, 8]
+    assert seqs("query", "--limit", "3", "--order", "newest") == [10, 9, 8]
+    assert seqs("query", "--limit", "3", "--order", "oldest") == [1, 2, 3]
+    assert seqs("query", "--principal", "nobody") == []
+    assert seqs("export") == list(range(1, 11))  # a file to keep reads in order
+    assert seqs("export", "--order", "newest") == list(range(10, 0, -1))
+
+
+@pytest.mark.parametrize("newest_first", [True, False])
+def test_paging_visits_every_record_once_in_either_order(data: Path, newest_first: bool) -> None:
+    from guard.audit.commands import query_records
+    from guard.audit.store import Filters
+
+    for name in ("a", "b", "c", "d", "e"):
+        cli(data, "role", "assign", "--subject", f"user:{name}", "--role", "viewer")
+    everything = list(range(10, 0, -1)) if newest_first else list(range(1, 11))
+    engine = engine_of(data)
+    for page in (1, 3, 4, 10, 11):
+        for limit in (None, 1, 7, 10, 20):
+            found = [r["seq"] for r in query_records(
+                engine, Filters(kind="event"), limit, page, newest_first=newest_first)]  # fmt: skip
+            assert found == everything[:limit], (page, limit)
+        done = Filters(kind="event", resource="*")  # a glob is matched after the SQL narrowing
+        found = [r["seq"] for r in query_records(engine, done, 4, page, newest_first=newest_first)]
+        assert found == everything[:4]

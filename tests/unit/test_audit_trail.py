@@ -283,7 +283,7 @@ def test_auditors_query_the_trail_through_the_api(
     wait_stored(gateway, ids[-1], kinds=2)
     seen, cursor = [], None
     while True:
-        params = {"principal": "token:alice", "kind": "outcome", "limit": "2",
+        params = {"principal": "token:alice", "kind": "outcome", "limit": "2", "order": "oldest",
                   **({"cursor": cursor} if cursor else {})}  # fmt: skip
         page = httpx.get(url + "/guard/api/audit", params=params, headers=bearer(AUDITOR))
         assert page.status_code == 200, page.text
