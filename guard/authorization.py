@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard import systemtags
+from guard.authz.engine import PolicyIndex
 from guard.authz.runtime import PolicyRuntime
-from guard.errors import Refusal, send_refusal
+from guard.context import RequestContext
+from guard.errors import Refusal, conceal, send_refusal
 from guard.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
 from guard.promotion import PromotionRules, Requirements
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
-from guard.resolve import Resolver, Unresolved
+from guard.resolve import Resolver, Unresolved, describe
 from guard.routes import Route
 from guard.search import SearchFilter, search_kind
 
@@ -97,8 +99,18 @@ class AuthorizationMiddleware:
                 return
         started = time.monotonic()
         refusal, resources = await self._check(scope, route)
-        if refusal is not None and await self.policies.refresh_soon():
-            refusal, resources = await self._check(scope, route)
+        if refusal is not None:
+            # A refusal is decided on the newest policy this replica has: one swapped in while
+            # this request waited for a lookup, or one not yet polled (a grant made a moment
+            # ago; at most four checks a second, however many refusals there are).
+            for _ in range(3):
+                decided_on = scope["guard"].policy_version
+                refreshed = await self.policies.refresh_soon()
+                if not refreshed and self.policies.index.version == decided_on:
+                    break
+                refusal, resources = await self._check(scope, route)
+                if refusal is None:
+                    break
         if refusal is None and systemtags.applies(route.path):
             refusal = self._attribute(scope)
         scope["guard"].authorization_seconds = time.monotonic() - started
@@ -111,6 +123,8 @@ class AuthorizationMiddleware:
             await self._filtered(scope, receive, send, filters)
         else:
             await self.app(scope, receive, send)
+        if route.action == "create":
+            self.resolver.created()
         if route.path.endswith(_RENAMES):
             self._forget(scope)
         elif route.path.endswith(_MODEL_NAME_CHANGES):
@@ -174,15 +188,15 @@ class AuthorizationMiddleware:
         await self.app(scope, receive, capture)
 
     def _attribute(self, scope: Scope) -> Refusal | None:
-        """Runs are the caller's: their name goes into a new run, nobody else's into a later
-        write of its user tag (administrators excepted)."""
+        """Runs are the caller's: their name goes into every new run (administrators' too), and
+        nobody else's into a later write of its user tag (administrators may, for imports)."""
         principal = scope["guard"].principal
-        if self.policies.index.unconditional(principal.subject, "server", "manage"):
-            return None
         path = scope["guard.route"].path
         try:
             data = self._data(scope)
-            if (refusal := systemtags.refusal(path, data, principal.name)) is not None:
+            if not self.policies.index.unconditional(principal.subject, "server", "manage") and (
+                refusal := systemtags.refusal(path, data, principal.name)
+            ):
                 return refusal
             body = systemtags.attribute_run(path, data, principal.name)
         except RequestDataError as exc:
@@ -209,16 +223,24 @@ class AuthorizationMiddleware:
             await self.on_created(subject, resource)
 
     async def _check(self, scope: Scope, route: Route) -> tuple[Refusal | None, list[str]]:
-        """A refusal, or None and the resources the request acts on (when they were needed)."""
+        """A refusal, or None and the resources the request acts on (when they were needed).
+
+        Each thing the request names is resolved and then decided before the next one is
+        looked at, and a refusal names it in the caller's own words: whether an id is unknown
+        or known and forbidden, the caller gets the same answer (the audit record keeps the
+        difference), and a later id's existence cannot change which earlier one is refused.
+        """
         kind = POLICY_KIND[route.kind]
         if route.open and kind == "server":
             return None, []  # the reviewed open list: UI files, version, health, server info
         subject = scope["guard"].principal.subject
         index = self.policies.index
+        context = scope["guard"]
+        context.policy_version = index.version
         data: RequestData | None = None
         needs = Requirements()
         try:
-            if self.promotion.applies(route.path):
+            if route.action != "read" and self.promotion.applies(route.path):
                 data = self._data(scope)
                 needs = self.promotion.requirements(route.path, data)
             actions = {needs.replace_action or route.action, *needs.actions}
@@ -234,71 +256,95 @@ class AuthorizationMiddleware:
                     index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
                 )
             ):
-                context = scope["guard"]
-                context.policy_version, context.action = index.version, ",".join(sorted(actions))
+                context.action = ",".join(sorted(actions))
                 context.rule = f"unconditional {','.join(sorted(actions))} on {kind}:*"
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
                 # who may read every resource of the kind.
                 return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
+            context.action = ",".join(sorted(actions))
+            judge = _Judge(index, subject, context)
+            headers: dict[str, list[str]] = {}
+            for k, v in scope["headers"]:  # every value: MLflow reads the first of repeats
+                headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+            # 1. What the request acts on.
             if kind == "server":
                 resources = [SERVER_RESOURCE]
+                judge.require(resources, sorted(actions), SERVER_RESOURCE)
             elif route.id_from == "graphql":
-                resources = await self._graphql(scope, subject)
+                resources = await self._graphql(scope, judge)
             else:
                 data = data or self._data(scope)
-                headers: dict[str, list[str]] = {}
-                for k, v in scope["headers"]:  # every value: MLflow reads the first of repeats
-                    headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
-                resources = await self.resolver.resources(
-                    route, scope["guard.params"], data, headers
+                params = scope["guard.params"]
+                label = self.resolver.sent(route, params, data, headers)
+                resources = await judge.resolve(
+                    label, sorted(actions), self.resolver.resources(route, params, data, headers)
                 )
-                if route.path == "/v1/traces" and "x-mlflow-run-id" in headers:
-                    needs.elsewhere.append((await self._linked_run(headers), "update"))
+                judge.require(resources, sorted(actions), label)
+                if route.path.endswith(_CREATES):
+                    await self._unseen_name(judge, resources, label)
             if needs.version_aliases and await self.resolver.model_version_aliases(
                 *needs.version_aliases
             ):
                 actions.add("promote")  # deleting a version that holds an alias
-            # Names in the request (a rename's new name) as MLflow stores them; artifact sources
-            # come back from the resolver that way already.
-            elsewhere = [
-                (await self._stored(r) if a != "read" else r, a) for r, a in needs.elsewhere
-            ]
+                context.action = ",".join(sorted(actions))
+                judge.require(resources, ["promote"], judge.last_label)
+            # 2. What else it names: a rename's new name, as MLflow stores it.
+            for resource, action in needs.elsewhere:
+                sent_kind, _, name = resource.partition(":")
+                label = f"new_name {name!r}" if action == "create" else resource
+                target = await judge.resolve(label, [action], self._stored(resource))
+                judge.require(target, [action], label)
+                if action == "create":
+                    await self._unseen_name(judge, target, label, sent_kind, name)
+            # OTLP traces linked to a run.
+            if route.path == "/v1/traces" and "x-mlflow-run-id" in headers:
+                label = describe("X-Mlflow-Run-Id", headers["x-mlflow-run-id"])
+                run = await judge.resolve(label, ["update"], self._linked_run(headers))
+                judge.require(run, ["update"], label)
+            # Artifacts named by address: the caller must be able to read them.
             if source_field is not None:
-                refusal, read = await self._sources(
-                    data or self._data(scope), source_field, subject
-                )
-                if refusal is not None:
-                    return refusal, []
-                elsewhere.extend((r, "read") for r in read)
+                data = data or self._data(scope)
+                await self._sources(data, source_field, subject, judge)
         except (RequestDataError, Unresolved) as exc:
+            return conceal(exc.refusal, f"{subject} may not {route.action} this."), []
+        except _Refused as exc:
             return exc.refusal, []
-        checks = [(r, a) for r in resources for a in sorted(actions)] + elsewhere
-        context = scope["guard"]
-        context.policy_version = index.version
-        context.action = ",".join(sorted(actions))
-        context.resources = list(dict.fromkeys(r for r, _ in checks))
-        for resource, action in checks:
-            decision = index.decide(subject, resource, action)
-            if decision.rule is not None:
-                context.rule = ", ".join(decision.rule.row())
-            if not decision.allowed:
-                explicit = decision.reason == "explicit_deny"
-                reason = "explicit_deny" if explicit else "permission_denied"
-                context.action, context.resources = action, [resource]
-                return Refusal(reason, f"{subject} may not {action} {resource}."), []
         return None, resources
 
-    async def _stored(self, resource: str) -> str:
+    async def _unseen_name(
+        self,
+        judge: _Judge,
+        resources: list[str],
+        label: str,
+        kind: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Creating (or renaming onto) a name that is taken tells whoever may create there that
+        it exists; unless they may also read what holds it, they get the answer a name they
+        may not use would get."""
+        for resource in resources:
+            kind_of, _, sent = resource.partition(":")
+            kind_of, sent = kind or kind_of, name or sent
+            if kind_of == "model":
+                stored = await self.resolver.stored_model_name(sent)
+            elif kind_of == "experiment":
+                stored = await self.resolver.stored_experiment_name(sent)
+            else:
+                continue
+            if stored is not None:
+                judge.require([f"{kind_of}:{stored}"], ["read"], label, shown_action="create")
+
+    async def _stored(self, resource: str) -> list[str]:
         kind, _, name = resource.partition(":")
         if kind == "model":
-            return await self.resolver.model_resource(name)
+            return [await self.resolver.model_resource(name)]
         if kind == "experiment":
-            return await self.resolver.experiment_resource_by_name(name)
-        return resource
+            return [await self.resolver.experiment_resource_by_name(name)]
+        return [resource]
 
-    async def _linked_run(self, headers: dict[str, list[str]]) -> str:
+    async def _linked_run(self, headers: dict[str, list[str]]) -> list[str]:
         """The experiment of the run OTLP traces are linked to (``X-Mlflow-Run-Id``)."""
         values = headers["x-mlflow-run-id"]
         if len(values) != 1:
@@ -306,12 +352,13 @@ class AuthorizationMiddleware:
         experiment_id = await self.resolver.run_experiment(values[0])
         if experiment_id is None:
             raise Unresolved(Refusal("resource_unresolved", f"Unknown run {values[0]!r}."))
-        return await self.resolver.experiment_resource(experiment_id)
+        return [await self.resolver.experiment_resource(experiment_id)]
 
-    async def _graphql(self, scope: Scope, subject: str) -> list[str]:
+    async def _graphql(self, scope: Scope, judge: _Judge) -> list[str]:
         """The experiments a GraphQL document reads; a field that can return anything of a kind
         (a search without ids) needs read on every one of them. A run's model versions are
         filtered out of the answer instead, down to the models the caller may read."""
+        subject = judge.subject
         needs, filters = graphql_plan(
             scope["method"], scope["query_string"], scope.get("guard.body", b"")
         )
@@ -325,33 +372,45 @@ class AuthorizationMiddleware:
                     raise Unresolved(
                         Refusal("permission_denied", f"{subject} may not read {kind}:*.")
                     )
-            elif need.field == "experiment_id":
-                resources.append(await self.resolver.experiment_resource(need.value))
+                continue
+            label = describe(need.field, [need.value])
+            if need.field == "experiment_id":
+                found = await judge.resolve(
+                    label, ["read"], self._one(self.resolver.experiment_resource(need.value))
+                )
             elif need.field == "run_id":
-                experiment_id = await self.resolver.run_experiment(need.value)
-                if experiment_id is None:
-                    raise Unresolved(Refusal("resource_unresolved", f"Unknown run {need.value!r}."))
-                resources.append(await self.resolver.experiment_resource(experiment_id))
+                found = await judge.resolve(label, ["read"], self._run(need.value))
             else:  # pragma: no cover - graphql_needs names no other field
                 raise Unresolved(Refusal("resource_unresolved", f"Cannot check {need.field}."))
+            judge.require(found, ["read"], label)
+            resources += found
         return list(dict.fromkeys(resources))
 
-    async def _sources(
-        self, data: RequestData, field: str, subject: str
-    ) -> tuple[Refusal | None, list[str]]:
+    @staticmethod
+    async def _one(resource: Awaitable[str]) -> list[str]:
+        return [await resource]
+
+    async def _run(self, run_id: str) -> list[str]:
+        experiment_id = await self.resolver.run_experiment(run_id)
+        if experiment_id is None:
+            raise Unresolved(Refusal("resource_unresolved", f"Unknown run {run_id!r}."))
+        return [await self.resolver.experiment_resource(experiment_id)]
+
+    async def _sources(self, data: RequestData, field: str, subject: str, judge: _Judge) -> None:
         """Artifacts named by address must be ones the caller may read; other addresses (files,
         object stores) are for administrators only."""
         uri = data.single(field)
         if uri in (None, ""):
-            return None, []
+            return
         if not isinstance(uri, str):
-            return Refusal("invalid_request_body", f"{field} must be a string."), []
-        resources = await self.resolver.source_resources(uri)
+            raise RequestDataError(Refusal("invalid_request_body", f"{field} must be a string."))
+        label = describe(field, [uri])
+        resources = await judge.resolve(label, ["read"], self.resolver.source_resources(uri))
         if resources is None:
             if self.policies.index.unconditional(subject, "server", "manage"):
-                return None, []
-            return Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."), []
-        return None, resources
+                return
+            raise _Refused(Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."))
+        judge.require(resources, ["read"], label)
 
     @staticmethod
     def _data(scope: Scope) -> RequestData:
@@ -365,3 +424,61 @@ class AuthorizationMiddleware:
                 self.resolver.forget("experiment", canonical_experiment_id(experiment_id))
         except RequestDataError:
             return
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+T = TypeVar("T")
+
+
+class _Judge:
+    """Decides one request on one policy index, and words its refusals: the same for a thing
+    that does not exist as for one the caller may not touch, naming only what was sent."""
+
+    def __init__(self, index: PolicyIndex, subject: str, context: RequestContext) -> None:
+        self.index = index
+        self.subject = subject
+        self.context = context
+        self.last_label = "what this request names"
+        self.checked: list[str] = []
+
+    def refusal(self, cause: Refusal, action: str, label: str) -> Refusal:
+        return conceal(cause, f"{self.subject} may not {action} {label}.")
+
+    async def resolve(self, label: str, actions: list[str], lookup: Awaitable[T]) -> T:
+        """Await a lookup; an unknown id is refused like a forbidden one."""
+        self.last_label = label
+        try:
+            return await lookup
+        except Unresolved as exc:
+            if exc.refusal.reason != "resource_unresolved":
+                raise
+            raise _Refused(self.refusal(exc.refusal, ",".join(actions), label)) from None
+
+    def require(
+        self, resources: list[str], actions: list[str], label: str, shown_action: str = ""
+    ) -> None:
+        """Every action on every resource, or a refusal naming ``label``."""
+        context = self.context
+        for resource in resources:
+            if resource not in self.checked:
+                self.checked.append(resource)
+            for action in actions:
+                decision = self.index.decide(self.subject, resource, action)
+                if decision.rule is not None:
+                    context.rule = ", ".join(decision.rule.row())
+                if not decision.allowed:
+                    context.resources = [resource]
+                    context.action = action
+                    reason = (
+                        "explicit_deny"
+                        if decision.reason == "explicit_deny"
+                        else ("permission_denied")
+                    )
+                    cause = Refusal(reason, f"{self.subject} may not {action} {resource}.")
+                    raise _Refused(self.refusal(cause, shown_action or action, label))
+        context.resources = list(self.checked)

@@ -27,6 +27,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "path_not_canonical": ReasonInfo(
         400, "BAD_REQUEST", "The request path is not in canonical form."
     ),
+    "artifact_path_invalid": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The artifact path is not a canonical relative path."
+    ),
     "invalid_body_framing": ReasonInfo(
         400, "BAD_REQUEST", "Conflicting or invalid Content-Length / Transfer-Encoding."
     ),
@@ -120,6 +123,8 @@ class Refusal:
 
     reason: str
     detail: str = ""
+    # The true refusal behind a concealed one: recorded in the audit trail, never sent.
+    cause: Refusal | None = None
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -137,6 +142,19 @@ class Refusal:
     def message(self) -> str:
         base = REASONS[self.reason].message
         return f"{base} {self.detail}" if self.detail else base
+
+
+# Reasons that would tell a caller whether something they may not see exists: sent to clients
+# only as ``permission_denied`` (see ``conceal``), kept in the audit record as ``true_reason``.
+CONCEALED: Final = frozenset({"resource_unresolved", "explicit_deny"})
+
+
+def conceal(refusal: Refusal, detail: str) -> Refusal:
+    """The refusal a client sees for ``refusal``: "exists but forbidden" and "does not exist"
+    look the same, and ``detail`` names only what the caller sent."""
+    if refusal.reason not in CONCEALED and refusal.reason != "permission_denied":
+        return refusal
+    return Refusal("permission_denied", detail, cause=refusal)
 
 
 def wants_html(scope: Scope) -> bool:

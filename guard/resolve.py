@@ -90,18 +90,27 @@ class Unresolved(Exception):
 
 
 class TTLCache:
-    def __init__(self, size: int, ttl: float) -> None:
-        self.size, self.ttl = size, ttl
-        self._items: OrderedDict[str, tuple[float, str]] = OrderedDict()
+    """Lookups by key, bounded in number and age. "Unknown" is remembered too, for a shorter
+    time: otherwise an unknown id would cost an upstream call on every request and a known but
+    forbidden one none, and the difference in latency would tell which ids exist."""
+
+    def __init__(self, size: int, ttl: float, negative_ttl: float = 0.0) -> None:
+        self.size, self.ttl, self.negative_ttl = size, ttl, min(negative_ttl, ttl)
+        self._items: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
 
     def get(self, key: str) -> tuple[bool, str | None]:
         item = self._items.get(key)
-        if item is None or time.monotonic() - item[0] > self.ttl:
+        if item is None:
+            return False, None
+        age = time.monotonic() - item[0]
+        if age > (self.ttl if item[1] is not None else self.negative_ttl):
             return False, None
         self._items.move_to_end(key)
         return True, item[1]
 
-    def put(self, key: str, value: str) -> None:
+    def put(self, key: str, value: str | None) -> None:
+        if value is None and self.negative_ttl <= 0:
+            return
         self._items[key] = (time.monotonic(), value)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
@@ -111,11 +120,22 @@ class TTLCache:
         for key in [k for k in self._items if k.startswith(prefix)]:
             del self._items[key]
 
+    def forget_unknown(self) -> None:
+        """Something was created: an id or name remembered as unknown may exist now."""
+        for key in [k for k, (_, value) in self._items.items() if value is None]:
+            del self._items[key]
+
 
 class Resolver:
-    def __init__(self, upstream: UpstreamClient, cache_size: int, cache_ttl: float) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        cache_size: int,
+        cache_ttl: float,
+        negative_ttl: float = 0.0,
+    ) -> None:
         self.upstream = upstream
-        self.cache = TTLCache(cache_size, cache_ttl)
+        self.cache = TTLCache(cache_size, cache_ttl, negative_ttl)
 
     async def _fetch(
         self, path: str, params: Mapping[str, str | list[str]]
@@ -146,8 +166,7 @@ class Resolver:
         if hit:
             return value
         value = await fetch()
-        if value is not None:  # "unknown" is not remembered: the id may exist a moment later
-            self.cache.put(key, value)
+        self.cache.put(key, value)  # "unknown" for a short while (negative_ttl)
         return value
 
     async def experiment_name(self, experiment_id: str) -> str | None:
@@ -202,21 +221,31 @@ class Resolver:
     async def model_resource(self, name: str) -> str:
         """``model:NAME`` with the name MLflow stores for ``name`` (a prompt is a registered
         model too); a name MLflow does not know (one being created) stays as given."""
-        stored = await self._stored_name(
+        stored = await self.stored_model_name(name)
+        return f"model:{stored or name}"
+
+    async def stored_model_name(self, name: str) -> str | None:
+        """The name MLflow stores for the registered model ``name``; None if there is none."""
+        return await self._stored_name(
             "model_name", name, "/api/2.0/mlflow/registered-models/get", "name", "registered_model"
         )
-        return f"model:{stored}"
+
+    async def stored_experiment_name(self, name: str) -> str | None:
+        """The name MLflow stores for the experiment ``name``; None if there is none."""
+        return await self._stored_name(
+            "experiment_name", name, "/api/2.0/mlflow/experiments/get-by-name",
+            "experiment_name", "experiment",
+        )  # fmt: skip
 
     async def experiment_resource_by_name(self, name: str) -> str:
         """``experiment:NAME`` with the name MLflow stores for ``name``; one it does not know
         stays as given."""
-        stored = await self._stored_name(
-            "experiment_name", name, "/api/2.0/mlflow/experiments/get-by-name",
-            "experiment_name", "experiment",
-        )  # fmt: skip
-        return f"experiment:{stored}"
+        stored = await self.stored_experiment_name(name)
+        return f"experiment:{stored or name}"
 
-    async def _stored_name(self, kind: str, name: str, path: str, param: str, entity: str) -> str:
+    async def _stored_name(
+        self, kind: str, name: str, path: str, param: str, entity: str
+    ) -> str | None:
         async def fetch() -> str | None:
             status, data = await self._fetch(path, {param: name})
             if status == 404:  # RESOURCE_DOES_NOT_EXIST: nothing else answers to this name
@@ -226,7 +255,7 @@ class Resolver:
                 raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {name!r}."))
             return stored
 
-        return await self._cached(f"{kind}:{name}", fetch) or name
+        return await self._cached(f"{kind}:{name}", fetch)
 
     async def model_version_aliases(self, name: str, version: str) -> list[str]:
         """The aliases a model version holds now (never cached: they are what changes)."""
@@ -269,6 +298,10 @@ class Resolver:
         if kind in ("experiment", "model"):
             self.cache.forget(f"{kind}_name:")
 
+    def created(self) -> None:
+        """A create was forwarded: ids and names remembered as unknown may exist now."""
+        self.cache.forget_unknown()
+
     async def resources(
         self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
     ) -> list[str]:
@@ -276,24 +309,10 @@ class Resolver:
         only for a request that can reach nothing a policy governs (scorer ids without an
         online configuration). ``headers`` maps each lowercase name to every value it came
         with; a single string per name hides repeats, so no id is read from it."""
-        spec = route.id_from
-        if spec == "none":
-            raise Unresolved(Refusal("resource_unresolved", "This route names no resource."))
-        source, _, field_spec = spec.partition(":")
-        if source == "artifact_path":
+        if route.id_from.startswith("artifact_path"):
             path = params.get("artifact_path") or data.single("path") or ""
             return [await self._experiment(_artifact_experiment(str(path)))]
-        # F+G is a composite key: F names the resource (the experiment), G a thing inside it.
-        key = field_spec.split("+", 1)[0]
-        if "." in key:
-            field, values = key.rsplit(".", 1)[1], _nested(source, key, data)
-        elif source == "header":
-            field = key.lower().removeprefix(_HEADER_PREFIX).replace("-", "_")
-            values = _header_values(headers, key)
-        else:
-            fields = key.removesuffix("[]").split("|")
-            field = fields[0]
-            values = self._values(source, fields, key.endswith("[]"), params, data)
+        field, values = self.named(route, params, data, headers)
         if not values:
             raise Unresolved(Refusal("invalid_request_body", f"The request names no {field}."))
         result = await self._resolve(route, field, values)
@@ -303,6 +322,37 @@ class Resolver:
         if route.path.endswith(MODEL_NAME_CHANGES):
             self.forget("model", "")  # again once forwarded, if the caller does (see forget)
         return list(dict.fromkeys(result))
+
+    def named(
+        self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
+    ) -> tuple[str, list[Any]]:
+        """The id field the route reads and every value the request gives it, exactly as
+        MLflow reads them (the field is named as the route table names it)."""
+        spec = route.id_from
+        if spec == "none":
+            raise Unresolved(Refusal("resource_unresolved", "This route names no resource."))
+        source, _, field_spec = spec.partition(":")
+        if source == "artifact_path":
+            return "path", [params.get("artifact_path") or data.single("path") or ""]
+        # F+G is a composite key: F names the resource (the experiment), G a thing inside it.
+        key = field_spec.split("+", 1)[0]
+        if "." in key:
+            return key.rsplit(".", 1)[1], _nested(source, key, data)
+        if source == "header":
+            field = key.lower().removeprefix(_HEADER_PREFIX).replace("-", "_")
+            return field, _header_values(headers, key)
+        fields = key.removesuffix("[]").split("|")
+        return fields[0], self._values(source, fields, key.endswith("[]"), params, data)
+
+    def sent(
+        self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
+    ) -> str:
+        """What the request names, in the caller's own words, for a refusal's message."""
+        try:
+            field, values = self.named(route, params, data, headers)
+        except (Unresolved, RequestDataError):
+            return "what this request names"
+        return describe(field, values)
 
     async def _resolve(self, route: Route, field: str, values: list[Any]) -> list[str]:
         if route.kind == "artifact" and field == "path":  # listing a proxied artifact folder
@@ -383,6 +433,16 @@ class Resolver:
                 Refusal("resource_unresolved", f"Unknown experiment {experiment_id!r}.")
             )
         return f"experiment:{name}"
+
+
+def describe(field: str, values: list[Any], limit: int = 120) -> str:
+    """``field 'value'`` (or a list of values), shortened: a refusal's words for an id."""
+    if not values:
+        return f"no {field}"
+    shown = repr(values[0]) if len(values) == 1 else repr(values)
+    if len(shown) > limit:
+        shown = shown[:limit] + "..."
+    return f"{field} {shown}"
 
 
 def _nested(source: str, path: str, data: RequestData) -> list[str]:

@@ -339,6 +339,13 @@ class AuthzSettings:
         kind="duration",
         check=_positive,
     )
+    negative_cache_ttl: float = option(
+        5.0,
+        "Seconds an id or name MLflow does not know is remembered as unknown, so that unknown "
+        "and known-but-forbidden ids cost the same; creates seen by this replica clear it at "
+        "once, those made through another replica take effect within this time. 0 turns it off.",
+        kind="duration",
+    )
 
 
 @dataclass(frozen=True)

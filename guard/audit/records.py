@@ -187,10 +187,15 @@ def outcome(scope: Scope, redactor: Redactor, total_seconds: float) -> dict[str,
         "latency_ms": round(total_seconds * 1000, 3),
         "upstream_ms": round(context.upstream_seconds * 1000, 3),
     }  # fmt: skip
+    if refusal is not None and refusal.cause is not None:
+        # What the caller was not told (an unknown id, a deny rule): for operators only.
+        record["true_reason"] = refusal.cause.reason
+        record["true_detail"] = refusal.cause.detail[:MAX_VALUE]
     if context.changes:
         record["changes"] = context.changes
     elif refusal is None and (found := changes(scope, redactor)):
         record["changes"] = found
-    if context.status == 401:
+    if context.status == 401 or (refusal is not None and refusal.reason == "identity_unavailable"):
+        # Whose login failed, or could not be checked: "the same token, 40 times".
         record["credential"] = redactor.credential(scope.get("headers", []))
     return record

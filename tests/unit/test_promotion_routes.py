@@ -120,7 +120,7 @@ def test_promoting_needs_promote(
     refused = send(url, EDITOR, method, prefix + route, body)
     assert refused.status_code == 403, refused.text
     assert refused.headers["x-guard-reason"] == "permission_denied"
-    assert "token:editor may not promote model:m" in refused.json()["message"]
+    assert "token:editor may not promote name 'm" in refused.json()["message"]
     assert (method, prefix + route) not in fake.forwarded
     allowed = send(url, PROMOTER, method, prefix + route, body)
     assert allowed.status_code == 200, allowed.text

@@ -229,7 +229,7 @@ def expected(route: Route) -> tuple[str | None, str | None]:
     if route.open:  # searches: answered, filtered to what each caller may read
         return None, None
     if not resolvable(route):
-        return "resource_unresolved", "resource_unresolved"
+        return "permission_denied", "permission_denied"
     return None, "permission_denied"
 
 
@@ -266,7 +266,7 @@ def exp(experiment_id: str) -> dict[str, object]:
          "permission_denied"),
         ("POST", "/api/3.0/mlflow/traces/search",
          {"json": {"locations": [exp("1"), {"inference_table": {"full_table_name": "c.s.t"}}]}},
-         "resource_unresolved"),
+         "permission_denied"),
         ("POST", "/api/3.0/mlflow/traces/search",
          {"json": {"locations": [exp("1"), {"mlflowExperiment": {"experimentId": "2"}}]}},
          "permission_denied"),
