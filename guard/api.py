@@ -6,6 +6,8 @@ Who may do what:
   administrator (``admin`` on ``*``) whatever deny rules say, so no deny can lock them out.
 - Readers of ``guard:policy`` (the ``auditor`` role) list, export and explain; readers of
   ``guard:audit`` (auditors again) query the audit trail.
+- Anyone may explain their own decisions; whoever holds ``manage`` on a resource may explain
+  anyone's decisions on that resource (and list the grants that apply to it).
 - Everyone else may delegate: whoever holds ``manage`` on an experiment or a registered model
   may grant or revoke, on that one resource, a role whose every action they hold there
   themselves. Patterns, deny rules, memberships and role definitions are the administrators'.
@@ -20,8 +22,9 @@ Endpoints (JSON in MLflow's error shape on refusal)::
     GET  /guard/api/roles                       every role and the actions it holds
     GET  /guard/api/policy[?resource=R]         the rules (or the grants that apply to R)
     GET  /guard/api/policy/export               the policy as CSV, as ``policy export`` writes it
-    GET  /guard/api/policy/explain?subject=S&action=A&resource=R
+    GET  /guard/api/policy/explain?[subject=S&]action=A&resource=R
     GET  /guard/api/audit?principal=&since=&until=&action=&resource=&decision=&cursor=&limit=
+                          &order=newest|oldest
     POST /guard/api/policy/changes              {"add": [ROW...], "remove": [ROW...], "dry_run"}
     PUT  /guard/api/policy[?dry_run=true]       replace the whole policy with a CSV body (import)
 
@@ -255,20 +258,34 @@ class PolicyApi:
 
     async def explain(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
         """The decision for a question and the rule that made it. Anyone may ask about
-        themselves; asking about others needs read on the policy."""
+        themselves (``subject`` omitted or their own); about others, whoever manages the
+        resource asked about (for that resource only) and readers of the policy."""
         caller = scope["guard"].principal.subject
         query = _query(scope, {"subject", "action", "resource"})
         missing = [k for k in ("action", "resource") if not query.get(k)]
         if missing:
             raise ApiError(Refusal("invalid_request_body", f"Missing {', '.join(missing)}."))
-        subject, action, resource = query.get("subject", caller), query["action"], query["resource"]
+        subject = query.get("subject") or caller
+        action, resource = query["action"], query["resource"]
         if action not in ACTIONS:
             raise ApiError(Refusal("invalid_request_body", f"Unknown action {action!r}."))
-        if subject != caller and not await self._may(caller, "read"):
-            raise ApiError(Refusal("permission_denied", f"{caller} may not read {POLICY}."))
+        if (
+            subject != caller
+            and not await self._may(caller, "manage", resource)
+            and not await self._may(caller, "read")
+        ):
+            # Names only what the caller sent, and is the same whether the resource exists.
+            raise ApiError(
+                Refusal(
+                    "permission_denied",
+                    f"{caller} may not explain another subject's decisions on {resource}: that "
+                    f"needs manage on it or read on {POLICY}.",
+                )
+            )
         index = self.policies.index
         decision = index.decide(subject, resource, action)
         return 200, {
+            "subject": subject,
             "allowed": decision.allowed,
             "reason": decision.reason,
             "rule": list(decision.rule.row()) if decision.rule is not None else None,

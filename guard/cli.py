@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import importlib.util
 import json
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -22,7 +24,17 @@ from guard.authz.policy import ACTIONS
 from guard.settings import Loaded, load_settings, options, parse_duration
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 1, 2, 3
-ACTOR = f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def cli_actor() -> str:
+    """Who changes the database from this shell: the process's own OS account (``cli:alice``,
+    ``cli:uid:1234`` for a uid without a name), never ``$USER``, which any shell can set."""
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid:{uid}"
+    return f"cli:{name}"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -107,20 +119,33 @@ def build_parser() -> argparse.ArgumentParser:
     _common(load)
     load.add_argument("file")
     load.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
-    explain = policy_commands.add_parser("explain", help="say what the policy decides and why")
+    explain = policy_commands.add_parser(
+        "explain",
+        help="say what the policy decides and why",
+        description="Say whether SUBJECT may do ACTION on RESOURCE, and which rule decides. "
+        "With --gateway, anyone may ask about themselves (omit --subject), whoever manages "
+        "RESOURCE about anyone's decisions on it, and readers of guard:policy about anything.",
+    )
     _common(explain)
-    explain.add_argument("--subject", required=True)
-    explain.add_argument("--action", dest="question_action", required=True)
-    explain.add_argument("--resource", required=True)
+    explain.add_argument(
+        "--subject",
+        help="user:NAME, group:NAME or token:NAME (with --gateway, default: yourself; "
+        "required without it)",
+    )
+    explain.add_argument("--action", dest="question_action", required=True, choices=ACTIONS)
+    explain.add_argument("--resource", required=True, help="experiment:NAME, model:NAME, ...")
     _remote_flag(explain)
 
     role = commands.add_parser("role", help="grant or withdraw a role on a resource pattern")
     role_commands = role.add_subparsers(dest="action", required=True)
-    for name in ("assign", "unassign"):
-        sub = role_commands.add_parser(name)
+    for name, text in (
+        ("assign", "grant SUBJECT the role on RESOURCE (a manager: on what they manage)"),
+        ("unassign", "withdraw a grant made with assign (the same subject, role, resource)"),
+    ):
+        sub = role_commands.add_parser(name, help=text, description=text[0].upper() + text[1:])
         _common(sub)
         sub.add_argument("--subject", required=True, help="user:NAME, group:NAME or token:NAME")
-        sub.add_argument("--role", required=True)
+        sub.add_argument("--role", required=True, help="a role defined in the policy (role list)")
         sub.add_argument("--resource", default="*", help="resource pattern (default: all)")
         sub.add_argument("--deny", action="store_true", help="an explicit deny rule")
         _remote_flag(sub)
@@ -223,7 +248,7 @@ def _governance(loaded: Loaded) -> Any:
     migrate(engine)
     key = load_secret_key(loaded.settings.secret_key_file, os.environ)
     governance = Governance(TokenStore(engine, key), PolicyStore(engine))
-    governance.policies.seed_defaults(ACTOR)
+    governance.policies.seed_defaults(cli_actor())
     return governance
 
 
@@ -237,7 +262,8 @@ def _record(
     from guard.audit.spool import SpoolError
     from guard.audit.trail import record_cli_event
 
-    body = {"event": event, "phase": phase, "principal": ACTOR, "auth_method": "cli", **fields}
+    body = {"event": event, "phase": phase, "principal": cli_actor(), "auth_method": "cli",
+            **fields}  # fmt: skip
     store = governance.tokens
     try:
         warning = record_cli_event(loaded.settings, store.engine, store.key, body)
@@ -279,7 +305,7 @@ def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
             if not _record(loaded, governance, "token_created", "intent", **asked):
                 return EXIT_FAILED
             record, secret = governance.create_token(
-                args.name, args.role, args.resource, lifetime, ACTOR
+                args.name, args.role, args.resource, lifetime, cli_actor()
             )
             _record(loaded, governance, "token_created", token=record.name, role=record.role,
                     resource=args.resource, expires=record.expires_at.isoformat())  # fmt: skip
@@ -320,7 +346,7 @@ def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
         else:
             if not _record(loaded, governance, "token_revoked", "intent", token=args.name):
                 return EXIT_FAILED
-            record = governance.revoke_token(args.name, ACTOR)
+            record = governance.revoke_token(args.name, cli_actor())
             _record(loaded, governance, "token_revoked", token=record.name)
             print(f"Revoked token {record.name!r} and removed its grants.")
     except (TokenError, ValueError) as exc:  # PolicyError is a ValueError
@@ -363,9 +389,9 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                            changes={key: [", ".join(grant.row())]}):  # fmt: skip
                 return EXIT_FAILED
             if args.action == "assign":
-                version = governance.change(ACTOR, add=[grant])
+                version = governance.change(cli_actor(), add=[grant])
             else:
-                version = governance.change(ACTOR, remove=[grant])
+                version = governance.change(cli_actor(), remove=[grant])
             _record(loaded, governance, "policy_changed",
                     changes={key: [", ".join(grant.row())], "policy_version": version})  # fmt: skip
             print(f"{args.action}ed: {', '.join(grant.row())} (policy version {version})")
@@ -392,9 +418,9 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                            changes={key: [", ".join(r.row()) for r in rules]}):  # fmt: skip
                 return EXIT_FAILED
             if args.action == "add":
-                version = governance.change(ACTOR, add=rules)
+                version = governance.change(cli_actor(), add=rules)
             else:
-                version = governance.change(ACTOR, remove=rules)
+                version = governance.change(cli_actor(), remove=rules)
             _record(loaded, governance, "policy_changed", changes={
                 key: [", ".join(r.row()) for r in rules], "policy_version": version})  # fmt: skip
             print(f"policy version {version}")
@@ -415,12 +441,16 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                        "removed": [", ".join(r) for r in removed]}  # fmt: skip
             if not _record(loaded, governance, "policy_changed", "intent", changes=planned):
                 return EXIT_FAILED
-            version = governance.replace(new, ACTOR)
+            version = governance.replace(new, cli_actor())
             _record(loaded, governance, "policy_changed", changes={
                 "added": [", ".join(r) for r in added], "removed": [", ".join(r) for r in removed],
                 "policy_version": version})  # fmt: skip
             print(f"applied: policy version {version}")
             return 0
+        if not args.subject:
+            print("error: policy explain: --subject is required without --gateway (the "
+                  "database does not know who you are)", file=sys.stderr)  # fmt: skip
+            return EXIT_CONFIG
         _, policy = governance.policies.load()
         decision = PolicyIndex(policy).decide(args.subject, args.resource, args.question_action)
         verdict = "ALLOW" if decision.allowed else "DENY"
@@ -463,14 +493,15 @@ def _remote(args: argparse.Namespace) -> int:
                 for row in result["rules"]:
                     print("  " + ", ".join(row))
         else:
-            query = {"subject": args.subject, "action": args.question_action,
-                     "resource": args.resource}  # fmt: skip
+            query = {"action": args.question_action, "resource": args.resource}
+            if args.subject:  # omitted: the gateway explains the caller's own decision
+                query["subject"] = args.subject
             result = call_api(
                 args.gateway, "GET", "/policy/explain", query=query,
-                expect=("allowed", "reason", "rule"),
+                expect=("subject", "allowed", "reason", "rule"),
             )  # fmt: skip
             verdict = "ALLOW" if result["allowed"] else "DENY"
-            print(f"{verdict}: {args.subject} {args.question_action} {args.resource}")
+            print(f"{verdict}: {result['subject']} {args.question_action} {args.resource}")
             if result["rule"] is None:
                 print("  no grant matched (deny by default)")
             else:
@@ -554,8 +585,20 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
         engine.dispose()
 
 
-def _print_bootstrap(secret: str) -> None:
+def _lifetime(seconds: float) -> str:
+    """A lifetime in the largest unit that divides it: ``90 days``, ``12 hours``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
+
+
+def _print_bootstrap(secret: str, lifetime: float) -> None:
+    """The first admin token's banner; ``lifetime`` is the ``tokens.default_expiry`` it was
+    created with."""
     supplied = secret == os.environ.get("MLFLOW_GUARD_BOOTSTRAP_TOKEN")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime)
     lines = ["", "=" * 72]
     if supplied:
         lines.append("mlflow-guard: created token 'admin' from MLFLOW_GUARD_BOOTSTRAP_TOKEN.")
@@ -569,6 +612,7 @@ def _print_bootstrap(secret: str) -> None:
             "Browser: user name 'admin', password <the token>",
         ]
     lines += [
+        f"It expires in {_lifetime(lifetime)} ({_when(expires)}; tokens.default_expiry).",
         "Make your own: mlflow-guard token create --name NAME --role ROLE [--resource PATTERN]",
         "then retire this one: mlflow-guard token revoke admin",
         "=" * 72,
@@ -592,7 +636,8 @@ def _serve(loaded: Loaded) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        gateway = build_gateway(settings, os.environ, on_bootstrap=_print_bootstrap)
+        banner = functools.partial(_print_bootstrap, lifetime=settings.tokens.default_expiry)
+        gateway = build_gateway(settings, os.environ, on_bootstrap=banner)
     except SecretKeyError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

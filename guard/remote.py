@@ -64,7 +64,12 @@ def call_api(
     url = gateway.rstrip("/") + "/guard/api" + path
     if query:
         url += "?" + urlencode(query)
-    headers = {"Authorization": credentials(os.environ if environ is None else environ)}
+    # Only credentials say who is calling: the gateway records the principal they prove, and
+    # nothing else the CLI could send (its OS account, $USER) is asked for or believed.
+    headers = {
+        "Authorization": credentials(os.environ if environ is None else environ),
+        "User-Agent": "mlflow-guard-cli",
+    }
     data = None
     if document is not None:
         data = json.dumps(document).encode()

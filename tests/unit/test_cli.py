@@ -159,3 +159,114 @@ def test_policy_commands(env: Path, capsys) -> None:  # type: ignore[no-untyped-
     assert "last administrator" in capsys.readouterr().err
     assert main(["role", "list", *args]) == 0
     assert "promoter     promote, read" in capsys.readouterr().out
+
+
+def _os_account() -> str:
+    import os
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_cli_changes_are_attributed_to_the_os_account_not_user(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    from guard.db import build_engine, policy_state
+
+    monkeypatch.setenv("MLFLOW_GUARD_SECRET_KEY", "k" * 40)
+    monkeypatch.setenv("USER", "someone-else")
+    monkeypatch.setenv("LOGNAME", "someone-else")
+    args = ["--data-dir", str(env / "data")]
+    expected = f"cli:{_os_account()}"
+    assert expected != "cli:someone-else"
+    assert main(["role", "assign", "--subject", "user:alice", "--role", "viewer", *args]) == 0
+    assert main(["token", "create", "--name", "ci", "--role", "viewer", "--quiet", *args]) == 0
+    capsys.readouterr()
+    assert main(["audit", "query", "--kind", "event", "--format", "jsonl", *args]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(events) == 4 and {e["principal"] for e in events} == {expected}
+    engine = build_engine(f"sqlite:///{env / 'data' / 'guard.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(policy_state.c.updated_by)).scalar() == expected
+    finally:
+        engine.dispose()
+
+
+def test_an_account_without_a_name_is_its_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from guard import cli
+
+    def nameless(uid: int) -> None:
+        raise KeyError(uid)
+
+    monkeypatch.setenv("USER", "someone-else")
+    monkeypatch.setattr(cli.pwd, "getpwuid", nameless)
+    assert cli.cli_actor() == f"cli:uid:{os.geteuid()}"
+
+
+def test_explain_without_a_subject_needs_a_gateway(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_GUARD_SECRET_KEY", "k" * 40)
+    args = ["--action", "read", "--resource", "experiment:x", "--data-dir", str(env / "data")]
+    assert main(["policy", "explain", *args]) == 2
+    assert "--subject is required without --gateway" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["policy", "explain", "--subject", "user:a", "--action", "fly", *args[2:]])
+
+
+def test_every_subcommand_is_documented() -> None:
+    import argparse
+
+    from guard.cli import build_parser
+
+    def subcommands(
+        parser: argparse.ArgumentParser, path: str
+    ) -> list[tuple[str, argparse.ArgumentParser, str | None]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    found.append((f"{path} {name}", sub, helps.get(name)))
+                    found += subcommands(sub, f"{path} {name}")
+        return found
+
+    found = subcommands(build_parser(), "mlflow-guard")
+    assert {"mlflow-guard role assign", "mlflow-guard role unassign"} <= {p for p, _, _ in found}
+    undocumented = [path for path, _, text in found if not text]
+    assert undocumented == []
+    role_help = next(sub for path, sub, _ in found if path == "mlflow-guard role").format_help()
+    for name in ("assign", "unassign", "list"):
+        line = next(line for line in role_help.splitlines() if line.strip().startswith(name))
+        assert len(line.split()) > 1, f"role {name} has no description in role --help"
+
+
+@pytest.mark.parametrize(
+    ("expiry", "says"), [("90d", "It expires in 90 days ("), ("12h", "It expires in 12 hours (")]
+)
+def test_the_bootstrap_banner_says_when_the_token_expires(
+    env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    expiry: str,
+    says: str,
+) -> None:
+    """`serve` prints the banner with tokens.default_expiry as configured, not a constant."""
+    import guard.app
+    from guard.keys import SecretKeyError
+
+    def stop_after_bootstrap(settings, environ, on_bootstrap):  # type: ignore[no-untyped-def]
+        on_bootstrap("mlg_" + "s" * 43)
+        raise SecretKeyError("stop here")
+
+    monkeypatch.setattr(guard.app, "build_gateway", stop_after_bootstrap)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    monkeypatch.setenv("MLFLOW_GUARD_TOKENS_DEFAULT_EXPIRY", expiry)
+    assert main(["serve", "--data-dir", str(env / "data")]) == 2
+    out = capsys.readouterr().out
+    assert "mlg_" + "s" * 43 in out and says in out and "UTC; tokens.default_expiry)" in out

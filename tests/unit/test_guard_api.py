@@ -188,6 +188,40 @@ def test_explain(running: tuple[Gateway, str], http: httpx.Client) -> None:
     )
 
 
+def test_a_manager_explains_anyones_decisions_on_what_they_manage_only(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    _, url = running
+    about_bob = {"subject": "token:bob", "action": "update"}
+    answer = call(http, url, MANAGER, "GET", "/policy/explain",
+                  params={**about_bob, "resource": "experiment:exp-1"})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["subject"] == "token:bob" and answer.json()["allowed"] is False
+    # Anything the manager's pattern covers is theirs to explain, nothing else is: not a
+    # resource they do not manage, not one they are denied manage on, not the policy itself.
+    bodies = []
+    for resource in ("experiment:exp-2", "experiment:exp-1b", "experiment:no-such-thing",
+                     "model:exp-1", "guard:policy", "*", "experiment:*"):  # fmt: skip
+        question = {**about_bob, "resource": resource}
+        response = call(http, url, MANAGER, "GET", "/policy/explain", params=question)
+        body = refused(response, 403, "permission_denied")
+        message = body["message"].replace(f"decisions on {resource}:", "decisions on R:")
+        assert resource not in message.replace("read on guard:policy", "")
+        bodies.append((message, sorted(response.headers.keys())))
+    # "Exists" (rules name it) and "does not exist" get the same answer.
+    assert len(set(map(str, bodies))) == 1
+    refused(
+        call(http, url, NOBODY, "GET", "/policy/explain",
+             params={**about_bob, "resource": "experiment:exp-1"}),
+        403, "permission_denied",
+    )  # fmt: skip
+    # Omitted or empty, the subject is the caller.
+    for mine in ({}, {"subject": ""}, {"subject": "token:nobody"}):
+        question = {**mine, "action": "read", "resource": "experiment:exp-1"}
+        answer = call(http, url, NOBODY, "GET", "/policy/explain", params=question).json()
+        assert answer["subject"] == "token:nobody" and answer["allowed"] is False
+
+
 def test_a_manager_grants_and_revokes_what_they_hold_on_what_they_manage(
     running: tuple[Gateway, str], http: httpx.Client
 ) -> None:
@@ -422,6 +456,127 @@ def test_the_cli_delegates_through_the_gateway(
     assert "must be an http(s) URL" in capsys.readouterr().err
     assert main(["policy", "list", "--gateway", "http://127.0.0.1:9"]) == 1
     assert "cannot reach the gateway" in capsys.readouterr().err
+
+
+def test_the_cli_explains_for_a_manager_through_the_gateway(
+    running: tuple[Gateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`policy explain --gateway`: a manager about anyone on what they manage; without
+    --subject, about the caller."""
+    from guard.cli import main
+
+    _, url = running
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", MANAGER)
+    question = ["--action", "update", "--gateway", url]
+    assert main(["policy", "explain", "--subject", "token:bob", "--resource",
+                 "experiment:exp-1", *question]) == 1  # fmt: skip
+    out = capsys.readouterr()
+    assert "DENY: token:bob update experiment:exp-1" in out.out and not out.err
+    assert main(["policy", "explain", "--subject", "token:bob", "--resource",
+                 "experiment:exp-2", *question]) == 1  # fmt: skip
+    error = capsys.readouterr().err
+    assert "may not explain another subject's decisions on experiment:exp-2" in error
+    assert "(permission_denied, HTTP 403)" in error
+    assert main(["policy", "explain", "--resource", "experiment:exp-1", *question]) == 0
+    out = capsys.readouterr().out
+    assert "ALLOW: token:mgr update experiment:exp-1" in out
+    assert "granted by: p, token:mgr, manager, experiment:exp-1*, allow" in out
+
+
+def test_gateway_changes_are_recorded_under_the_callers_principal_only(
+    running: tuple[Gateway, str],
+    http: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Neither the CLI's environment nor anything a client sends besides its credentials
+    changes who a change is recorded as."""
+    import sqlalchemy as sa
+
+    from guard.cli import main
+    from guard.db import policy_state
+
+    gateway, url = running
+
+    def recorded_actor() -> str:
+        with gateway.engine.connect() as conn:
+            return str(conn.execute(sa.select(policy_state.c.updated_by)).scalar())
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", MANAGER)
+    monkeypatch.setenv("USER", "admin")
+    monkeypatch.setenv("LOGNAME", "admin")
+    base = ["--subject", "token:fred", "--role", "viewer", "--resource", "experiment:exp-1"]
+    assert main(["role", "assign", *base, "--gateway", url]) == 0
+    assert recorded_actor() == "token:mgr"
+    assert main(["role", "unassign", *base, "--gateway", url]) == 0
+    capsys.readouterr()
+    row = ["p", "token:fred", "viewer", "experiment:exp-1"]
+    spoofed = {"x-forwarded-user": "token:admin", "x-webauth-user": "admin",
+               "remote-user": "token:admin", "x-guard-actor": "token:admin",
+               "x-mlflow-user": "admin", "user-agent": "admin"}  # fmt: skip
+    for action in ("add", "remove"):
+        response = change_with(http, url, MANAGER, spoofed, {action: [row]})
+        assert response.status_code == 200, response.text
+        assert recorded_actor() == "token:mgr"
+    for extra in ({"actor": "token:admin"}, {"principal": "token:admin"}, {"as": "x"}):
+        response = change_with(http, url, MANAGER, {}, {"add": [row], **extra})
+        refused(response, 400, "invalid_request_body")
+    response = call(http, url, MANAGER, "POST", "/policy/changes?actor=token:admin",
+                    json={"add": [row]})  # fmt: skip
+    refused(response, 400, "invalid_request_body")
+    assert recorded_actor() == "token:mgr"
+
+
+def change_with(
+    http: httpx.Client, url: str, token: str, headers: dict[str, str], document: dict[str, Any]
+) -> httpx.Response:
+    return call(http, url, token, "POST", "/policy/changes", json=document, headers=headers)
+
+
+def test_the_audit_api_pages_newest_first_by_default_and_oldest_on_request(
+    running: tuple[Gateway, str], http: httpx.Client
+) -> None:
+    import datetime as dt
+
+    from guard.audit.store import AuditStore
+
+    gateway, url = running
+    now = dt.datetime.now(dt.UTC).isoformat()
+    AuditStore(gateway.engine).insert(
+        [{"writer": "pager", "seq": n, "time": now, "kind": "event", "principal": "user:pager",
+          "event": "test"} for n in range(1, 8)]
+    )  # fmt: skip
+
+    def walk(**order: str) -> list[int]:
+        seen: list[int] = []
+        cursor = None
+        for _ in range(10):
+            params = {"principal": "user:pager", "limit": "3", **order,
+                      **({"cursor": cursor} if cursor else {})}  # fmt: skip
+            page = call(http, url, ADMIN, "GET", "/audit", params=params)
+            assert page.status_code == 200, page.text
+            seen += [r["seq"] for r in page.json()["records"]]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                return seen
+        raise AssertionError("the cursor did not end")
+
+    assert walk() == [7, 6, 5, 4, 3, 2, 1]
+    assert walk(order="newest") == [7, 6, 5, 4, 3, 2, 1]
+    assert walk(order="oldest") == [1, 2, 3, 4, 5, 6, 7]
+    first = call(http, url, ADMIN, "GET", "/audit", params={"principal": "user:pager",
+                                                            "limit": "1"}).json()  # fmt: skip
+    assert [r["seq"] for r in first["records"]] == [7]
+    for bad in ({"order": "random"}, {"order": "NEWEST"}, {"order": ""}):
+        refused(call(http, url, ADMIN, "GET", "/audit", params=bad), 400, "invalid_request_body")
+    refused(call(http, url, ADMIN, "GET", "/audit?order=newest&order=oldest"), 400,
+            "ambiguous_parameter")  # fmt: skip
 
 
 def test_a_change_may_mix_rule_types(running: tuple[Gateway, str], http: httpx.Client) -> None:
