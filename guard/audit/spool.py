@@ -13,6 +13,13 @@ fsync are offered to the shipper. A failed write is cut back off the file, its c
 gets space back recovers by itself). If even cutting back fails, the spool stops accepting
 records until the gateway restarts: sequence numbers are never reused. On open, a torn last
 line (a crash mid-write) is cut off and the chain continues from the last whole record.
+
+What a crash must not lose is kept in ``head.json`` beside the chain's head, rewritten after
+every commit: the intents whose outcome is not written yet, the refusals a flood summary counts
+but has not written yet (per address), and the records that could not be written. On open, a
+writer that did not stop cleanly writes an ``outcome_unknown`` outcome for each of its intents
+left open, a summary of the refusals still counted, and a ``records_lost`` event: every intent
+ends with exactly one outcome or an explicit loss.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ logger = logging.getLogger("guard.audit")
 
 SUFFIX: Final = ".jsonl"
 MAX_BATCH: Final = 1024
-HEAD_SIZE: Final = 512  # head.json is rewritten in place at this fixed size
+HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple of this size
+MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
+OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
 
 
@@ -53,6 +62,8 @@ class SpoolError(Exception):
 class _Item:
     body: dict[str, Any]
     done: concurrent.futures.Future[None] | None
+    tally: str | None = None  # not a record: one refusal from this address, counted
+    settles: tuple[str, int] | None = None  # a summary: this many of an address's refusals
 
 
 _STOP: Final = _Item({}, None)
@@ -116,6 +127,12 @@ class Spool:
         self.failures = 0
         self.lost = 0  # records queued without waiting that could not be written
         self.last_fsync = 0.0  # seconds the last group commit's fsync took
+        self.unknown = 0  # intents left open by a crash, given outcome_unknown on open
+        # Kept in head.json so a crash cannot lose them (see the module docstring):
+        self.open_intents: dict[str, list[int]] = {}  # request id -> its intents' seq
+        self.tallies: dict[str, int] = {}  # address -> refusals counted, not yet summarized
+        self._tallies_synced = True  # the head's counts are fsynced as they stand
+        self._head_size = HEAD_SIZE
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
@@ -148,12 +165,15 @@ class Spool:
         try:
             self.writer = self._writer_id()
             self.head = self._recover()
+            left = self._left_by_crash()
         except OSError as exc:
             self.close()
             raise SpoolError(f"audit spool {self.directory} cannot be recovered: {exc}") from None
         self._committed = (self._segment_first, self._offset)
         self._thread = threading.Thread(target=self._run, name="audit-spool", daemon=True)
         self._thread.start()
+        for body in left:
+            self.append_nowait(body)
         logger.info(
             "audit spool %s: writer %s continues at record %d",
             self.directory, self.writer, self.head.seq + 1,
@@ -193,6 +213,22 @@ class Spool:
             return
         self._queue.put(_Item(body, None))
 
+    def tally(self, client: str) -> None:
+        """Count one refusal a flood summary will stand for (it gets no record of its own):
+        in head.json with the next commit, fsynced with the next fsync."""
+        if self.broken or self._thread is None:
+            self.failures += 1
+            self.lost += 1
+            return
+        self._queue.put(_Item({}, None, tally=client))
+
+    def summarize(self, body: dict[str, Any], client: str, count: int) -> None:
+        """Write a flood summary standing for ``count`` of ``client``'s counted refusals."""
+        if self.broken or self._thread is None:
+            self.append_nowait(body)
+            return
+        self._queue.put(_Item(body, None, settles=(client, count)))
+
     def committed(self) -> tuple[int, int]:
         """(first sequence number of the segment being written, bytes of it made durable)."""
         return self._committed
@@ -212,6 +248,13 @@ class Spool:
                 except queue.Empty:
                     break
             items = [item for item in batch if item is not _STOP]
+            counted = [item.tally for item in items if item.tally is not None]
+            items = [item for item in items if item.tally is None]
+            for client in counted:
+                self._count(client, 1)
+            if counted and not items:
+                self._write_head()
+                self._dirty = True  # fsynced (the head with it) within FLUSH_INTERVAL
             if items:
                 try:
                     self._write(items)
@@ -222,13 +265,21 @@ class Spool:
                     self._fail(
                         [i for i in items if i.done is None or not i.done.done()], self.error
                     )
-            if len(items) < len(batch):
+            if len(items) + len(counted) < len(batch):
+                if self.tallies and not self.broken:  # counted, never summarized: say so now
+                    self._write([self._summary(c, n) for c, n in sorted(self.tallies.items())])
                 self._flush()
                 return
 
     def _flush(self) -> None:
         """fsync what was written without anyone waiting (outcomes), at most FLUSH_INTERVAL
         after it was written."""
+        if not self._tallies_synced and self._head_fd is not None:
+            try:
+                os.fsync(self._head_fd)
+                self._tallies_synced = True
+            except OSError as exc:
+                logger.warning("audit head file not fsynced: %s", exc)
         if not self._dirty or self._fd is None:
             self._dirty = False
             return
@@ -252,6 +303,7 @@ class Spool:
                     "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
             items = [_Item(note, None), *items]
         head, lines, sealed = self.head, [], []
+        seqs: list[int] = []
         for item in items:
             try:
                 record, after = head.seal(self.key, item.body)
@@ -263,6 +315,7 @@ class Spool:
             head = after
             lines.append(line)
             sealed.append(item)
+            seqs.append(head.seq)
         items = sealed
         if not items:
             return
@@ -297,6 +350,8 @@ class Spool:
         self.spooled += len(items)
         self.commits += 1
         self.lost = 0
+        for item, seq in zip(items, seqs, strict=True):
+            self._note(item, seq)
         if not self._dirty:  # only what is fsynced is offered to the shipper
             self._committed = (self._segment_first, self._offset)
         if not self.healthy:
@@ -311,17 +366,50 @@ class Spool:
             self._fd = None  # the next write starts a new segment
         self.on_commit()
 
+    def _summary(self, client: str, count: int) -> _Item:
+        body = {"kind": "event", "event": "unauthenticated_refusals", "client": client,
+                "unrecorded": count, "time": dt.datetime.now(dt.UTC).isoformat()}  # fmt: skip
+        return _Item(body, None, settles=(client, count))
+
+    def _note(self, item: _Item, seq: int) -> None:
+        """Follow what head.json keeps: intents without outcomes, refusals not summarized."""
+        kind, request_id = item.body.get("kind"), str(item.body.get("request_id", ""))
+        if kind == "intent" and request_id:
+            self.open_intents.setdefault(request_id, []).append(seq)
+        elif kind == "outcome":
+            self.open_intents.pop(request_id, None)
+        if item.settles is not None:
+            self._count(*item.settles, sign=-1)
+
+    def _count(self, client: str, count: int, sign: int = 1) -> None:
+        if sign > 0:
+            if client not in self.tallies and len(self.tallies) >= MAX_TALLIES:
+                client = OTHER
+            self.tallies[client] = self.tallies.get(client, 0) + count
+        else:
+            _settle(self.tallies, client, count)
+        self._tallies_synced = False
+
     def _fail(self, items: list[_Item], error: str) -> None:
         self.failures += len(items)
+        for item in items:  # an outcome that cannot be written is counted as lost instead
+            if item.body.get("kind") == "outcome":
+                self.open_intents.pop(str(item.body.get("request_id", "")), None)
         self.lost += sum(
-            1 for i in items if i.done is None and i.body.get("event") != "records_lost"
-        )  # (an awaited record is not lost: its request is refused instead)
+            1
+            for i in items
+            if i.done is None and i.settles is None and i.body.get("event") != "records_lost"
+        )  # (an awaited record is not lost: its request is refused instead; a summary's
+        # refusals stay counted in the head and are summarized again at the latest on close)
         for item in items:
             if item.done is not None:
                 if not item.done.done():
                     item.done.set_exception(SpoolError(error))
             else:
                 logger.error("audit record lost, the spool is unavailable: %s", error)
+        if self.lost:
+            self._tallies_synced = False
+            self._write_head()  # a crash now still says how many were lost
 
     def _undo(self, offset: int, exc: OSError) -> None:
         """Cut a failed write back off the file, or stop accepting records if that fails."""
@@ -359,8 +447,19 @@ class Spool:
         """The chain's head beside the spool, for ``audit verify`` to detect truncation:
         rewritten in place with one small ``pwrite`` (a rename per commit costs as much as the
         fsync). A head torn by a crash reads as unknown, never as a wrong one."""
-        head = {"writer": self.head.writer, "seq": self.head.seq, "mac": self.head.mac}
-        text = json.dumps(head).encode().ljust(HEAD_SIZE - 1) + b"\n"
+        head: dict[str, Any] = {
+            "writer": self.head.writer, "seq": self.head.seq, "mac": self.head.mac,
+        }  # fmt: skip
+        if self.open_intents:
+            head["open"] = sorted([s, r] for r, seqs in self.open_intents.items() for s in seqs)
+        if self.tallies:
+            head["unrecorded"] = self.tallies
+        if self.lost:
+            head["lost"] = self.lost
+        text = json.dumps(head, separators=(",", ":")).encode()
+        # Padded to its size so far (a shorter head leaves no stale bytes behind it).
+        self._head_size = max(self._head_size, -(-(len(text) + 1) // HEAD_SIZE) * HEAD_SIZE)
+        text = text.ljust(self._head_size - 1) + b"\n"
         try:
             if self._head_fd is None:
                 self._head_fd = os.open(self.directory / "head.json", os.O_RDWR | os.O_CREAT, 0o600)
@@ -369,6 +468,74 @@ class Spool:
             logger.warning("audit head file not updated: %s", exc)
 
     # -- recovery --------------------------------------------------------------------------
+
+    def _left_by_crash(self) -> list[dict[str, Any]]:
+        """What a crash left unsaid, as records to write first: an ``outcome_unknown`` outcome
+        per intent without an outcome, a summary of refusals counted but not summarized. The
+        head names what it knew; the records after it (written before the head was rewritten)
+        are read from the spool. Sets ``lost`` from the head."""
+        saved = _read_head_file(self.directory / "head.json")
+        trusted = saved is not None and saved.get("writer") == self.writer
+        with contextlib.suppress(OSError):
+            size = (self.directory / "head.json").stat().st_size
+            self._head_size = max(self._head_size, -(-size // HEAD_SIZE) * HEAD_SIZE)
+        open_: dict[str, list[int]] = {}
+        tallies: dict[str, int] = {}
+        after = 0
+        if saved is not None and trusted:
+            after = int(saved.get("seq", 0))
+            for seq, request_id in saved.get("open", []):
+                open_.setdefault(str(request_id), []).append(int(seq))
+            tallies = {str(k): int(v) for k, v in (saved.get("unrecorded") or {}).items()}
+            self.lost = int(saved.get("lost", 0))
+        intents: dict[int, dict[str, Any]] = {}
+        wanted = {s for seqs in open_.values() for s in seqs}
+        paths = segments(self.directory)
+        for index, path in enumerate(paths):
+            ends_before = (
+                int(paths[index + 1].stem) - 1 if index + 1 < len(paths) else self.head.seq
+            )
+            if ends_before <= after and not any(int(path.stem) <= s <= ends_before for s in wanted):
+                continue  # neither a record after the head nor an open intent in it
+            for record, _ in read_records(path):
+                seq, kind = int(record.get("seq", 0)), record.get("kind")
+                request_id = str(record.get("request_id", ""))
+                if seq in wanted:
+                    intents[seq] = record
+                if seq <= after:
+                    continue
+                if kind == "intent" and request_id:
+                    open_.setdefault(request_id, []).append(seq)
+                    intents[seq] = record
+                elif kind == "outcome":
+                    open_.pop(request_id, None)
+                elif record.get("event") == "records_lost":
+                    self.lost = 0  # written before the head said so
+                elif record.get("event") == "unauthenticated_refusals":
+                    _settle(tallies, str(record.get("client", "")), int(record["unrecorded"]))
+        left: list[dict[str, Any]] = []
+        when = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        for request_id, seqs in sorted(open_.items(), key=lambda item: item[1][0]):
+            intent = intents.get(seqs[-1], {})
+            kept: dict[str, Any] = {k: intent[k] for k in _UNKNOWN_FIELDS if k in intent}
+            left.append({
+                **kept, "kind": "outcome", "time": when, "request_id": request_id,
+                "decision": intent.get("decision", "allow"), "reason": "outcome_unknown",
+                "status": 0, "intent_seq": seqs,
+            })  # fmt: skip
+        self.unknown = len(left)
+        for client, count in sorted(tallies.items()):
+            left.append({
+                "kind": "event", "time": when, "event": "unauthenticated_refusals",
+                "client": client, "unrecorded": count, "after_crash": True,
+            })  # fmt: skip
+        if left or self.lost:
+            logger.warning(
+                "audit spool %s: the last run did not stop cleanly; %d requests in flight get "
+                "outcome_unknown, %d counted refusals are summarized, %d records were lost",
+                self.directory, self.unknown, sum(tallies.values()), self.lost,
+            )  # fmt: skip
+        return left
 
     def _writer_id(self) -> str:
         path = self.directory / "writer"
@@ -399,3 +566,46 @@ class Spool:
                 return Head(self.writer, int(last["seq"]), str(last["mac"]))
             path.unlink()  # a segment left empty by a failed first write
         return Head(self.writer)
+
+
+# What an outcome_unknown record repeats from its intent.
+_UNKNOWN_FIELDS: Final = (
+    "client",
+    "peer",
+    "host",
+    "scheme",
+    "method",
+    "path",
+    "user_agent",
+    "query",
+    "principal",
+    "auth_method",
+    "kind_of_resource",
+    "action",
+    "resource",
+    "resources",
+    "policy_version",
+    "rule",
+    "changes",
+)
+
+
+def _read_head_file(path: Path) -> dict[str, Any] | None:
+    """head.json as written, or None if missing or torn."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("seq"), int) else None
+
+
+def _settle(tallies: dict[str, int], client: str, count: int) -> None:
+    """A summary stands for ``count`` of ``client``'s counted refusals (those that overflowed
+    the head's list of addresses were counted under "*")."""
+    for name in (client, OTHER):
+        taken = min(count, tallies.get(name, 0))
+        count -= taken
+        if taken and tallies[name] == taken:
+            del tallies[name]
+        elif taken:
+            tallies[name] -= taken

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,147 @@ def test_columns_that_disagree_with_their_record_fail_verification(
         conn.execute(audit_records.update().where(audit_records.c.seq == 2).values(principal="x"))
     problems = verify(KEY, stored(store), heads=heads)
     assert problems[0].seq == 2 and problems[0].what.startswith("altered")
+
+
+# -- what a crash must not lose ------------------------------------------------------------------
+
+CRASHING_WRITER = """
+import asyncio, sys, time
+from pathlib import Path
+from guard.audit.spool import Spool
+from tests.unit.test_audit_spool import KEY, body
+
+spool = Spool(Path(sys.argv[1]), KEY, segment_size=1 << 20)
+spool.open()
+intent = {**body(0), "kind": "intent", "path": "/api/2.0/mlflow/runs/log-metric",
+          "method": "POST", "decision": "allow"}
+for i in range(6):  # six requests forwarded; the first four answered
+    asyncio.run(spool.append({**intent, "request_id": f"r{i}"}))
+for i in range(4):
+    spool.append_nowait(body(i))
+for _ in range(35):  # a flood: refusals counted, not recorded one by one
+    spool.tally("203.0.113.9")
+spool.tally("198.51.100.7")
+spool.summarize({"kind": "event", "event": "unauthenticated_refusals", "client": "198.51.100.7",
+                 "unrecorded": 1, "time": "2026-12-01T00:00:00+00:00"}, "198.51.100.7", 1)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    head = Path(sys.argv[1], "head.json").read_text()
+    if '"203.0.113.9":35' in head and '"r3"' not in head and '198.51' not in head:
+        break
+    time.sleep(0.01)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def kill_mid_run(directory: Path) -> None:
+    """Run CRASHING_WRITER in a process of its own and SIGKILL it once its head is written."""
+    import signal
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(directory)],
+        stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_after_a_sigkill_every_intent_has_an_outcome_and_counted_refusals_a_summary(
+    tmp_path: Path,
+) -> None:
+    kill_mid_run(tmp_path)
+    spool = open_spool(tmp_path)
+    assert spool.unknown == 2
+    spool.close()
+    records = spooled(tmp_path)
+    assert verify(KEY, records) == []
+    outcomes = Counter(r["request_id"] for r in records if r["kind"] == "outcome")
+    intents = [r for r in records if r["kind"] == "intent"]
+    assert all(outcomes[r["request_id"]] == 1 for r in intents)  # exactly one each
+    unknown = [r for r in records if r.get("reason") == "outcome_unknown"]
+    assert sorted(r["request_id"] for r in unknown) == ["r4", "r5"]
+    for record in unknown:  # what the intent said, so an auditor sees what may have happened
+        assert record["status"] == 0 and record["decision"] == "allow"
+        assert record["path"] == "/api/2.0/mlflow/runs/log-metric" and record["method"] == "POST"
+        assert record["principal"] == "token:ci"
+        intent = next(r for r in intents if r["request_id"] == record["request_id"])
+        assert record["intent_seq"] == [intent["seq"]]
+    summaries = [r for r in records if r.get("event") == "unauthenticated_refusals"]
+    counted = Counter()
+    for summary in summaries:
+        counted[summary["client"]] += summary["unrecorded"]
+    assert counted == {"203.0.113.9": 35, "198.51.100.7": 1}  # none lost, none twice
+    assert json.loads((tmp_path / "head.json").read_text()).keys() == {"writer", "seq", "mac"}
+    # A second start finds nothing left to say.
+    again = open_spool(tmp_path)
+    again.close()
+    assert again.unknown == 0 and len(spooled(tmp_path)) == len(records)
+
+
+def crash_copy(source: Path, target: Path, head: bytes | None) -> None:
+    """What a crash would leave: the segments as written, and ``head`` (None: no head file)."""
+    target.mkdir()
+    for path in [*segments(source), source / "writer"]:
+        (target / path.name).write_bytes(path.read_bytes())
+    if head is not None:
+        (target / "head.json").write_bytes(head)
+
+
+@pytest.mark.parametrize("head", ["stale", "missing"])
+def test_records_after_a_stale_head_are_read_from_the_spool(tmp_path: Path, head: str) -> None:
+    """A crash between a commit and the head's rewrite (the spool is ahead of head.json), or
+    a head that is gone: the records say what is open."""
+    spool = open_spool(tmp_path / "live")
+    try:
+        asyncio.run(spool.append({**body(1), "kind": "intent"}))
+        stale = (tmp_path / "live" / "head.json").read_bytes()
+        assert b'"r1"' in stale
+        asyncio.run(spool.append({**body(2), "kind": "intent"}))
+        spool.append_nowait(body(1))
+        asyncio.run(spool.append({**body(3), "kind": "intent"}))
+        crash_copy(tmp_path / "live", tmp_path / "crashed", stale if head == "stale" else None)
+    finally:
+        spool.close()
+    recovered = open_spool(tmp_path / "crashed")
+    recovered.close()
+    records = spooled(tmp_path / "crashed")
+    unknown = [r["request_id"] for r in records if r.get("reason") == "outcome_unknown"]
+    assert unknown == ["r2", "r3"]
+    assert verify(KEY, records) == []
+
+
+def test_a_clean_close_summarizes_what_it_counted(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    for _ in range(3):
+        spool.tally("192.0.2.1")
+    spool.close()
+    [summary] = [r for r in spooled(tmp_path) if r.get("event") == "unauthenticated_refusals"]
+    assert (summary["client"], summary["unrecorded"]) == ("192.0.2.1", 3)
+
+
+def test_the_head_names_a_bounded_number_of_addresses(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    for n in range(100):
+        spool.tally(f"10.0.{n // 256}.{n % 256}")
+    spool.summarize(
+        {
+            "kind": "event",
+            "event": "unauthenticated_refusals",
+            "client": "10.0.0.99",
+            "unrecorded": 1,
+            "time": "2026-12-01T00:00:00+00:00",
+        },
+        "10.0.0.99",
+        1,
+    )
+    spool.close()
+    summaries = [r for r in spooled(tmp_path) if r.get("event") == "unauthenticated_refusals"]
+    assert sum(s["unrecorded"] for s in summaries) == 100
+    assert len(summaries) <= 64 + 2  # "*" stands for the addresses past the head's list
