@@ -61,8 +61,9 @@ def _remote_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway",
         metavar="URL",
-        help="make the change through a running gateway's /guard/api/ with your own rights "
-        "(MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the database",
+        help="send the command to a running gateway's /guard/api/, which applies your own "
+        "rights and records you as the one who asked (credentials: MLFLOW_TRACKING_TOKEN, or "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD), instead of using the database directly",
     )
 
 
