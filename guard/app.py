@@ -51,6 +51,7 @@ from guard.keys import load_secret_key
 from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from guard.metrics import Metrics
 from guard.promotion import PromotionRules
+from guard.protocol import ProtocolLimits, build_protocol
 from guard.proxy import ProxyApp
 from guard.ratelimit import FailureLimiter
 from guard.resolve import Resolver
@@ -201,6 +202,16 @@ class SplitByPrefix:
 def uvicorn_options(settings: Settings) -> dict[str, object]:
     """How the gateway is served. One uvicorn process: its sockets keep TCP_NODELAY, which
     ``--workers`` loses (uvicorn #3149, ~40 ms per keep-alive request)."""
+    g = settings.gateway
+    limits = ProtocolLimits(
+        header_timeout=g.header_timeout,
+        max_header_count=g.max_header_count,
+        max_header_size=g.max_header_size,
+        max_url_length=g.max_url_length,
+        max_query_params=g.max_query_params,
+        max_connections_per_client=g.max_connections_per_client,
+        trusted_proxies=g.trusted_proxies,
+    )
     return {
         "lifespan": "on",
         # The gateway judges forwarding headers itself, against gateway.trusted_proxies.
@@ -208,7 +219,9 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "server_header": False,
         "access_log": False,
         "log_config": None,
-        "http": "httptools",
+        # httptools with the gateway's limits; what it refuses is answered and recorded.
+        "http": build_protocol(limits),
+        "ws": "none",  # MLflow serves no WebSocket: the protocol refuses upgrades itself
         "timeout_graceful_shutdown": max(1, round(settings.gateway.shutdown_timeout)),
     }
 

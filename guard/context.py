@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard.errors import Refusal, send_refusal
+from guard.errors import Refusal, render, send_refusal
+from guard.protocol import DETAIL_KEY, REFUSAL_KEY
 
 if TYPE_CHECKING:
     from guard.identity.base import Principal
@@ -130,8 +131,7 @@ class RequestContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # MLflow serves no WebSocket route; refuse before anything else looks at it.
-            await send({"type": "websocket.close", "code": 1008})
+            await self._refuse_websocket(scope, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -158,7 +158,12 @@ class RequestContextMiddleware:
             return message
 
         try:
-            await self.app(scope, counting_receive, send_with_id)
+            if (reason := scope.get(REFUSAL_KEY)) is not None:
+                # The connection layer refused it (guard.protocol): answered, not served.
+                refusal = Refusal(reason, scope.get(DETAIL_KEY, ""))
+                await send_refusal(scope, send_with_id, refusal)
+            else:
+                await self.app(scope, counting_receive, send_with_id)
         except Exception:
             logger.exception(
                 "request %s %s %s failed", context.request_id, scope["method"], scope["path"]
@@ -166,8 +171,42 @@ class RequestContextMiddleware:
             if not started:
                 await send_refusal(scope, send_with_id, Refusal("internal_error"))
         finally:
-            if self.on_complete is not None:
-                try:
-                    self.on_complete(scope)
-                except Exception:  # logged with its trace; the response is already out
-                    logger.exception("request %s: audit outcome not recorded", context.request_id)
+            reason = scope.get(REFUSAL_KEY)
+            if reason is not None and (context.refusal is None or context.refusal.reason != reason):
+                # The parser refused the body under a running request (a broken chunk): the
+                # client got the protocol's refusal, whatever the application tried to send.
+                context.refusal = Refusal(reason, scope.get(DETAIL_KEY, ""))
+                context.status = context.refusal.status
+            self._complete(scope, context)
+
+    async def _refuse_websocket(self, scope: Scope, send: Send) -> None:
+        """MLflow serves no WebSocket route: refused before anything else looks at it, and
+        recorded like any refused request (the gateway's own server refuses upgrades earlier,
+        in guard.protocol; this covers any other ASGI server)."""
+        context = build_context(scope, self.trusted)
+        scope["guard"] = context
+        refusal = context.refusal = Refusal("websocket_not_served")
+        context.status = refusal.status
+        if "websocket.http.response" in scope.get("extensions", {}):
+            content_type, body = render(refusal, context.request_id, as_html=False)
+            headers = [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-guard-reason", refusal.reason.encode()),
+                (b"x-request-id", context.request_id.encode()),
+            ]
+            start = {"type": "websocket.http.response.start", "status": refusal.status}
+            await send({**start, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+            context.bytes_out = len(body)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        # The audit trail records HTTP requests; the handshake is one (a GET with Upgrade).
+        self._complete({**scope, "type": "http", "method": "GET"}, context)
+
+    def _complete(self, scope: Scope, context: RequestContext) -> None:
+        if self.on_complete is not None:
+            try:
+                self.on_complete(scope)
+            except Exception:  # logged with its trace; the response is already out
+                logger.exception("request %s: audit outcome not recorded", context.request_id)

@@ -33,6 +33,10 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "invalid_body_framing": ReasonInfo(
         400, "BAD_REQUEST", "Conflicting or invalid Content-Length / Transfer-Encoding."
     ),
+    "malformed_request": ReasonInfo(400, "BAD_REQUEST", "The request is not valid HTTP/1.1."),
+    "too_many_parameters": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The query string has too many parameters."
+    ),
     # 401: who are you?
     "invalid_request_body": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The request body cannot be read unambiguously."
@@ -78,12 +82,25 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "cors_origin_not_allowed": ReasonInfo(
         403, "PERMISSION_DENIED", "Cross-origin requests from this origin are not allowed."
     ),
+    "websocket_not_served": ReasonInfo(
+        403, "PERMISSION_DENIED", "WebSocket connections are not served through the gateway."
+    ),
     # 404/405/413: the gateway's own routes and limits.
     "not_found": ReasonInfo(404, "ENDPOINT_NOT_FOUND", "No such gateway endpoint."),
     "method_not_allowed": ReasonInfo(
         405, "BAD_REQUEST", "This method is not allowed on this route."
     ),
     "body_too_large": ReasonInfo(413, "RESOURCE_EXHAUSTED", "The request body is too large."),
+    "header_timeout": ReasonInfo(
+        408, "DEADLINE_EXCEEDED", "The request headers did not arrive in time."
+    ),
+    "uri_too_long": ReasonInfo(414, "RESOURCE_EXHAUSTED", "The request target is too long."),
+    "headers_too_large": ReasonInfo(
+        431, "RESOURCE_EXHAUSTED", "The request headers are too many or too large."
+    ),
+    "too_many_connections": ReasonInfo(
+        429, "RESOURCE_EXHAUSTED", "Too many open connections from this address; retry later."
+    ),
     "too_many_failures": ReasonInfo(
         429, "RESOURCE_EXHAUSTED", "Too many failed logins from this address; retry later."
     ),

@@ -190,6 +190,41 @@ class GatewaySettings:
     failed_login_interval: float = option(
         60.0, "The window failed_login_limit counts in.", kind="duration", check=_positive
     )
+    header_timeout: float = option(
+        10.0,
+        "Seconds a connection has to send a whole request head (line and headers), counted from "
+        "its opening or the previous answer; past it, 408 header_timeout and the connection "
+        "is closed.",
+        kind="duration",
+        check=_positive,
+    )
+    max_connections_per_client: int = option(
+        100,
+        "Open connections one client address may hold (trusted_proxies are exempt); one more "
+        "is answered 429 too_many_connections and closed.",
+        check=_positive,
+    )
+    max_header_count: int = option(
+        100, "Most header fields in one request (431 headers_too_large).", check=_positive
+    )
+    max_header_size: int = option(
+        32 * 1024,
+        "Largest total size of one request's header fields, counted while they arrive "
+        "(431 headers_too_large).",
+        kind="size",
+        check=_positive,
+    )
+    max_url_length: int = option(
+        16 * 1024,
+        "Longest request target, path and query string (414 uri_too_long).",
+        kind="size",
+        check=_positive,
+    )
+    max_query_params: int = option(
+        1000,
+        "Most query string parameters in one request (400 too_many_parameters).",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True)
