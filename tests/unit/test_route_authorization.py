@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -97,7 +97,14 @@ class FakeMlflow:
             else:
                 status = 404
         elif path in OWNED_BY_EXPERIMENT_1:
-            payload = OWNED_BY_EXPERIMENT_1[path]
+            if any(v.endswith("987654") for values in query.values() for v in values):
+                status = 404  # an id nobody has (see test_existence_oracles)
+            elif path.endswith("/online-configs") and "sc-987654" in query.get("scorer_ids", []):
+                payload = {"configs": []}
+            else:
+                payload = OWNED_BY_EXPERIMENT_1[path]
+        elif "987654" in path and path.startswith("/api/"):
+            status = 404
         else:
             self.forwarded.append((scope["method"], path))
         await send_response(send, status, json.dumps(payload).encode())
@@ -111,23 +118,32 @@ def client() -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("routes")
     with ServerThread(FakeMlflow(), lifespan="off") as upstream:
-        settings = load_settings(
-            {"upstream.url": upstream.url, "storage.data_dir": str(data)}, {}, None
-        ).settings
-        env = {
-            "MLFLOW_GUARD_BOOTSTRAP_TOKEN": "mlg_" + "b" * 43,
-            "MLFLOW_GUARD_SECRET_KEY": "k" * 40,
-        }
-        gateway = build_gateway(settings, env)
-        with ServerThread(gateway) as server:
-            governance_setup(gateway, data)
-            deadline = time.monotonic() + 10  # let the running gateway pick the policy up
-            while gateway.policies.index.version != gateway.policies.store.version():
-                assert time.monotonic() < deadline, "the policy change was not picked up"
-                time.sleep(0.05)
-            yield server.url
+        yield from start_gateway(tmp_path_factory.mktemp("routes"), upstream.url)
+
+
+def start_gateway(
+    data: Path, upstream_url: str, setup: Callable[[Any], None] | None = None
+) -> Iterator[str]:
+    """A gateway in front of ``upstream_url`` with the two callers set up (and whatever
+    ``setup`` adds, given the Gateway); yields its URL."""
+    settings = load_settings(
+        {"upstream.url": upstream_url, "storage.data_dir": str(data)}, {}, None
+    ).settings
+    env = {
+        "MLFLOW_GUARD_BOOTSTRAP_TOKEN": "mlg_" + "b" * 43,
+        "MLFLOW_GUARD_SECRET_KEY": "k" * 40,
+    }
+    gateway = build_gateway(settings, env)
+    with ServerThread(gateway) as server:
+        governance_setup(gateway, data)
+        if setup is not None:
+            setup(gateway)
+        deadline = time.monotonic() + 10  # let the running gateway pick the policy up
+        while gateway.policies.index.version != gateway.policies.store.version():
+            assert time.monotonic() < deadline, "the policy change was not picked up"
+            time.sleep(0.05)
+        yield server.url
 
 
 def governance_setup(gateway: object, data: Path) -> None:
@@ -158,31 +174,34 @@ def parse(text: str):  # type: ignore[no-untyped-def]
     return parse_lines([text])[0]
 
 
-def fill_path(route: Route) -> str:
+def fill_path(route: Route, values: dict[str, str] = VALUES, model: str = "model-a") -> str:
     def value(match: re.Match[str]) -> str:
         name = match.group(2) or match.group(3)
-        return VALUES.get(name, "model-a" if name == "name" else "x")
+        return values.get(name, model if name == "name" else "x")
 
     return re.sub(r"<(?:(path):)?(\w+)>|\{(\w+)(?::path)?\}", value, route.path)
 
 
-def build_request(route: Route) -> tuple[str, str, dict[str, object]]:
-    """(method, url path, httpx kwargs) naming the allowed caller's resources."""
+def build_request(
+    route: Route, values: dict[str, str] = VALUES, model: str = "model-a", experiment: str = "1"
+) -> tuple[str, str, dict[str, object]]:
+    """(method, url path, httpx kwargs) naming the allowed caller's resources (or, with other
+    ``values``, ``model`` and ``experiment``, other ones)."""
     method = route.method
     source, _, spec = route.id_from.partition(":")
     kwargs: dict[str, object] = {}
     if route.id_from == "graphql":
-        kwargs["json"] = {"query": '{ mlflowGetExperiment(input: {experimentId: "1"}) { '
-                                   "experiment { name } } }"}  # fmt: skip
+        kwargs["json"] = {"query": f'{{ mlflowGetExperiment(input: {{experimentId: "{experiment}"}}) '
+                                   "{ experiment { name } } }"}  # fmt: skip
         return method, route.path, kwargs
     is_model = route.kind in ("registered_model", "model_version")
     fields: dict[str, Any] = {}
     for part in spec.split("+"):  # a composite key (scorers) sends every part
         field = part.removesuffix("[]").split("|")[0]
-        value: Any = VALUES.get(field, "model-a" if is_model else "exp-1")
+        value: Any = values.get(field, model if is_model else values["experiment_name"])
         if "." in part:  # a nested body path: locations[].mlflow_experiment.experiment_id
             *outer, leaf = part.split(".")
-            value = {leaf: VALUES.get(leaf, "x")}
+            value = {leaf: values.get(leaf, "x")}
             for segment in reversed(outer):
                 name = segment.removesuffix("[]")
                 value = {name: [value] if segment.endswith("[]") else value}
@@ -196,7 +215,7 @@ def build_request(route: Route) -> tuple[str, str, dict[str, object]]:
         kwargs["json"] = {**fields, **extra}
     elif source == "header":
         kwargs["headers"] = {k: str(v) for k, v in fields.items()}
-    return method, fill_path(route), kwargs
+    return method, fill_path(route, values, model), kwargs
 
 
 def resolvable(route: Route) -> bool:
