@@ -50,10 +50,9 @@ def looked_up(route: Route) -> bool:
         return False
     if route.path.endswith(NOT_YET):
         return False
-    if route.kind in ("server", "webhook", "gateway", "job", "assistant", "workspace",
-                      "user_admin") or route.id_from == "none":  # fmt: skip
-        return False
-    return True
+    kinds_without_ids = ("server", "webhook", "gateway", "job", "assistant", "workspace",
+                         "user_admin")  # fmt: skip
+    return route.kind not in kinds_without_ids and route.id_from != "none"
 
 
 ROWS = [r for r in ROUTES if looked_up(r)]

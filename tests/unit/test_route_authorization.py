@@ -191,8 +191,8 @@ def build_request(
     source, _, spec = route.id_from.partition(":")
     kwargs: dict[str, object] = {}
     if route.id_from == "graphql":
-        kwargs["json"] = {"query": f'{{ mlflowGetExperiment(input: {{experimentId: "{experiment}"}}) '
-                                   "{ experiment { name } } }"}  # fmt: skip
+        document = f'mlflowGetExperiment(input: {{experimentId: "{experiment}"}})'
+        kwargs["json"] = {"query": f"{{ {document} {{ experiment {{ name }} }} }}"}
         return method, route.path, kwargs
     is_model = route.kind in ("registered_model", "model_version")
     fields: dict[str, Any] = {}
