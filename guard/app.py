@@ -326,6 +326,7 @@ def build_gateway(
         search=SearchFilter(upstream, store.key, settings.authz.search_max_pages),
         on_created=grant_creator,
         before_search=trail.intent if trail is not None else None,
+        max_body_size=g.max_body_size,
     )
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))

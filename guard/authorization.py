@@ -22,6 +22,7 @@ from guard.context import RequestContext
 from guard.errors import Refusal, conceal, send_refusal
 from guard.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
 from guard.promotion import PromotionRules, Requirements
+from guard.references import references, static_needs
 from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.resolve import Resolver, Unresolved, describe
 from guard.routes import Route
@@ -68,8 +69,10 @@ class AuthorizationMiddleware:
         search: SearchFilter | None = None,
         on_created: OnCreated | None = None,
         before_search: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
+        max_body_size: int = 16 * 1024**2,  # what an OTLP export may decompress to
     ) -> None:
         self.app = app
+        self.max_body_size = max_body_size
         self.policies = policies
         self.resolver = resolver
         self.promotion = promotion
@@ -255,6 +258,8 @@ class AuthorizationMiddleware:
                 and all(
                     index.unconditional(subject, r.partition(":")[0], a) for r, a in needs.elsewhere
                 )
+                # what the body links to or copies from may be of another kind (a run's model)
+                and all(index.unconditional(subject, k, a) for k, a in static_needs(route))
             ):
                 context.action = ",".join(sorted(actions))
                 context.rule = f"unconditional {','.join(sorted(actions))} on {kind}:*"
@@ -303,6 +308,13 @@ class AuthorizationMiddleware:
                 label = describe("X-Mlflow-Run-Id", headers["x-mlflow-run-id"])
                 run = await judge.resolve(label, ["update"], self._linked_run(headers))
                 judge.require(run, ["update"], label)
+            # Other things the body names: linked, copied from or written to (guard/references).
+            if kind != "server" and route.id_from != "graphql":
+                data, body = data or self._data(scope), scope.get("guard.body", b"")
+                limit = self.max_body_size
+                for ref in references(route, data, headers, self.resolver, body, limit):
+                    found = await judge.resolve(ref.label, [ref.action], ref.lookup())
+                    judge.require(found, [ref.action], ref.label)
             # Artifacts named by address: the caller must be able to read them.
             if source_field is not None:
                 data = data or self._data(scope)

@@ -44,6 +44,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "ambiguous_parameter": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "A parameter is given more than once or in two spellings."
     ),
+    "otlp_unreadable": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The OTLP span export cannot be read."
+    ),
     "policy_invalid": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The policy change is malformed or not allowed."
     ),
@@ -106,6 +109,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     ),
     "unsupported_media_type": ReasonInfo(
         415, "BAD_REQUEST", "The request body has the wrong Content-Type."
+    ),
+    "otlp_unsupported": ReasonInfo(
+        415, "BAD_REQUEST", "OTLP span exports cannot be read by this gateway installation."
     ),
     # 5xx: the gateway or the upstream failed; never a stack trace.
     "internal_error": ReasonInfo(500, "INTERNAL_ERROR", "Internal gateway error."),

@@ -88,7 +88,9 @@ class RequestData:
         if cached is not None and cached[0] is body:
             data: RequestData = cached[1]
             return data
-        data = cls.build(scope["method"], scope["query_string"], body)
+        otlp = getattr(scope.get("guard.route"), "path", None) == "/v1/traces"
+        # OTLP spans are no MLflow JSON message: guard/otlp.py reads them.
+        data = cls.build(scope["method"], scope["query_string"], b"" if otlp else body)
         scope["guard.data"] = (body, data)
         return data
 

@@ -434,6 +434,22 @@ class Resolver:
             )
         return f"experiment:{name}"
 
+    async def trace_experiment_if_known(self, trace_id: str) -> str | None:
+        """The experiment of a trace, or None when MLflow answers that there is no such trace
+        (one being created); any other answer is unresolved. Only hits are cached: a new trace
+        id is asked again, since it may belong to someone a moment later."""
+        hit, value = self.cache.get(f"{TRACE.kind}:{trace_id}")
+        if hit and value is not None:
+            return value
+        status, data = await self._fetch(TRACE.path.format(id=quote(trace_id, safe="")), {})
+        if status == 404:
+            return None
+        experiment_id = _dig(data, *TRACE.answer) if status == 200 else None
+        if experiment_id is None:
+            raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {trace_id!r}."))
+        self.cache.put(f"{TRACE.kind}:{trace_id}", experiment_id)
+        return experiment_id
+
 
 def describe(field: str, values: list[Any], limit: int = 120) -> str:
     """``field 'value'`` (or a list of values), shortened: a refusal's words for an id."""
