@@ -7,8 +7,9 @@ Outermost first, every request passes:
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
-5. the gateway's probes under ``/guard/`` (no credentials); ``/guard/api/`` (the policy API,
-   ``guard.api``) behind the same authentication as below; or:
+5. GET/HEAD on the gateway's probes (``/guard/health``, ``ready``, ``metrics``: no
+   credentials); ``/guard/api/`` (the policy API, ``guard.api``) and every other ``/guard/``
+   path (401, then 404/405) behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
 8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
@@ -77,6 +78,7 @@ PROBES = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
 
 
 @dataclass
+PROBE_METHODS = frozenset({"GET", "HEAD"})
 class Gateway:
     """The ASGI application plus what its lifespan opens and closes."""
 
@@ -155,18 +157,16 @@ Endpoint = Callable[[], Awaitable[tuple[int, dict[str, object] | bytes]]]
 
 
 class GuardRoutes:
-    """The gateway's own endpoints under /guard/, dispatched by exact path."""
+    """The gateway's probes (GET or HEAD on an exact path). Anything else under /guard/ is
+    refused by ``GuardFallback``, behind authentication."""
 
     def __init__(self, routes: dict[str, Endpoint]):
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.routes.get(scope["path"])
-        if endpoint is None:
-            await send_refusal(scope, send, Refusal("not_found"))
-            return
-        if scope["method"] not in {"GET", "HEAD"}:
-            await send_refusal(scope, send, Refusal("method_not_allowed"))
+        if endpoint is None or scope["method"] not in PROBE_METHODS:
+            await GuardFallback(frozenset(self.routes))(scope, receive, send)
             return
         status, payload = await endpoint()
         if isinstance(payload, bytes):  # metrics, in Prometheus' text format
@@ -182,6 +182,19 @@ class GuardRoutes:
 class SplitByPrefix:
     """Send /guard/api/... to the policy API (behind authentication), the rest of /guard/... to
     the gateway's probes (no credentials) and everything else to the protected stack."""
+class GuardFallback:
+    """What is under /guard/ but neither a probe nor the policy API: 405 for another method on
+    a probe, 404 for the rest. Mounted behind authentication, so strangers learn nothing (401)
+    and the refusal is recorded with who asked."""
+
+    def __init__(self, probes: frozenset[str]) -> None:
+        self.probes = probes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = "method_not_allowed" if scope["path"] in self.probes else "not_found"
+        await send_refusal(scope, send, Refusal(reason))
+
+
 
     def __init__(self, guard: ASGIApp, api: ASGIApp, protected: ASGIApp) -> None:
         self.guard = guard
@@ -190,7 +203,9 @@ class SplitByPrefix:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if path.startswith(API_PREFIX):
+        if path in PROBES and scope["method"] in PROBE_METHODS:
+            app = self.guard
+        elif path.startswith(API_PREFIX):
             app = self.api
         elif path.startswith(GUARD_PREFIX):
             app = self.guard
@@ -348,7 +363,9 @@ def build_gateway(
     def complete(scope: Scope) -> None:
         """Every request, once answered: counted, and recorded (a flood only as a count)."""
         context = scope.get("guard")
-        # Refusals and preflights are what anyone can send without logging in: counted.
+        # Refusals and preflights are what anyone can send without logging in: counted. A 5xx
+        # is the gateway failing (the token store down, MLflow gone), not a failed login: it
+        # neither feeds the limiter nor hides in a summary; each one is recorded.
         if (
             context is not None
             and context.principal is None
@@ -365,6 +382,7 @@ def build_gateway(
         protected,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
+            and context.status < 500
     app = AllowedHostsMiddleware(
         app,
         allowed_hosts=g.allowed_hosts or default_allowed_hosts(g.host),
@@ -376,6 +394,9 @@ def build_gateway(
     app = RequestContextMiddleware(
         app,
         trusted_proxies=g.trusted_proxies,
+        AuthenticationMiddleware(
+            GuardFallback(PROBES), providers=[token_provider], realm=g.realm, limiter=limiter
+        ),
         on_complete=complete,
     )
     return Gateway(

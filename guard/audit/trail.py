@@ -31,8 +31,15 @@ from guard.settings import Settings
 
 logger = logging.getLogger("guard.audit")
 
-# Probes and metrics scrapes would drown the trail; they change nothing.
+# Probes and metrics scrapes would drown the trail; they change nothing. Only their GET and
+# HEAD go unrecorded: any other method on them is refused and recorded like any refusal.
 NOT_RECORDED: Final = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
+PROBE_METHODS: Final = frozenset({"GET", "HEAD"})
+
+
+def is_probe(scope: Scope) -> bool:
+    """A probe or a metrics scrape: answered without credentials and never recorded."""
+    return scope.get("path") in NOT_RECORDED and scope.get("method") in PROBE_METHODS
 
 
 class AuditTrail:
@@ -64,7 +71,7 @@ class AuditTrail:
         """Write every queued record to the spool, then ship what the grace period allows."""
         if self.limiter is not None:
             for summary in self.limiter.summaries(final=True):
-                self.event({"event": "unauthenticated_refusals", **summary})
+                self._summarize(summary)
         await anyio.to_thread.run_sync(self.spool.close)
         await self.shipper.stop(self.shutdown_grace)
 
@@ -85,16 +92,22 @@ class AuditTrail:
         return None
 
     def outcome(self, scope: Scope) -> None:
-        if scope.get("type") != "http" or scope.get("path") in NOT_RECORDED:
+        if scope.get("type") != "http" or is_probe(scope):
             return
         context = scope.get("guard")
         if context is None:
             return
-        if not context.unrecorded:
+        if context.unrecorded:  # one of a flood: counted in the spool's head, summarized later
+            self.spool.tally(context.client)
+        else:
             self.spool.append_nowait(records.outcome(scope, self.redactor, context.elapsed()))
         if self.limiter is not None:
             for summary in self.limiter.summaries():
-                self.event({"event": "unauthenticated_refusals", **summary})
+                self._summarize(summary)
+
+    def _summarize(self, summary: dict[str, Any]) -> None:
+        body = {"kind": "event", "time": records.now(), "event": "unauthenticated_refusals"}
+        self.spool.summarize({**body, **summary}, summary["client"], summary["unrecorded"])
 
     def event(self, body: dict[str, Any]) -> None:
         """Something that is not a request: a token made or revoked by the gateway itself."""

@@ -490,3 +490,118 @@ def test_the_bootstrap_token_is_recorded(running: tuple[Gateway, str, FakeMlflow
     assert [(e["event"], e["principal"], e["token"]) for e in events] == [
         ("token_created", "gateway:bootstrap", "admin")
     ]
+
+
+# -- gateway-side failures are not failed logins; /guard/ paths behind authentication ----------
+
+
+def limited_gateway(tmp_path: Path, fake: FakeMlflow, upstream_url: str) -> Gateway:
+    settings = load_settings(
+        {"upstream.url": upstream_url, "storage.data_dir": str(tmp_path),
+         "gateway.failed_login_limit": "3", "gateway.failed_login_interval": "60s",
+         "tokens.cache_ttl": "0s"}, {}, None,
+    ).settings  # fmt: skip
+    return build_gateway(
+        settings, {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": ADMIN, "MLFLOW_GUARD_SECRET_KEY": KEY}
+    )
+
+
+def test_a_token_store_outage_is_recorded_request_by_request_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the database is down valid callers get 503 identity_unavailable: each refusal is
+    recorded (no summary, no 429 later), one log line each and one traceback in all."""
+    fake = FakeMlflow()
+    with ServerThread(fake, lifespan="off") as upstream:
+        gateway = limited_gateway(tmp_path, fake, upstream.url)
+        with ServerThread(gateway) as server:
+            url = server.url + "/api/2.0/mlflow/experiments/get?experiment_id=1"
+
+            def down(secret: str) -> None:
+                raise sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+
+            caplog.set_level("INFO")
+            with monkeypatch.context() as patched:
+                patched.setattr(gateway.token_provider.store, "lookup", down)
+                outage = [
+                    httpx.get(url, headers=bearer(ADMIN if n % 2 else ALICE)) for n in range(12)
+                ]
+            after = httpx.get(url, headers=bearer(ADMIN))  # the database is back
+            bad = httpx.get(url, headers=bearer(BOGUS))
+            assert {a.headers["x-guard-reason"] for a in outage} == {"identity_unavailable"}
+            assert {a.status_code for a in outage} == {503}
+            assert after.status_code == 200
+            assert (bad.status_code, bad.headers["x-guard-reason"]) == (401, "invalid_credentials")
+            wait_stored(gateway, bad.headers["x-request-id"])
+            for answer in outage:  # every one recorded on its own, with whose token it was
+                (record,) = wait_stored(gateway, answer.headers["x-request-id"])
+                assert (record["reason"], record["status"]) == ("identity_unavailable", 503)
+                assert record["decision"] == "error"
+                assert record["credential"]["secret"].startswith("hmac:")
+            events = stored(gateway, kind="event")
+            assert not [e for e in events if e.get("event") == "unauthenticated_refusals"]
+    lookups = [r for r in caplog.records if r.name == "guard.tokens"]
+    failed = [r for r in lookups if r.getMessage().startswith("token lookup failed")]
+    assert len(failed) == 12  # one line per request
+    assert sum(bool(r.exc_info) for r in caplog.records) == 1  # one traceback per outage
+    assert [r.getMessage() for r in lookups if "again" in r.getMessage()] == [
+        "token store reachable again"
+    ]
+
+
+PROBES = ("/guard/health", "/guard/ready", "/guard/metrics")
+METHODS = ("POST", "PUT", "PATCH", "DELETE")
+UNKNOWN = (
+    "/guard/health/x", "/guard/health/", "/guard//health", "/guard/HEALTH", "/guard/health%2Fx",
+    "/guard/%68ealth/x", "/guard/", "/guard/nope", "/guard/api",
+)  # fmt: skip
+
+
+def test_another_method_on_a_probe_is_authenticated_and_recorded(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    for path in PROBES:
+        for method in METHODS:
+            stranger = httpx.request(method, url + path)
+            assert (stranger.status_code, stranger.headers["x-guard-reason"]) == (
+                401, "unauthenticated",
+            )  # fmt: skip
+            caller = httpx.request(method, url + path, headers=bearer(ALICE))
+            assert (caller.status_code, caller.headers["x-guard-reason"]) == (
+                405, "method_not_allowed",
+            )  # fmt: skip
+            (refused,) = wait_stored(gateway, stranger.headers["x-request-id"])
+            assert (refused["path"], refused["method"], refused["status"]) == (path, method, 401)
+            (record,) = wait_stored(gateway, caller.headers["x-request-id"])
+            assert (record["principal"], record["reason"], record["status"]) == (
+                "token:alice", "method_not_allowed", 405,
+            )  # fmt: skip
+            assert record["method"] == method and record["decision"] == "error"
+
+
+def test_unknown_guard_paths_are_behind_authentication(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    """One rule: under /guard/, only GET or HEAD on a probe answers without credentials."""
+    gateway, url, _ = running
+    for path in UNKNOWN:
+        for method in ("GET", "HEAD", "POST"):
+            stranger = httpx.request(method, url + path)
+            assert stranger.status_code == 401, (method, path)
+            caller = httpx.request(method, url + path, headers=bearer(ALICE))
+            assert caller.status_code == 404 and caller.headers["x-guard-reason"] == "not_found"
+            (record,) = wait_stored(gateway, caller.headers["x-request-id"])
+            assert (record["principal"], record["reason"]) == ("token:alice", "not_found")
+            wait_stored(gateway, stranger.headers["x-request-id"])
+
+
+def test_probes_answer_without_credentials_and_are_not_recorded(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    gateway, url, _ = running
+    answers = [httpx.request(m, url + p) for p in PROBES for m in ("GET", "HEAD")]
+    assert {a.status_code for a in answers} == {200}
+    marker = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+    wait_stored(gateway, marker, kinds=2)
+    assert all(stored(gateway, request_id=a.headers["x-request-id"]) == [] for a in answers)

@@ -403,8 +403,11 @@ def test_upstream_down_is_502(tmp_path: Path) -> None:
 
 def test_guard_routes(gateway: str) -> None:
     assert httpx.get(f"{gateway}/guard/ready").json()["status"] == "ready"
-    assert httpx.get(f"{gateway}/guard/nope").json()["reason"] == "not_found"
-    assert httpx.post(f"{gateway}/guard/health").json()["reason"] == "method_not_allowed"
+    # Under /guard/ only a probe's GET answers strangers; the rest is behind authentication.
+    assert httpx.get(f"{gateway}/guard/nope").json()["reason"] == "unauthenticated"
+    assert httpx.get(f"{gateway}/guard/nope", headers=AUTH).json()["reason"] == "not_found"
+    response = httpx.post(f"{gateway}/guard/health", headers=AUTH)
+    assert response.json()["reason"] == "method_not_allowed"
     # Probes answer whatever Host an orchestrator uses; everything else checks it.
     assert (
         httpx.get(f"{gateway}/guard/health", headers={"Host": "10.1.2.3:5000"}).status_code == 200
