@@ -75,10 +75,10 @@ GUARD_PREFIX = "/guard/"
 API_PREFIX = "/guard/api/"
 # Orchestrators and Prometheus call these by IP: exempt from the Host check, no credentials.
 PROBES = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
+PROBE_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass
-PROBE_METHODS = frozenset({"GET", "HEAD"})
 class Gateway:
     """The ASGI application plus what its lifespan opens and closes."""
 
