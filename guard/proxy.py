@@ -4,6 +4,33 @@ What MLflow receives is decided here: the canonical path, a fixed ``Host`` it al
 headers the gateway computed itself, and none of the caller's credentials or identity claims.
 Request bodies are read whole up to a limit (so later checks decide on exactly these bytes),
 except on artifact routes, which stream both ways and are never held in memory.
+
+Request headers are forwarded by an allowlist (``FORWARDED``) of what MLflow 3.17.2's server
+reads (``mlflow/server``: Flask handlers, the native FastAPI routes, ``otel_api``) and what its
+clients send that it may use; every other header is dropped, whatever its spelling:
+
+- ``Accept``, ``Accept-Encoding``: content negotiation of ordinary clients (harmless to pass).
+- ``Content-Type``: Flask handlers check for ``application/json``; OTLP picks protobuf or JSON.
+- ``Content-Encoding``: OTLP span export decompresses gzip/deflate bodies by it.
+- ``User-Agent``: read by the OTLP endpoint; ``X-MLflow-Client-Version``: sent by every MLflow
+  client, informational.
+- ``X-MLflow-Experiment-Id``, ``X-MLflow-Run-Id``: where OTLP spans go (the gateway authorizes
+  them; ``guard/route_table.toml``).
+- ``Range``, ``If-Range``, ``If-None-Match``, ``If-Modified-Since``, ``If-Match``,
+  ``If-Unmodified-Since``: resumable and conditional artifact downloads (Werkzeug's
+  ``make_conditional``, Starlette's ``FileResponse``).
+
+The gateway then adds its own ``Host``, ``X-Forwarded-For``/``-Proto``/``-Host``,
+``X-Request-Id`` and ``Content-Length``. Never forwarded, for instance: ``Authorization`` and
+``Cookie`` (the gateway's credentials; MLflow reads no cookie), ``X-MLflow-Workspace`` and every
+other ``X-MLflow-*`` selector or credential, identity claims (``X-WebAuth-User``,
+``Remote-User``, ``X-Forwarded-User``, ``X-Auth-Request-*`` ...), the caller's forwarding
+headers, ``Origin`` (CORS is the gateway's), ``Expect``, and every hop-by-hop or
+connection-specific header (``Connection`` and what it names, ``Keep-Alive``, ``TE``,
+``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``HTTP2-Settings``, ``Proxy-*``): an allowed
+name listed in ``Connection`` is dropped too. Names are matched case-insensitively; an
+underscore spelling (``X_Forwarded_For``, which WSGI would read as the dashed one) is never
+allowed.
 """
 
 from __future__ import annotations
@@ -31,39 +58,32 @@ HOP_BY_HOP: Final = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "http2-settings",
         "proxy-authorization",
         "proxy-authenticate",
     }
 )
-# Never forwarded: credentials, the browser's origin, MLflow's workspace selector, and every
-# header through which a caller could claim an identity or a network position.
-REQUEST_DROPPED: Final = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "authorization",
-    "origin",
-    "x-mlflow-workspace",
-    "x-mlflow-assistant-delegation",
-    "x-mlflow-authorization",
-    "x-request-id",
-    "forwarded",
-    "via",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "x-original-forwarded-for",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-remote-user",
-    "remote-user",
-}
-REQUEST_DROPPED_PREFIXES: Final = ("x-forwarded-", "x-auth-request-")
+# The only request headers MLflow sees from a caller (why each: the module docstring).
+FORWARDED: Final = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "content-type",
+        "content-encoding",
+        "user-agent",
+        "x-mlflow-client-version",
+        "x-mlflow-experiment-id",
+        "x-mlflow-run-id",
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+    }
+)
 # The gateway answers with its own cookies, CORS and date; an upstream's are not passed on.
 RESPONSE_DROPPED: Final = HOP_BY_HOP | {"set-cookie", "date", "server", "www-authenticate"}
-GATEWAY_COOKIE_PREFIX: Final = "mlflow_guard"
 _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 _WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
 
@@ -72,41 +92,19 @@ class ClientDisconnected(Exception):
     pass
 
 
-def _strip_gateway_cookies(value: str) -> str:
-    kept = [
-        part
-        for part in (p.strip() for p in value.split(";"))
-        if part and not part.split("=", 1)[0].strip().startswith(GATEWAY_COOKIE_PREFIX)
-    ]
-    return "; ".join(kept)
-
-
 def upstream_request_headers(
     headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """The inbound headers MLflow may see, followed by the gateway's own."""
+    """The allowed inbound headers (``FORWARDED``), followed by the gateway's own."""
     connection_listed: set[str] = set()
     for key, value in headers:
-        if key == b"connection":
+        if key.lower() == b"connection":
             connection_listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
     result = []
     for key, value in headers:
         name = key.decode("latin-1").lower()
-        # An underscore spelling (X_Forwarded_For) becomes the dashed one in WSGI/CGI
-        # environments, MLflow's Flask app included, so no such header is forwarded at all.
-        if (
-            "_" in name
-            or name in REQUEST_DROPPED
-            or name in connection_listed
-            or name.startswith(REQUEST_DROPPED_PREFIXES)
-        ):
-            continue
-        text = value.decode("latin-1")
-        if name == "cookie":
-            text = _strip_gateway_cookies(text)
-            if not text:
-                continue
-        result.append((name, text))
+        if name in FORWARDED and name not in connection_listed:
+            result.append((name, value.decode("latin-1")))
     result.extend(extra)
     return result
 
