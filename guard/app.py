@@ -179,9 +179,6 @@ class GuardRoutes:
         await send_body(scope, send, 200, content_type, body)
 
 
-class SplitByPrefix:
-    """Send /guard/api/... to the policy API (behind authentication), the rest of /guard/... to
-    the gateway's probes (no credentials) and everything else to the protected stack."""
 class GuardFallback:
     """What is under /guard/ but neither a probe nor the policy API: 405 for another method on
     a probe, 404 for the rest. Mounted behind authentication, so strangers learn nothing (401)
@@ -195,11 +192,18 @@ class GuardFallback:
         await send_refusal(scope, send, Refusal(reason))
 
 
+class SplitByPrefix:
+    """One rule for /guard/: GET or HEAD on a probe path goes to the probes (no credentials);
+    /guard/api/... to the policy API and every other /guard/ path to ``fallback`` (both behind
+    authentication); everything else to the protected stack."""
 
-    def __init__(self, guard: ASGIApp, api: ASGIApp, protected: ASGIApp) -> None:
+    def __init__(
+        self, guard: ASGIApp, api: ASGIApp, protected: ASGIApp, fallback: ASGIApp | None = None
+    ) -> None:
         self.guard = guard
         self.api = api
         self.protected = protected
+        self.fallback = fallback or guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -208,7 +212,7 @@ class GuardFallback:
         elif path.startswith(API_PREFIX):
             app = self.api
         elif path.startswith(GUARD_PREFIX):
-            app = self.guard
+            app = self.fallback
         else:
             app = self.protected
         await app(scope, receive, send)
@@ -369,6 +373,7 @@ def build_gateway(
         if (
             context is not None
             and context.principal is None
+            and context.status < 500
             and (context.status >= 400 or scope.get("method") == "OPTIONS")
         ):
             context.unrecorded = not limiter.refused(context.client)
@@ -380,9 +385,11 @@ def build_gateway(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
         AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm, limiter=limiter),
         protected,
+        AuthenticationMiddleware(
+            GuardFallback(PROBES), providers=[token_provider], realm=g.realm, limiter=limiter
+        ),
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
-            and context.status < 500
     app = AllowedHostsMiddleware(
         app,
         allowed_hosts=g.allowed_hosts or default_allowed_hosts(g.host),
@@ -394,9 +401,6 @@ def build_gateway(
     app = RequestContextMiddleware(
         app,
         trusted_proxies=g.trusted_proxies,
-        AuthenticationMiddleware(
-            GuardFallback(PROBES), providers=[token_provider], realm=g.realm, limiter=limiter
-        ),
         on_complete=complete,
     )
     return Gateway(
