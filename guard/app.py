@@ -13,6 +13,7 @@ Outermost first, every request passes:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
 8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
+8a. ``ArtifactPathMiddleware``   400 artifact_path_invalid unless every artifact path is canonical
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
 10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
 11. ``ProxyApp``                 MLflow
@@ -39,6 +40,7 @@ from guard.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyStore
+from guard.artifactpaths import ArtifactPathMiddleware
 from guard.bodies import BodyMiddleware
 from guard.context import RequestContextMiddleware
 from guard.cors import CORSMiddleware
@@ -347,6 +349,7 @@ def build_gateway(
         before_search=trail.intent if trail is not None else None,
         max_body_size=g.max_body_size,
     )
+    protected = ArtifactPathMiddleware(protected)
     protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(

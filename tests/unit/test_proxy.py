@@ -206,9 +206,10 @@ def test_encoded_paths_reach_mlflow_as_the_same_path(
     gateway: str, upstream: tuple[ServerThread, FakeMlflow]
 ) -> None:
     _, fake = upstream
-    url = f"{gateway}/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a%2520b%25zz/%C3%A9/echo"
+    # (A path still percent-encoded after one decoding is refused: guard/artifactpaths.py.)
+    url = f"{gateway}/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a%20b%25zz/%C3%A9/echo"
     assert httpx.get(url, headers=AUTH).status_code == 200
-    assert last(fake)["path"] == "/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a%20b%zz/é/echo"
+    assert last(fake)["path"] == "/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a b%zz/é/echo"
 
 
 @pytest.mark.parametrize(
