@@ -87,9 +87,18 @@ class PolicyRuntime:
         return PolicyIndex(policy, version)
 
     async def _follow(self) -> None:
+        failing = False  # one line per failed poll, a traceback never (it is always the same)
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
-            except sa.exc.SQLAlchemyError:
-                logger.warning("policy poll failed; keeping version %d", self.index.version)
+            except sa.exc.SQLAlchemyError as exc:
+                logger.warning(
+                    "policy poll failed (%s); keeping version %d",
+                    type(exc).__name__, self.index.version,
+                )  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    logger.warning("policy store reachable again")
+                failing = False

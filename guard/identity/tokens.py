@@ -194,6 +194,7 @@ class TokenProvider:
         self._cache: dict[str, tuple[TokenRecord, float]] = {}
         self._touched: dict[int, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._failing = False  # the token store is unreachable: its traceback was logged once
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         secret = credentials.secret
@@ -201,8 +202,13 @@ class TokenProvider:
             return Refusal("invalid_credentials")
         try:
             record = await self._lookup(secret)
-        except sa.exc.SQLAlchemyError:
-            logger.warning("token lookup failed: database unavailable", exc_info=True)
+        except sa.exc.SQLAlchemyError as exc:
+            # One line per request; the traceback once per outage, not once per request.
+            logger.warning(
+                "token lookup failed: database unavailable (%s)", type(exc).__name__,
+                exc_info=not self._failing,
+            )  # fmt: skip
+            self._failing = True
             return Refusal("identity_unavailable", "The token store cannot be reached.")
         if record is None:
             return Refusal("invalid_credentials")
@@ -230,6 +236,9 @@ class TokenProvider:
         if cached is not None and time.monotonic() - cached[1] < self.cache_ttl:
             return cached[0]
         record = await anyio.to_thread.run_sync(self.store.lookup, secret)
+        if self._failing:
+            self._failing = False
+            logger.warning("token store reachable again")
         if record is None:
             self._cache.pop(key, None)  # unknown secrets are not cached: no memory to flood
         else:
@@ -251,8 +260,10 @@ class TokenProvider:
     async def _touch(self, token_id: int, now: dt.datetime) -> None:
         try:
             await anyio.to_thread.run_sync(self.store.touch, token_id, now)
-        except sa.exc.SQLAlchemyError:
-            logger.warning("could not record last use of token %d", token_id, exc_info=True)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning(
+                "could not record last use of token %d (%s)", token_id, type(exc).__name__
+            )
 
     async def drain(self) -> None:
         """Wait for pending last-used writes (on shutdown)."""
