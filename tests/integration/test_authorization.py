@@ -252,9 +252,12 @@ def test_artifact_addresses_must_be_readable(world: World, as_) -> None:  # type
     artifacts the caller may read; other addresses are for administrators."""
     modeler = as_("modeler")
     modeler.create_registered_model("fraud-sources")
-    refused(lambda: modeler.create_model_version("fraud-sources", f"runs:/{world.other_run}/m",
-                                                 world.other_run),
-            "may not read source 'runs:/")  # fmt: skip
+    refused(
+        lambda: modeler.create_model_version(
+            "fraud-sources", f"runs:/{world.other_run}/m", world.other_run
+        ),
+        f"may not read run_id '{world.other_run}'",
+    )  # the run is checked, then the source
     refused(lambda: modeler.create_model_version("fraud-sources", "file:///etc"),
             "is not allowed")  # fmt: skip
     refused(lambda: modeler.create_model_version("fraud-sources", "models:/other-model/1"),
@@ -292,8 +295,13 @@ def test_runs_are_attributed_to_the_caller(world: World, as_) -> None:  # type: 
         mlflow.log_metric("auc", 0.9)
     assert alice.get_run(active.info.run_id).data.tags["mlflow.user"] == "alice"
     mlflow.set_tracking_uri("")
-    admin_run = as_admin(world).create_run(world.fraud, tags={"mlflow.user": "import-bot"})
-    assert admin_run.data.tags["mlflow.user"] == "import-bot"
+    # An administrator's runs are attributed like anyone's (not to the client's OS account);
+    # they may set another user afterwards, for imports.
+    admin = as_admin(world)
+    admin_run = admin.create_run(world.fraud, tags={"mlflow.user": "root"})
+    assert admin_run.data.tags["mlflow.user"] == "admin" and admin_run.info.user_id == "admin"
+    admin.set_tag(admin_run.info.run_id, "mlflow.user", "import-bot")
+    assert admin.get_run(admin_run.info.run_id).data.tags["mlflow.user"] == "import-bot"
 
 
 def as_admin(world: World) -> MlflowClient:
@@ -372,3 +380,41 @@ def test_graphql_answers_hide_model_versions_of_unreadable_models(world: World) 
     assert {"fraud-detector", "other-model"} <= set(everything)
     assert names(world.tokens["modeler"]) == [n for n in everything if n.startswith("fraud-")]
     assert names(world.tokens["alice"]) == []  # reads the run, no model
+
+
+def test_unknown_and_forbidden_ids_look_the_same(world: World) -> None:
+    """Against the real MLflow: walking ids tells alice nothing about what she may not read."""
+    unknown_run = "f" * 32
+
+    def shape(response: httpx.Response, sent: str, instead: str) -> tuple[object, ...]:
+        body = response.json()
+        headers = sorted(
+            (k, v) for k, v in response.headers.items()
+            if k not in ("x-request-id", "content-length", "date")
+        )  # fmt: skip
+        message = body["message"].replace(sent, instead)
+        return response.status_code, body["error_code"], body["reason"], message, headers
+
+    for prefix in ("/api", "/ajax-api"):
+        cases = [
+            ("GET", "/2.0/mlflow/experiments/get", "experiment_id", world.other, "987654"),
+            ("GET", "/2.0/mlflow/runs/get", "run_id", world.other_run, unknown_run),
+            ("GET", "/2.0/mlflow/experiments/get-by-name", "experiment_name", "other/x", "nope/x"),
+            ("GET", "/2.0/mlflow/registered-models/get", "name", "other-model", "no-model"),
+            ("GET", "/2.0/mlflow/artifacts/list", "run_id", world.other_run, unknown_run),
+        ]
+        for method, path, field, forbidden, missing in cases:
+            a = raw(world, method, prefix + path, params={field: forbidden})
+            b = raw(world, method, prefix + path, params={field: missing})
+            assert a.status_code == 403, a.text
+            assert shape(a, forbidden, "X") == shape(b, missing, "X"), (a.text, b.text)
+            assert "other/x" not in a.text.replace(f"'{forbidden}'", "")
+        # A body naming another run's id changes nothing either.
+        for run in (world.other_run, unknown_run):
+            response = raw(
+                world,
+                "POST",
+                prefix + "/2.0/mlflow/runs/log-metric",
+                json={"run_id": run, "key": "k", "value": 1, "timestamp": 1, "step": 0},
+            )
+            assert response.status_code == 403 and reason(response) == "permission_denied"
