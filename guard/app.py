@@ -5,6 +5,7 @@ Outermost first, every request passes:
 1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500,
                                  the audit outcome of every request (``guard.audit``)
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
+2a. ``SingleValuedHeadersMiddleware`` 400 ambiguous_parameter for a repeated singular header
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
 5. GET/HEAD on the gateway's probes (``/guard/health``, ``ready``, ``metrics``: no
@@ -47,7 +48,7 @@ from guard.cors import CORSMiddleware
 from guard.db import build_engine, migrate, ping
 from guard.errors import Refusal, send_body, send_refusal
 from guard.governance import Governance
-from guard.headers import SecurityHeadersMiddleware
+from guard.headers import SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
 from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
 from guard.identity.tokens import TokenProvider, TokenStore
 from guard.keys import load_secret_key
@@ -398,6 +399,7 @@ def build_gateway(
         allowed_hosts=g.allowed_hosts or default_allowed_hosts(g.host),
         exempt_paths=PROBES,
     )
+    app = SingleValuedHeadersMiddleware(app)
     app = SecurityHeadersMiddleware(
         app, frame_ancestors=g.frame_ancestors, hsts_max_age=g.hsts_max_age
     )

@@ -1,4 +1,15 @@
-"""Security headers on every response, replacing whatever an inner layer (or MLflow) set."""
+"""Headers at the edge: request headers that may appear once, and the security headers of every
+response.
+
+A repeated singular request header is refused (400 ``ambiguous_parameter``) before anything
+reads it: MLflow (Starlette, Werkzeug) and the gateway's own layers would each pick one value,
+not necessarily the same. Singular here means the names in ``SINGLE_VALUED`` and every
+``X-MLflow-*``; an underscore spelling counts as the dashed name, as in WSGI. ``Content-Length``
+and ``Transfer-Encoding`` are judged by the body framing check (identical repeated lengths are
+allowed by RFC 9110).
+
+Response security headers replace whatever an inner layer (or MLflow) set.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,25 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.errors import Refusal, send_refusal
+
+SINGLE_VALUED: Final = frozenset(
+    {
+        "host",
+        "authorization",
+        "content-type",
+        "content-encoding",
+        "origin",
+        "user-agent",
+        "x-request-id",
+        "range",
+        "if-range",
+        "if-modified-since",
+        "if-unmodified-since",
+        "access-control-request-method",
+    }
+)
+SINGLE_VALUED_PREFIX: Final = "x-mlflow-"
 # Response headers the gateway owns; an upstream's values are dropped in favour of ours.
 OWNED: Final = frozenset(
     {
@@ -18,6 +48,27 @@ OWNED: Final = frozenset(
         b"x-xss-protection",
     }
 )
+
+
+class SingleValuedHeadersMiddleware:
+    """Refuse a request that repeats a singular header (400 ``ambiguous_parameter``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen: set[str] = set()
+            for key, _ in scope["headers"]:
+                name = key.decode("latin-1").lower().replace("_", "-")
+                if name not in SINGLE_VALUED and not name.startswith(SINGLE_VALUED_PREFIX):
+                    continue
+                if name in seen:
+                    refusal = Refusal("ambiguous_parameter", f"The header {name} is repeated.")
+                    await send_refusal(scope, send, refusal)
+                    return
+                seen.add(name)
+        await self.app(scope, receive, send)
 
 
 class SecurityHeadersMiddleware:

@@ -1,5 +1,7 @@
+import pytest
+
 from guard.context import RequestContextMiddleware
-from guard.headers import SecurityHeadersMiddleware
+from guard.headers import SINGLE_VALUED, SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
 from tests.unit.asgi import Recorder, call
 
 
@@ -54,3 +56,54 @@ def test_other_frame_ancestors_send_no_legacy_header() -> None:
     result = call(app)  # type: ignore[arg-type]
     assert result.header("x-frame-options") is None
     assert result.header("content-security-policy") == "frame-ancestors https://portal.example.com"
+
+
+# Repeated singular request headers.
+
+
+def edge() -> tuple[object, Recorder]:
+    inner = Recorder()
+    return RequestContextMiddleware(SingleValuedHeadersMiddleware(inner), trusted_proxies=()), inner
+
+
+REPEATED = [
+    *((name, name) for name in sorted(SINGLE_VALUED)),
+    ("x-mlflow-workspace", "x-mlflow-workspace"),
+    ("X-MLflow-Workspace", "x-mlflow-workspace"),
+    ("x_mlflow_workspace", "X-MLFLOW-WORKSPACE"),
+    ("X-Mlflow-Experiment-Id", "x-mlflow-experiment-id"),
+    ("x-mlflow-run-id", "X_MLFLOW_RUN_ID"),
+    ("x-mlflow-anything-new", "x-mlflow-anything-new"),
+    ("Content-Type", "content_type"),
+    ("Authorization", "AUTHORIZATION"),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), REPEATED)
+@pytest.mark.parametrize("path", ["/api/2.0/mlflow/runs/get", "/ajax-api/2.0/mlflow/runs/get",
+                                  "/v1/traces", "/guard/health", "/guard/api/tokens"])  # fmt: skip
+def test_a_repeated_singular_header_is_refused(first: str, second: str, path: str) -> None:
+    app, inner = edge()
+    headers = [("host", "localhost"), (first, "a"), (second, "a")]
+    if first.lower() == "host" == second.lower():
+        headers = headers[1:]
+    result = call(app, path=path, headers=headers)  # type: ignore[arg-type]
+    assert (result.status, result.reason) == (400, "ambiguous_parameter")
+    assert inner.scopes == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("accept", "a"), ("accept", "b")],
+        [("cookie", "a=1"), ("cookie", "b=2")],
+        [("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8")],
+        [("if-none-match", '"a"'), ("if-none-match", '"b"')],
+        [("content-length", "0"), ("content-length", "0")],  # the framing check's to judge
+        [("x-mlflow-workspace", "a"), ("x-mlflow-run-id", "a"), ("content-type", "a")],
+    ],
+)
+def test_list_headers_and_distinct_singular_ones_pass(headers: list[tuple[str, str]]) -> None:
+    app, inner = edge()
+    assert call(app, headers=[("host", "localhost"), *headers]).status == 200  # type: ignore[arg-type]
+    assert len(inner.scopes) == 1
