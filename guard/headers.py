@@ -8,7 +8,9 @@ not necessarily the same. Singular here means the names in ``SINGLE_VALUED`` and
 and ``Transfer-Encoding`` are judged by the body framing check (identical repeated lengths are
 allowed by RFC 9110).
 
-Response security headers replace whatever an inner layer (or MLflow) set.
+Response security headers replace whatever an inner layer (or MLflow) set, except the
+``Content-Security-Policy``: an inner policy (``sandbox`` on artifacts, a page's own policy) is
+merged with the gateway's directives, which win where both name the same directive.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ SINGLE_VALUED: Final = frozenset(
     }
 )
 SINGLE_VALUED_PREFIX: Final = "x-mlflow-"
+CSP: Final = b"content-security-policy"
 # Response headers the gateway owns; an upstream's values are dropped in favour of ours.
 OWNED: Final = frozenset(
     {
         b"x-content-type-options",
         b"x-frame-options",
-        b"content-security-policy",
         b"referrer-policy",
         b"strict-transport-security",
         b"cross-origin-opener-policy",
@@ -71,6 +73,37 @@ class SingleValuedHeadersMiddleware:
         await self.app(scope, receive, send)
 
 
+def _directives(policy: bytes) -> list[tuple[bytes, bytes]]:
+    """(lowercase name, directive) for each non-empty directive of one policy."""
+    found = []
+    for part in policy.split(b";"):
+        directive = part.strip()
+        if directive:
+            found.append((directive.split(None, 1)[0].lower(), directive))
+    return found
+
+
+def merge_policies(own: bytes, inner: list[bytes]) -> list[bytes]:
+    """The gateway's policy with the inner ones merged in: an inner directive the gateway also
+    sets is dropped; an inner policy repeating a directive already merged stays a policy of its
+    own (a browser enforces every policy, so nothing is loosened)."""
+    own_directives = _directives(own)
+    owned_names = {name for name, _ in own_directives}
+    merged = [directive for _, directive in own_directives]
+    names = set(owned_names)
+    separate = []
+    for policy in inner:
+        kept = [(n, d) for n, d in _directives(policy) if n not in owned_names]
+        if not kept:
+            continue
+        if names.isdisjoint(n for n, _ in kept):
+            merged.extend(d for _, d in kept)
+            names.update(n for n, _ in kept)
+        else:
+            separate.append(b"; ".join(d for _, d in kept))
+    return [b"; ".join(merged), *separate]
+
+
 class SecurityHeadersMiddleware:
     """Set nosniff, frame-ancestors (and X-Frame-Options), Referrer-Policy, and HSTS over TLS."""
 
@@ -78,7 +111,6 @@ class SecurityHeadersMiddleware:
         self.app = app
         headers = [
             (b"x-content-type-options", b"nosniff"),
-            (b"content-security-policy", f"frame-ancestors {frame_ancestors}".encode()),
             (b"referrer-policy", b"same-origin"),
             (b"cross-origin-opener-policy", b"same-origin"),
         ]
@@ -86,6 +118,7 @@ class SecurityHeadersMiddleware:
         if legacy:
             headers.append((b"x-frame-options", legacy))
         self.headers = headers
+        self.csp = f"frame-ancestors {frame_ancestors}".encode()
         self.hsts = (b"strict-transport-security", f"max-age={hsts_max_age}".encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,8 +129,18 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in OWNED]
+                kept, inner = [], []
+                for key, value in message.get("headers", ()):
+                    name = key.lower()
+                    if name == CSP:
+                        inner.append(value)
+                    elif name not in OWNED:
+                        kept.append((key, value))
                 kept.extend(self.headers)
+                if inner:
+                    kept.extend((CSP, policy) for policy in merge_policies(self.csp, inner))
+                else:
+                    kept.append((CSP, self.csp))
                 if tls:
                     kept.append(self.hsts)
                 message["headers"] = kept

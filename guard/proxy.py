@@ -44,6 +44,7 @@ from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
+from guard.artifactpaths import DOWNLOADS
 from guard.errors import send_refusal
 from guard.upstream import UpstreamClient, UpstreamError, VersionGate
 
@@ -84,6 +85,7 @@ FORWARDED: Final = frozenset(
 )
 # The gateway answers with its own cookies, CORS and date; an upstream's are not passed on.
 RESPONSE_DROPPED: Final = HOP_BY_HOP | {"set-cookie", "date", "server", "www-authenticate"}
+ARTIFACT_CSP: Final = b"sandbox"
 _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 _WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
 
@@ -204,10 +206,16 @@ class ProxyApp:
         context.upstream_seconds = time.monotonic() - started
         context.upstream_status = response.status
         async with response:
+            answer = client_response_headers(response.headers)
+            route = scope.get("guard.route")
+            if route is not None and route.path in DOWNLOADS:
+                # An artifact is the caller's content: opened in a browser, an HTML or SVG file
+                # runs no script. The security-headers layer merges this with the gateway's CSP.
+                answer.append((b"content-security-policy", ARTIFACT_CSP))
             start: Message = {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": client_response_headers(response.headers),
+                "headers": answer,
             }
             await send(start)
             if scope["method"] == "HEAD":
