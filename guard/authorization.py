@@ -8,6 +8,7 @@ skips the lookups. Whatever cannot be determined is refused, never guessed.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,8 @@ _SOURCES: Final = (
     ("/model-versions/create", "source"),
     ("/experiments/create", "artifact_location"),
 )
+# Online-scoring configurations, filtered in the answer rather than judged on the ids asked.
+_SCORER_CONFIGS: Final = ("/scorers/online-configs",)
 # Creations after which the creator is granted manage on what they made.
 _CREATES: Final = ("/experiments/create", "/registered-models/create")
 # Routes after which a cached experiment name may be stale.
@@ -124,6 +127,8 @@ class AuthorizationMiddleware:
             await self._create(scope, receive, send, resources[0])
         elif filters := scope.get("guard.graphql_filters"):
             await self._filtered(scope, receive, send, filters)
+        elif scope.get("guard.filter_scorer_configs"):
+            await self._scorer_configs(scope, receive, send)
         else:
             await self.app(scope, receive, send)
         if route.action == "create":
@@ -155,40 +160,76 @@ class AuthorizationMiddleware:
         caller may not read. An answer that cannot be filtered exactly is not sent at all."""
         subject = scope["guard"].principal.subject
         index = self.policies.index
-        start: Message | None = None
-        chunks: list[bytes] = []
 
         def may_read(name: str) -> bool:
             return index.decide(subject, f"model:{name}", "read").allowed
+
+        async def transform(body: bytes) -> bytes | None:
+            return filter_model_versions(body, filters, may_read)
+
+        await self._answer_filtered(scope, receive, send, transform, "graphql_not_authorizable")
+
+    async def _scorer_configs(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward a request for online-scoring configurations and keep, in the answer, those of
+        experiments the caller may read: MLflow answers nothing for a scorer without one, so a
+        configuration in a forbidden experiment must look like none at all."""
+        subject = scope["guard"].principal.subject
+
+        async def transform(body: bytes) -> bytes | None:
+            try:
+                answer = json.loads(body)
+                configs = answer["configs"]
+                kept = []
+                for config in configs:
+                    experiment = await self.resolver.experiment_resource(
+                        str(config["experiment_id"])
+                    )
+                    if self.policies.index.decide(subject, experiment, "read").allowed:
+                        kept.append(config)
+            except (ValueError, RecursionError, TypeError, KeyError, Unresolved, RequestDataError):
+                return None
+            return json.dumps({**answer, "configs": kept}).encode()
+
+        await self._answer_filtered(scope, receive, send, transform, "permission_denied")
+
+    async def _answer_filtered(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        transform: Callable[[bytes], Awaitable[bytes | None]],
+        reason: str,
+    ) -> None:
+        """Forward, hold MLflow's answer whole, and send ``transform``'s version of a 200 (a
+        refusal if it returns None); other answers pass as they are. The answer is changed only
+        once MLflow's connection is back in the pool, so lookups made meanwhile cannot wait on
+        a pool held by answers waiting on them."""
+        start: Message | None = None
+        chunks: list[bytes] = []
 
         async def capture(message: Message) -> None:
             nonlocal start
             if message["type"] == "http.response.start":
                 start = message
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False) or start is None:
-                return
-            body = b"".join(chunks)
-            headers = [
-                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
-            ]
-            encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
-            if start["status"] == 200:
-                filtered = None if encoded else filter_model_versions(body, filters, may_read)
-                if filtered is None:
-                    await send_refusal(
-                        scope,
-                        send,
-                        Refusal("graphql_not_authorizable", "The answer cannot be filtered."),
-                    )
-                    return
-                body = filtered
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            else:
+                chunks.append(message.get("body", b""))
 
         await self.app(scope, receive, capture)
+        if start is None:
+            return
+        body = b"".join(chunks)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        if start["status"] == 200:
+            encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
+            changed = None if encoded else await transform(body)
+            if changed is None:
+                refusal = Refusal(reason, "The answer cannot be filtered.")
+                await send_refusal(scope, send, refusal)
+                return
+            body = changed
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _attribute(self, scope: Scope) -> Refusal | None:
         """Runs are the caller's: their name goes into every new run (administrators' too), and
@@ -268,6 +309,12 @@ class AuthorizationMiddleware:
                 # Searches are open to all once results are filtered; until then only to those
                 # who may read every resource of the kind.
                 return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
+            if route.path.endswith(_SCORER_CONFIGS):
+                # Answered with the configurations of readable experiments only (see
+                # _scorer_configs): refusing would tell which scorer ids are configured.
+                scope["guard.filter_scorer_configs"] = True
+                context.action = "read"
+                return None, []
             context.action = ",".join(sorted(actions))
             judge = _Judge(index, subject, context)
             headers: dict[str, list[str]] = {}

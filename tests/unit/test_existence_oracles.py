@@ -36,10 +36,6 @@ UNKNOWN_MODEL = "zmodel-a"  # the fake knows every model-*
 # Rows judged on a fresh lookup every time (equally for known and unknown ids): a rename or
 # delete forgets stored names first; a dataset's experiment links change by design.
 UNCACHED = ("/rename", "/registered-models/delete")
-# The one row still open to this oracle, said in the issue's closing note: online-scoring
-# configurations answer nothing for a scorer without one, so an unknown scorer id is forwarded
-# (and answered with nothing) while one configured in a forbidden experiment is refused.
-NOT_YET = ("/scorers/online-configs",)
 # Headers whose values may differ between two answers without telling anything.
 VARYING = {"x-request-id", "content-length", "date"}
 
@@ -47,8 +43,6 @@ VARYING = {"x-request-id", "content-length", "date"}
 def looked_up(route: Route) -> bool:
     """Rows whose refusal depends on what MLflow knows about an id in the request."""
     if expected(route) != (None, "permission_denied"):
-        return False
-    if route.path.endswith(NOT_YET):
         return False
     kinds_without_ids = ("server", "webhook", "gateway", "job", "assistant", "workspace",
                          "user_admin")  # fmt: skip
@@ -245,3 +239,29 @@ def test_the_audit_record_keeps_the_true_reason(gateway: str, client: httpx.Clie
     assert forbidden["resource"] == "experiment:exp-1"  # the operator sees what it was
     assert unknown["true_reason"] == "resource_unresolved"
     assert UNKNOWN in unknown["true_detail"]
+
+
+@pytest.mark.parametrize("prefix", ["/api", "/ajax-api"])
+def test_scorer_configurations_in_forbidden_experiments_look_like_none(
+    gateway: str, client: httpx.Client, prefix: str
+) -> None:
+    """MLflow answers nothing for a scorer without an online configuration; one configured in an
+    experiment the caller may not read is dropped from the answer, so it looks the same."""
+    from tests.unit.test_route_authorization import ALLOWED
+
+    url = gateway + prefix + "/3.0/mlflow/scorers/online-configs"
+
+    def configs(token: str, scorer: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        return client.get(url, params={"scorer_ids": scorer}, headers=headers)
+
+    own = configs(ALLOWED, "sc-1")
+    assert own.status_code == 200 and own.json()["configs"][0]["scorer_id"] == "sc-1"
+    forbidden, unknown = configs(REFUSED, "sc-1"), configs(REFUSED, "sc-987654")
+    assert forbidden.status_code == unknown.status_code == 200
+    assert forbidden.json() == unknown.json() == {"configs": []}
+    assert shape_of_answer(forbidden) == shape_of_answer(unknown)
+
+
+def shape_of_answer(response: httpx.Response) -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in response.headers.items() if k not in VARYING)

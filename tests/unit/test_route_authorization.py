@@ -96,11 +96,11 @@ class FakeMlflow:
                 payload = {"registered_model": {"name": name.lower()}}
             else:
                 status = 404
-        elif path in OWNED_BY_EXPERIMENT_1:
-            if any(v.endswith("987654") for values in query.values() for v in values):
+        elif (path := path.replace("/ajax-api/", "/api/", 1)) in OWNED_BY_EXPERIMENT_1:
+            if path.endswith("/online-configs") and "sc-987654" in query.get("scorer_ids", []):
+                payload = {"configs": []}  # MLflow: no configuration for that scorer
+            elif any(v.endswith("987654") for values in query.values() for v in values):
                 status = 404  # an id nobody has (see test_existence_oracles)
-            elif path.endswith("/online-configs") and "sc-987654" in query.get("scorer_ids", []):
-                payload = {"configs": []}
             else:
                 payload = OWNED_BY_EXPERIMENT_1[path]
         elif "987654" in path and path.startswith("/api/"):
@@ -245,8 +245,8 @@ def expected(route: Route) -> tuple[str | None, str | None]:
         return "route_not_classified", "route_not_classified"
     if route.open and route.kind == "server":
         return None, None
-    if route.open:  # searches: answered, filtered to what each caller may read
-        return None, None
+    if route.open or route.path.endswith("/scorers/online-configs"):
+        return None, None  # searches and scorer configurations: answers filtered per caller
     if not resolvable(route):
         return "permission_denied", "permission_denied"
     return None, "permission_denied"
