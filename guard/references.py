@@ -223,7 +223,7 @@ async def _resolve(target: str, field: str, value: str, resolver: Resolver) -> l
     lookup = {
         "run": resolver.run_experiment,
         "logged_model": resolver.logged_model_experiment,
-        "trace": resolver.trace_experiment,
+        "trace": resolver.trace_experiment_if_known,  # None: no such trace, refused below
     }[target]
     experiment_id = await lookup(value)
     if experiment_id is None:

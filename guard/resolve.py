@@ -437,12 +437,14 @@ class Resolver:
     async def trace_experiment_if_known(self, trace_id: str) -> str | None:
         """The experiment of a trace, or None when MLflow answers that there is no such trace
         (one being created); any other answer is unresolved. Only hits are cached: a new trace
-        id is asked again, since it may belong to someone a moment later."""
+        id is asked again, since it may belong to someone a moment later. (GetTraceInfoV3:
+        MLflow 3.17 serves no ``/api/3.0/.../traces/<id>/info``, and a 404 for a route it does
+        not serve must not read as "no such trace".)"""
         hit, value = self.cache.get(f"{TRACE.kind}:{trace_id}")
         if hit and value is not None:
             return value
-        status, data = await self._fetch(TRACE.path.format(id=quote(trace_id, safe="")), {})
-        if status == 404:
+        status, data = await self._fetch(f"/api/3.0/mlflow/traces/{quote(trace_id, safe='')}", {})
+        if status == 404 and (data or {}).get("error_code") == "RESOURCE_DOES_NOT_EXIST":
             return None
         experiment_id = _dig(data, *TRACE.answer) if status == 200 else None
         if experiment_id is None:

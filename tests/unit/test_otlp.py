@@ -26,6 +26,7 @@ from tests.servers import ServerThread, read_request_body, send_response
 
 EDITOR = "mlg_" + "e" * 43
 OWN, FOREIGN, NEW = bytes([0x11] * 16), bytes([0x22] * 16), bytes([0x33] * 16)
+UNSERVED = bytes([0x44] * 16)
 TRACES = {"tr-" + OWN.hex(): "1", "tr-" + FOREIGN.hex(): "2"}
 LIMIT = 64 * 1024  # gateway.max_body_size in these tests
 
@@ -46,7 +47,10 @@ class FakeMlflow:
             answer = {"experiment": {"experiment_id": experiment, "name": f"exp-{experiment}"}}
             await send_response(send, 200, json.dumps(answer).encode())
         elif path.startswith("/api/3.0/mlflow/traces/"):
-            trace = path.split("/")[-2]
+            trace = path.rsplit("/", 1)[1]
+            if trace == "tr-" + UNSERVED.hex():  # a 404 that is not MLflow's "no such trace"
+                await send_response(send, 404, b"<h1>Not Found</h1>")
+                return
             if trace not in TRACES:
                 await send_response(send, 404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}')
                 return
@@ -157,6 +161,14 @@ def test_spans_of_own_and_new_traces_pass_and_foreign_ones_do_not(
     assert response.headers["x-guard-reason"] == "permission_denied"
     assert "tr-" + FOREIGN.hex() in response.json()["message"]
     assert "exp-2" not in response.text
+
+
+def test_a_trace_mlflow_does_not_answer_for_is_not_new(
+    gateway: tuple[str, FakeMlflow], client: httpx.Client
+) -> None:
+    url, _ = gateway
+    response = post(client, url, export(UNSERVED))
+    assert response.headers.get("x-guard-reason") == "permission_denied"
 
 
 def test_every_gzip_member_is_read(gateway: tuple[str, FakeMlflow], client: httpx.Client) -> None:

@@ -71,8 +71,8 @@ class FakeMlflow:
             model = path.rsplit("/", 1)[1]
             if model in LOGGED_MODELS:
                 found = {"model": {"info": {"experiment_id": LOGGED_MODELS[model]}}}
-        elif path.startswith("/api/3.0/mlflow/traces/") and path.endswith("/info"):
-            trace = path.split("/")[-2]
+        elif path.startswith("/api/3.0/mlflow/traces/tr-") and scope["method"] == "GET":
+            trace = path.rsplit("/", 1)[1]
             if trace in TRACES:
                 location = {"mlflow_experiment": {"experiment_id": TRACES[trace]}}
                 found = {"trace": {"trace_info": {"trace_location": location}}}
