@@ -560,7 +560,8 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
         if args.action == "history":
             from guard.audit.history import model_history
 
-            spans = [span.row() for span in model_history(engine, args.model)]
+            key = load_secret_key(settings.secret_key_file, os.environ, create=False)
+            spans = [span.row() for span in model_history(engine, args.model, key)]
             columns = ("holds", "version", "since", "until", "set_by", "rule")
             write_records(spans, args.format, sys.stdout, columns)
             return 0

@@ -122,6 +122,18 @@ audit_anchors = sa.Table(
     sa.Column("signature", sa.String(64), nullable=False),
 )
 
+# Where each writer's stored chain ends: moved forward with every batch the writer stores,
+# signed with the audit key. A chain that stops short of it, or is gone, was cut.
+audit_heads = sa.Table(
+    "guard_audit_head",
+    metadata,
+    sa.Column("writer", sa.String(128), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+    sa.Column("signature", sa.String(64), nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()

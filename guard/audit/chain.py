@@ -2,9 +2,12 @@
 
 Every record carries its writer, a sequence number and the MAC of its predecessor, and its own
 MAC over its canonical JSON and that predecessor MAC. Editing, inserting, deleting or reordering
-a record breaks the chain at that point; the newest head is also kept outside the table (a file
-beside the spool, and the metrics), so cutting off the newest records shows as well. The key is
-derived from the gateway's secret key, which never goes into the database.
+a record breaks the chain at that point. The newest head is also kept outside the chain: in a
+file beside the spool, in the metrics, in a signed row per writer that moves with every batch
+stored (``guard_audit_head``), and in the other writers' chains, which note the heads they see
+(``heads_seen`` events). So cutting off a chain's newest records, or deleting a writer's chain
+whole, shows as well. The key is derived from the gateway's secret key, which never goes into
+the database.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ class Head:
         return record, Head(self.writer, self.seq + 1, record["mac"])
 
 
+def sign_head(key: bytes, head: Head, purpose: str = "head") -> str:
+    """The signature of a head kept outside the chain (``head``: where a chain ends;
+    ``anchor``: where a prune cut it), so such a row cannot be moved without the key."""
+    message = f"{purpose}\n{head.writer}\n{head.seq}\n{head.mac}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     writer: str
@@ -67,16 +77,26 @@ def verify(
     records: Iterable[Mapping[str, Any]],
     start: Mapping[str, Head] | None = None,
     heads: Mapping[str, Head] | None = None,
+    vouched: Mapping[str, Iterable[Head]] | None = None,
 ) -> list[Problem]:
     """The first break in each writer's chain, if any.
 
     ``records`` come ordered by writer, then sequence number. ``start`` gives, per writer, the
     head the stored records continue from (after a prune); otherwise a chain starts at 1.
-    ``heads`` are the heads known from outside the table: a chain that stops short of its head
-    was truncated; one that disagrees with it was altered.
+    ``heads`` (one per writer) and ``vouched`` (any number) are heads known from outside the
+    table: a chain that stops short of one was truncated, or deleted if nothing of it is left;
+    one that disagrees with it was altered.
     """
-    start, heads = start or {}, heads or {}
+    start = start or {}
+    known: dict[str, dict[int, str]] = {}
+    for writer, head in (heads or {}).items():
+        known.setdefault(writer, {})[head.seq] = head.mac
     problems: dict[str, Problem] = {}
+    for writer, found in (vouched or {}).items():
+        for head in found:
+            macs = known.setdefault(writer, {})
+            if macs.setdefault(head.seq, head.mac) != head.mac:
+                problems[writer] = Problem(writer, head.seq, "two different heads vouched for")
     last: dict[str, Head] = {}
     for record in records:
         writer = str(record.get("writer", ""))
@@ -97,21 +117,23 @@ def verify(
         if not hmac.compare_digest(str(record.get("mac", "")), mac_of(key, record)):
             problems[writer] = Problem(writer, seq, "altered (its MAC does not match)")
             continue
-        known = heads.get(writer)
-        if known is not None and known.seq == seq and known.mac != record["mac"]:
+        outside = known.get(writer, {}).get(seq)
+        if outside is not None and outside != record["mac"]:
             problems[writer] = Problem(writer, seq, "differs from the head recorded outside")
             continue
         last[writer] = Head(writer, seq, str(record["mac"]))
-    for writer, known in heads.items():
+    for writer, macs in known.items():
         if writer in problems:
             continue
         reached = last.get(writer) or start.get(writer) or Head(writer)
-        if reached.seq < known.seq:
+        top = max(macs)
+        if reached.seq < top:
+            gone = writer not in last and writer not in start
+            what = "deleted: its whole chain" if gone else "truncated: records"
             problems[writer] = Problem(
-                writer,
-                reached.seq + 1,
-                f"truncated: records {reached.seq + 1}..{known.seq} missing",
-            )
-        elif reached.seq == known.seq and reached.mac != known.mac:
-            problems[writer] = Problem(writer, known.seq, "differs from the recorded head")
+                writer, reached.seq + 1,
+                f"{what} {reached.seq + 1}..{top} missing (its head is known outside the table)",
+            )  # fmt: skip
+        elif macs.get(reached.seq, reached.mac) != reached.mac:
+            problems[writer] = Problem(writer, reached.seq, "differs from the recorded head")
     return sorted(problems.values(), key=lambda p: (p.writer, p.seq))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hmac
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TextIO
 
 from sqlalchemy.engine import Engine
 
-from guard.audit.chain import Head, Problem, derive_key, verify
+from guard.audit.chain import Head, Problem, derive_key, mac_of, verify
 from guard.audit.prune import anchor_problems
 from guard.audit.spool import read_records, segments
 from guard.audit.store import AuditStore, Filters
@@ -66,15 +67,38 @@ def _tail(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]
     yield from (r for r in records if isinstance(r.get("seq"), int) and r["seq"] > after)
 
 
+def vouched_heads(engine: Engine, key: bytes) -> dict[str, list[Head]]:
+    """The heads writers noted of each other (``heads_seen`` events whose own MAC holds)."""
+    found: dict[str, list[Head]] = {}
+    for record in query_records(engine, Filters(kind="event"), None):
+        if record.get("event") != "heads_seen" or not isinstance(record.get("heads"), dict):
+            continue
+        if not hmac.compare_digest(str(record.get("mac", "")), mac_of(key, record)):
+            continue  # an altered note vouches for nothing (its chain's check reports it)
+        for writer, head in record["heads"].items():
+            try:
+                found.setdefault(writer, []).append(Head(writer, int(head[0]), str(head[1])))
+            except (TypeError, ValueError, IndexError):
+                continue
+    return found
+
+
 def verify_trail(
     engine: Engine, secret_key: bytes, spools: list[Path], unchecked: list[str] | None = None
 ) -> tuple[int, list[Problem]]:
-    """(records checked, the first break in each chain). ``spools`` are the spool directories
-    whose heads and unshipped records are to be checked against the table. Writers whose head
-    was not among them are appended to ``unchecked``: their newest records (or all of them)
-    could have been deleted unseen."""
+    """(records checked, the first break in each chain). Each chain is checked against every
+    head known outside it: the heads beside the ``spools`` given (with their unshipped
+    records), the signed head rows the writers keep in the database, and the heads other
+    writers noted in their chains; a chain that stops short of one, or is gone, was cut.
+    Writers with no head known outside the table are appended to ``unchecked``: their newest
+    records (or all of them) could have been deleted unseen."""
     store = AuditStore(engine)
+    key = derive_key(secret_key, "audit-chain")
     heads = {h.writer: h for h in (read_head(s) for s in spools) if h is not None}
+    anchored, forged = store.heads(key)
+    known = vouched_heads(engine, key)
+    for head in anchored.values():
+        known.setdefault(head.writer, []).append(head)
     counted = 0
     writers: set[str] = set()
 
@@ -85,12 +109,14 @@ def verify_trail(
             writers.add(str(record.get("writer")))
             yield record
 
-    key = derive_key(secret_key, "audit-chain")
     anchors = store.anchors()
     records = counting(_with_spooled(store.chain(), spools, anchors))
-    problems = anchor_problems(key, engine) + verify(key, records, start=anchors, heads=heads)
+    problems = anchor_problems(key, engine) + [
+        Problem(w, 0, "its head row (where its chain ends) was altered") for w in forged
+    ]
+    problems += verify(key, records, start=anchors, heads=heads, vouched=known)
     if unchecked is not None:
-        unchecked.extend(sorted((writers | set(anchors)) - set(heads)))
+        unchecked.extend(sorted((writers | set(anchors)) - set(heads) - set(known) - set(forged)))
     return counted, problems
 
 

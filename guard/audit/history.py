@@ -2,17 +2,20 @@
 
 Every alias set or deleted and every stage transition that MLflow accepted (status 200) is in
 the trail with its declared fields, who made it and under which rule. Replayed in order they
-say which version held which alias or stage, from when until when.
+say which version held which alias or stage, from when until when. Each record's MAC is checked
+first: a history is never built from an altered record (``audit verify`` finds deleted ones).
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from guard.audit.chain import derive_key, mac_of
 from guard.audit.commands import query_records
 from guard.audit.store import Filters
 
@@ -82,8 +85,23 @@ def replay(records: Iterable[dict[str, Any]]) -> list[Span]:
     return spans
 
 
-def model_history(engine: Engine, model: str) -> list[Span]:
-    records = query_records(
-        engine, Filters(resource=f"model:{model}", kind="outcome", decision="allow"), None
-    )
+class AlteredRecords(ValueError):
+    """Records whose MAC does not match: the history would be built on edited facts."""
+
+
+def model_history(engine: Engine, model: str, secret_key: bytes) -> list[Span]:
+    """The spans of the model named ``model`` (a name, never a pattern); AlteredRecords if any
+    record it rests on fails its MAC."""
+    key = derive_key(secret_key, "audit-chain")
+    filters = Filters(resource=f"model:{model}", kind="outcome", decision="allow", literal=True)
+    records = list(query_records(engine, filters, None))
+    altered = [
+        f"{r.get('writer')}#{r.get('seq')}" for r in records
+        if not hmac.compare_digest(str(r.get("mac", "")), mac_of(key, r))
+    ]  # fmt: skip
+    if altered:
+        raise AlteredRecords(
+            f"audit records altered (their MACs do not match): {', '.join(altered[:20])}; "
+            "run `mlflow-guard audit verify`"
+        )
     return replay(records)

@@ -4,7 +4,10 @@ Each writer's chain is cut at a sequence number: every record of that writer up 
 one older than ``before`` goes. The archive (JSON lines) starts with a header naming, per writer,
 the head its records continue from, so ``audit verify --archive FILE`` checks it on its own. The
 table keeps a signed anchor per writer (the last archived record's seq and MAC), so the records
-left still verify, and moving an anchor forward to hide deletions breaks its signature.
+left still verify, and moving an anchor forward to hide deletions breaks its signature. Nothing
+is cut that does not verify: the records to be archived are checked first (their chains, the
+anchors and the heads known outside the table), so a prune cannot launder a tampered stretch
+into an archive.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def prune(engine: Engine, secret_key: bytes, before: dt.datetime, archive: Path)
         if writer in cuts and isinstance(seq, int) and seq <= cuts[writer]:
             pruned.append(record)
             last[str(writer)] = Head(str(writer), seq, str(record.get("mac", "")))
+    problems = _cut_problems(key, engine, pruned, starts, cuts)
+    if problems:
+        raise ValueError(
+            "nothing pruned: the records to be cut do not verify ("
+            + "; ".join(map(str, problems)) + "); run `mlflow-guard audit verify`"
+        )  # fmt: skip
     # The header is signed and names where each chain starts and ends and how many records
     # there are, so cutting records off either end of the archive is found too.
     header: dict[str, Any] = {
@@ -98,6 +107,27 @@ def prune(engine: Engine, secret_key: bytes, before: dt.datetime, archive: Path)
                 )
             )
     return count
+
+
+def _cut_problems(
+    key: bytes,
+    engine: Engine,
+    pruned: list[dict[str, Any]],
+    starts: dict[str, Head],
+    cuts: dict[str, int],
+) -> list[Problem]:
+    """What is wrong with the stretch about to be cut: its chains from their anchors to the
+    cut, and any head known outside the table that falls inside it."""
+    from guard.audit.commands import vouched_heads  # (commands imports this module)
+
+    anchored, forged = AuditStore(engine).heads(key)
+    known = vouched_heads(engine, key)
+    for head in anchored.values():
+        known.setdefault(head.writer, []).append(head)
+    inside = {w: [h for h in hs if h.seq <= cuts.get(w, 0)] for w, hs in known.items()}
+    problems = anchor_problems(key, engine)
+    problems += [Problem(w, 0, "its head row was altered") for w in forged if w in cuts]
+    return problems + verify(key, pruned, start=starts, vouched=inside)
 
 
 def _head(head: Head) -> dict[str, Any]:

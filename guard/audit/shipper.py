@@ -2,16 +2,20 @@
 
 It reads the spool from its oldest segment, skips what the table already holds for this writer
 (``(writer, seq)`` is unique, and the newest stored seq is asked once at start), and inserts the
-rest a batch per transaction. While the database is down, records wait in the spool and the
-shipper retries with backoff; when it is back they are replayed in order. A segment is deleted
-once everything in it is stored and the spool writes elsewhere.
+rest a batch per transaction, moving the writer's signed head row in the same transaction. Now
+and then it notes in its own chain the heads of the other writers it sees (``heads_seen``), so
+each writer's head is vouched for by the others too. While the database is down, records wait
+in the spool and the shipper retries with backoff; when it is back they are replayed in order.
+A segment is deleted once everything in it is stored and the spool writes elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ logger = logging.getLogger("guard.audit")
 
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 SETTLE = 0.2  # seconds a small backlog waits to grow into a bigger batch (fewer transactions)
+VOUCH_INTERVAL = 10.0  # seconds between notes of the other writers' heads (when they moved)
 
 
 class Shipper:
@@ -42,6 +47,8 @@ class Shipper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = False
+        self._vouched_at = 0.0
+        self._vouched: dict[str, tuple[int, str]] = {}
 
     def notify(self) -> None:
         """Called from the spool's thread after each commit."""
@@ -85,7 +92,7 @@ class Shipper:
                     await asyncio.sleep(SETTLE)  # let a few commits gather into one transaction
                 batch = await anyio.to_thread.run_sync(self._read)
                 if batch:
-                    await anyio.to_thread.run_sync(self.store.insert, batch)
+                    await anyio.to_thread.run_sync(self.store.insert, batch, self.spool.key)
                     await anyio.to_thread.run_sync(self._prune_segments)
                     self.shipped = int(batch[-1]["seq"])  # last: stop() waits for this
                     self.replayed += len(batch)
@@ -94,6 +101,8 @@ class Shipper:
                             "audit database reachable again; %d records behind", self.depth
                         )
                     self.last_error, delay = "", RETRY_MIN
+                    if time.monotonic() - self._vouched_at >= VOUCH_INTERVAL:
+                        await anyio.to_thread.run_sync(self._vouch)
                     continue
             except (sa.exc.SQLAlchemyError, OSError) as exc:
                 self.failures += 1
@@ -116,11 +125,25 @@ class Shipper:
         self.shipped = self.store.max_seq(self.spool.writer)
         stored = 0
         while batch := self._read():
-            self.store.insert(batch)
+            self.store.insert(batch, self.spool.key)
             self._prune_segments()
             self.shipped = int(batch[-1]["seq"])
             stored += len(batch)
         return stored
+
+    def _vouch(self) -> None:
+        """Note the other writers' anchored heads in this writer's chain, if they moved: then
+        deleting a writer's chain together with its head row still shows."""
+        self._vouched_at = time.monotonic()
+        anchored, _ = self.store.heads(self.spool.key)
+        heads = {w: (h.seq, h.mac) for w, h in anchored.items() if w != self.spool.writer}
+        if heads and heads != self._vouched:
+            self._vouched = heads
+            self.spool.append_nowait({
+                "kind": "event", "event": "heads_seen",
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+                "heads": {w: list(h) for w, h in sorted(heads.items())},
+            })  # fmt: skip
 
     def _read(self) -> list[dict[str, Any]]:
         """The next batch not yet stored, from the durable part of the spool. Where it ends

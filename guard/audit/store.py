@@ -7,6 +7,7 @@ batch that was stored just before a crash is recognized and skipped when the spo
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from guard.audit.chain import Head, canonical
+from guard.audit.chain import Head, canonical, sign_head
 from guard.authz.engine import resource_match
-from guard.db import audit_anchors, audit_records
+from guard.db import audit_anchors, audit_heads, audit_records
 
 # Columns copied out of a record (name in the record -> its default when absent).
 COLUMNS = {
@@ -56,6 +57,7 @@ class Filters:
     decision: str | None = None
     request_id: str | None = None
     kind: str | None = None
+    literal: bool = False  # ``resource`` is one resource's name ("model:a*b" is that model)
 
 
 class AuditStore:
@@ -72,11 +74,47 @@ class AuditStore:
             return anchor.seq if anchor else 0
         return int(value)
 
-    def insert(self, records: Sequence[dict[str, Any]]) -> None:
-        """Store a batch in one transaction (all or nothing)."""
-        if records:
-            with self.engine.begin() as conn:
-                conn.execute(audit_records.insert(), [row_of(r) for r in records])
+    def insert(self, records: Sequence[dict[str, Any]], key: bytes | None = None) -> None:
+        """Store a batch in one transaction (all or nothing); with ``key``, each writer's head
+        row moves to its newest record in the same transaction, signed."""
+        if not records:
+            return
+        newest: dict[str, Head] = {}
+        for record in records:
+            writer, seq = str(record["writer"]), int(record["seq"])
+            if seq > newest.get(writer, Head(writer)).seq:
+                newest[writer] = Head(writer, seq, str(record["mac"]))
+        with self.engine.begin() as conn:
+            conn.execute(audit_records.insert(), [row_of(r) for r in records])
+            if key is None:
+                return
+            now = dt.datetime.now(dt.UTC)
+            for writer, head in newest.items():
+                row = {"seq": head.seq, "mac": head.mac, "signature": sign_head(key, head),
+                       "updated_at": now}  # fmt: skip
+                stored = conn.execute(
+                    sa.select(audit_heads.c.seq).where(audit_heads.c.writer == writer)
+                ).scalar()
+                if stored is None:
+                    conn.execute(audit_heads.insert().values(writer=writer, **row))
+                elif stored < head.seq:  # one writer per chain: nobody moves it meanwhile
+                    conn.execute(
+                        audit_heads.update().where(audit_heads.c.writer == writer).values(**row)
+                    )
+
+    def heads(self, key: bytes) -> tuple[dict[str, Head], list[str]]:
+        """Each writer's anchored head whose signature holds, and the writers whose does not."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_heads)).all()
+        good: dict[str, Head] = {}
+        bad: list[str] = []
+        for r in rows:
+            head = Head(r.writer, int(r.seq), r.mac)
+            if hmac.compare_digest(r.signature, sign_head(key, head)):
+                good[r.writer] = head
+            else:
+                bad.append(r.writer)
+        return good, bad
 
     def query(
         self, filters: Filters, after: int = 0, limit: int = 100, *, newest_first: bool = False
@@ -106,8 +144,9 @@ class AuditStore:
         if filters.kind:
             query = query.where(c.kind == filters.kind)
         pattern = filters.resource
-        if pattern and "*" not in pattern and "?" not in pattern:
+        if pattern and (filters.literal or ("*" not in pattern and "?" not in pattern)):
             query = query.where(c.resource == pattern)
+            pattern = None  # matched exactly in SQL
         elif pattern:
             prefix = pattern.split("*", 1)[0].split("?", 1)[0]
             escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

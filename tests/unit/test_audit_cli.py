@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from guard.cli import main
-from guard.db import audit_anchors, audit_records, build_engine
+from guard.db import audit_anchors, audit_heads, audit_records, build_engine
 
 URIS: dict[Path, str] = {}
 
@@ -171,6 +171,10 @@ def test_a_change_that_cannot_be_recorded_is_not_made(
 def test_writers_without_a_head_are_named(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cli(data, "role", "assign", "--subject", "user:a", "--role", "viewer")
     capsys.readouterr()
+    assert cli(data, "audit", "verify", "--spool", str(data / "elsewhere")) == 0
+    assert "UNCHECKED" not in capsys.readouterr().out  # its head row vouches for it
+    with engine_of(data).begin() as conn:  # records stored before head rows existed
+        conn.execute(audit_heads.delete())
     assert cli(data, "audit", "verify", "--spool", str(data / "elsewhere")) == 0
     out = capsys.readouterr().out
     assert "UNCHECKED: " in out and "every chain intact" in out

@@ -343,7 +343,7 @@ def test_history_from_the_gateway(running: tuple[Gateway, str, FakeMlflow]) -> N
     for version in ("1", "2"):
         response = set_alias(url, "champion", version)
     wait_stored(gateway, response.headers["x-request-id"], kinds=2)
-    spans = model_history(gateway.engine, "fraud-detector")
+    spans = model_history(gateway.engine, "fraud-detector", gateway.tokens.key)
     assert [(s.version, bool(s.until)) for s in spans] == [("1", True), ("2", False)]
     assert spans[1].set_by == "token:alice"
 
