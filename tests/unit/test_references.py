@@ -390,3 +390,15 @@ def test_callers_allowed_a_whole_kind_are_still_checked_on_other_kinds(
     url, _ = gateway
     response = send(client, url + path, token, method, body)
     assert response.headers.get("x-guard-reason") == reason, response.text
+
+
+def test_the_route_table_notes_name_the_references() -> None:
+    """Whoever reads a row of route_table.toml learns that its references are checked."""
+    import tomllib
+    from importlib import resources
+
+    rows = tomllib.loads(resources.files("guard").joinpath("route_table.toml").read_text())
+    for row in rows["route"]:
+        key = (row["method"], row["path"].removeprefix("/ajax-api").removeprefix("/api"))
+        if key in REFERENCES:
+            assert "References (guard/references.py)" in row.get("note", ""), key
