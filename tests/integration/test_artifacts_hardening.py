@@ -41,6 +41,7 @@ class World:
 def world(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_TOKEN", gateway.token)
+    patch.setenv("MLFLOW_TRACKING_URI", gateway.url)  # nothing falls back to ./mlflow.db
     patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     patch.setenv("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
