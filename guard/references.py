@@ -44,6 +44,9 @@ SOURCE_RUN: Final = "mlflow.sourceRun"  # trace metadata
 TRACE_MODEL: Final = "mlflow.modelId"  # trace metadata
 PROMPT_RUNS: Final = "mlflow.prompt.associatedRunIds"  # comma-separated run ids
 PROMPT_EXPERIMENTS: Final = "_mlflow_experiment_ids"  # ",1,2,": the experiments listing a prompt
+# Distinct references one request may name: more than MLflow itself accepts where it has a limit
+# (1,000 metrics per log-batch, 100 traces per link) and than an OTLP exporter's batch (512 spans).
+MAX_REFERENCES: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,19 +193,26 @@ def references(
     body: bytes = b"",
     max_body_size: int = 16 * 1024**2,
 ) -> list[Reference]:
-    """Every secondary id the request names, in the order of the table; malformed values are
-    refused (``RequestDataError``) before anything is looked up."""
-    found: list[Reference] = []
+    """Every secondary id the request names, each once, in the order of the table; malformed
+    values and more than ``MAX_REFERENCES`` of them are refused (``RequestDataError``) before
+    anything is looked up."""
+    found: dict[tuple[str, str, str], Reference] = {}
     for ref in REFERENCES.get(route_key(route), ()):
         if ref.form == "otlp":
-            for trace_id in otlp.trace_ids(body, headers, max_body_size):
-                found.append(_reference(ref, "trace id", trace_id, resolver))
+            named = [("trace id", t) for t in otlp.trace_ids(body, headers, max_body_size)]
+        elif data.from_query or data.body is None:
             continue
-        if data.from_query or data.body is None:
-            continue
-        for field, value in _values(ref, data):
-            found.append(_reference(ref, field, value, resolver))
-    return found
+        else:
+            named = _values(ref, data)
+        for field, value in named:
+            key = (ref.target, ref.action, value)
+            if key not in found:
+                found[key] = _reference(ref, field, value, resolver)
+        if len(found) > MAX_REFERENCES:  # each one may cost a lookup in MLflow
+            raise RequestDataError(
+                Refusal("too_many_references", f"At most {MAX_REFERENCES} are checked.")
+            )
+    return list(found.values())
 
 
 def _reference(ref: Ref, field: str, value: str, resolver: Resolver) -> Reference:

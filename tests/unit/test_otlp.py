@@ -107,7 +107,7 @@ def export(*trace_ids: bytes, padding: int = 0) -> bytes:
     request = ExportTraceServiceRequest()
     spans = request.resource_spans.add().scope_spans.add().spans
     for i, trace_id in enumerate(trace_ids):
-        spans.add(trace_id=trace_id, span_id=bytes([i + 1] * 8), name="s" + "x" * padding)
+        spans.add(trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"), name="s" + "x" * padding)
     data: bytes = request.SerializeToString()
     return data
 
@@ -232,6 +232,15 @@ def test_what_cannot_be_read_is_refused(
     response = post(client, url, body, headers)
     assert (response.status_code, response.headers.get("x-guard-reason")) == (status, reason)
     assert len(fake.forwarded) == before
+
+
+def test_a_thousand_traces_are_checked_and_no_more(
+    gateway: tuple[str, FakeMlflow], client: httpx.Client
+) -> None:
+    url, _ = gateway
+    many = [i.to_bytes(16, "big") for i in range(1, 1002)]
+    response = post(client, url, export(*many))
+    assert response.headers.get("x-guard-reason") == "too_many_references"
 
 
 def test_an_empty_export_names_no_trace(
