@@ -271,6 +271,9 @@ def test_the_message_routes_read_the_path_as_mlflow_does(
         status, _ = send(url, "GET", path, json.dumps({field: "../x"}).encode())
         assert status == 400, path
         assert len(upstream.forwarded) == before
+    # A percent-encoded parameter name is the same name, to Werkzeug and to the gateway.
+    assert send(url, "GET", f"{listing}?run_id=r1&pa%74h=..%2Fx")[1] == "artifact_path_invalid"
+    assert send(url, "GET", f"{listing}?run_id=r1&path=a&pat%68=b")[1] == "ambiguous_parameter"
     # '+' is a space in a query string, for MLflow too.
     assert send(url, "GET", f"{listing}?run_id=r1&path=a+b")[0] == 200
     assert upstream.forwarded[-1][1] == "run_id=r1&path=a+b"
