@@ -2,6 +2,8 @@
 
 Outermost first, every request passes:
 
+0. ``guard.protocol``            uvicorn's HTTP/1.1 parser with the gateway's limits; what it
+                                 refuses goes through 1. marked as refused (400/408/414/429/431)
 1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500,
                                  the audit outcome of every request (``guard.audit``)
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS

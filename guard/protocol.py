@@ -98,9 +98,10 @@ def classify_parser_error(exc: httptools.HttpParserError) -> Refusal:
     if isinstance(exc.__context__, ProtocolRefusal):
         return Refusal(exc.__context__.reason, exc.__context__.detail)
     message = str(exc)
-    detail = message if message.isascii() and message.isprintable() else ""
-    if isinstance(exc, httptools.HttpParserCallbackError) or not detail:
-        detail = ""  # an error in uvicorn's own callbacks (an unusual URL): nothing to show
+    # llhttp's own words about the caller's bytes; an error in uvicorn's callbacks (an unusual
+    # URL) is not shown.
+    callback = isinstance(exc, httptools.HttpParserCallbackError)
+    detail = message if message.isascii() and message.isprintable() and not callback else ""
     reason = "invalid_body_framing" if _FRAMING.search(detail) else "malformed_request"
     return Refusal(reason, f"({detail[:100]})" if detail else "")
 
