@@ -37,9 +37,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 class PostgresCluster:
-    """initdb + pg_ctl on a free loopback port, in a temporary directory; trust auth."""
+    """initdb + pg_ctl on a free loopback port, in a temporary directory; trust auth. Fast and
+    not crash-safe (fsync off) unless ``durable``: then commits are on disk as in production."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
         initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not initdbs:
             raise RuntimeError("PostgreSQL is not installed (make test installs it)")
@@ -48,6 +49,11 @@ class PostgresCluster:
         self.port = free_port()
         self.as_postgres = os.geteuid() == 0  # initdb refuses to run as root
         self.user = "postgres"
+        self.options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 " + (
+            "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+            if durable
+            else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
 
     def _run(self, *args: str) -> None:
         command = [str(self.bin / args[0]), *args[1:]]
@@ -60,12 +66,8 @@ class PostgresCluster:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", f"{self.dir}/data", "-A", "trust", "-U", self.user,
                   "-E", "UTF8", "--no-sync")  # fmt: skip
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
         self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/pg.log", "-w",
-                  "-t", "30", "-o", options, "start")  # fmt: skip
+                  "-t", "30", "-o", self.options, "start")  # fmt: skip
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError):

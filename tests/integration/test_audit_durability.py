@@ -203,18 +203,30 @@ def test_sigkill_under_load_leaves_an_intent_for_every_stored_metric(
             return wanted.keys() <= {(r["writer"], r["seq"]) for r in _stored_records(database)}
 
         _until(shipped, 60, "records spooled before the kill reach the database")
+
+        def accounted() -> bool:  # the restart says what became of the requests cut off
+            records = _stored_records(database)
+            outcomes = {r["request_id"] for r in records if r["kind"] == "outcome"}
+            return all(r["request_id"] in outcomes for r in records if r["kind"] == "intent")
+
+        _until(accounted, 30, "every intent has an outcome after the restart")
     finally:
         second.stop()
     stored_records = {(r["writer"], r["seq"]): r for r in _stored_records(database)}
     assert all(stored_records[k] == r for k, r in wanted.items())
     counts = Counter((r["writer"], r["seq"]) for r in _stored_records(database))
     assert max(counts.values()) == 1
+    everything = _stored_records(database)
+    outcomes = Counter(r["request_id"] for r in everything if r["kind"] == "outcome")
+    assert {outcomes[r["request_id"]] for r in everything if r["kind"] == "intent"} == {1}
+    unknown = [r for r in everything if r.get("reason") == "outcome_unknown"]
+    assert all(r["status"] == 0 and r["principal"] == "token:admin" for r in unknown)
     report = _verify(second)
     in_flight = len(stored.keys() - acknowledged)  # stored, but the kill cut the answer off
     print(f"sigkill: killed after {killed_at:.1f} s of load; {len(sent)} sent, "
           f"{len(acknowledged)} acknowledged, {len(stored)} stored by MLflow ({in_flight} "
           f"unacknowledged), {len(intents)} intents, {len(spooled)} records spooled (torn "
-          f"tail: {torn}); {report}")  # fmt: skip
+          f"tail: {torn}), {len(unknown)} outcome_unknown after the restart; {report}")  # fmt: skip
 
 
 # -- 2. the database restarted mid-load ----------------------------------------------------------
