@@ -195,7 +195,14 @@ def outcome(scope: Scope, redactor: Redactor, total_seconds: float) -> dict[str,
         record["changes"] = context.changes
     elif refusal is None and (found := changes(scope, redactor)):
         record["changes"] = found
-    if context.status == 401 or (refusal is not None and refusal.reason == "identity_unavailable"):
-        # Whose login failed, or could not be checked: "the same token, 40 times".
+    if context.status == 401:  # whose login failed: "the same token, 40 times"
         record["credential"] = redactor.credential(scope.get("headers", []))
+    elif (
+        refusal is not None
+        and context.principal is None
+        and (found := redactor.credential(scope.get("headers", [])))
+    ):
+        # Refused before (or without) authentication: a wrong Host, a cross-site write, the
+        # token store down. No lookup just to name the caller; the credential's fingerprint.
+        record["credential"] = found
     return record

@@ -605,3 +605,21 @@ def test_probes_answer_without_credentials_and_are_not_recorded(
     marker = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
     wait_stored(gateway, marker, kinds=2)
     assert all(stored(gateway, request_id=a.headers["x-request-id"]) == [] for a in answers)
+
+
+def test_refusals_before_authentication_keep_the_credentials_fingerprint(
+    running: tuple[Gateway, str, FakeMlflow],
+) -> None:
+    """A wrong Host is refused before anyone logs in: no lookup to name the caller, but the
+    token's fingerprint, the same one its failed logins would show."""
+    gateway, url, _ = running
+    ids = []
+    for path in ("/guard/api/policy", "/guard/nope", "/api/2.0/mlflow/experiments/get"):
+        refused = httpx.get(url + path, headers={**bearer(ALICE), "Host": "evil.example"})
+        assert refused.headers["x-guard-reason"] == "host_not_allowed"
+        ids.append(refused.headers["x-request-id"])
+    assert gateway.trail is not None
+    expected = gateway.trail.redactor.fingerprint(ALICE)
+    for request_id in ids:
+        (record,) = wait_stored(gateway, request_id)
+        assert record["principal"] == "" and record["credential"]["secret"] == expected
