@@ -267,7 +267,10 @@ class GuardHttpProtocol(HttpToolsProtocol):
 
     def _validate_head(self) -> None:
         url: bytes = self.url
-        if not url.startswith(b"/"):
+        # Origin-form, or absolute-form (RFC 9112 3.2.2: a server must accept it; uvicorn keeps
+        # only its path, and the Host header is what the gateway checks). Authority-form
+        # (CONNECT) and asterisk-form (OPTIONS *) are for proxies and servers MLflow is not.
+        if not url.startswith(b"/") and not url[:8].lower().startswith((b"http://", b"https://")):
             detail = "(the request target must be a path beginning with '/')"
             raise ProtocolRefusal("malformed_request", detail)
         if b"#" in url:

@@ -328,7 +328,9 @@ def test_folding_and_control_characters_are_refused_for_every_method(
         (b"GETX /api/2.0/mlflow/experiments/get HTTP/1.1", "GETX"),
         (b"G\x01T /api/2.0/mlflow/experiments/get HTTP/1.1", "G"),
         (b"GET api/2.0/mlflow/experiments/get HTTP/1.1", "GET"),
-        (b"GET http://evil.example/api/2.0/mlflow/experiments/get HTTP/1.1", "GET"),
+        (b"GET http://evil.example HTTP/1.1", "GET"),
+        (b"GET ftp://evil.example/api/2.0/mlflow/experiments/get HTTP/1.1", "GET"),
+        (b"GET //evil.example/api/2.0/mlflow/experiments/get#x HTTP/1.1", "GET"),
         (b"CONNECT evil.example:443 HTTP/1.1", "CONNECT"),
         (b"OPTIONS * HTTP/1.1", "OPTIONS"),
         (b"GET /ajax-api/2.0/mlflow/experiments/get#x HTTP/1.1", "GET"),
@@ -345,8 +347,7 @@ def test_bad_request_lines_are_refused_and_recorded(
 ) -> None:
     record = refused(running, request_line + b"\r\nHost: localhost\r\n\r\n", "malformed_request")
     assert record["method"] in (method, "")
-    assert record["path"] in ("", "/api/2.0/mlflow/experiments/get",
-                              "/ajax-api/2.0/mlflow/experiments/get")  # fmt: skip
+    assert record["path"] == "" or record["path"].startswith("/")  # as far as it parsed
 
 
 def test_a_websocket_upgrade_is_refused_and_recorded(running: Running) -> None:
