@@ -80,7 +80,7 @@ class AuditStore:
         if not records:
             return
         newest: dict[str, Head] = {}
-        for record in records:
+        for record in records if key is not None else ():
             writer, seq = str(record["writer"]), int(record["seq"])
             if seq > newest.get(writer, Head(writer)).seq:
                 newest[writer] = Head(writer, seq, str(record["mac"]))

@@ -232,13 +232,13 @@ class FlakyStore(AuditStore):
         super().__init__(store.engine)
         self.failures = failures
 
-    def insert(self, records: Any) -> None:
+    def insert(self, records: Any, key: bytes | None = None) -> None:
         if self.failures > 0:
             self.failures -= 1
             if self.failures % 2:
-                super().insert(records)  # stored, but the caller hears of an error
+                super().insert(records, key)  # stored, but the caller hears of an error
             raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
-        super().insert(records)
+        super().insert(records, key)
 
 
 def test_a_database_outage_is_replayed_exactly_once(
