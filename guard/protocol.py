@@ -140,8 +140,8 @@ class GuardHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        address = self.client[0] if self.client else ""
-        if not self._is_trusted(address):
+        address = self.client[0] if self.client else ""  # none on a Unix socket: not counted
+        if address and not self._is_trusted(address):
             self.counted = address
             self.open_by_client[address] = open_now = self.open_by_client.get(address, 0) + 1
             if open_now > self.limits.max_connections_per_client:
@@ -281,8 +281,17 @@ class GuardHttpProtocol(HttpToolsProtocol):
         if query and query.count(b"&") + 1 > self.limits.max_query_params:
             limit = self.limits.max_query_params
             raise ProtocolRefusal("too_many_parameters", f"(limit {limit})")
-        if self.parser.should_upgrade() and self._get_upgrade() == b"websocket":
-            raise ProtocolRefusal("websocket_not_served")
+        if self.parser.should_upgrade():
+            if self._get_upgrade() == b"websocket":
+                raise ProtocolRefusal("websocket_not_served")
+            # Another upgrade (h2c) is served as plain HTTP/1.1, but llhttp takes whatever
+            # follows the head as the new protocol's bytes: a body would never reach the
+            # application, which would see a different request than the one sent.
+            if any(
+                name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+                for name, value in self.headers
+            ):
+                raise ProtocolRefusal("malformed_request", "(an upgrade request with a body)")
 
     def _should_upgrade(self) -> bool:
         return False  # MLflow serves no WebSocket; the request is refused, never handed over

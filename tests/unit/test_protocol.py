@@ -364,6 +364,9 @@ def test_other_upgrades_are_served_as_http_and_the_connection_closes(running: Ru
     h2c = ["Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABk"]
     (answer,) = exchange(running.port, head("GET", "/guard/health", *h2c))
     assert answer.status == 200 and answer.headers["connection"] == "close"
+    # With a body, llhttp would take the body for the new protocol's bytes: refused.
+    for framing in ("Content-Length: 2", "Transfer-Encoding: chunked"):
+        refused(running, head("POST", API, *h2c, framing) + b"{}", "malformed_request")
 
 
 def test_a_malformed_request_after_a_good_one_on_the_same_connection(running: Running) -> None:
