@@ -6,6 +6,8 @@ Outermost first, every request passes:
                                  refuses goes through 1. marked as refused (400/408/414/429/431)
 1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500,
                                  the audit outcome of every request (``guard.audit``)
+1a. ``FloodCountMiddleware``     a refusal of a caller who did not log in is counted before it
+                                 is answered (in the spool's head, if a flood summary stands for it)
 2. ``SecurityHeadersMiddleware`` nosniff, frame-ancestors, Referrer-Policy, HSTS over TLS
 2a. ``SingleValuedHeadersMiddleware`` 400 ambiguous_parameter for a repeated singular header
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
@@ -37,7 +39,13 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.api import PolicyApi
-from guard.audit.trail import AuditTrail, IntentMiddleware
+from guard.audit.trail import (
+    COUNTED,
+    AuditTrail,
+    FloodCountMiddleware,
+    IntentMiddleware,
+    counts_as_failure,
+)
 from guard.authentication import AuthenticationMiddleware
 from guard.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
@@ -373,14 +381,14 @@ def build_gateway(
     def complete(scope: Scope) -> None:
         """Every request, once answered: counted, and recorded (a flood only as a count)."""
         context = scope.get("guard")
-        # Refusals and preflights are what anyone can send without logging in: counted. A 5xx
-        # is the gateway failing (the token store down, MLflow gone), not a failed login: it
-        # neither feeds the limiter nor hides in a summary; each one is recorded.
+        # Refusals and preflights are what anyone can send without logging in: counted (by
+        # FloodCountMiddleware before the answer, or here). A 5xx is the gateway failing (the
+        # token store down, MLflow gone), not a failed login: it neither feeds the limiter
+        # nor hides in a summary; each one is recorded.
         if (
             context is not None
-            and context.principal is None
-            and context.status < 500
-            and (context.status >= 400 or scope.get("method") == "OPTIONS")
+            and not scope.get(COUNTED)
+            and counts_as_failure(scope, context.status)
         ):
             context.unrecorded = not limiter.refused(context.client)
         metrics.observe(scope)
@@ -405,6 +413,8 @@ def build_gateway(
     app = SecurityHeadersMiddleware(
         app, frame_ancestors=g.frame_ancestors, hsts_max_age=g.hsts_max_age
     )
+    if trail is not None:
+        app = FloodCountMiddleware(app, trail=trail, limiter=limiter)
     app = RequestContextMiddleware(
         app,
         trusted_proxies=g.trusted_proxies,

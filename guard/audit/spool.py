@@ -215,12 +215,22 @@ class Spool:
 
     def tally(self, client: str) -> None:
         """Count one refusal a flood summary will stand for (it gets no record of its own):
-        in head.json with the next commit, fsynced with the next fsync."""
+        in head.json at once, fsynced with the next fsync."""
         if self.broken or self._thread is None:
             self.failures += 1
             self.lost += 1
             return
         self._queue.put(_Item({}, None, tally=client))
+
+    async def count(self, client: str) -> None:
+        """``tally``, returning once the count is in head.json: a refusal counted this way
+        before its answer goes out cannot be lost to a crash of the process."""
+        if self.broken or self._thread is None:
+            self.tally(client)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put(_Item({}, done, tally=client))
+        await asyncio.wrap_future(done)
 
     def summarize(self, body: dict[str, Any], client: str, count: int) -> None:
         """Write a flood summary standing for ``count`` of ``client``'s counted refusals."""
@@ -248,13 +258,10 @@ class Spool:
                 except queue.Empty:
                     break
             items = [item for item in batch if item is not _STOP]
-            counted = [item.tally for item in items if item.tally is not None]
+            counted = [item for item in items if item.tally is not None]
             items = [item for item in items if item.tally is None]
-            for client in counted:
-                self._count(client, 1)
-            if counted and not items:
-                self._write_head()
-                self._dirty = True  # fsynced (the head with it) within FLUSH_INTERVAL
+            for item in counted:
+                self._count(str(item.tally), 1)
             if items:
                 try:
                     self._write(items)
@@ -265,6 +272,12 @@ class Spool:
                     self._fail(
                         [i for i in items if i.done is None or not i.done.done()], self.error
                     )
+            if counted:  # in head.json before the counted refusals' answers go out
+                self._write_head()
+                self._dirty = True  # fsynced (the head with it) within FLUSH_INTERVAL
+                for item in counted:
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(None)
             if len(items) + len(counted) < len(batch):
                 if self.tallies and not self.broken:  # counted, never summarized: say so now
                     self._write([self._summary(c, n) for c, n in sorted(self.tallies.items())])

@@ -17,7 +17,7 @@ from typing import Any, Final
 import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.audit import records
 from guard.audit.chain import derive_key
@@ -98,7 +98,8 @@ class AuditTrail:
         if context is None:
             return
         if context.unrecorded:  # one of a flood: counted in the spool's head, summarized later
-            self.spool.tally(context.client)
+            if not scope.get(COUNTED):  # (FloodCountMiddleware counted it before answering)
+                self.spool.tally(context.client)
         else:
             self.spool.append_nowait(records.outcome(scope, self.redactor, context.elapsed()))
         if self.limiter is not None:
@@ -112,6 +113,53 @@ class AuditTrail:
     def event(self, body: dict[str, Any]) -> None:
         """Something that is not a request: a token made or revoked by the gateway itself."""
         self.spool.append_nowait({"kind": "event", "time": records.now(), **body})
+
+
+COUNTED: Final = "guard.counted"  # scope key: the limiter has counted this request
+
+
+def counts_as_failure(scope: Scope, status: int) -> bool:
+    """A refusal (or preflight) of a caller who did not log in: what the failure limiter counts.
+    A 5xx is the gateway failing (the token store down, MLflow gone), not a failed login."""
+    context = scope.get("guard")
+    return (
+        context is not None
+        and context.principal is None
+        and status < 500
+        and (status >= 400 or scope.get("method") == "OPTIONS")
+    )
+
+
+class FloodCountMiddleware:
+    """Counts a refusal of a caller who did not log in before its answer goes out; one the
+    flood summary stands for is in the spool's head before the answer leaves, so no crash
+    loses it. (Refusals answered outside it, by the protocol layer, are counted on
+    completion.)"""
+
+    def __init__(self, app: ASGIApp, *, trail: AuditTrail, limiter: FailureLimiter) -> None:
+        self.app = app
+        self.trail = trail
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and not scope.get(COUNTED)
+                and counts_as_failure(scope, message["status"])
+            ):
+                scope[COUNTED] = True
+                context = scope["guard"]
+                context.unrecorded = not self.limiter.refused(context.client)
+                if context.unrecorded:
+                    await self.trail.spool.count(context.client)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class IntentMiddleware:

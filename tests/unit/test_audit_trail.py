@@ -623,3 +623,23 @@ def test_refusals_before_authentication_keep_the_credentials_fingerprint(
     for request_id in ids:
         (record,) = wait_stored(gateway, request_id)
         assert record["principal"] == "" and record["credential"]["secret"] == expected
+
+
+def test_a_refusal_the_summary_stands_for_is_counted_on_disk_before_it_is_answered(
+    tmp_path: Path,
+) -> None:
+    fake = FakeMlflow()
+    with ServerThread(fake, lifespan="off") as upstream:
+        gateway = limited_gateway(tmp_path, fake, upstream.url)
+        with ServerThread(gateway) as server:
+            head = tmp_path / "audit" / "head.json"
+            for n in range(1, 9):
+                answer = httpx.get(server.url + "/version", headers=bearer(BOGUS))
+                assert answer.status_code == (401 if n <= 3 else 429)
+                # Read the moment the answer is in: a SIGKILL now would lose nothing.
+                counted = json.loads(head.read_text()).get("unrecorded", {})
+                assert counted == ({"127.0.0.1": n - 3} if n > 3 else {})
+    summaries = [e for e in stored(gateway, kind="event")
+                 if e["event"] == "unauthenticated_refusals"]  # fmt: skip
+    assert [(s["client"], s["unrecorded"]) for s in summaries] == [("127.0.0.1", 5)]
+    assert "unrecorded" not in json.loads(head.read_text())
