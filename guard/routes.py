@@ -30,8 +30,9 @@ KINDS: Final = frozenset(
 # The MLflow releases whose routes the table was checked against (tests/unit/test_routes.py).
 VERIFIED_MLFLOW_VERSIONS: Final = frozenset({"3.17.2"})
 _KEYS: Final = frozenset(
-    {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body"}
-)
+    {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body",
+     "get_body"}
+)  # fmt: skip
 _PARAM: Final = re.compile(r"<(?:(path):)?(\w+)>|\{(\w+)(?::(path))?\}")
 
 
@@ -48,6 +49,9 @@ class Route:
     why: str
     pattern: re.Pattern[str]
     literal: int  # characters outside parameters: more literal wins, as in Werkzeug
+    # A GET whose MLflow handler reads a JSON body when the query string is empty: only such
+    # a GET may carry a body through the gateway (guard/bodies.py).
+    get_body: bool = False
 
     def params(self, path: str) -> dict[str, str] | None:
         match = self.pattern.fullmatch(path)
@@ -90,11 +94,18 @@ def load_routes(text: str | None = None) -> tuple[Route, ...]:
             problems.append(f"{where}: a row cannot be both open and refused")
         if row.get("body", "buffer") not in ("buffer", "stream"):
             problems.append(f"{where}: body must be buffer or stream")
+        if row.get("body") == "stream" and method == "GET":
+            problems.append(f"{where}: a GET carries no body to stream")
+        if not isinstance(row.get("get_body", False), bool):
+            problems.append(f"{where}: get_body must be true or false")
+        elif row.get("get_body") and (method != "GET" or row.get("refuse")):
+            problems.append(f"{where}: get_body marks forwarded GET rows only")
         pattern, literal = _compile(path)
         routes.append(
             Route(method, path, row.get("kind", ""), row.get("id_from", "none"),
                   row.get("action", ""), bool(row.get("open")), bool(row.get("refuse")),
-                  row.get("body", "buffer"), row.get("why", ""), pattern, literal)
+                  row.get("body", "buffer"), row.get("why", ""), pattern, literal,
+                  row.get("get_body") is True)
         )  # fmt: skip
     seen = set()
     for route in routes:
@@ -141,7 +152,8 @@ class RouteTable:
             templates.sort(key=lambda r: ("{" not in r.path, -r.literal))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        """The row and its path parameters; HEAD is classified as GET."""
+        """The row and its path parameters. HEAD is classified as GET: the gateway forwards it
+        as a body-less GET and sends back only the headers (guard/bodies.py)."""
         method = "GET" if method == "HEAD" else method
         route = self._exact.get((method, path))
         if route is not None:

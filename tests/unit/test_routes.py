@@ -80,6 +80,20 @@ def test_match(method: str, path: str, kind: str, action: str, params: dict[str,
     assert (route.kind, route.action, got) == (kind, action, params)
 
 
+@pytest.mark.parametrize("path", ["/api/2.0/mlflow/runs/get", "/ajax-api/2.0/mlflow/runs/get"])
+def test_head_is_classified_as_the_get_row(path: str) -> None:
+    head, get = TABLE.match("HEAD", path), TABLE.match("GET", path)
+    assert head is not None and get is not None and head[0] is get[0]
+    assert head[0].get_body  # runs/get reads a GET's body when its query string is empty
+
+
+def test_get_body_marks_only_forwarded_get_rows() -> None:
+    marked = [r for r in ROUTES if r.get_body]
+    assert marked and all(r.method == "GET" and not r.refuse for r in marked)
+    assert not TABLE.match("GET", "/graphql")[0].get_body  # type: ignore[index]
+    assert not TABLE.match("GET", "/get-artifact")[0].get_body  # type: ignore[index]
+
+
 def test_artifact_uploads_stream_and_nothing_else_does() -> None:
     streamed = {(r.method, r.path) for r in ROUTES if r.body == "stream"}
     assert streamed
@@ -165,6 +179,13 @@ def test_validate_query(query: bytes, ok: bool) -> None:
         '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"\nextra = 1',
         '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"\n'
         '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"',
+        # get_body marks GET rows that are forwarded, with a boolean; a GET has nothing to stream.
+        '[[route]]\nmethod = "POST"\npath = "/x"\nkind = "server"\naction = "read"\n'
+        "get_body = true",
+        '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"\nget_body = 1',
+        '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"\nget_body = true'
+        '\nrefuse = true\nwhy = "w"',
+        '[[route]]\nmethod = "GET"\npath = "/x"\nkind = "server"\naction = "read"\nbody = "stream"',
     ],
 )
 def test_malformed_tables_are_rejected(text: str) -> None:
