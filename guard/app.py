@@ -17,7 +17,8 @@ Outermost first, every request passes:
    path (401, then 404/405) behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
-8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole
+8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole, bodies
+                                 only where MLflow reads them, lists of ids counted
 8a. ``ArtifactPathMiddleware``   400 artifact_path_invalid unless every artifact path is canonical
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
 10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
@@ -361,7 +362,11 @@ def build_gateway(
         max_body_size=g.max_body_size,
     )
     protected = ArtifactPathMiddleware(protected)
-    protected = BodyMiddleware(protected, max_body_size=g.max_body_size)
+    protected = BodyMiddleware(
+        protected,
+        max_body_size=g.max_body_size,
+        max_ids_per_request=settings.authz.max_ids_per_request,
+    )
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(
         protected, providers=[token_provider], realm=g.realm, limiter=limiter

@@ -3,14 +3,30 @@
 On buffered routes the whole body is read here, once, into ``scope["guard.body"]``: the
 authorization layer decides on those bytes and the proxy forwards exactly them. Artifact uploads
 are never buffered; their body streams from the client to MLflow.
+
+A request carries a body only where the gateway reads it the way MLflow does. MLflow reads a
+GET's fields from its query string, or from a JSON body when the query string is empty, and a
+HEAD's from its body alone. So a HEAD with a body is refused, and a GET with one unless its query
+string is empty and its route is marked ``get_body`` (its handler reads that body). A HEAD
+without a body is forwarded as a GET (``scope["guard.forward_method"]``) and only the headers of
+the answer go back: it is then read, authorized and answered exactly like that GET.
+
+The lists of ids a route is resolved on are counted here, before anything is looked up: past
+``max_ids_per_request`` the request is refused (``too_many_ids``). The limit is left in
+``scope["guard.max_ids"]`` for the layers that read other lists of ids.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.errors import Refusal, send_refusal
 from guard.proxy import ClientDisconnected
+from guard.requestdata import RequestData, RequestDataError
+from guard.resolve import DATASET_LINKS
+from guard.routes import Route
 
 
 def too_large(limit: int) -> Refusal:
@@ -50,18 +66,60 @@ async def read_body(receive: Receive, limit: int) -> bytes | Refusal:
             return b"".join(chunks)
 
 
+def body_refusal(method: str, query_string: bytes, route: Route) -> Refusal | None:
+    """Why a request of this method, query string and route may not carry a body, if it may
+    not: where MLflow would read it otherwise than the gateway, or not at all."""
+    if method == "HEAD":
+        return Refusal("body_not_allowed", "A HEAD request carries no body.")
+    if method != "GET":
+        return None
+    if query_string:
+        return Refusal("body_not_allowed", "A GET with a query string carries no body.")
+    if not route.get_body:
+        return Refusal("body_not_allowed", "This route reads its parameters from the query string.")
+    return None
+
+
+@cache
+def id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
+    """(source, fields) of the lists of ids the resolver looks up for a route: the list its
+    ``id_from`` names (``body:experiment_ids[]`` -> ("body", ("experiment_ids",)); a nested path
+    counts the elements of its outer list, ``locations[].mlflow_experiment.experiment_id``), and
+    the experiments a dataset is linked to or unlinked from. Other references in a body are
+    counted where they are read (guard/references.py)."""
+    source, _, spec = route.id_from.partition(":")
+    key = spec.split("+", 1)[0]
+    if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
+        return "body", ("experiment_ids",)
+    if source not in ("query", "body") or "[]" not in key:
+        return source, ()
+    if "." in key:
+        return source, (key.split("[]", 1)[0],)
+    return source, tuple(key.removesuffix("[]").split("|"))
+
+
 class BodyMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_size: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_size: int, max_ids_per_request: int) -> None:
         self.app = app
         self.max_body_size = max_body_size
+        self.max_ids = max_ids_per_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal, length, chunked = check_framing(scope["headers"])
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return
+        route: Route = scope["guard.route"]
+        method: str = scope["method"]
+        no_body = body_refusal(method, scope["query_string"], route)
+        if no_body is not None and length:  # declared: no need to read it to refuse it
+            await send_refusal(scope, send, no_body)
+            return
         scope["guard.framing"] = (length, chunked)
-        if scope["guard.route"].body == "stream":
+        scope["guard.max_ids"] = self.max_ids
+        if method == "HEAD":
+            scope["guard.forward_method"] = "GET"
+        if route.body == "stream":
             await self.app(scope, receive, send)
             return
         body = b""
@@ -77,5 +135,27 @@ class BodyMiddleware:
                 await send_refusal(scope, send, read)
                 return
             body = read
+        if body and no_body is not None:  # a chunked body, known only once read
+            await send_refusal(scope, send, no_body)
+            return
         scope["guard.body"] = body
+        if (refusal := self._count_ids(scope, route)) is not None:
+            await send_refusal(scope, send, refusal)
+            return
         await self.app(scope, receive, send)
+
+    def _count_ids(self, scope: Scope, route: Route) -> Refusal | None:
+        source, fields = id_lists(route)
+        if not fields:
+            return None
+        try:
+            data = RequestData.of(scope)
+        except RequestDataError:
+            return None  # an unreadable body: the layers that read it refuse it, as before
+        if source == "query" and scope["method"] not in ("GET", "HEAD"):
+            data = data.query_only()  # such handlers read only their query string
+        try:
+            data.check_id_count(fields, self.max_ids)
+        except RequestDataError as exc:
+            return exc.refusal
+        return None

@@ -33,6 +33,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "invalid_body_framing": ReasonInfo(
         400, "BAD_REQUEST", "Conflicting or invalid Content-Length / Transfer-Encoding."
     ),
+    "body_not_allowed": ReasonInfo(
+        400, "BAD_REQUEST", "This request may not carry a body: send its parameters one way."
+    ),
+    "too_many_ids": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The request names more ids than one request may."
+    ),
     "malformed_request": ReasonInfo(400, "BAD_REQUEST", "The request is not valid HTTP/1.1."),
     "too_many_parameters": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The query string has too many parameters."

@@ -182,11 +182,11 @@ def graphql_needs(method: str, query_string: bytes, body: bytes) -> list[Need]:
 
 
 def graphql_plan(
-    method: str, query_string: bytes, body: bytes
+    method: str, query_string: bytes, body: bytes, max_ids: int | None = None
 ) -> tuple[list[Need], list[ModelVersionsPath]]:
     """The reads the document needs, and the model-version lists ``filter_model_versions`` must
     filter in its response. Raises guard.requestdata.RequestDataError(Refusal(...)) when the
-    request cannot be read or authorized."""
+    request cannot be read or authorized, or names more than ``max_ids`` ids (each a lookup)."""
     if method not in ("GET", "POST"):
         raise _refuse("method_not_allowed", "GraphQL is served for GET and POST only.")
     given = {key for key, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)}
@@ -204,7 +204,10 @@ def graphql_plan(
     if operation_name is not None and not isinstance(operation_name, str):
         raise _refuse("invalid_request_body", "operationName must be a string.")
     operation, fragments = _select(document, operation_name)
-    return _walk(operation.selection_set, fragments, _variables(operation, variables))
+    needs, paths = _walk(operation.selection_set, fragments, _variables(operation, variables))
+    if max_ids is not None and sum(not n.field.startswith("all:") for n in needs) > max_ids:
+        raise _refuse("too_many_ids", f"The limit is {max_ids}.")
+    return needs, paths
 
 
 def _read_body(body: bytes) -> dict[str, Any]:

@@ -193,9 +193,10 @@ class ProxyApp:
             target += "?" + query.decode("latin-1")
         headers = upstream_request_headers(scope["headers"], extra)
         context = scope["guard"]
+        method = scope.get("guard.forward_method", scope["method"])  # HEAD goes as GET (bodies.py)
         started = time.monotonic()
         try:
-            response = await self.client.request(scope["method"], target, headers, body)
+            response = await self.client.request(method, target, headers, body)
         except UpstreamError as exc:
             context.upstream_seconds = time.monotonic() - started
             logger.warning(

@@ -11,7 +11,7 @@ singular query parameter. What is authorized is then exactly what MLflow acts on
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -115,6 +115,16 @@ class RequestData:
             return []
         value = found_body[0][1]
         return list(value) if isinstance(value, list) else [value]
+
+    def check_id_count(self, fields: Iterable[str], limit: int) -> None:
+        """Refuse (``too_many_ids``) a request whose lists of ids ``fields`` (either spelling,
+        read from where MLflow reads them) hold more than ``limit`` values in all. Called before
+        anything is looked up: each id is a lookup."""
+        count = 0
+        for field in fields:
+            count += len(self.values(field))
+            if count > limit:
+                raise RequestDataError(Refusal("too_many_ids", f"The limit is {limit}."))
 
     def single(self, field: str) -> Any | None:
         """One value of a singular field; a repeated query parameter is refused."""

@@ -381,6 +381,13 @@ class AuthzSettings:
         "once, those made through another replica take effect within this time. 0 turns it off.",
         kind="duration",
     )
+    max_ids_per_request: int = option(
+        1000,
+        "Most ids one request may name in the lists it is authorized on (a search's "
+        "experiment_ids, a batch's run_ids or trace_ids, a GraphQL document's ids), each a lookup "
+        "before the request is forwarded; more is refused (400 too_many_ids) before any lookup.",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True)

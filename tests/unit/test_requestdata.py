@@ -77,3 +77,38 @@ def test_a_body_is_read_once_per_request_and_again_when_rewritten() -> None:
     assert RequestData.of(scope) is first
     scope["guard.body"] = b'{"run_id": "b"}'
     assert RequestData.of(scope).single("run_id") == "b"
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "body", "counted"),
+    [
+        ("POST", b"", b'{"experiment_ids": ["1", "2", "3"]}', 3),
+        ("POST", b"", b'{"experimentIds": ["1", "2", "3"]}', 3),
+        ("POST", b"", b'{"experiment_ids": "1"}', 1),
+        ("POST", b"experiment_ids=1&experiment_ids=2", b"{}", 0),  # MLflow reads the body
+        ("GET", b"experiment_ids=1&experiment_ids=2", b"", 2),
+        ("GET", b"", b'{"experiment_ids": ["1", "2"]}', 2),  # the body, as MLflow falls back
+        ("GET", b"x=1", b'{"experiment_ids": ["1", "2"]}', 0),
+    ],
+)
+def test_ids_are_counted_where_mlflow_reads_them(
+    method: str, query: bytes, body: bytes, counted: int
+) -> None:
+    data = RequestData.build(method, query, body)
+    data.check_id_count(["experiment_ids"], counted)
+    if counted:
+        with pytest.raises(RequestDataError) as caught:
+            data.check_id_count(["experiment_ids"], counted - 1)
+        assert caught.value.refusal.reason == "too_many_ids"
+
+
+def test_ids_are_counted_over_every_list_named() -> None:
+    data = RequestData.build("POST", b"", b'{"run_ids": ["a", "b"], "experiment_ids": ["1"]}')
+    data.check_id_count(["run_ids", "experiment_ids"], 3)
+    with pytest.raises(RequestDataError):
+        data.check_id_count(["run_ids", "experiment_ids"], 2)
+    with pytest.raises(RequestDataError) as caught:  # both spellings: MLflow's choice is unclear
+        RequestData.build("POST", b"", b'{"run_ids": ["a"], "runIds": ["b"]}').check_id_count(
+            ["run_ids"], 10
+        )
+    assert caught.value.refusal.reason == "ambiguous_parameter"
