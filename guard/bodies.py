@@ -76,7 +76,7 @@ def body_refusal(method: str, query_string: bytes, route: Route) -> Refusal | No
     if query_string:
         return Refusal("body_not_allowed", "A GET with a query string carries no body.")
     if not route.get_body:
-        return Refusal("body_not_allowed", "This route reads its parameters from the query string.")
+        return Refusal("body_not_allowed", "A GET on this route carries no body.")
     return None
 
 
