@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.api import PolicyApi
+from guard.artifactpaths import ArtifactPathMiddleware
 from guard.audit.trail import (
     COUNTED,
     AuditTrail,
@@ -52,7 +53,6 @@ from guard.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyStore
-from guard.artifactpaths import ArtifactPathMiddleware
 from guard.bodies import BodyMiddleware
 from guard.context import RequestContextMiddleware
 from guard.cors import CORSMiddleware
@@ -326,7 +326,12 @@ def build_gateway(
         return 200, {"status": "ready", "checks": result}
 
     policies = PolicyRuntime(PolicyStore(engine), settings.authz.poll_interval)
-    resolver = Resolver(upstream, settings.authz.cache_size, settings.authz.cache_ttl)
+    resolver = Resolver(
+        upstream,
+        settings.authz.cache_size,
+        settings.authz.cache_ttl,
+        settings.authz.negative_cache_ttl,
+    )
     version = VersionGate(VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow)
     protected: ASGIApp = ProxyApp(client=upstream, version=version)
     if trail is not None:
