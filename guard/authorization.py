@@ -419,7 +419,10 @@ class AuthorizationMiddleware:
         filtered out of the answer instead, down to the models the caller may read."""
         subject = judge.subject
         needs, filters = graphql_plan(
-            scope["method"], scope["query_string"], scope.get("guard.body", b"")
+            scope["method"],
+            scope["query_string"],
+            scope.get("guard.body", b""),
+            max_ids=scope.get("guard.max_ids"),
         )
         if filters and not self.policies.index.unconditional(subject, "model", "read"):
             scope["guard.graphql_filters"] = filters

@@ -243,6 +243,9 @@ def expected(route: Route) -> tuple[str | None, str | None]:
     """The x-guard-reason for (allowed caller, refused caller); None means forwarded."""
     if route.refuse:
         return "route_not_classified", "route_not_classified"
+    if route.id_from == "graphql" and route.method == "GET":
+        # MLflow reads a document only from a body, which no GET may carry through the gateway.
+        return "body_not_allowed", "body_not_allowed"
     if route.open and route.kind == "server":
         return None, None
     if route.open or route.path.endswith("/scorers/online-configs"):
