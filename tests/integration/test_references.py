@@ -86,12 +86,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def alice(monkeypatch: pytest.MonkeyPatch, world: World) -> MlflowClient:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", world.alice)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world.gateway.url)  # never a local ./mlflow.db
     return MlflowClient(tracking_uri=world.gateway.url, registry_uri=world.gateway.url)
 
 
 @pytest.fixture
 def admin(monkeypatch: pytest.MonkeyPatch, world: World) -> MlflowClient:
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", world.gateway.token)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world.gateway.url)
     return MlflowClient(tracking_uri=world.gateway.url, registry_uri=world.gateway.url)
 
 
@@ -196,3 +198,40 @@ def test_start_trace_cannot_move_another_experiments_trace(
         timeout=30,
     ).json()["trace"]["trace_info"]  # no spans: the client would look for them as artifacts
     assert stored["trace_location"]["mlflow_experiment"]["experiment_id"] == world.mine
+
+
+def test_mlflows_own_tracing_works_through_the_gateway(
+    world: World, alice: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fluent API inside a run: spans over OTLP, then StartTraceV3 for the same new trace,
+    naming the run (mlflow.sourceRun); both pass the reference checks."""
+    import warnings
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world.gateway.url)
+    mlflow.set_tracking_uri(world.gateway.url)
+    try:
+        with mlflow.start_run(experiment_id=world.mine) as run:
+
+            @mlflow.trace
+            def predict(x):  # type: ignore[no-untyped-def]
+                return x + 1
+
+            # MLflow's tracer start-up warns (OpenTelemetry SDK deprecations); as errors, which
+            # pytest makes them here, MLflow would drop the trace silently.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert predict(1) == 2
+        mlflow.flush_trace_async_logging()
+        trace_id = mlflow.get_last_active_trace_id()
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert trace_id is not None
+    stored = httpx.get(
+        f"{world.gateway.url}/api/3.0/mlflow/traces/{trace_id}",
+        headers={"Authorization": f"Bearer {world.gateway.token}"},
+        timeout=30,
+    ).json()["trace"]["trace_info"]
+    assert stored["trace_location"]["mlflow_experiment"]["experiment_id"] == world.mine
+    assert stored["trace_metadata"]["mlflow.sourceRun"] == run.info.run_id
