@@ -59,3 +59,25 @@ def test_readme_lists_every_reason() -> None:
             listed[cells[0].strip("`")] = (int(cells[1]), cells[2].strip("`"), cells[3])
     expected = {r: (i.status, i.error_code, i.message) for r, i in REASONS.items()}
     assert listed == expected
+
+
+def test_readme_says_which_reasons_are_never_sent() -> None:
+    from pathlib import Path
+
+    from guard.errors import CONCEALED
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Reasons never sent to clients", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert set(CONCEALED) <= listed
+
+
+def test_concealed_reasons_are_sent_as_permission_denied() -> None:
+    from guard.errors import CONCEALED, conceal
+
+    for reason in CONCEALED:
+        sent = conceal(Refusal(reason, "the truth"), "what was sent")
+        assert sent.reason == "permission_denied" and "truth" not in sent.message
+        assert sent.cause is not None and sent.cause.reason == reason
+    other = Refusal("invalid_request_body", "x")
+    assert conceal(other, "y") is other
