@@ -358,8 +358,8 @@ class AuthorizationMiddleware:
             # Other things the body names: linked, copied from or written to (guard/references).
             if kind != "server" and route.id_from != "graphql":
                 data, body = data or self._data(scope), scope.get("guard.body", b"")
-                limit = self.max_body_size
-                for ref in references(route, data, headers, self.resolver, body, limit):
+                limits = self.max_body_size, scope.get("guard.max_ids")
+                for ref in references(route, data, headers, self.resolver, body, *limits):
                     found = await judge.resolve(ref.label, [ref.action], ref.lookup())
                     judge.require(found, [ref.action], ref.label)
             # Artifacts named by address: the caller must be able to read them.

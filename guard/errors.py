@@ -53,9 +53,6 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "otlp_unreadable": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The OTLP span export cannot be read."
     ),
-    "too_many_references": ReasonInfo(
-        400, "INVALID_PARAMETER_VALUE", "The request names too many other resources to check."
-    ),
     "policy_invalid": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The policy change is malformed or not allowed."
     ),

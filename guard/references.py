@@ -44,9 +44,6 @@ SOURCE_RUN: Final = "mlflow.sourceRun"  # trace metadata
 TRACE_MODEL: Final = "mlflow.modelId"  # trace metadata
 PROMPT_RUNS: Final = "mlflow.prompt.associatedRunIds"  # comma-separated run ids
 PROMPT_EXPERIMENTS: Final = "_mlflow_experiment_ids"  # ",1,2,": the experiments listing a prompt
-# Distinct references one request may name: more than MLflow itself accepts where it has a limit
-# (1,000 metrics per log-batch, 100 traces per link) and than an OTLP exporter's batch (512 spans).
-MAX_REFERENCES: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +189,11 @@ def references(
     resolver: Resolver,
     body: bytes = b"",
     max_body_size: int = 16 * 1024**2,
+    max_ids: int | None = None,
 ) -> list[Reference]:
     """Every secondary id the request names, each once, in the order of the table; malformed
-    values and more than ``MAX_REFERENCES`` of them are refused (``RequestDataError``) before
-    anything is looked up."""
+    values, and more than ``max_ids`` of them (``authz.max_ids_per_request``: each may cost a
+    lookup in MLflow), are refused (``RequestDataError``) before anything is looked up."""
     found: dict[tuple[str, str, str], Reference] = {}
     for ref in REFERENCES.get(route_key(route), ()):
         if ref.form == "otlp":
@@ -208,10 +206,8 @@ def references(
             key = (ref.target, ref.action, value)
             if key not in found:
                 found[key] = _reference(ref, field, value, resolver)
-        if len(found) > MAX_REFERENCES:  # each one may cost a lookup in MLflow
-            raise RequestDataError(
-                Refusal("too_many_references", f"At most {MAX_REFERENCES} are checked.")
-            )
+        if max_ids is not None and len(found) > max_ids:
+            raise RequestDataError(Refusal("too_many_ids", f"The limit is {max_ids}."))
     return list(found.values())
 
 

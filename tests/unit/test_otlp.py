@@ -240,7 +240,7 @@ def test_a_thousand_traces_are_checked_and_no_more(
     url, _ = gateway
     many = [i.to_bytes(16, "big") for i in range(1, 1002)]
     response = post(client, url, export(*many))
-    assert response.headers.get("x-guard-reason") == "too_many_references"
+    assert response.headers.get("x-guard-reason") == "too_many_ids"
 
 
 def test_an_empty_export_names_no_trace(

@@ -341,7 +341,7 @@ def test_every_table_entry_is_a_route_and_has_a_case() -> None:
          "invalid_request_body"),
         # Each distinct id may cost a lookup: a thousand are checked, more are refused.
         ("/api/2.0/mlflow/traces/link-to-run",
-         {"run_id": "r1", "trace_ids": [f"tr-{i}" for i in range(1001)]}, "too_many_references"),
+         {"run_id": "r1", "trace_ids": [f"tr-{i}" for i in range(1001)]}, "too_many_ids"),
         ("/api/2.0/mlflow/runs/log-batch",
          {"run_id": "r1", "metrics": [{"key": f"k{i}", "value": 1, "timestamp": 1, "step": 0,
                                        "model_id": "m-1"} for i in range(1000)]}, None),
