@@ -72,7 +72,8 @@ class FakeMlflow:
             if model in LOGGED_MODELS:
                 found = {"model": {"info": {"experiment_id": LOGGED_MODELS[model]}}}
         elif path.startswith("/api/3.0/mlflow/traces/tr-") and scope["method"] == "GET":
-            trace = path.rsplit("/", 1)[1]
+            # GetTraceInfoV3; the row's own trace id is looked up at .../info (guard/resolve.py)
+            trace = path.removesuffix("/info").rsplit("/", 1)[1]
             if trace in TRACES:
                 location = {"mlflow_experiment": {"experiment_id": TRACES[trace]}}
                 found = {"trace": {"trace_info": {"trace_location": location}}}
