@@ -56,7 +56,7 @@ LOGGED_MODEL: Final = Lookup(
 )
 TRACE: Final = Lookup(
     "trace",
-    "/api/3.0/mlflow/traces/{id}/info",
+    "/api/3.0/mlflow/traces/{id}",  # GetTraceInfoV3; MLflow 3.17 serves no .../info there
     None,
     ("trace", "trace_info", "trace_location", "mlflow_experiment", "experiment_id"),
 )

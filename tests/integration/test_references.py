@@ -235,3 +235,22 @@ def test_mlflows_own_tracing_works_through_the_gateway(
     ).json()["trace"]["trace_info"]
     assert stored["trace_location"]["mlflow_experiment"]["experiment_id"] == world.mine
     assert stored["trace_metadata"]["mlflow.sourceRun"] == run.info.run_id
+    # Alice reads her own trace by id (the gateway looks traces up where MLflow 3.17 answers);
+    # another experiment's trace and one nobody has look the same to her.
+    mine = httpx.get(
+        f"{world.gateway.url}/api/3.0/mlflow/traces/{trace_id}",
+        headers={"Authorization": f"Bearer {world.alice}"},
+        timeout=30,
+    )
+    assert mine.status_code == 200, mine.text
+    assert [t.info.trace_id for t in alice.search_traces(locations=[world.mine])]
+    refusals = []
+    for other in (world.their_trace, "tr-" + "0" * 32):
+        response = httpx.get(
+            f"{world.gateway.url}/ajax-api/3.0/mlflow/traces/{other}",
+            headers={"Authorization": f"Bearer {world.alice}"},
+            timeout=30,
+        )
+        assert response.status_code == 403, response.text
+        refusals.append(response.json()["message"].replace(other, "X"))
+    assert refusals[0] == refusals[1]

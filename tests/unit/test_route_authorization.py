@@ -41,7 +41,7 @@ RESOLVABLE_FIELDS = set(VALUES) | {"name"}
 OWNED_BY_EXPERIMENT_1 = {
     "/api/2.0/mlflow/runs/get": {"run": {"info": {"experiment_id": "1"}}},
     "/api/2.0/mlflow/logged-models/m-1": {"model": {"info": {"experiment_id": "1"}}},
-    "/api/3.0/mlflow/traces/tr-1/info": {"trace": {"trace_info": {"trace_location": {
+    "/api/3.0/mlflow/traces/tr-1": {"trace": {"trace_info": {"trace_location": {
         "mlflow_experiment": {"experiment_id": "1"}}}}},
     "/api/3.0/mlflow/datasets/d-1/experiment-ids": {"experiment_ids": ["1"]},
     "/api/3.0/mlflow/issues/is-1": {"issue": {"issue_id": "is-1", "experiment_id": "1"}},
