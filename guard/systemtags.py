@@ -7,8 +7,8 @@ every run that disagrees would break every client: on ``runs/create`` (and the U
 ``runs/create-promptlab-run``) the gateway writes the authenticated name into both instead.
 Later writes of ``mlflow.user`` (``set-tag``, ``log-batch``, ``delete-tag``) naming anyone but
 the caller are refused. Administrators (those holding ``manage`` on the whole server) may set
-any value later, for migrations and imports; their new runs are attributed like anyone's. Traces carry their own user (``mlflow.trace.user``); that
-is not checked yet.
+any value later, for migrations and imports; their new runs are attributed like anyone's.
+Traces carry their own user (``mlflow.trace.user``); that is not checked yet.
 """
 
 from __future__ import annotations
