@@ -243,7 +243,15 @@ def test_mlflows_own_tracing_works_through_the_gateway(
         timeout=30,
     )
     assert mine.status_code == 200, mine.text
-    assert [t.info.trace_id for t in alice.search_traces(locations=[world.mine])]
+    location = {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": world.mine}}
+    found = httpx.post(
+        f"{world.gateway.url}/api/3.0/mlflow/traces/search",
+        json={"locations": [location]},
+        headers={"Authorization": f"Bearer {world.alice}"},
+        timeout=30,
+    )
+    assert found.status_code == 200, found.text
+    assert trace_id in [t["trace_id"] for t in found.json()["traces"]]
     refusals = []
     for other in (world.their_trace, "tr-" + "0" * 32):
         response = httpx.get(
