@@ -73,7 +73,15 @@ class RequestData:
     @classmethod
     def build(cls, method: str, query_string: bytes, body: bytes) -> RequestData:
         query: dict[str, list[str]] = {}
-        for key, value in parse_qsl(query_string.decode("ascii"), keep_blank_values=True):
+        try:
+            # Werkzeug leaves an escape that is not UTF-8 (%ff) as it was, where the default
+            # here would read U+FFFD: the gateway would authorize another name than MLflow's.
+            pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise RequestDataError(
+                Refusal("invalid_request_body", "The query string is not UTF-8 once decoded.")
+            ) from None
+        for key, value in pairs:
             query.setdefault(key, []).append(value)
         parsed = parse_json_body(body) if body else None
         from_query = method in ("GET", "HEAD") and bool(query_string)

@@ -112,3 +112,18 @@ def test_ids_are_counted_over_every_list_named() -> None:
             ["run_ids"], 10
         )
     assert caught.value.refusal.reason == "ambiguous_parameter"
+
+
+@pytest.mark.parametrize(
+    "query", [b"name=team-a-%ff", b"name=%c3", b"na%ffme=x", b"run_id=%ed%a0%80"]
+)
+def test_a_query_that_is_not_utf8_once_decoded_is_refused(query: bytes) -> None:
+    """MLflow (Werkzeug) would act on the escape as written, the gateway on U+FFFD: refused."""
+    with pytest.raises(RequestDataError) as caught:
+        RequestData.build("GET", query, b"")
+    assert caught.value.refusal.reason == "invalid_request_body"
+
+
+def test_a_query_in_utf8_is_read() -> None:
+    data = RequestData.build("GET", b"name=caf%C3%A9+x&name2=%2F", b"")
+    assert data.values("name") == ["café x"] and data.values("name2") == ["/"]

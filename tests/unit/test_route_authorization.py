@@ -307,6 +307,11 @@ def exp(experiment_id: str) -> dict[str, object]:
         ("POST", "/v1/traces",
          {"headers": [("x-mlflow-experiment-id", "1"), ("x-mlflow-run-id", "r1"),
                       ("x-mlflow-run-id", "r2")]}, "ambiguous_parameter"),
+        # An escape that is not UTF-8: MLflow would act on "model-a-%FF", not on U+FFFD.
+        ("GET", "/api/2.0/mlflow/registered-models/get?name=model-a-%FF", {},
+         "invalid_request_body"),
+        ("GET", "/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=exp-%ff", {},
+         "invalid_request_body"),
         # A model named in another case is the model MLflow stores under that name.
         ("GET", "/api/2.0/mlflow/registered-models/get", {"params": {"name": "MODEL-A"}}, None),
         ("GET", "/api/2.0/mlflow/registered-models/get", {"params": {"name": "Model-B"}},
