@@ -3,19 +3,28 @@
 For a caller who may not read every experiment (or registered model), the gateway runs the
 search against MLflow itself, page by page with the caller's own filter and order, drops what
 the caller may not read, and refills a short page from at most ``authz.search_max_pages``
-upstream pages. The page token it returns is its own, signed with the gateway's key and bound to
-the caller and the route: it names an upstream page and a position in it, so paging through
-half-hidden data yields every visible item exactly once and no hidden one.
+upstream pages. The page token it returns is its own, bound to the caller and the route: it
+names an upstream page and a position in it, so paging through half-hidden data yields every
+visible item exactly once and no hidden one.
+
+Neither the answer nor its cost may tell how many hidden items match the caller's filter (a
+``name LIKE 'secret-a%'`` probe would otherwise spell hidden names out): upstream pages are
+read at MLflow's full default size whatever the caller asks for, so hidden matches cost an
+upstream page only past the thousands, and the page token is encrypted (Fernet), since the
+upstream cursor and the position in it count what was skipped.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from cryptography.fernet import Fernet, InvalidToken
 from starlette.types import Scope, Send
 
 from guard.authz.engine import PolicyIndex
@@ -29,12 +38,13 @@ class SearchKind:
     items: str  # the response field holding the results
     kind: str  # the policy kind of each result, named by its "name"
     default_max: int  # MLflow's default page size for this search
+    scan: int  # the upstream page size the gateway reads at least (MLflow's most or default)
 
 
 SEARCHES: Final = {
-    "/experiments/search": SearchKind("experiments", "experiment", 1000),
-    "/registered-models/search": SearchKind("registered_models", "model", 100),
-    "/model-versions/search": SearchKind("model_versions", "model", 10000),
+    "/experiments/search": SearchKind("experiments", "experiment", 1000, 1000),
+    "/registered-models/search": SearchKind("registered_models", "model", 100, 1000),
+    "/model-versions/search": SearchKind("model_versions", "model", 10000, 10000),
 }
 MAX_PAGE: Final = 50000
 # The gateway pages for the caller; the caller's own paging fields never reach MLflow.
@@ -48,7 +58,8 @@ def search_kind(path: str) -> SearchKind | None:
 class SearchFilter:
     def __init__(self, upstream: UpstreamClient, key: bytes, max_pages: int) -> None:
         self.upstream = upstream
-        self.tokens = URLSafeSerializer(key, salt="mlflow-guard-search")
+        derived = hmac.new(key, b"mlflow-guard-search-token", hashlib.sha256).digest()
+        self.tokens = Fernet(base64.urlsafe_b64encode(derived))
         self.max_pages = max_pages
 
     async def respond(
@@ -59,7 +70,9 @@ class SearchFilter:
         assert search is not None  # noqa: S101 - routed here only for these searches
         try:
             limit = _limit(data.single("max_results"), search.default_max)
-            cursor, skip, size = self._resume(data.single("page_token"), subject, path, limit)
+            cursor, skip, size = self._resume(
+                data.single("page_token"), subject, path, max(limit, search.scan)
+            )
             items, nxt = await self._collect(
                 scope, data, search, subject, index, cursor, skip, size, limit
             )
@@ -74,19 +87,19 @@ class SearchFilter:
             return
         payload: dict[str, Any] = {search.items: items}
         if nxt is not None:
-            payload["next_page_token"] = self.tokens.dumps(
-                {"s": subject, "p": path, "u": nxt[0], "o": nxt[1], "m": size}
-            )
+            state = {"s": subject, "p": path, "u": nxt[0], "o": nxt[1], "m": size}
+            payload["next_page_token"] = self.tokens.encrypt(json.dumps(state).encode()).decode()
         await _send_json(send, 200, json.dumps(payload).encode())
 
     def _resume(
-        self, token: Any, subject: str, path: str, limit: int
+        self, token: Any, subject: str, path: str, size: int
     ) -> tuple[str | None, int, int]:
+        """(upstream cursor, position in its page, upstream page size) to go on from."""
         if token in (None, ""):
-            return None, 0, limit
+            return None, 0, size
         try:
-            state = self.tokens.loads(str(token))
-        except BadSignature:
+            state = json.loads(self.tokens.decrypt(str(token).encode()))
+        except (InvalidToken, ValueError, UnicodeEncodeError):
             raise RequestDataError(
                 Refusal("invalid_request_body", "The page token is not one this gateway issued.")
             ) from None
@@ -94,7 +107,7 @@ class SearchFilter:
             raise RequestDataError(
                 Refusal("invalid_request_body", "The page token belongs to another search.")
             )
-        return state.get("u"), int(state.get("o", 0)), int(state.get("m", limit))
+        return state.get("u"), int(state.get("o", 0)), int(state.get("m", size))
 
     async def _collect(
         self, scope: Scope, data: RequestData, search: SearchKind, subject: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ class PagingMlflow:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.cap: int | None = None  # answer at most this many per page (a thin upstream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,6 +43,7 @@ class PagingMlflow:
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         fields = json.loads(body) if body else query
         size, offset = int(fields.get("max_results", 1000)), int(fields.get("page_token") or 0)
+        size = min(size, self.cap or size)
         if scope["path"].endswith("/experiments/search"):
             items, key = (
                 [{"experiment_id": str(i), "name": n} for i, n in enumerate(NAMES)],
@@ -48,6 +51,8 @@ class PagingMlflow:
             )
             if fields.get("filter") == "name LIKE 'x%'":
                 items = []
+            elif fields.get("filter") == "name LIKE 'hid%'":
+                items = [i for i in items if i["name"].startswith("hid")]
         else:
             items, key = [{"name": n} for n in MODELS], "registered_models"
         self.calls += 1
@@ -58,9 +63,14 @@ class PagingMlflow:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def fake() -> PagingMlflow:
+    return PagingMlflow()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fake: PagingMlflow) -> Iterator[str]:
     data: Path = tmp_path_factory.mktemp("search")
-    with ServerThread(PagingMlflow(), lifespan="off") as upstream:
+    with ServerThread(fake, lifespan="off") as upstream:
         settings = load_settings(
             {"upstream.url": upstream.url, "storage.data_dir": str(data),
              "authz.search_max_pages": "3"}, {}, None,
@@ -128,11 +138,49 @@ def test_registered_models(gateway: str) -> None:
     assert names == [n for n in MODELS if n.startswith("vis")]
 
 
-def test_sparse_results_come_in_short_pages_not_silence(gateway: str) -> None:
-    # At most 3 upstream pages of 1 per answer: some answers are short or empty, none lost.
+def test_sparse_results_come_in_short_pages_not_silence(
+    gateway: str, fake: PagingMlflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An upstream answering 1 per page, at most 3 pages per answer: some answers are short or
+    # empty, none lost.
+    monkeypatch.setattr(fake, "cap", 1)
     names, pages = page_through(f"{gateway}/api/2.0/mlflow/experiments/search", READER, 1)
     assert names == [n for n in NAMES if n.startswith("vis")]
     assert pages > len(names)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_paging_holds_when_upstream_pages_are_thin(
+    gateway: str, fake: PagingMlflow, monkeypatch: pytest.MonkeyPatch, size: int, method: str
+) -> None:
+    monkeypatch.setattr(fake, "cap", 4)
+    names, _ = page_through(f"{gateway}/api/2.0/mlflow/experiments/search", READER, size, method)
+    assert names == [n for n in NAMES if n.startswith("vis")]
+
+
+@pytest.mark.parametrize("prefix", ["/api", "/ajax-api"])
+def test_hidden_matches_cost_and_say_nothing(gateway: str, fake: PagingMlflow, prefix: str) -> None:
+    """A filter matching only hidden experiments answers like one matching nothing, at the same
+    upstream cost, and its page token does not count what was skipped (the review's LIKE-prefix
+    and token oracles)."""
+    url = f"{gateway}{prefix}/2.0/mlflow/experiments/search"
+    answers, costs = [], []
+    for probe in ("name LIKE 'hid%'", "name LIKE 'x%'"):
+        before = fake.calls
+        response = httpx.post(url, headers={"Authorization": f"Bearer {READER}"},
+                              json={"filter": probe, "max_results": 1})  # fmt: skip
+        costs.append(fake.calls - before)
+        answers.append(response.json())
+    assert answers == [{"experiments": []}, {"experiments": []}]
+    assert costs == [1, 1]
+    # A token names an upstream cursor and a position in its page: both count hidden items, so
+    # neither can be read out of it.
+    first = httpx.post(url, headers={"Authorization": f"Bearer {READER}"},
+                       json={"max_results": 1, "order_by": ["name DESC"]})  # fmt: skip
+    token = first.json()["next_page_token"]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b'"o"' not in raw and b'"u"' not in raw and b"offset" not in raw
 
 
 def test_the_callers_filter_is_kept(gateway: str) -> None:
