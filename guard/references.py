@@ -25,7 +25,12 @@ from typing import Any, Final
 
 from guard import otlp
 from guard.errors import Refusal
-from guard.requestdata import RequestData, RequestDataError, _camel, canonical_experiment_id
+from guard.requestdata import (
+    RequestData,
+    RequestDataError,
+    canonical_experiment_id,
+    member,
+)
 from guard.resolve import Resolver, Unresolved, describe
 from guard.routes import Route
 
@@ -259,10 +264,10 @@ def _tag_values(container: Any, ref: Ref, label: str) -> list[str]:
         return [_string(v, label) for k, v in container.items() if _same_key(k, ref.tag)]
     if not isinstance(container, dict):
         raise _malformed(f"Every {ref.path!r} element must be an object.")
-    key = _member(container, "key")
+    key = member(container, "key")
     if not isinstance(key, str) or not _same_key(key, ref.tag):
         return []
-    return [_string(_member(container, "value"), label)]
+    return [_string(member(container, "value"), label)]
 
 
 def _same_key(key: str, wanted: str) -> bool:
@@ -301,7 +306,7 @@ def _walk(body: Any, path: str) -> list[Any]:
         for node in nodes:
             if not isinstance(node, dict):
                 raise _malformed(f"{path!r} does not lead through JSON objects.")
-            value = _member(node, name)
+            value = member(node, name)
             if value is None:
                 continue
             if is_list != isinstance(value, list) or (is_map and not isinstance(value, dict)):
@@ -309,15 +314,6 @@ def _walk(body: Any, path: str) -> list[Any]:
             found.extend(value if is_list else [value])
         nodes = found
     return nodes
-
-
-def _member(node: dict[str, Any], name: str) -> Any:
-    present = [n for n in dict.fromkeys((name, _camel(name))) if n in node]
-    if len(present) > 1:
-        raise RequestDataError(
-            Refusal("ambiguous_parameter", f"Both {present[0]!r} and {present[1]!r} given.")
-        )
-    return node[present[0]] if present else None
 
 
 def _string(value: Any, label: str) -> str:

@@ -144,6 +144,16 @@ class RequestData:
         return values[0] if values else None
 
 
+def member(node: dict[str, Any], name: str) -> Any:
+    """``node[name]`` in either protobuf JSON spelling, None when absent; both is ambiguous."""
+    present = [n for n in dict.fromkeys((name, _camel(name))) if n in node]
+    if len(present) > 1:
+        raise RequestDataError(
+            Refusal("ambiguous_parameter", f"Both {present[0]!r} and {present[1]!r} given.")
+        )
+    return node[present[0]] if present else None
+
+
 def canonical_experiment_id(value: Any) -> str:
     """Experiment ids as MLflow's SQL store reads them: ``int()``, so ``01``, ``+1`` and
     `` 1`` all name experiment 1; an empty id names experiment 0 (the default)."""

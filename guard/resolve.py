@@ -23,7 +23,12 @@ from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from guard.errors import Refusal
-from guard.requestdata import RequestData, RequestDataError, _camel, canonical_experiment_id
+from guard.requestdata import (
+    RequestData,
+    RequestDataError,
+    canonical_experiment_id,
+    member,
+)
 from guard.routes import Route
 from guard.upstream import UpstreamClient, UpstreamError
 
@@ -481,7 +486,7 @@ def _nested(source: str, path: str, data: RequestData) -> list[str]:
         for node in nodes:
             if not isinstance(node, dict):
                 raise _malformed(f"{path!r} does not lead through JSON objects.")
-            value = _member(node, name)
+            value = member(node, name)
             if value is None:
                 if depth == 0:
                     return []
@@ -493,16 +498,6 @@ def _nested(source: str, path: str, data: RequestData) -> list[str]:
     if not all(isinstance(node, str) for node in nodes):  # protobuf's string fields
         raise _malformed(f"Every {path!r} must be a string.")
     return nodes
-
-
-def _member(node: dict[str, Any], name: str) -> Any:
-    """``node[name]`` in either protobuf JSON spelling, None when absent; both is ambiguous."""
-    present = [n for n in dict.fromkeys((name, _camel(name))) if n in node]
-    if len(present) > 1:
-        raise RequestDataError(
-            Refusal("ambiguous_parameter", f"Both {present[0]!r} and {present[1]!r} given.")
-        )
-    return node[present[0]] if present else None
 
 
 def _header_values(headers: Headers, name: str) -> list[str]:
