@@ -6,7 +6,11 @@ rest a batch per transaction, moving the writer's signed head row in the same tr
 and then it notes in its own chain the heads of the other writers it sees (``heads_seen``), so
 each writer's head is vouched for by the others too. While the database is down, records wait
 in the spool and the shipper retries with backoff; when it is back they are replayed in order.
-A segment is deleted once everything in it is stored and the spool writes elsewhere.
+A segment is deleted once everything in it is stored and the spool writes elsewhere. After each
+batch it notes, signed, in the spool directory how far the chain is stored (``stored.json``), so
+records deleted from the database later are found even with their head row gone; a start that
+finds the database short of that note says so in the chain before storing again what the spool
+still holds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 import anyio.to_thread
 import sqlalchemy as sa
 
-from guard.audit.spool import Spool, read_records, segments
+from guard.audit.chain import Head
+from guard.audit.spool import Spool, read_records, read_stored, segments, write_stored
 from guard.audit.store import AuditStore
 
 logger = logging.getLogger("guard.audit")
@@ -49,6 +54,7 @@ class Shipper:
         self._started = False
         self._vouched_at = 0.0
         self._vouched: dict[str, tuple[int, str]] = {}
+        self._stored: Head | None = None  # what stored.json says (it never moves back)
 
     def notify(self) -> None:
         """Called from the spool's thread after each commit."""
@@ -87,12 +93,14 @@ class Shipper:
                     self.shipped = await anyio.to_thread.run_sync(
                         self.store.max_seq, self.spool.writer
                     )
+                    await anyio.to_thread.run_sync(self._check_stored, True)
                     self._started = True
                 if 0 < self.depth < self.batch_size:
                     await asyncio.sleep(SETTLE)  # let a few commits gather into one transaction
                 batch = await anyio.to_thread.run_sync(self._read)
                 if batch:
                     await anyio.to_thread.run_sync(self.store.insert, batch, self.spool.key)
+                    await anyio.to_thread.run_sync(self._note_stored, batch[-1])
                     await anyio.to_thread.run_sync(self._prune_segments)
                     self.shipped = int(batch[-1]["seq"])  # last: stop() waits for this
                     self.replayed += len(batch)
@@ -123,13 +131,48 @@ class Shipper:
     def ship_all(self) -> int:
         """Store everything spooled, now, without a task (the CLI's short-lived chain)."""
         self.shipped = self.store.max_seq(self.spool.writer)
+        self._check_stored(False)
         stored = 0
         while batch := self._read():
             self.store.insert(batch, self.spool.key)
+            self._note_stored(batch[-1])
             self._prune_segments()
             self.shipped = int(batch[-1]["seq"])
             stored += len(batch)
         return stored
+
+    def _check_stored(self, note: bool) -> None:
+        """Compare the database with what stored.json says was stored: records missing below
+        it were deleted from the database. Say so (in the chain too, with ``note``) before the
+        spool's copies are stored again, so restoring them does not hide that they were gone."""
+        found = read_stored(self.spool.directory, self.spool.key)
+        valid = found is not None and found[1] and found[0].writer == self.spool.writer
+        self._stored = found[0] if found is not None and valid else None
+        if self._stored is None or self._stored.seq <= self.shipped:
+            return
+        first, last = self.shipped + 1, self._stored.seq
+        logger.error(
+            "audit records %d..%d of writer %s were stored and are gone from the database; "
+            "storing again those the spool still holds",
+            first, last, self.spool.writer,
+        )  # fmt: skip
+        if note:
+            self.spool.append_nowait({
+                "kind": "event", "event": "stored_records_missing",
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+                "first": first, "last": last,
+            })  # fmt: skip
+
+    def _note_stored(self, newest: dict[str, Any]) -> None:
+        """stored.json moves forward to the newest record of a batch just stored."""
+        head = Head(self.spool.writer, int(newest["seq"]), str(newest["mac"]))
+        if self._stored is None or head.seq > self._stored.seq:
+            try:
+                write_stored(self.spool.directory, self.spool.key, head)
+            except OSError as exc:  # the batch is stored: only verify's knowledge lags
+                logger.warning("audit stored position not written: %s", exc)
+                return
+            self._stored = head
 
     def _vouch(self) -> None:
         """Note the other writers' anchored heads in this writer's chain, if they moved: then

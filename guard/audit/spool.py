@@ -20,6 +20,10 @@ but has not written yet (per address), and the records that could not be written
 writer that did not stop cleanly writes an ``outcome_unknown`` outcome for each of its intents
 left open, a summary of the refusals still counted, and a ``records_lost`` event: every intent
 ends with exactly one outcome or an explicit loss.
+
+How far the chain is stored in the database is kept beside it too, in ``stored.json``, signed,
+written by the shipper after each batch it stores and never moved back: records at or below it
+that the database no longer holds were deleted from it, even if its head row went with them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
+import hmac
 import json
 import logging
 import os
@@ -42,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guard.audit.chain import Head, canonical
+from guard.audit.chain import Head, canonical, sign_head
 
 logger = logging.getLogger("guard.audit")
 
@@ -52,6 +57,9 @@ HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple 
 MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
 OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
+
+
+STORED: Final = "stored.json"
 
 
 class SpoolError(Exception):
@@ -102,6 +110,30 @@ def read_records(
             if limit is not None and len(records) >= limit:
                 break
     return records
+
+
+def read_stored(directory: Path, key: bytes) -> tuple[Head, bool] | None:
+    """Where the shipper last stored this spool's chain (``stored.json``) and whether its
+    signature holds; None if there is no such file or it is torn."""
+    try:
+        data = json.loads((directory / STORED).read_bytes())
+        head = Head(str(data["writer"]), int(data["seq"]), str(data["mac"]))
+        signature = str(data["signature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return head, hmac.compare_digest(signature, sign_head(key, head, "stored"))
+
+
+def write_stored(directory: Path, key: bytes, head: Head) -> None:
+    """Record, signed, that the chain is stored up to ``head``. Replaced whole by a rename, not
+    fsynced: after a power loss it may lag behind (verify then knows less), never run ahead."""
+    data = {"writer": head.writer, "seq": head.seq, "mac": head.mac,
+            "signature": sign_head(key, head, "stored")}  # fmt: skip
+    temporary = directory / f"{STORED}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(json.dumps(data, sort_keys=True).encode() + b"\n")
+    os.replace(temporary, directory / STORED)
 
 
 class Spool:
