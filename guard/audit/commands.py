@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from guard.audit.chain import Head, Problem, derive_key, mac_of, verify
 from guard.audit.prune import anchor_problems
-from guard.audit.spool import read_records, segments
+from guard.audit.spool import read_records, read_stored, segments
 from guard.audit.store import AuditStore, Filters
 
 TABLE_COLUMNS = ("time", "principal", "method", "path", "action", "resource", "decision",
@@ -35,10 +35,16 @@ def read_head(spool_dir: Path) -> Head | None:
 
 
 def _with_spooled(
-    stored: Iterable[dict[str, Any]], spools: list[Path], anchors: dict[str, Head]
+    stored: Iterable[dict[str, Any]],
+    spools: list[Path],
+    anchors: dict[str, Head],
+    stored_to: dict[str, int],
+    gone: dict[str, tuple[int, list[int]]],
 ) -> Iterator[dict[str, Any]]:
     """The stored records, each writer's chain continued by what its spool holds beyond them
-    (records not yet shipped are part of the chain too)."""
+    (records not yet shipped are part of the chain too). Spooled records at or below
+    ``stored_to`` (known to have been stored) that the table lacks are not part of it: they go
+    into ``gone`` (writer -> (last seq the table holds, their seqs))."""
     tails: dict[str, list[dict[str, Any]]] = {}
     for spool in spools:
         for path in segments(spool):
@@ -49,22 +55,42 @@ def _with_spooled(
             for record, _ in found:
                 tails.setdefault(str(record.get("writer")), []).append(record)
     last: dict[str, int] = {w: h.seq for w, h in anchors.items()}
+
+    def tail(name: str) -> Iterator[dict[str, Any]]:
+        after, known = last.get(name, 0), stored_to.get(name, 0)
+        for record in tails.pop(name, []):
+            seq = record.get("seq")
+            if not isinstance(seq, int) or seq <= after:
+                continue  # stored (or pruned) and still in the table (or the archive)
+            if seq <= known:
+                gone.setdefault(name, (after, []))[1].append(seq)
+                continue
+            yield record
+
     writer = None
     for record in stored:
         if writer is not None and record.get("writer") != writer:
-            yield from _tail(tails.pop(writer, []), last.get(writer, 0))
+            yield from tail(writer)
         writer = str(record.get("writer"))
         seq = record.get("seq")
         last[writer] = seq if isinstance(seq, int) else last.get(writer, 0)
         yield record
     if writer is not None:
-        yield from _tail(tails.pop(writer, []), last.get(writer, 0))
+        yield from tail(writer)
     for name in sorted(tails):
-        yield from _tail(tails[name], last.get(name, 0))
+        yield from tail(name)
 
 
-def _tail(records: list[dict[str, Any]], after: int) -> Iterator[dict[str, Any]]:
-    yield from (r for r in records if isinstance(r.get("seq"), int) and r["seq"] > after)
+def _runs(seqs: list[int]) -> str:
+    """Sequence numbers as ranges: ``3..4, 7..9``."""
+    runs: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    text = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in runs[:5])
+    return text + (", ..." if len(runs) > 5 else "")
 
 
 def vouched_heads(engine: Engine, key: bytes) -> dict[str, list[Head]]:
@@ -89,16 +115,27 @@ def verify_trail(
     """(records checked, the first break in each chain). Each chain is checked against every
     head known outside it: the heads beside the ``spools`` given (with their unshipped
     records), the signed head rows the writers keep in the database, and the heads other
-    writers noted in their chains; a chain that stops short of one, or is gone, was cut.
-    Writers with no head known outside the table are appended to ``unchecked``: their newest
-    records (or all of them) could have been deleted unseen."""
+    writers noted in their chains, and how far each spool says it was stored; a chain that
+    stops short of one, or is gone, was cut, and what was stored and is left only in a spool was
+    deleted from the database. Writers with no head known outside the table are appended to
+    ``unchecked``: their newest records (or all of them) could have been deleted unseen."""
     store = AuditStore(engine)
     key = derive_key(secret_key, "audit-chain")
     heads = {h.writer: h for h in (read_head(s) for s in spools) if h is not None}
+    # Everything that says how far a chain was stored is read before the table is, so a batch
+    # stored meanwhile cannot look deleted.
+    noted = [found for found in (read_stored(s, key) for s in spools) if found is not None]
+    shipped = {head.writer: head for head, valid in noted if valid}
     anchored, forged = store.heads(key)
     known = vouched_heads(engine, key)
-    for head in anchored.values():
+    says: dict[str, tuple[int, str]] = {}  # writer -> (stored up to, who says so)
+    for writer, found in known.items():
+        says[writer] = (max(h.seq for h in found), "another writer's heads_seen note")
+    for head, source in [*((h, "its spool's stored.json") for h in shipped.values()),
+                         *((h, "its head row") for h in anchored.values())]:  # fmt: skip
         known.setdefault(head.writer, []).append(head)
+        if head.seq >= says.get(head.writer, (0, ""))[0]:
+            says[head.writer] = (head.seq, source)
     counted = 0
     writers: set[str] = set()
 
@@ -110,11 +147,28 @@ def verify_trail(
             yield record
 
     anchors = store.anchors()
-    records = counting(_with_spooled(store.chain(), spools, anchors))
+    gone: dict[str, tuple[int, list[int]]] = {}
+    stored_to = {w: seq for w, (seq, _) in says.items()}
+    records = counting(_with_spooled(store.chain(), spools, anchors, stored_to, gone))
     problems = anchor_problems(key, engine) + [
         Problem(w, 0, "its head row (where its chain ends) was altered") for w in forged
     ]
-    problems += verify(key, records, start=anchors, heads=heads, vouched=known)
+    problems += [
+        Problem(head.writer, 0, "its spool's stored.json (how far it was stored) was altered")
+        for head, valid in noted if not valid
+    ]  # fmt: skip
+    breaks = verify(key, records, start=anchors, heads=heads, vouched=known)
+    # A stored record the table lacks but the spool holds was deleted from the database: say
+    # that, rather than the gap it leaves (which the spool's copy used to fill unnoticed).
+    for writer, (after, seqs) in sorted(gone.items()):
+        breaks = [p for p in breaks if p.writer != writer or p.seq <= after]
+        top, source = says[writer]
+        breaks.append(Problem(
+            writer, after + 1,
+            f"deleted from the database: records {after + 1}..{top} were stored ({source} says "
+            f"so) and the table lacks them; the spool still holds {_runs(seqs)}",
+        ))  # fmt: skip
+    problems += sorted(breaks, key=lambda p: (p.writer, p.seq))
     if unchecked is not None:
         unchecked.extend(sorted((writers | set(anchors)) - set(heads) - set(known) - set(forged)))
     return counted, problems
