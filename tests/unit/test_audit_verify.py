@@ -190,11 +190,16 @@ def test_a_restart_says_what_it_stores_again(tmp_path: Path, engine: Engine) -> 
         conn.execute(audit_records.delete().where(audit_records.c.seq >= 4))
 
     async def run() -> None:
-        shipper: Shipper | None = None
-        spool = Spool(tmp_path / "gw", KEY, segment_size=1 << 20,
-                      on_commit=lambda: shipper and shipper.notify())  # fmt: skip
+        shippers: list[Shipper] = []
+
+        def wake() -> None:
+            for waiting in shippers:
+                waiting.notify()
+
+        spool = Spool(tmp_path / "gw", KEY, segment_size=1 << 20, on_commit=wake)
         spool.open()
         shipper = Shipper(spool, AuditStore(engine))
+        shippers.append(shipper)
         await shipper.start()
         for _ in range(200):  # the note is queued at start; wait until it is stored
             if shipper.shipped >= 6:
@@ -211,6 +216,11 @@ def test_a_restart_says_what_it_stores_again(tmp_path: Path, engine: Engine) -> 
     assert check(engine, tmp_path / "gw") == (6, [])
     found = read_stored(tmp_path / "gw", KEY)
     assert found is not None and found[0].seq == 6 and found[0].writer == writer
+    late = Shipper(Spool(tmp_path / "gw", KEY, segment_size=1 << 20), AuditStore(engine))
+    late.spool.writer = writer
+    late._check_stored(False)
+    late._note_stored(chain[2])  # a batch replayed from further back moves nothing back
+    assert read_stored(tmp_path / "gw", KEY) == found
 
 
 # -- the reviewer's statements through `mlflow-guard audit verify` ---------------------------
