@@ -53,6 +53,7 @@ from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, par
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
 from guard.bodies import check_framing, read_body, too_large
+from guard.deadlines import BodyDeadlines
 from guard.errors import Refusal, send_body, send_refusal
 from guard.governance import Governance, administrators
 from guard.proxy import ClientDisconnected
@@ -159,10 +160,12 @@ class PolicyApi:
         max_body_size: int,
         audit: AuditStore | None = None,
         intent: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
+        deadlines: BodyDeadlines = BodyDeadlines(),  # noqa: B008 - frozen, shared
     ) -> None:
         self.policies = policies
         self.governance = governance
         self.max_body_size = max_body_size
+        self.deadlines = deadlines  # how slowly a body may arrive (408 body_timeout)
         self.audit = audit
         self.intent = intent  # the audit intent, written just before a change is applied
         Handler = Callable[[Scope, Receive], Awaitable[tuple[int, Payload | str]]]
@@ -473,7 +476,7 @@ class PolicyApi:
             raise ApiError(too_large(self.max_body_size))
         if not length and not chunked:
             return b""
-        body = await read_body(receive, self.max_body_size)
+        body = await read_body(scope, receive, self.max_body_size, self.deadlines)
         if isinstance(body, Refusal):
             raise ApiError(body)
         return body

@@ -17,8 +17,9 @@ Outermost first, every request passes:
    path (401, then 404/405) behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
-8. ``BodyMiddleware``            400/413: framing checked, non-artifact bodies read whole, bodies
-                                 only where MLflow reads them, lists of ids counted
+8. ``BodyMiddleware``            400/408/413: framing checked, non-artifact bodies read whole
+                                 in time, bodies only where MLflow reads them, lists of ids
+                                 counted; artifact uploads stream under the same deadlines
 8a. ``ArtifactPathMiddleware``   400 artifact_path_invalid unless every artifact path is canonical
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
 10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
@@ -57,6 +58,7 @@ from guard.bodies import BodyMiddleware
 from guard.context import RequestContextMiddleware
 from guard.cors import CORSMiddleware
 from guard.db import build_engine, migrate, ping
+from guard.deadlines import BodyDeadlines
 from guard.errors import Refusal, send_body, send_refusal
 from guard.governance import Governance
 from guard.headers import SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
@@ -367,10 +369,12 @@ def build_gateway(
         max_body_size=g.max_body_size,
     )
     protected = ArtifactPathMiddleware(protected)
+    deadlines = BodyDeadlines(g.body_timeout, g.body_idle_timeout, g.min_upload_rate)
     protected = BodyMiddleware(
         protected,
         max_body_size=g.max_body_size,
         max_ids_per_request=settings.authz.max_ids_per_request,
+        deadlines=deadlines,
     )
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(
@@ -382,6 +386,7 @@ def build_gateway(
         max_body_size=g.max_body_size,
         audit=trail.store if trail is not None else None,
         intent=trail.intent if trail is not None else None,
+        deadlines=deadlines,
     )
     metrics = Metrics(trail)
 

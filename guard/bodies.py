@@ -14,6 +14,10 @@ the answer go back: it is then read, authorized and answered exactly like that G
 The lists of ids a route is resolved on are counted here, before anything is looked up: past
 ``max_ids_per_request`` the request is refused (``too_many_ids``). The limit is left in
 ``scope["guard.max_ids"]`` for the layers that read other lists of ids.
+
+Every body is read under the deadlines of ``guard.deadlines``: a buffered one is answered
+``408 body_timeout`` when it arrives too slowly, and a streamed one is passed on with a
+``receive`` that fails the same way (the proxy then abandons the upload to MLflow).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from functools import cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.deadlines import BodyDeadlines, BodyTimeout, timed_receive
 from guard.errors import Refusal, send_refusal
 from guard.proxy import ClientDisconnected
 from guard.requestdata import RequestData, RequestDataError
@@ -49,12 +54,19 @@ def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[Refusal | None, i
     return None, None, bool(encodings)
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | Refusal:
-    """Read the whole request body, refusing past ``limit`` bytes."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, deadlines: BodyDeadlines
+) -> bytes | Refusal:
+    """Read the whole request body, refusing past ``limit`` bytes or when it arrives too slowly
+    (``body_timeout``)."""
+    timed = timed_receive(scope, receive, deadlines, whole=True)
     chunks = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            message = await timed()
+        except BodyTimeout as exc:
+            return exc.refusal
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -99,10 +111,18 @@ def id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
 
 
 class BodyMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_size: int, max_ids_per_request: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_size: int,
+        max_ids_per_request: int,
+        deadlines: BodyDeadlines = BodyDeadlines(),  # noqa: B008 - frozen, shared
+    ) -> None:
         self.app = app
         self.max_body_size = max_body_size
         self.max_ids = max_ids_per_request
+        self.deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal, length, chunked = check_framing(scope["headers"])
@@ -120,7 +140,9 @@ class BodyMiddleware:
         if method == "HEAD":
             scope["guard.forward_method"] = "GET"
         if route.body == "stream":
-            await self.app(scope, receive, send)
+            pending = bool(length) or chunked
+            timed = timed_receive(scope, receive, self.deadlines, whole=False, pending=pending)
+            await self.app(scope, timed, send)
             return
         body = b""
         if length is not None and length > self.max_body_size:
@@ -128,7 +150,7 @@ class BodyMiddleware:
             return
         if length or chunked:
             try:
-                read = await read_body(receive, self.max_body_size)
+                read = await read_body(scope, receive, self.max_body_size, self.deadlines)
             except ClientDisconnected:
                 return
             if isinstance(read, Refusal):

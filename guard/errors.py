@@ -103,6 +103,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "header_timeout": ReasonInfo(
         408, "DEADLINE_EXCEEDED", "The request headers did not arrive in time."
     ),
+    "body_timeout": ReasonInfo(
+        408, "DEADLINE_EXCEEDED", "The request body did not arrive in time."
+    ),
     "uri_too_long": ReasonInfo(414, "RESOURCE_EXHAUSTED", "The request target is too long."),
     "headers_too_large": ReasonInfo(
         431, "RESOURCE_EXHAUSTED", "The request headers are too many or too large."
@@ -178,6 +181,11 @@ class Refusal:
 CONCEALED: Final = frozenset({"resource_unresolved", "explicit_deny"})
 
 
+# Reasons after which the connection is closed: the rest of a body that came too slowly is
+# not waited for (uvicorn closes the connection once such an answer is out).
+CLOSES_CONNECTION: Final = frozenset({"body_timeout"})
+
+
 def conceal(refusal: Refusal, detail: str) -> Refusal:
     """The refusal a client sees for ``refusal``: "exists but forbidden" and "does not exist"
     look the same, and ``detail`` names only what the caller sent."""
@@ -231,6 +239,8 @@ async def send_refusal(
         context.refusal = refusal
     content_type, body = render(refusal, request_id, wants_html(scope))
     reason = [(b"x-guard-reason", refusal.reason.encode()), *(extra_headers or [])]
+    if refusal.reason in CLOSES_CONNECTION:
+        reason.append((b"connection", b"close"))
     await send_body(scope, send, refusal.status, content_type, body, reason)
 
 

@@ -45,6 +45,7 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Scope, Send
 
 from guard.artifactpaths import DOWNLOADS
+from guard.deadlines import TIMED_OUT, BodyTimeout
 from guard.errors import send_refusal
 from guard.upstream import UpstreamClient, UpstreamError, VersionGate
 
@@ -130,6 +131,9 @@ def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tu
 
 
 async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives. ``receive`` is timed (guard.deadlines): a body that comes
+    too slowly raises ``BodyTimeout`` here, inside aiohttp's writer, which then abandons the
+    request to MLflow without its end (no last chunk, fewer bytes than its Content-Length)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -179,6 +183,9 @@ class ProxyApp:
             await self._forward(scope, receive, send, body, extra)
         except ClientDisconnected:
             logger.info("request %s: client went away", context.request_id)
+        except BodyTimeout as exc:  # the upload failed before aiohttp took it over
+            logger.info("request %s: upload too slow: %s", context.request_id, exc)
+            await send_refusal(scope, send, exc.refusal)
 
     async def _forward(
         self,
@@ -199,10 +206,12 @@ class ProxyApp:
             response = await self.client.request(method, target, headers, body)
         except UpstreamError as exc:
             context.upstream_seconds = time.monotonic() - started
+            # An upload that came too slowly made the request to MLflow fail: that is the answer.
+            refusal = scope.get(TIMED_OUT) or exc.refusal
             logger.warning(
-                "request %s: upstream failed: %s", scope["guard"].request_id, exc.refusal.reason
+                "request %s: forwarding failed: %s", scope["guard"].request_id, refusal.reason
             )
-            await send_refusal(scope, send, exc.refusal)
+            await send_refusal(scope, send, refusal)
             return
         context.upstream_seconds = time.monotonic() - started
         context.upstream_status = response.status
@@ -248,6 +257,8 @@ class ProxyApp:
         except UpstreamError as exc:
             # Too late for an error response: the status line is out. Leaving the response
             # incomplete makes the server close the connection, so the client sees the failure.
+            if (timed_out := scope.get(TIMED_OUT)) is not None:  # MLflow answered early
+                scope["guard"].refusal = timed_out
             logger.warning(
                 "request %s: upstream failed mid-answer: %s",
                 scope["guard"].request_id,

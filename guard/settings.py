@@ -77,6 +77,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def _port(value: int) -> str | None:
     return None if 0 < value < 65536 else "must be between 1 and 65535"
 
@@ -197,6 +201,28 @@ class GatewaySettings:
         "is closed.",
         kind="duration",
         check=_positive,
+    )
+    body_timeout: float = option(
+        300.0,
+        "Seconds a buffered (non-artifact) request body has to arrive whole, counted while the "
+        "gateway waits for it; past it, 408 body_timeout and the connection is closed.",
+        kind="duration",
+        check=_positive,
+    )
+    body_idle_timeout: float = option(
+        60.0,
+        "Longest wait for the next piece of any request body, artifact uploads included; also "
+        "how far a body may fall behind min_upload_rate. Past it, 408 body_timeout (an upload "
+        "already being forwarded is abandoned) and the connection is closed.",
+        kind="duration",
+        check=_positive,
+    )
+    min_upload_rate: int = option(
+        1024,
+        "Bytes per second every request body must average once body_idle_timeout of grace is "
+        "used up (each byte received moves its deadline 1/min_upload_rate s on); 0 for none.",
+        kind="size",
+        check=_not_negative,
     )
     max_connections_per_client: int = option(
         100,
