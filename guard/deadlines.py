@@ -4,9 +4,10 @@ Every body the gateway reads (buffered by ``guard.bodies``, streamed to MLflow b
 ``guard.proxy``, read by the policy API) is read through ``timed_receive``:
 
 - no piece of it may take longer than ``idle`` seconds to arrive;
-- it may fall behind ``min_rate`` bytes per second by at most ``idle`` seconds: each byte
-  received moves its deadline ``1/min_rate`` seconds on (the rule of Apache's mod_reqtimeout
-  ``MinRate``), so a trickle of a byte now and then cannot hold a connection for ever;
+- it must keep up ``min_rate`` bytes per second, with ``idle`` seconds of slack: each byte
+  received earns ``1/min_rate`` seconds of waiting (the rule of Apache's mod_reqtimeout
+  ``MinRate``), and at most ``idle`` seconds are banked, so neither a trickle of a byte now and
+  then nor a fast start followed by a trickle can hold a connection for ever;
 - a buffered body (at most ``gateway.max_body_size``) must arrive whole within ``total``.
 
 Only time spent waiting for the client counts: while the gateway is busy (MLflow slow to take a
@@ -53,19 +54,17 @@ def timed_receive(
     """``receive``, raising ``BodyTimeout`` when the body arrives too slowly (``whole``: the
     total deadline applies too). Once the body is complete (or if none is ``pending``), messages
     pass through untimed: a later ``receive`` only waits for the client to hang up."""
-    received = 0
+    credit = deadlines.idle  # seconds the client may still keep the gateway waiting
     waited = 0.0
     done = not pending
 
     async def timed() -> Message:
-        nonlocal received, waited, done
+        nonlocal credit, waited, done
         if done:
             return await receive()
-        limit, why = deadlines.idle, f"(nothing arrived for {deadlines.idle:g} s)"
-        if deadlines.min_rate:
-            left = deadlines.idle + received / deadlines.min_rate - waited
-            if left < limit:
-                limit, why = left, f"(slower than {deadlines.min_rate} bytes/s)"
+        limit, why = credit, f"(slower than {deadlines.min_rate} bytes/s)"
+        if credit >= deadlines.idle:
+            why = f"(nothing arrived for {deadlines.idle:g} s)"
         if whole and deadlines.total - waited < limit:
             limit, why = deadlines.total - waited, f"(limit {deadlines.total:g} s for a body)"
         started = time.monotonic()
@@ -77,9 +76,14 @@ def timed_receive(
             scope[TIMED_OUT] = refusal
             raise BodyTimeout(refusal) from None
         finally:
-            waited += time.monotonic() - started
+            elapsed = time.monotonic() - started
+            waited += elapsed
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
+            size = len(message.get("body", b""))
+            if deadlines.min_rate:
+                credit = min(credit - elapsed + size / deadlines.min_rate, deadlines.idle)
+            else:
+                credit = deadlines.idle
             done = not message.get("more_body", False)
         return message
 

@@ -219,8 +219,9 @@ class GatewaySettings:
     )
     min_upload_rate: int = option(
         1024,
-        "Bytes per second every request body must average once body_idle_timeout of grace is "
-        "used up (each byte received moves its deadline 1/min_upload_rate s on); 0 for none.",
+        "Bytes per second every request body must keep up, with body_idle_timeout of slack: "
+        "each byte received earns 1/min_upload_rate s of waiting, at most body_idle_timeout "
+        "banked; 0 for none.",
         kind="size",
         check=_not_negative,
     )

@@ -366,6 +366,23 @@ def test_a_body_slower_than_the_minimum_rate_is_cut_off_though_never_idle() -> N
     assert scope[TIMED_OUT] is caught.value.refusal
 
 
+def test_a_fast_start_banks_no_more_than_the_idle_timeout() -> None:
+    """100 kB at once, then a trickle: cut off once the slack (0.5 s) is used up, not after the
+    100 s the first piece would have earned without the cap."""
+    deadlines = BodyDeadlines(total=60, idle=0.5, min_rate=1000)
+    pieces = [b"x" * 100_000] + [b"y"] * 10_000
+    scope: dict[str, Any] = {}
+    timed = timed_receive(scope, receiver(pieces, 0.05), deadlines, whole=False)
+
+    async def drain() -> None:
+        while (await timed()).get("more_body"):
+            pass
+
+    with pytest.raises(BodyTimeout) as caught:
+        asyncio.run(asyncio.wait_for(drain(), 10))
+    assert caught.value.refusal.detail == "(slower than 1000 bytes/s)"
+
+
 def test_a_complete_body_passes_through_untimed() -> None:
     """Once the body is in, receive only waits for the client to go: no deadline applies."""
     deadlines = BodyDeadlines(total=0.1, idle=0.1, min_rate=1000)
