@@ -457,7 +457,7 @@ class PolicyApi:
         """``may``, and before saying no, a look for a policy change not yet polled."""
         if may(self.policies.index, subject, action, resource):
             return True
-        return await self.policies.refresh_soon() and may(
+        return await self.policies.refresh_soon(key=subject) and may(
             self.policies.index, subject, action, resource
         )
 

@@ -106,12 +106,14 @@ class AuthorizationMiddleware:
         started = time.monotonic()
         refusal, resources = await self._check(scope, route)
         if refusal is not None:
-            # A refusal is decided on the newest policy this replica has: one swapped in while
-            # this request waited for a lookup, or one not yet polled (a grant made a moment
-            # ago; at most four checks a second, however many refusals there are).
+            # A refusal is decided on the newest policy: one swapped in while this request
+            # waited for a lookup, or one stored before it arrived and not yet polled (a grant
+            # made a moment ago; checks are shared, at most four a second).
             for _ in range(3):
                 decided_on = scope["guard"].policy_version
-                refreshed = await self.policies.refresh_soon()
+                refreshed = await self.policies.refresh_soon(
+                    scope["guard"].started, scope["guard"].principal.subject
+                )
                 if not refreshed and self.policies.index.version == decided_on:
                     break
                 refusal, resources = await self._check(scope, route)

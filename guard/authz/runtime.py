@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 
 import anyio.to_thread
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from guard.authz.store import PolicyStore
 logger = logging.getLogger("guard.authz")
 
 RECHECK_INTERVAL = 0.25
+MAX_WAITERS = 10_000  # callers remembered as having waited for a check, oldest forgotten
 
 
 class PolicyRuntime:
@@ -32,7 +34,10 @@ class PolicyRuntime:
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
-        self._last_check = 0.0
+        self._pending: asyncio.Future[None] | None = None
+        self._last_check = 0.0  # when the newest version check began
+        self._last_done = 0.0  # when the newest finished check began
+        self._waited: OrderedDict[str, float] = OrderedDict()
 
     def decide(self, subject: str, resource: str, action: str) -> Decision:
         return self.index.decide(subject, resource, action)
@@ -47,19 +52,48 @@ class PolicyRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def refresh_soon(self) -> bool:
-        """Before a refusal: pick up a change not yet polled (a token or grant made a moment
-        ago), at most four times a second however many refusals there are."""
-        if time.monotonic() - self._last_check < RECHECK_INTERVAL:
-            return False
-        try:
-            return await self.refresh()
-        except sa.exc.SQLAlchemyError:
-            return False
+    async def refresh_soon(self, since: float | None = None, key: str = "") -> bool:
+        """Before a refusal: make sure the stored policy version was read after ``since`` (the
+        request's arrival, ``time.monotonic()``; now if not given), so a grant made a moment
+        before the request is in force for it. Checks are shared and paced (one at a time, at
+        most four a second however many refusals wait); a caller (``key``) refused again
+        within one poll interval does not wait again: the poll covers it. True if the policy
+        in force changed meanwhile."""
+        now = time.monotonic()
+        since = now if since is None else since
+        before = self.index
+        if key:
+            last = self._waited.get(key)
+            if last is not None and now - last < self.poll_interval:
+                return False
+            self._waited[key] = now
+            self._waited.move_to_end(key)
+            while len(self._waited) > MAX_WAITERS:
+                self._waited.popitem(last=False)
+        for _ in range(3):  # a check under way may have begun before ``since``: then another
+            if self._last_done >= since:
+                break
+            if self._pending is None or self._pending.done():
+                self._pending = asyncio.ensure_future(self._paced_refresh())
+            await asyncio.shield(self._pending)
+        return self.index is not before
+
+    async def _paced_refresh(self) -> None:
+        wait = self._last_check + RECHECK_INTERVAL - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        with contextlib.suppress(sa.exc.SQLAlchemyError):  # a failed look is still a look
+            await self.refresh()
 
     async def refresh(self) -> bool:
         """Load and swap in the stored policy if its version moved; True if it did."""
-        self._last_check = time.monotonic()
+        started = self._last_check = time.monotonic()
+        try:
+            return await self._refresh()
+        finally:
+            self._last_done = max(self._last_done, started)
+
+    async def _refresh(self) -> bool:
         version = await anyio.to_thread.run_sync(self.store.version)
         if version == self.index.version and self.index is not EMPTY:
             return False

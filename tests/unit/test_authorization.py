@@ -33,7 +33,7 @@ class Runtime:
     def __init__(self) -> None:
         self.index = BEFORE
 
-    async def refresh_soon(self) -> bool:
+    async def refresh_soon(self, since: float | None = None, key: str = "") -> bool:
         return False
 
 
