@@ -53,8 +53,8 @@ from guard.audit.chain import derive_key
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool
 from guard.audit.store import AuditStore
-from guard.db import audit_records, build_engine, migrate
 from guard.settings import AuditSettings
+from guard.store.db import audit_records, build_engine, migrate
 
 TARGET_RELATIVE = 0.95  # audit-on ratio >= 0.95 x audit-off ratio
 KEY = derive_key(b"bench" * 8, "audit-chain")

@@ -40,8 +40,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from guard.api import PolicyApi
-from guard.artifactpaths import ArtifactPathMiddleware
+from guard.admin.api import PolicyApi
+from guard.admin.governance import Governance
 from guard.audit.trail import (
     COUNTED,
     AuditTrail,
@@ -49,38 +49,38 @@ from guard.audit.trail import (
     IntentMiddleware,
     counts_as_failure,
 )
-from guard.authentication import AuthenticationMiddleware
-from guard.authorization import AuthorizationMiddleware
+from guard.authz.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
-from guard.authz.runtime import PolicyRuntime
-from guard.authz.store import PolicyStore
-from guard.bodies import BodyMiddleware
-from guard.context import RequestContextMiddleware
-from guard.cors import CORSMiddleware
-from guard.db import build_engine, migrate, ping
-from guard.deadlines import BodyDeadlines
-from guard.errors import Refusal, send_body, send_refusal
-from guard.governance import Governance
-from guard.headers import SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
-from guard.hosts import AllowedHostsMiddleware, default_allowed_hosts
-from guard.identity.tokens import TokenProvider, TokenStore
-from guard.keys import load_secret_key
-from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from guard.metrics import Metrics
-from guard.promotion import PromotionRules
-from guard.protocol import ProtocolLimits, build_protocol
-from guard.proxy import ProxyApp
-from guard.ratelimit import FailureLimiter
-from guard.resolve import Resolver
-from guard.routes import (
+from guard.authz.promotion import PromotionRules
+from guard.authz.resolve import Resolver
+from guard.authz.routes import (
     VERIFIED_MLFLOW_VERSIONS,
     RouteClassifierMiddleware,
     RouteTable,
     load_routes,
 )
-from guard.search import SearchFilter
+from guard.authz.runtime import PolicyRuntime
+from guard.authz.search import SearchFilter
+from guard.authz.store import PolicyStore
+from guard.edge.artifactpaths import ArtifactPathMiddleware
+from guard.edge.bodies import BodyMiddleware
+from guard.edge.context import RequestContextMiddleware
+from guard.edge.cors import CORSMiddleware
+from guard.edge.deadlines import BodyDeadlines
+from guard.edge.headers import SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
+from guard.edge.hosts import AllowedHostsMiddleware, default_allowed_hosts
+from guard.edge.protocol import ProtocolLimits, build_protocol
+from guard.edge.ratelimit import FailureLimiter
+from guard.errors import Refusal, send_body, send_refusal
+from guard.identity.authentication import AuthenticationMiddleware
+from guard.identity.tokens import TokenProvider, TokenStore
+from guard.keys import load_secret_key
+from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from guard.metrics import Metrics
 from guard.settings import Settings
-from guard.upstream import UpstreamClient, UpstreamError, UpstreamLimits, VersionGate
+from guard.store.db import build_engine, migrate, ping
+from guard.upstream.client import UpstreamClient, UpstreamError, UpstreamLimits, VersionGate
+from guard.upstream.proxy import ProxyApp
 from server.supervisor import EmbeddedConfig, MlflowSupervisor
 
 logger = logging.getLogger("guard")

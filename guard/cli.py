@@ -239,11 +239,11 @@ def _check_config(loaded: Loaded) -> int:
 
 
 def _governance(loaded: Loaded) -> Any:
+    from guard.admin.governance import Governance
     from guard.authz.store import PolicyStore
-    from guard.db import build_engine, migrate
-    from guard.governance import Governance
     from guard.identity.tokens import TokenStore
     from guard.keys import load_secret_key
+    from guard.store.db import build_engine, migrate
 
     engine = build_engine(loaded.settings.database_uri)
     migrate(engine)
@@ -469,8 +469,8 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
 def _remote(args: argparse.Namespace) -> int:
     """A policy or role command sent to a running gateway, which applies the caller's rights
     (a manager may grant on what they manage) and records the change under their name."""
+    from guard.admin.remote import RemoteError, call_api
     from guard.authz.policy import Grant, parse_lines, parse_row
-    from guard.remote import RemoteError, call_api
 
     try:
         if args.command == "role":
@@ -520,8 +520,8 @@ def _audit(args: argparse.Namespace, loaded: Loaded) -> int:
     from guard.audit.commands import parse_when, query_records, verify_trail, write_records
     from guard.audit.store import Filters
     from guard.audit.trail import cli_spool_dir
-    from guard.db import build_engine, migrate
     from guard.keys import SecretKeyError, load_secret_key
+    from guard.store.db import build_engine, migrate
 
     settings = loaded.settings
     engine = build_engine(settings.database_uri)

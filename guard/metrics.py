@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.types import Scope
 
 from guard.audit.trail import AuditTrail
-from guard.context import RequestContext
+from guard.edge.context import RequestContext
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Final, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
-from guard.cors import parse_origin
-from guard.hosts import parse_host_pattern
+from guard.edge.cors import parse_origin
+from guard.edge.hosts import parse_host_pattern
 
 ENV_PREFIX: Final = "MLFLOW_GUARD_"
 DEFAULT_CONFIG_FILE: Final = "mlflow-guard.toml"

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from guard.audit.chain import Head, Problem, canonical, derive_key, verify
 from guard.audit.store import AuditStore
-from guard.db import audit_anchors, audit_records
+from guard.store.db import audit_anchors, audit_records
 
 ARCHIVE_VERSION = 1
 

@@ -22,9 +22,9 @@ from urllib.parse import parse_qsl
 
 from starlette.types import Scope
 
-from guard.context import RequestContext
+from guard.edge.context import RequestContext
+from guard.edge.requestdata import RequestData, RequestDataError, _camel
 from guard.identity.base import Credentials, parse_authorization
-from guard.requestdata import RequestData, RequestDataError, _camel
 
 # Body fields a write declares, recorded for mutating calls (model promotion history, renames,
 # tag writes). Everything else in a body stays out of the trail.

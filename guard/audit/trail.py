@@ -25,8 +25,8 @@ from guard.audit.records import Redactor
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool, SpoolError
 from guard.audit.store import AuditStore
+from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
-from guard.ratelimit import FailureLimiter
 from guard.settings import Settings
 
 logger = logging.getLogger("guard.audit")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped
 
 from guard.authz.engine import resource_match
 from guard.authz.policy import PolicySet
-from guard.db import casbin_rules
+from guard.store.db import casbin_rules
 
 
 def model_text() -> str:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from guard.authz.casbin_adapter import default_policy_text, load_rows
 from guard.authz.policy import PolicyError, PolicySet, Rule
-from guard.db import casbin_rules, policy_state
+from guard.store.db import casbin_rules, policy_state
 
 Check = Callable[[PolicySet, PolicySet], list[str]]
 

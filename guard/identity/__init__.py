@@ -1,1 +1,9 @@
-"""Who is calling: one provider per login method, behind the ``IdentityProvider`` protocol."""
+"""Who is calling: one provider per login method behind the ``IdentityProvider`` protocol
+(``base``), service tokens (``tokens``) and the authentication middleware that asks the providers
+and puts the principal into the request context (``authentication``). LDAP, OIDC and sessions
+land here next, one file per provider.
+
+It may import ``guard.errors``, the edge (the request context, the failure rate limiter) and the
+store, and must not import authz, audit, upstream, admin, cli, settings or app: what a caller may
+do is authz's question, answered from the principal in the request context.
+"""

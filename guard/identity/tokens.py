@@ -26,9 +26,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from guard.db import tokens as tokens_table
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal
+from guard.store.db import tokens as tokens_table
 
 logger = logging.getLogger("guard.tokens")
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from guard.db import audit_records, build_engine
+from guard.store.db import audit_records, build_engine
 from tests.conftest import PostgresCluster, free_port
 from tests.integration.conftest import Gateway, Mlflow, clean_env, start_gateway, wait_ready
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from guard.db import audit_records, build_engine
+from guard.store.db import audit_records, build_engine
 from tests.conftest import PostgresCluster, free_port
 from tests.integration.conftest import Gateway, clean_env, wait_ready
 

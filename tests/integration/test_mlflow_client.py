@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from guard.db import build_engine
 from guard.identity.tokens import TokenStore
 from guard.keys import load_secret_key
+from guard.store.db import build_engine
 from tests.integration.conftest import Gateway
 
 pytestmark = pytest.mark.integration

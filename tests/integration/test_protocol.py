@@ -18,7 +18,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from guard.db import audit_records, build_engine
+from guard.store.db import audit_records, build_engine
 from tests.integration.conftest import Gateway, Mlflow, start_gateway
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from guard.cli import main
-from guard.db import audit_anchors, audit_heads, audit_records, build_engine
+from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine
 
 URIS: dict[Path, str] = {}
 

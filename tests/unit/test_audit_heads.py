@@ -21,7 +21,7 @@ from guard.audit.prune import prune
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool
 from guard.audit.store import AuditStore
-from guard.db import audit_heads, audit_records, build_engine, migrate
+from guard.store.db import audit_heads, audit_records, build_engine, migrate
 
 SECRET = b"s" * 40
 KEY = derive_key(SECRET, "audit-chain")

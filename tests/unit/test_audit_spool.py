@@ -19,7 +19,7 @@ from guard.audit.chain import Head, derive_key, verify
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool, SpoolError, read_records, segments
 from guard.audit.store import AuditStore
-from guard.db import audit_records, build_engine, migrate
+from guard.store.db import audit_records, build_engine, migrate
 
 KEY = derive_key(b"k" * 40, "audit-chain")
 

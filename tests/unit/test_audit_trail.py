@@ -15,14 +15,14 @@ import pytest
 import sqlalchemy as sa
 from starlette.types import Receive, Scope, Send
 
+from guard.admin.governance import Governance
 from guard.app import Gateway, build_gateway
 from guard.audit.commands import verify_trail
 from guard.audit.spool import read_records, segments
 from guard.audit.store import AuditStore, Filters
 from guard.authz.policy import parse_lines
-from guard.db import audit_records
-from guard.governance import Governance
 from guard.settings import load_settings
+from guard.store.db import audit_records
 from tests.servers import ServerThread, read_request_body, send_response
 
 ADMIN = "mlg_" + "b" * 43
@@ -407,7 +407,7 @@ def test_a_flood_of_bad_logins_is_limited_and_summarized(tmp_path: Path) -> None
 
 
 def test_the_limiter_is_bounded() -> None:
-    from guard.ratelimit import FailureLimiter
+    from guard.edge.ratelimit import FailureLimiter
 
     limiter = FailureLimiter(limit=2, interval=60, max_addresses=100)
     for i in range(1000):

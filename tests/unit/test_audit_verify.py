@@ -22,7 +22,7 @@ from guard.audit.shipper import Shipper
 from guard.audit.spool import STORED, Spool, read_stored
 from guard.audit.store import AuditStore, Filters
 from guard.cli import main
-from guard.db import audit_anchors, audit_heads, audit_records, build_engine, migrate
+from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine, migrate
 
 SECRET = b"s" * 40
 KEY = derive_key(SECRET, "audit-chain")

@@ -2,9 +2,9 @@ import base64
 
 import pytest
 
-from guard.authentication import AuthenticationMiddleware
-from guard.context import RequestContextMiddleware
+from guard.edge.context import RequestContextMiddleware
 from guard.errors import Refusal
+from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import Credentials, Principal, parse_authorization
 from tests.unit.asgi import Recorder, call
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from guard.authorization import AuthorizationMiddleware
+from guard.authz.authorization import AuthorizationMiddleware
 from guard.authz.engine import PolicyIndex
 from guard.authz.policy import PolicySet, parse_lines
+from guard.authz.promotion import PromotionRules
+from guard.authz.resolve import Resolver
+from guard.authz.routes import load_routes
 from guard.authz.runtime import PolicyRuntime
-from guard.context import RequestContext
+from guard.edge.context import RequestContext
 from guard.identity.base import Principal
-from guard.promotion import PromotionRules
-from guard.resolve import Resolver
-from guard.routes import load_routes
 
 ROLES = ["g2, viewer, read"]
 BEFORE = PolicyIndex(PolicySet.from_rules(parse_lines(ROLES)), version=1)

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 
 from guard.authz.policy import Grant, Membership, PolicyError, PolicySet
 from guard.authz.store import PolicyStore
-from guard.db import build_engine, casbin_rules, migrate
+from guard.store.db import build_engine, casbin_rules, migrate
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_two_concurrent_removals_cannot_remove_the_last_administrator(
     store's write lock, so one of them must fail, every time."""
     import threading
 
-    from guard.governance import Governance, administrators
+    from guard.admin.governance import Governance, administrators
 
     store.seed_defaults("test")
     governance = Governance(None, store)  # type: ignore[arg-type] - tokens are not used here

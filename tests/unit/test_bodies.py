@@ -24,10 +24,10 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.bodies import BodyMiddleware, id_lists
-from guard.graphql import graphql_plan
-from guard.requestdata import RequestDataError
-from guard.routes import Route, RouteClassifierMiddleware, RouteTable, load_routes
+from guard.authz.graphql import graphql_plan
+from guard.authz.routes import Route, RouteClassifierMiddleware, RouteTable, load_routes
+from guard.edge.bodies import BodyMiddleware, id_lists
+from guard.edge.requestdata import RequestDataError
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body
 from tests.unit.asgi import Recorder, Result, call

@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from guard.app import Gateway, build_gateway, uvicorn_options
 from guard.audit.store import AuditStore, Filters
-from guard.deadlines import TIMED_OUT, BodyDeadlines, BodyTimeout, timed_receive
+from guard.edge.deadlines import TIMED_OUT, BodyDeadlines, BodyTimeout, timed_receive
 from guard.errors import REASONS
 from guard.settings import load_settings
 from tests.conftest import free_port

@@ -173,7 +173,7 @@ def test_cli_changes_are_attributed_to_the_os_account_not_user(
 ) -> None:
     import sqlalchemy as sa
 
-    from guard.db import build_engine, policy_state
+    from guard.store.db import build_engine, policy_state
 
     monkeypatch.setenv("MLFLOW_GUARD_SECRET_KEY", "k" * 40)
     monkeypatch.setenv("USER", "someone-else")

@@ -2,7 +2,7 @@ import ipaddress
 
 import pytest
 
-from guard.context import RequestContextMiddleware, build_context
+from guard.edge.context import RequestContextMiddleware, build_context
 from tests.unit.asgi import call
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)

@@ -1,7 +1,7 @@
 import pytest
 
-from guard.context import RequestContextMiddleware
-from guard.cors import CORSMiddleware, parse_origin
+from guard.edge.context import RequestContextMiddleware
+from guard.edge.cors import CORSMiddleware, parse_origin
 from tests.unit.asgi import Recorder, call
 
 ALLOWED = ("https://app.example.com", "http://localhost:3000")

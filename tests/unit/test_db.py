@@ -7,12 +7,14 @@ import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from guard.db import VERSION_TABLE, UTCDateTime, build_engine, migrate, ping
+from guard.store.db import VERSION_TABLE, UTCDateTime, build_engine, migrate, ping
 
 
 def head_revision() -> str:
     config = Config()
-    config.set_main_option("script_location", str(resources.files("guard").joinpath("migrations")))
+    config.set_main_option(
+        "script_location", str(resources.files("guard.store").joinpath("migrations"))
+    )
     head = ScriptDirectory.from_config(config).get_current_head()
     assert head is not None
     return head

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from guard.routes import Route
+from guard.authz.routes import Route
 from tests.servers import ServerThread
 from tests.unit.test_route_authorization import (
     REFUSED,
@@ -75,8 +75,8 @@ GATEWAYS: list[Any] = []  # the module's gateway, for its audit records
 def add_maker(gateway: Any) -> None:
     """token:maker may create anything but read nothing: the caller a taken name would tell
     that it exists. It edits exp-2 and model-b* (to rename them), and may not use blocked-*."""
+    from guard.admin.governance import Governance
     from guard.authz.policy import RoleRule, parse_lines
-    from guard.governance import Governance
 
     GATEWAYS.append(gateway)
     g = Governance(gateway.tokens, gateway.policies.store)

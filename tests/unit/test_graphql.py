@@ -25,7 +25,7 @@ from graphql import GraphQLInputObjectType, GraphQLList, GraphQLObjectType, get_
 from mlflow.server.graphql.graphql_no_batching import check_query_safety
 from mlflow.server.graphql.graphql_schema_extensions import schema
 
-from guard.graphql import (
+from guard.authz.graphql import (
     NESTED_FIELDS,
     OBJECT_FIELDS,
     ROOT_FIELDS,
@@ -35,7 +35,7 @@ from guard.graphql import (
     graphql_needs,
     graphql_plan,
 )
-from guard.requestdata import RequestDataError, canonical_experiment_id
+from guard.edge.requestdata import RequestDataError, canonical_experiment_id
 
 RUN = "query($d: MlflowGetRunInput) { mlflowGetRun(input: $d) { run { info { runId } } } }"
 MODELS = Need("all:model", "")

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from guard.admin.governance import Governance
 from guard.app import Gateway, build_gateway
 from guard.authz.policy import parse_lines
-from guard.governance import Governance
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
@@ -498,7 +498,7 @@ def test_gateway_changes_are_recorded_under_the_callers_principal_only(
     import sqlalchemy as sa
 
     from guard.cli import main
-    from guard.db import policy_state
+    from guard.store.db import policy_state
 
     gateway, url = running
 

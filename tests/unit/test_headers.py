@@ -8,8 +8,8 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.context import RequestContextMiddleware
-from guard.headers import (
+from guard.edge.context import RequestContextMiddleware
+from guard.edge.headers import (
     SINGLE_VALUED,
     SecurityHeadersMiddleware,
     SingleValuedHeadersMiddleware,

@@ -1,7 +1,7 @@
 import pytest
 
-from guard.context import RequestContextMiddleware
-from guard.hosts import (
+from guard.edge.context import RequestContextMiddleware
+from guard.edge.hosts import (
     AllowedHostsMiddleware,
     default_allowed_hosts,
     parse_host_pattern,

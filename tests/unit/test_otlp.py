@@ -18,9 +18,9 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from starlette.types import Receive, Scope, Send
 
-from guard import otlp
 from guard.app import build_gateway
-from guard.requestdata import RequestDataError
+from guard.authz import otlp
+from guard.edge.requestdata import RequestDataError
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
@@ -65,8 +65,8 @@ class FakeMlflow:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FakeMlflow]]:
+    from guard.admin.governance import Governance
     from guard.authz.policy import parse_lines
-    from guard.governance import Governance
 
     data: Path = tmp_path_factory.mktemp("otlp")
     fake = FakeMlflow()

@@ -1,7 +1,7 @@
 import pytest
 
-from guard.promotion import PromotionRules
-from guard.requestdata import RequestData, RequestDataError
+from guard.authz.promotion import PromotionRules
+from guard.edge.requestdata import RequestData, RequestDataError
 
 RULES = PromotionRules(protected_aliases=("champion", "prod*"), validation_tags=("validation_*",))
 

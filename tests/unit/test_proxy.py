@@ -206,7 +206,7 @@ def test_encoded_paths_reach_mlflow_as_the_same_path(
     gateway: str, upstream: tuple[ServerThread, FakeMlflow]
 ) -> None:
     _, fake = upstream
-    # (A path still percent-encoded after one decoding is refused: guard/artifactpaths.py.)
+    # (A path still percent-encoded after one decoding is refused: guard/edge/artifactpaths.py.)
     url = f"{gateway}/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a%20b%25zz/%C3%A9/echo"
     assert httpx.get(url, headers=AUTH).status_code == 200
     assert last(fake)["path"] == "/api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/a b%zz/é/echo"

@@ -10,9 +10,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.bodies import check_framing
-from guard.proxy import FORWARDED, client_response_headers, upstream_request_headers
+from guard.edge.bodies import check_framing
 from guard.settings import load_settings
+from guard.upstream.proxy import FORWARDED, client_response_headers, upstream_request_headers
 from tests.servers import ServerThread, read_request_body, send_response
 
 TOKEN = "mlg_" + "h" * 43
@@ -42,7 +42,7 @@ HOSTILE = [
     # Mixed and odd case.
     "x-webauth-user", "REMOTE-USER", "x-FoRwArDeD-uSeR", "X-mlflow-WORKSPACE",
 ]  # fmt: skip
-# What MLflow reads, or its clients send it (guard/proxy.py says why each).
+# What MLflow reads, or its clients send it (guard/upstream/proxy.py says why each).
 NEEDED = {
     "Accept": "application/json",
     "Accept-Encoding": "gzip",
@@ -177,7 +177,7 @@ def send(url: str, method: str, target: str, headers: list[tuple[str, str]]) -> 
 
 
 def distinct(names: list[str]) -> list[str]:
-    """One spelling per header: repeating a singular one would be refused (guard/headers.py)."""
+    """One spelling per header: a repeated singular one would be refused (guard/edge/headers.py)."""
     kept: dict[str, str] = {}
     for name in names:
         kept.setdefault(name.lower().replace("_", "-"), name)

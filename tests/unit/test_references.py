@@ -1,4 +1,4 @@
-"""Every reference field of guard/references.py, through the real gateway in front of a fake MLflow.
+"""Every reference field of guard/authz/references.py, via the real gateway before a fake MLflow.
 
 The editor may do everything on experiment 1 and on models ``model-a*``, nothing on experiment 2
 or ``model-b*``. Each case names, in a write the editor may make, one thing of their own (the
@@ -20,9 +20,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.references import REFERENCES, route_key
-from guard.requestdata import _camel
-from guard.routes import RouteTable, load_routes
+from guard.authz.references import REFERENCES, route_key
+from guard.authz.routes import RouteTable, load_routes
+from guard.edge.requestdata import _camel
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
@@ -72,7 +72,7 @@ class FakeMlflow:
             if model in LOGGED_MODELS:
                 found = {"model": {"info": {"experiment_id": LOGGED_MODELS[model]}}}
         elif path.startswith("/api/3.0/mlflow/traces/tr-") and scope["method"] == "GET":
-            # GetTraceInfoV3; the row's own trace id is looked up at .../info (guard/resolve.py)
+            # GetTraceInfoV3; the row's trace id is looked up at .../info (guard/authz/resolve.py)
             trace = path.removesuffix("/info").rsplit("/", 1)[1]
             if trace in TRACES:
                 location = {"mlflow_experiment": {"experiment_id": TRACES[trace]}}
@@ -101,8 +101,8 @@ def grants(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FakeMlflow]]:
+    from guard.admin.governance import Governance
     from guard.authz.policy import parse_lines
-    from guard.governance import Governance
 
     data: Path = tmp_path_factory.mktemp("references")
     fake = FakeMlflow()
@@ -404,8 +404,8 @@ def test_the_route_table_notes_name_the_references() -> None:
     import tomllib
     from importlib import resources
 
-    rows = tomllib.loads(resources.files("guard").joinpath("route_table.toml").read_text())
+    rows = tomllib.loads(resources.files("guard.authz").joinpath("route_table.toml").read_text())
     for row in rows["route"]:
         key = (row["method"], row["path"].removeprefix("/ajax-api").removeprefix("/api"))
         if key in REFERENCES:
-            assert "References (guard/references.py)" in row.get("note", ""), key
+            assert "References (guard/authz/references.py)" in row.get("note", ""), key

@@ -1,6 +1,6 @@
 import pytest
 
-from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
+from guard.edge.requestdata import RequestData, RequestDataError, canonical_experiment_id
 
 
 def data(method: str, query: bytes = b"", body: bytes = b"") -> RequestData:

@@ -8,8 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from guard.requestdata import RequestData, RequestDataError, _camel
-from guard.resolve import (
+from guard.authz.resolve import (
     ISSUE,
     Headers,
     Resolver,
@@ -18,8 +17,9 @@ from guard.resolve import (
     _artifact_experiment,
     _dig,
 )
-from guard.routes import load_routes
-from guard.upstream import UpstreamClient
+from guard.authz.routes import load_routes
+from guard.edge.requestdata import RequestData, RequestDataError, _camel
+from guard.upstream.client import UpstreamClient
 
 
 @pytest.mark.parametrize(

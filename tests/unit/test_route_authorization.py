@@ -22,7 +22,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.routes import Route, load_routes
+from guard.authz.routes import Route, load_routes
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
@@ -147,7 +147,7 @@ def start_gateway(
 
 
 def governance_setup(gateway: object, data: Path) -> None:
-    from guard.governance import Governance
+    from guard.admin.governance import Governance
 
     g = Governance(gateway.tokens, gateway.policies.store)  # type: ignore[attr-defined]
     for name, secret, experiment, model in (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.routes import RouteTable, load_routes, validate_path, validate_query
+from guard.authz.routes import RouteTable, load_routes, validate_path, validate_query
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTES = load_routes()

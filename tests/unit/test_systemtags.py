@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from guard import systemtags
-from guard.requestdata import RequestData, RequestDataError
+from guard.authz import systemtags
+from guard.edge.requestdata import RequestData, RequestDataError
 
 CREATE = "/api/2.0/mlflow/runs/create"
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from guard.db import build_engine, migrate, tokens
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal, parse_authorization
 from guard.identity.tokens import TOKEN_PREFIX, TokenError, TokenProvider, TokenStore
+from guard.store.db import build_engine, migrate, tokens
 
 KEY = b"k" * 32
 DAY = 86400.0

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.edge.protocol import DETAIL_KEY, REFUSAL_KEY
 from guard.errors import Refusal, render, send_refusal
-from guard.protocol import DETAIL_KEY, REFUSAL_KEY
 
 if TYPE_CHECKING:
     from guard.identity.base import Principal

@@ -28,9 +28,9 @@ from cryptography.fernet import Fernet, InvalidToken
 from starlette.types import Scope, Send
 
 from guard.authz.engine import PolicyIndex
+from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
-from guard.requestdata import RequestData, RequestDataError
-from guard.upstream import UpstreamClient, UpstreamError
+from guard.upstream.client import UpstreamClient, UpstreamError
 
 
 @dataclass(frozen=True)

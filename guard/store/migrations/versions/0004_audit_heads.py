@@ -8,7 +8,7 @@ Revises: 0003
 import sqlalchemy as sa
 from alembic import op
 
-import guard.db
+import guard.store.db
 
 revision = "0004"
 down_revision = "0003"
@@ -23,7 +23,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.BigInteger, nullable=False),
         sa.Column("mac", sa.String(64), nullable=False),
         sa.Column("signature", sa.String(64), nullable=False),
-        sa.Column("updated_at", guard.db.UTCDateTime, nullable=False),
+        sa.Column("updated_at", guard.store.db.UTCDateTime, nullable=False),
     )
 
 

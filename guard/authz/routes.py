@@ -50,7 +50,7 @@ class Route:
     pattern: re.Pattern[str]
     literal: int  # characters outside parameters: more literal wins, as in Werkzeug
     # A GET whose MLflow handler reads a JSON body when the query string is empty: only such
-    # a GET may carry a body through the gateway (guard/bodies.py).
+    # a GET may carry a body through the gateway (guard/edge/bodies.py).
     get_body: bool = False
 
     def params(self, path: str) -> dict[str, str] | None:
@@ -76,7 +76,7 @@ def _compile(template: str) -> tuple[re.Pattern[str], int]:
 def load_routes(text: str | None = None) -> tuple[Route, ...]:
     """Parse and check the route table (the packaged one unless ``text`` is given)."""
     if text is None:
-        text = resources.files("guard").joinpath("route_table.toml").read_text()
+        text = resources.files("guard.authz").joinpath("route_table.toml").read_text()
     routes, problems = [], []
     for i, row in enumerate(tomllib.loads(text).get("route", [])):
         where = f"route {i} ({row.get('method')} {row.get('path')})"
@@ -153,7 +153,7 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """The row and its path parameters. HEAD is classified as GET: the gateway forwards it
-        as a body-less GET and sends back only the headers (guard/bodies.py)."""
+        as a body-less GET and sends back only the headers (guard/edge/bodies.py)."""
         method = "GET" if method == "HEAD" else method
         route = self._exact.get((method, path))
         if route is not None:

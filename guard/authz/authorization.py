@@ -16,18 +16,18 @@ from typing import Final, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard import systemtags
+from guard.authz import systemtags
 from guard.authz.engine import PolicyIndex
+from guard.authz.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
+from guard.authz.promotion import PromotionRules, Requirements
+from guard.authz.references import references, static_needs
+from guard.authz.resolve import Resolver, Unresolved, describe
+from guard.authz.routes import Route
 from guard.authz.runtime import PolicyRuntime
-from guard.context import RequestContext
+from guard.authz.search import SearchFilter, search_kind
+from guard.edge.context import RequestContext
+from guard.edge.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.errors import Refusal, conceal, send_refusal
-from guard.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
-from guard.promotion import PromotionRules, Requirements
-from guard.references import references, static_needs
-from guard.requestdata import RequestData, RequestDataError, canonical_experiment_id
-from guard.resolve import Resolver, Unresolved, describe
-from guard.routes import Route
-from guard.search import SearchFilter, search_kind
 
 logger = logging.getLogger("guard.authz")
 

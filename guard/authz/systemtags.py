@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal
-from guard.requestdata import RequestData, RequestDataError
 
 USER_TAG: Final = "mlflow.user"
 _CREATE: Final = ("/runs/create", "/runs/create-promptlab-run")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from guard.db import VERSION_TABLE, metadata
+from guard.store.db import VERSION_TABLE, metadata
 
 # Any fixed number: serializes concurrent migrations of several replicas on PostgreSQL.
 _MIGRATION_LOCK = 0x6D6C6775617264

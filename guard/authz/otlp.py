@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, Final
 
+from guard.edge.requestdata import RequestDataError
 from guard.errors import Refusal
-from guard.requestdata import RequestDataError
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"

@@ -7,7 +7,7 @@ Revises: 0002
 import sqlalchemy as sa
 from alembic import op
 
-import guard.db
+import guard.store.db
 
 revision = "0003"
 down_revision = "0002"
@@ -23,7 +23,7 @@ def upgrade() -> None:
         sa.Column("writer", sa.String(128), nullable=False),
         sa.Column("seq", sa.BigInteger, nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("time", guard.db.UTCDateTime, nullable=False),
+        sa.Column("time", guard.store.db.UTCDateTime, nullable=False),
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("principal", sa.String(256), nullable=False),
         sa.Column("action", sa.String(16), nullable=False),

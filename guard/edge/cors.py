@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.edge.hosts import DEFAULT_PORTS, split_host
 from guard.errors import Refusal, send_refusal
-from guard.hosts import DEFAULT_PORTS, split_host
 
 ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE"
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -32,8 +32,8 @@ from urllib.parse import unquote, urlparse, urlunparse
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
-from guard.requestdata import RequestData, RequestDataError
 
 Source = Literal["query", "message"]
 _PREFIXES: Final = ("/api", "/ajax-api")

@@ -23,16 +23,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from guard import otlp
-from guard.errors import Refusal
-from guard.requestdata import (
+from guard.authz import otlp
+from guard.authz.resolve import Resolver, Unresolved, describe
+from guard.authz.routes import Route
+from guard.edge.requestdata import (
     RequestData,
     RequestDataError,
     canonical_experiment_id,
     member,
 )
-from guard.resolve import Resolver, Unresolved, describe
-from guard.routes import Route
+from guard.errors import Refusal
 
 # What a referenced value names, and the policy kind that governs it.
 TARGET_KIND: Final = {

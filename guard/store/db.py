@@ -158,7 +158,9 @@ def build_engine(uri: str) -> Engine:
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (safe to run from several processes at once)."""
     config = Config()
-    config.set_main_option("script_location", str(resources.files("guard").joinpath("migrations")))
+    config.set_main_option(
+        "script_location", str(resources.files("guard.store").joinpath("migrations"))
+    )
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

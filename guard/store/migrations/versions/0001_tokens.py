@@ -7,7 +7,7 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
-import guard.db
+import guard.store.db
 
 revision = "0001"
 down_revision = None
@@ -22,10 +22,10 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("role", sa.String(64), nullable=False),
         sa.Column("digest", sa.String(64), nullable=False, unique=True),
-        sa.Column("created_at", guard.db.UTCDateTime, nullable=False),
-        sa.Column("expires_at", guard.db.UTCDateTime, nullable=False),
-        sa.Column("revoked_at", guard.db.UTCDateTime, nullable=True),
-        sa.Column("last_used_at", guard.db.UTCDateTime, nullable=True),
+        sa.Column("created_at", guard.store.db.UTCDateTime, nullable=False),
+        sa.Column("expires_at", guard.store.db.UTCDateTime, nullable=False),
+        sa.Column("revoked_at", guard.store.db.UTCDateTime, nullable=True),
+        sa.Column("last_used_at", guard.store.db.UTCDateTime, nullable=True),
     )
     op.create_index(
         "guard_tokens_live_name",

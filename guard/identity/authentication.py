@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
 from guard.identity.base import IdentityProvider, parse_authorization
-from guard.ratelimit import FailureLimiter
 
 
 class AuthenticationMiddleware:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from guard.authz.engine import resource_match
+from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal
-from guard.requestdata import RequestData, RequestDataError
 
 _ALIAS: Final = ("/registered-models/alias",)
 _TAGS: Final = (

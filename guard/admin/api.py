@@ -46,18 +46,18 @@ import anyio.to_thread
 import sqlalchemy as sa
 from starlette.types import Receive, Scope, Send
 
+from guard.admin.governance import Governance, administrators
 from guard.audit.commands import parse_when
 from guard.audit.store import AuditStore, Filters
 from guard.authz.engine import PolicyIndex, resource_match
 from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
-from guard.bodies import check_framing, read_body, too_large
-from guard.deadlines import BodyDeadlines
+from guard.edge.bodies import check_framing, read_body, too_large
+from guard.edge.deadlines import BodyDeadlines
+from guard.edge.requestdata import RequestDataError, parse_json_body
 from guard.errors import Refusal, send_body, send_refusal
-from guard.governance import Governance, administrators
-from guard.proxy import ClientDisconnected
-from guard.requestdata import RequestDataError, parse_json_body
+from guard.upstream.proxy import ClientDisconnected
 
 logger = logging.getLogger("guard.api")
 

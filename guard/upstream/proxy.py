@@ -15,7 +15,7 @@ clients send that it may use; every other header is dropped, whatever its spelli
 - ``User-Agent``: read by the OTLP endpoint; ``X-MLflow-Client-Version``: sent by every MLflow
   client, informational.
 - ``X-MLflow-Experiment-Id``, ``X-MLflow-Run-Id``: where OTLP spans go (the gateway authorizes
-  them; ``guard/route_table.toml``).
+  them; ``guard/authz/route_table.toml``).
 - ``Range``, ``If-Range``, ``If-None-Match``, ``If-Modified-Since``, ``If-Match``,
   ``If-Unmodified-Since``: resumable and conditional artifact downloads (Werkzeug's
   ``make_conditional``, Starlette's ``FileResponse``).
@@ -44,10 +44,10 @@ from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
-from guard.artifactpaths import DOWNLOADS
-from guard.deadlines import TIMED_OUT, BodyTimeout
+from guard.edge.artifactpaths import DOWNLOADS
+from guard.edge.deadlines import TIMED_OUT, BodyTimeout
 from guard.errors import send_refusal
-from guard.upstream import UpstreamClient, UpstreamError, VersionGate
+from guard.upstream.client import UpstreamClient, UpstreamError, VersionGate
 
 logger = logging.getLogger("guard.proxy")
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
-from guard.errors import Refusal
-from guard.requestdata import (
+from guard.authz.routes import Route
+from guard.edge.requestdata import (
     RequestData,
     RequestDataError,
     canonical_experiment_id,
     member,
 )
-from guard.routes import Route
-from guard.upstream import UpstreamClient, UpstreamError
+from guard.errors import Refusal
+from guard.upstream.client import UpstreamClient, UpstreamError
 
 # Fields whose values name an experiment through a lookup, by the kind they point at.
 RUN_FIELDS = ("run_id", "run_uuid", "run_ids")

@@ -45,8 +45,8 @@ from graphql import (
     parse,
 )
 
+from guard.edge.requestdata import RequestDataError, canonical_experiment_id, parse_json_body
 from guard.errors import Refusal
-from guard.requestdata import RequestDataError, canonical_experiment_id, parse_json_body
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
-import guard.db
+import guard.store.db
 
 revision = "0002"
 down_revision = "0001"
@@ -26,7 +26,7 @@ def upgrade() -> None:
         "guard_policy_state",
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("version", sa.Integer, nullable=False),
-        sa.Column("updated_at", guard.db.UTCDateTime, nullable=False),
+        sa.Column("updated_at", guard.store.db.UTCDateTime, nullable=False),
         sa.Column("updated_by", sa.String(256), nullable=False),
     )
 

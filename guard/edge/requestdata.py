@@ -97,7 +97,7 @@ class RequestData:
             data: RequestData = cached[1]
             return data
         otlp = getattr(scope.get("guard.route"), "path", None) == "/v1/traces"
-        # OTLP spans are no MLflow JSON message: guard/otlp.py reads them.
+        # OTLP spans are no MLflow JSON message: guard/authz/otlp.py reads them.
         data = cls.build(scope["method"], scope["query_string"], b"" if otlp else body)
         scope["guard.data"] = (body, data)
         return data

@@ -26,12 +26,12 @@ from functools import cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from guard.deadlines import BodyDeadlines, BodyTimeout, timed_receive
+from guard.authz.resolve import DATASET_LINKS
+from guard.authz.routes import Route
+from guard.edge.deadlines import BodyDeadlines, BodyTimeout, timed_receive
+from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
-from guard.proxy import ClientDisconnected
-from guard.requestdata import RequestData, RequestDataError
-from guard.resolve import DATASET_LINKS
-from guard.routes import Route
+from guard.upstream.proxy import ClientDisconnected
 
 
 def too_large(limit: int) -> Refusal:
@@ -98,7 +98,7 @@ def id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
     ``id_from`` names (``body:experiment_ids[]`` -> ("body", ("experiment_ids",)); a nested path
     counts the elements of its outer list, ``locations[].mlflow_experiment.experiment_id``), and
     the experiments a dataset is linked to or unlinked from. Other references in a body are
-    counted where they are read (guard/references.py)."""
+    counted where they are read (guard/authz/references.py)."""
     source, _, spec = route.id_from.partition(":")
     key = spec.split("+", 1)[0]
     if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):

@@ -1,0 +1,9 @@
+"""The gateway's own management surface: the ``/guard/api/`` application (``api``), the
+governance operations it and the CLI share (``governance``) and the CLI's client for a remote
+gateway (``remote``).
+
+It calls into authz, identity, audit, the edge, upstream and the store, but must not import
+``guard.app``, ``guard.cli`` or ``guard.settings``: the application hands it what it needs, so
+the console that lands here next goes through the same functions and no second authorization
+path.
+"""
