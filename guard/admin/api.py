@@ -49,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 from guard.admin.governance import Governance, administrators
 from guard.audit.commands import parse_when
 from guard.audit.store import AuditStore, Filters
-from guard.authz.engine import PolicyIndex, resource_match
+from guard.authz.engine import PolicyIndex
 from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
@@ -57,6 +57,7 @@ from guard.edge.bodies import check_framing, read_body, too_large
 from guard.edge.deadlines import BodyDeadlines
 from guard.edge.requestdata import RequestDataError, parse_json_body
 from guard.errors import Refusal, send_body, send_refusal
+from guard.patterns import resource_match
 from guard.upstream.proxy import ClientDisconnected
 
 logger = logging.getLogger("guard.api")

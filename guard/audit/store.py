@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from guard.audit.chain import Head, canonical, sign_head
-from guard.authz.engine import resource_match
+from guard.patterns import resource_match
 from guard.store.db import audit_anchors, audit_heads, audit_records
 
 # Columns copied out of a record (name in the record -> its default when absent).

@@ -14,8 +14,8 @@ from casbin_sqlalchemy_adapter import Adapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from guard.authz.engine import resource_match
 from guard.authz.policy import PolicySet
+from guard.patterns import resource_match
 from guard.store.db import casbin_rules
 
 

@@ -12,38 +12,10 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Final, Literal
 
-from guard.authz.policy import MAX_LINKS, Grant, PolicySet, resource_kind
-
-# Kinds that wildcard patterns (``*``, ``*:*``) never reach; see resource_match.
-SEALED_KINDS: Final = ("guard",)
-
-
-def _is_pattern(resource: str) -> bool:
-    return "*" in resource or "?" in resource
-
-
-@lru_cache(maxsize=65536)
-def _compile(pattern: str) -> re.Pattern[str]:
-    parts = []
-    for char in pattern:
-        parts.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def resource_match(resource: str, pattern: str) -> bool:
-    """The gateway's glob: ``*`` matches any run of characters (``/`` too), ``?`` one. The
-    gateway's own resources (``guard:policy``, ``guard:audit``) match only patterns that name
-    their kind: a grant on ``*`` covers MLflow, not who may change or read the policy."""
-    if not _is_pattern(pattern):
-        return resource == pattern
-    kind = resource_kind(resource)
-    if kind in SEALED_KINDS and resource_kind(pattern) != kind:
-        return False
-    return _compile(pattern).fullmatch(resource) is not None
-
+from guard.authz.policy import MAX_LINKS, Grant, PolicySet
+from guard.patterns import SEALED_KINDS, compile_pattern, is_pattern, resource_kind
 
 Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
 
@@ -97,8 +69,8 @@ class PolicyIndex:
             bucket = self._grants.setdefault(grant.subject, {}).setdefault(
                 resource_kind(grant.resource), _Bucket()
             )
-            if _is_pattern(grant.resource):
-                bucket.patterns.append((_compile(grant.resource), grant))
+            if is_pattern(grant.resource):
+                bucket.patterns.append((compile_pattern(grant.resource), grant))
             else:
                 bucket.exact.setdefault(grant.resource, []).append(grant)
 

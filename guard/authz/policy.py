@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from guard.patterns import resource_kind
+
 ACTIONS: Final = ("read", "create", "update", "delete", "manage", "promote")
 SUBJECT_KINDS: Final = ("user", "group", "token")
 RESOURCE_KINDS: Final = ("experiment", "model", "server", "guard")
@@ -69,14 +71,6 @@ class RoleRule:
 
 
 Rule = Grant | Membership | RoleRule
-
-
-def resource_kind(resource: str) -> str:
-    """The kind a resource or pattern names (``experiment:x`` -> ``experiment``), else ``*``."""
-    kind, sep, _ = resource.partition(":")
-    if not sep or "*" in kind or "?" in kind:
-        return "*"
-    return kind
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from guard.authz.engine import resource_match
 from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal
+from guard.patterns import resource_match
 
 _ALIAS: Final = ("/registered-models/alias",)
 _TAGS: Final = (

@@ -7,8 +7,9 @@ import random
 import pytest
 
 from guard.authz.casbin_adapter import build_enforcer, casbin_decide, default_policy_text
-from guard.authz.engine import PolicyIndex, resource_match
+from guard.authz.engine import PolicyIndex
 from guard.authz.policy import ACTIONS, Grant, Membership, PolicySet, RoleRule
+from guard.patterns import resource_match
 
 DEFAULT = PolicySet.from_csv(default_policy_text())
 
