@@ -4,7 +4,7 @@ Usage (from the repository root, with the project venv)::
 
     .venv/bin/python tests/dump_mlflow_routes.py    # JSON list on stdout, counts on stderr
 
-Importable: ``dump_routes() -> list[dict]``. ``tests/unit/test_route_table.py`` runs it and fails
+Importable: ``dump_routes() -> list[dict]``. ``tests/unit/authz/test_routes.py`` runs it and fails
 if any route lacks a row in ``guard/authz/route_table.toml``.
 
 What is introspected (nothing is started, no socket is opened):

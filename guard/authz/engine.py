@@ -3,7 +3,7 @@
 casbin's ``enforce`` evaluates the matcher against every ``p`` row (~4 us a row here, ~40 ms
 at 100k rows). The index answers the same question from the rows that can matter: the grants of
 the subject and of its groups, filed by resource kind, exact names in a dict and patterns in a
-short list. ``tests/unit/test_authz_engine.py`` checks it against casbin itself on thousands of
+short list. ``tests/unit/authz/test_engine.py`` checks it against casbin itself on thousands of
 random questions. An index is immutable; a policy change builds a new one and swaps it in.
 """
 

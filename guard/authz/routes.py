@@ -27,7 +27,7 @@ KINDS: Final = frozenset(
         "assistant", "workspace", "user_admin", "server",
     }
 )  # fmt: skip
-# The MLflow releases whose routes the table was checked against (tests/unit/test_routes.py).
+# The MLflow releases whose routes the table was checked against (tests/unit/authz/test_routes.py).
 VERIFIED_MLFLOW_VERSIONS: Final = frozenset({"3.17.2"})
 _KEYS: Final = frozenset(
     {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body",

@@ -15,7 +15,7 @@ once it exceeds ``max_url_length + max_header_size`` (plus one read).
 
 This module reaches into uvicorn's ``HttpToolsProtocol`` (its parser callbacks, ``cycle``,
 ``pipeline``, ``_start_asgi_task``); pyproject.toml pins uvicorn's minor version and
-tests/unit/test_protocol.py fails if those assumptions break.
+tests/unit/edge/test_protocol.py fails if those assumptions break.
 """
 
 from __future__ import annotations

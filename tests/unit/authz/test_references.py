@@ -313,7 +313,7 @@ def test_every_table_entry_is_a_route_and_has_a_case() -> None:
         for prefix in ("/api", "/ajax-api"):
             if (found := TABLE.match(method, prefix + path)) is not None:
                 tried.add(route_key(found[0]))
-    assert set(REFERENCES) - tried == {("POST", "/v1/traces")}  # tests/unit/test_otlp.py
+    assert set(REFERENCES) - tried == {("POST", "/v1/traces")}  # tests/unit/authz/test_otlp.py
 
 
 @pytest.mark.parametrize(

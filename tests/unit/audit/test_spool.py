@@ -291,7 +291,7 @@ CRASHING_WRITER = """
 import asyncio, sys, time
 from pathlib import Path
 from guard.audit.spool import Spool
-from tests.unit.test_audit_spool import KEY, body
+from tests.unit.audit.test_spool import KEY, body
 
 spool = Spool(Path(sys.argv[1]), KEY, segment_size=1 << 20)
 spool.open()
@@ -325,7 +325,7 @@ def kill_mid_run(directory: Path) -> None:
 
     with subprocess.Popen(
         [sys.executable, "-c", CRASHING_WRITER, str(directory)],
-        stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE, cwd=Path(__file__).parents[3],
     ) as proc:  # fmt: skip
         try:
             assert proc.stdout is not None

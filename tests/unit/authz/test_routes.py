@@ -11,7 +11,7 @@ import pytest
 
 from guard.authz.routes import RouteTable, load_routes, validate_path, validate_query
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ROUTES = load_routes()
 TABLE = RouteTable(ROUTES)
 

@@ -19,7 +19,7 @@ import pytest
 
 from guard.authz.routes import Route
 from tests.servers import ServerThread
-from tests.unit.test_route_authorization import (
+from tests.unit.authz.test_route_authorization import (
     REFUSED,
     ROUTES,
     VALUES,
@@ -208,7 +208,7 @@ def test_an_explicit_deny_is_not_announced(gateway: str, client: httpx.Client) -
 
 def test_reading_an_alias_is_a_read(gateway: str, client: httpx.Client) -> None:
     """Resolving ``models:/name@champion`` needs read, not promote; setting one needs promote."""
-    from tests.unit.test_route_authorization import ALLOWED
+    from tests.unit.authz.test_route_authorization import ALLOWED
 
     reader = {"Authorization": f"Bearer {MAKER}"}  # editor on model-b*: reads, no promote
     for prefix in ("/api", "/ajax-api"):
@@ -223,7 +223,7 @@ def test_reading_an_alias_is_a_read(gateway: str, client: httpx.Client) -> None:
 
 
 def test_the_audit_record_keeps_the_true_reason(gateway: str, client: httpx.Client) -> None:
-    from tests.unit.test_audit_trail import wait_stored
+    from tests.unit.audit.test_trail import wait_stored
 
     ids = {}
     for name, experiment in (("forbidden", "1"), ("unknown", UNKNOWN)):
@@ -247,7 +247,7 @@ def test_scorer_configurations_in_forbidden_experiments_look_like_none(
 ) -> None:
     """MLflow answers nothing for a scorer without an online configuration; one configured in an
     experiment the caller may not read is dropped from the answer, so it looks the same."""
-    from tests.unit.test_route_authorization import ALLOWED
+    from tests.unit.authz.test_route_authorization import ALLOWED
 
     url = gateway + prefix + "/3.0/mlflow/scorers/online-configs"
 

@@ -31,7 +31,7 @@ from guard.edge.requestdata import RequestDataError
 from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body
 from tests.unit.asgi import Recorder, Result, call
-from tests.unit.test_route_authorization import ALLOWED, REFUSED, FakeMlflow, governance_setup
+from tests.unit.authz.test_route_authorization import ALLOWED, REFUSED, FakeMlflow, governance_setup
 
 ROUTES = load_routes()
 TABLE = RouteTable(ROUTES)
