@@ -424,7 +424,7 @@ def test_the_cli_delegates_through_the_gateway(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`role assign --gateway URL` applies the caller's own rights, not the database's."""
-    from guard.cli import main
+    from guard.cli.main import main
 
     gateway, url = running
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -465,7 +465,7 @@ def test_the_cli_explains_for_a_manager_through_the_gateway(
 ) -> None:
     """`policy explain --gateway`: a manager about anyone on what they manage; without
     --subject, about the caller."""
-    from guard.cli import main
+    from guard.cli.main import main
 
     _, url = running
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -497,7 +497,7 @@ def test_gateway_changes_are_recorded_under_the_callers_principal_only(
     changes who a change is recorded as."""
     import sqlalchemy as sa
 
-    from guard.cli import main
+    from guard.cli.main import main
     from guard.store.db import policy_state
 
     gateway, url = running
@@ -602,7 +602,7 @@ def test_the_cli_never_follows_a_redirect_with_credentials(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A gateway URL that redirects elsewhere must not receive (or forward) the token."""
-    from guard.cli import main
+    from guard.cli.main import main
 
     seen: list[str | None] = []
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from guard.cli import main
+from guard.cli.main import main
 from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine
 
 URIS: dict[Path, str] = {}

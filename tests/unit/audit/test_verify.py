@@ -21,7 +21,7 @@ from guard.audit.prune import prune
 from guard.audit.shipper import Shipper
 from guard.audit.spool import STORED, Spool, read_stored
 from guard.audit.store import AuditStore, Filters
-from guard.cli import main
+from guard.cli.main import main
 from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine, migrate
 
 SECRET = b"s" * 40

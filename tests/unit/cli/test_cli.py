@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.cli import main
+from guard.cli.main import main
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_cli_changes_are_attributed_to_the_os_account_not_user(
 def test_an_account_without_a_name_is_its_uid(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from guard import cli
+    from guard.cli import main as cli
 
     def nameless(uid: int) -> None:
         raise KeyError(uid)
@@ -222,7 +222,7 @@ def test_explain_without_a_subject_needs_a_gateway(
 def test_every_subcommand_is_documented() -> None:
     import argparse
 
-    from guard.cli import build_parser
+    from guard.cli.main import build_parser
 
     def subcommands(
         parser: argparse.ArgumentParser, path: str

@@ -1,0 +1,1 @@
+"""The ``mlflow-guard`` command (split into one module per command group next)."""
