@@ -198,14 +198,14 @@ def test_cli_changes_are_attributed_to_the_os_account_not_user(
 def test_an_account_without_a_name_is_its_uid(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from guard.cli import main as cli
+    from guard.cli import common
 
     def nameless(uid: int) -> None:
         raise KeyError(uid)
 
     monkeypatch.setenv("USER", "someone-else")
-    monkeypatch.setattr(cli.pwd, "getpwuid", nameless)
-    assert cli.cli_actor() == f"cli:uid:{os.geteuid()}"
+    monkeypatch.setattr(common.pwd, "getpwuid", nameless)
+    assert common.cli_actor() == f"cli:uid:{os.geteuid()}"
 
 
 def test_explain_without_a_subject_needs_a_gateway(

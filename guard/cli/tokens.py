@@ -1,0 +1,121 @@
+"""``token``: create, list and revoke service tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from guard.cli.common import (
+    EXIT_FAILED,
+    add_storage_flags,
+    cli_actor,
+    fail,
+    open_governance,
+    record_change,
+    when,
+)
+from guard.settings import Loaded, parse_duration
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``token``."""
+    token = commands.add_parser("token", help="manage service tokens")
+    token_commands = token.add_subparsers(dest="action", required=True)
+    create = token_commands.add_parser("create", help="create a token and print it once")
+    add_storage_flags(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, help="a role defined in the policy")
+    create.add_argument(
+        "--resource", default="*", help="resource pattern the role applies to (default: all)"
+    )
+    create.add_argument(
+        "--expires", help="lifetime such as 90d, 12h (default tokens.default_expiry)"
+    )
+    create.add_argument("--quiet", action="store_true", help="print only the secret")
+    listing = token_commands.add_parser("list", help="list tokens (never their secrets)")
+    add_storage_flags(listing)
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name")
+    add_storage_flags(revoke)
+    revoke.add_argument("name")
+
+
+def run(args: argparse.Namespace, loaded: Loaded) -> int:
+    governance = open_governance(loaded)
+    try:
+        return _token_command(args, loaded, governance)
+    finally:
+        governance.tokens.engine.dispose()
+
+
+def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
+    from guard.identity.tokens import TokenError, utcnow
+
+    store = governance.tokens
+    try:
+        if args.action == "create":
+            lifetime = (
+                parse_duration(args.expires)
+                if args.expires
+                else loaded.settings.tokens.default_expiry
+            )
+            asked = {"token": args.name, "role": args.role, "resource": args.resource}
+            if not record_change(loaded, governance, "token_created", "intent", **asked):
+                return EXIT_FAILED
+            record, secret = governance.create_token(
+                args.name, args.role, args.resource, lifetime, cli_actor()
+            )
+            record_change(
+                loaded,
+                governance,
+                "token_created",
+                token=record.name,
+                role=record.role,
+                resource=args.resource,
+                expires=record.expires_at.isoformat(),
+            )
+            if args.quiet:
+                print(secret)
+                return 0
+            print(
+                f"Created token {record.name!r} (role {record.role}, expires "
+                f"{when(record.expires_at)}). The secret is shown only now:\n\n    {secret}\n\n"
+                f"Use it as MLFLOW_TRACKING_TOKEN, or as the password with user name "
+                f"{record.name!r} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."
+            )
+        elif args.action == "list":
+            now = utcnow()
+            records = store.list(include_revoked=args.all)
+            if args.format == "json":
+                rows = [
+                    {
+                        "name": r.name, "role": r.role, "state": r.state(now),
+                        "created": r.created_at.isoformat(), "expires": r.expires_at.isoformat(),
+                        "last_used": r.last_used_at.isoformat() if r.last_used_at else None,
+                    }
+                    for r in records
+                ]  # fmt: skip
+                print(json.dumps(rows, indent=2))
+                return 0
+            table = [("NAME", "ROLE", "STATE", "CREATED", "EXPIRES", "LAST USED")]
+            table += [
+                (r.name, r.role, r.state(now), when(r.created_at), when(r.expires_at),
+                 when(r.last_used_at))
+                for r in records
+            ]  # fmt: skip
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            for row in table:
+                print(
+                    "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                )
+        else:
+            if not record_change(loaded, governance, "token_revoked", "intent", token=args.name):
+                return EXIT_FAILED
+            record = governance.revoke_token(args.name, cli_actor())
+            record_change(loaded, governance, "token_revoked", token=record.name)
+            print(f"Revoked token {record.name!r} and removed its grants.")
+    except (TokenError, ValueError) as exc:  # PolicyError is a ValueError
+        return fail(exc)
+    return 0
