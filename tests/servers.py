@@ -10,7 +10,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Send
 
 from guard.app import uvicorn_options
-from guard.settings import load_settings
+from guard.config import load_settings
 from tests.conftest import free_port
 
 

@@ -8,7 +8,7 @@ import sys
 
 from guard.authz.policy import ACTIONS
 from guard.cli.common import EXIT_FAILED, add_storage_flags, fail
-from guard.settings import Loaded
+from guard.config import Loaded
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,7 +10,7 @@ import pwd
 import sys
 from typing import Any
 
-from guard.settings import Loaded, load_settings
+from guard.config import Loaded, load_settings
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 1, 2, 3
 

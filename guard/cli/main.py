@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from guard.cli import audit, policy, serve, tokens
 from guard.cli.common import EXIT_CONFIG, load
-from guard.settings import load_settings
+from guard.config import load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:

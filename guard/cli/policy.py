@@ -18,7 +18,7 @@ from guard.cli.common import (
     open_governance,
     record_change,
 )
-from guard.settings import Loaded
+from guard.config import Loaded
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

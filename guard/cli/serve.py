@@ -14,7 +14,7 @@ import socket
 import sys
 
 from guard.cli.common import EXIT_CONFIG, EXIT_STARTUP, add_storage_flags, when
-from guard.settings import Loaded, options
+from guard.config import Loaded, options
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:

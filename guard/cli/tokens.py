@@ -15,7 +15,8 @@ from guard.cli.common import (
     record_change,
     when,
 )
-from guard.settings import Loaded, parse_duration
+from guard.config import Loaded
+from guard.settings import parse_duration
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

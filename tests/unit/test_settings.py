@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.settings import load_settings, options, parse_duration, parse_size
+from guard.config import load_settings, options
+from guard.settings import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ from guard.audit.commands import verify_trail
 from guard.audit.spool import read_records, segments
 from guard.audit.store import AuditStore, Filters
 from guard.authz.policy import parse_lines
-from guard.settings import load_settings
+from guard.config import load_settings
 from guard.store.db import audit_records
 from tests.servers import ServerThread, read_request_body, send_response
 

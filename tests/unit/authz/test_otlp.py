@@ -20,8 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
 from guard.authz import otlp
+from guard.config import load_settings
 from guard.edge.requestdata import RequestDataError
-from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 EDITOR = "mlg_" + "e" * 43

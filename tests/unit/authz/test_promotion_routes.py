@@ -20,7 +20,7 @@ from guard.admin.governance import Governance
 from guard.app import build_gateway
 from guard.authz.policy import parse_lines
 from guard.authz.routes import load_routes
-from guard.settings import load_settings
+from guard.config import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 EDITOR = "mlg_" + "e" * 43

@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from guard.app import build_gateway
 from guard.authz.references import REFERENCES, route_key
 from guard.authz.routes import RouteTable, load_routes
+from guard.config import load_settings
 from guard.edge.requestdata import _camel
-from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 EDITOR = "mlg_" + "e" * 43

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
 from guard.authz.routes import Route, load_routes
-from guard.settings import load_settings
+from guard.config import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 ALLOWED = "mlg_" + "a" * 43

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from guard.admin.governance import Governance
 from guard.app import build_gateway
 from guard.authz.policy import parse_lines
-from guard.settings import load_settings
+from guard.config import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 READER = "mlg_" + "v" * 43

@@ -19,8 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
 from guard.authz.routes import load_routes
+from guard.config import load_settings
 from guard.edge.artifactpaths import DOWNLOADS, PATH_FIELDS, validate_artifact_path
-from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
 TOKEN = "mlg_" + "p" * 43

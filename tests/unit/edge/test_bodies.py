@@ -26,9 +26,9 @@ from starlette.types import Receive, Scope, Send
 from guard.app import build_gateway
 from guard.authz.graphql import graphql_plan
 from guard.authz.routes import Route, RouteClassifierMiddleware, RouteTable, load_routes
+from guard.config import load_settings
 from guard.edge.bodies import BodyMiddleware, id_lists
 from guard.edge.requestdata import RequestDataError
-from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body
 from tests.unit.asgi import Recorder, Result, call
 from tests.unit.authz.test_route_authorization import ALLOWED, REFUSED, FakeMlflow, governance_setup

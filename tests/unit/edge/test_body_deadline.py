@@ -21,9 +21,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from guard.app import Gateway, build_gateway, uvicorn_options
 from guard.audit.store import AuditStore, Filters
+from guard.config import load_settings
 from guard.edge.deadlines import TIMED_OUT, BodyDeadlines, BodyTimeout, timed_receive
 from guard.errors import REASONS
-from guard.settings import load_settings
 from tests.conftest import free_port
 from tests.servers import ServerThread, send_response
 

@@ -8,6 +8,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
+from guard.config import load_settings
 from guard.edge.context import RequestContextMiddleware
 from guard.edge.headers import (
     SINGLE_VALUED,
@@ -15,7 +16,6 @@ from guard.edge.headers import (
     SingleValuedHeadersMiddleware,
     merge_policies,
 )
-from guard.settings import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 from tests.unit.asgi import Recorder, call
 

@@ -24,10 +24,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from guard.app import Gateway, build_gateway, uvicorn_options
 from guard.audit.store import AuditStore, Filters
+from guard.config import load_settings
 from guard.edge.context import RequestContextMiddleware
 from guard.edge.protocol import DETAIL_KEY, REFUSAL_KEY, GuardHttpProtocol
 from guard.errors import REASONS
-from guard.settings import load_settings
 from tests.conftest import free_port
 from tests.servers import ServerThread, read_request_body, send_response
 

@@ -14,7 +14,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.settings import load_settings
+from guard.config import load_settings
 from tests.conftest import free_port
 from tests.servers import ServerThread, read_request_body, send_response
 

@@ -10,8 +10,8 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
+from guard.config import load_settings
 from guard.edge.bodies import check_framing
-from guard.settings import load_settings
 from guard.upstream.proxy import FORWARDED, client_response_headers, upstream_request_headers
 from tests.servers import ServerThread, read_request_body, send_response
 

@@ -1,0 +1,218 @@
+"""Loading the settings: one lookup, every problem reported at once.
+
+Where a value comes from, highest first: a command-line flag, the environment
+(``MLFLOW_GUARD_<SECTION>_<KEY>``), the TOML file (``--config``, else ``MLFLOW_GUARD_CONFIG``,
+else ``./mlflow-guard.toml`` if it exists), the built-in default. The schema it fills is
+``guard.settings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, get_origin, get_type_hints
+
+from guard.settings import Settings, Validator, parse_duration, parse_size
+
+ENV_PREFIX: Final = "MLFLOW_GUARD_"
+DEFAULT_CONFIG_FILE: Final = "mlflow-guard.toml"
+# Environment variables that are not settings: where to look, and secrets kept out of files.
+RESERVED_ENV: Final = frozenset(
+    {"MLFLOW_GUARD_CONFIG", "MLFLOW_GUARD_BOOTSTRAP_TOKEN", "MLFLOW_GUARD_SECRET_KEY"}
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the loader and the documentation see it."""
+
+    section: str
+    key: str
+    type: Any
+    default: Any
+    doc: str
+    flag: str | None
+    kind: str
+    check: Validator | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
+
+
+def options() -> list[Option]:
+    """Every setting, in schema order."""
+    result = []
+    for section in dataclasses.fields(Settings):
+        section_type = get_type_hints(Settings)[section.name]
+        hints = get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            meta = f.metadata
+            result.append(
+                Option(
+                    section.name,
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    meta["doc"],
+                    meta["flag"],
+                    meta["kind"],
+                    meta["check"],
+                )
+            )
+    return result
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    problems: list[str]
+    sources: dict[str, str]
+    config_file: Path | None
+
+
+def _convert(opt: Option, raw: object) -> object:
+    """Turn a raw value (a string from env/flags, or a TOML value) into the option's type."""
+    if opt.kind == "size":
+        return parse_size(raw)
+    if opt.kind == "duration":
+        return parse_duration(raw)
+    if get_origin(opt.type) is tuple:
+        if isinstance(raw, str):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
+        raise ValueError(f"expected a list of strings, got {raw!r}")
+    if opt.type is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"true", "1", "yes", "on"}:
+            return True
+        if text in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if opt.type is int:
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if opt.type is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ValueError(f"expected a number, got {raw!r}")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def find_config_file(flag: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file in effect: --config, else MLFLOW_GUARD_CONFIG, else ./mlflow-guard.toml."""
+    if flag:
+        return Path(flag)
+    if environ.get("MLFLOW_GUARD_CONFIG"):
+        return Path(environ["MLFLOW_GUARD_CONFIG"])
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Loaded:
+    """Build Settings from flags (keyed by ``section.key``), environment and file.
+
+    Never raises for bad input: every problem is collected as
+    ``"section.key: problem (how to fix)"`` so the operator sees them all at once.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    path = find_config_file(config_file, environ)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            problems.append(f"config: {path} does not exist (create it or drop --config)")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"config: {path} cannot be read: {exc}")
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"config: {path} is not valid TOML: {exc} (fix the syntax)")
+
+    all_options = options()
+    known = {(o.section, o.key) for o in all_options}
+    sections = {o.section for o in all_options}
+    for section, table in file_values.items():
+        if section not in sections or not isinstance(table, dict):
+            problems.append(f"{section}: unknown section (known: {', '.join(sorted(sections))})")
+            continue
+        for key in table:
+            if (section, key) not in known:
+                problems.append(f"{section}.{key}: unknown setting (see config/mlflow-guard.toml)")
+    known_env = {o.env for o in all_options} | RESERVED_ENV
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            problems.append(f"env {name}: unknown setting (check the spelling in the README)")
+
+    values: dict[str, dict[str, object]] = {s: {} for s in sections}
+    sources: dict[str, str] = {}
+    for opt in all_options:
+        candidates: list[tuple[str, object]] = []
+        if opt.name in flags:
+            candidates.append((f"flag {opt.flag}", flags[opt.name]))
+        if opt.env in environ:
+            candidates.append((f"env {opt.env}", environ[opt.env]))
+        table = file_values.get(opt.section)
+        if isinstance(table, dict) and opt.key in table:
+            candidates.append((f"file {path}", table[opt.key]))
+        value, source = opt.default, "default"
+        if candidates:
+            source, raw = candidates[0]
+            try:
+                value = _convert(opt, raw)
+            except ValueError as exc:
+                problems.append(f"{opt.name}: {exc} (from {source})")
+                value, source = opt.default, "default"
+        if opt.check is not None and (message := opt.check(value)):
+            problems.append(f"{opt.name}: {message} (from {source})")
+        values[opt.section][opt.key] = value
+        sources[opt.name] = source
+
+    hints = get_type_hints(Settings)
+    settings = Settings(**{s: hints[s](**kv) for s, kv in values.items()})
+    problems.extend(_cross_checks(settings))
+    return Loaded(settings, problems, sources, path)
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    problems = []
+    if settings.tokens.cache_ttl < 0:
+        problems.append("tokens.cache_ttl: must not be negative (0 disables the cache)")
+    if (
+        settings.embedded
+        and settings.mlflow.default_artifact_root == ""
+        and not (settings.mlflow.serve_artifacts)
+    ):
+        problems.append(
+            "mlflow.default_artifact_root: required when serve_artifacts is off "
+            "(set a path or an object-store URI)"
+        )
+    try:
+        data_dir = settings.data_dir
+    except OSError as exc:  # pragma: no cover - resolve() only fails on broken filesystems
+        return [*problems, f"storage.data_dir: cannot be resolved: {exc}"]
+    if data_dir.exists() and not data_dir.is_dir():
+        problems.append(f"storage.data_dir: {data_dir} exists and is not a directory")
+    return problems
