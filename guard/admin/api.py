@@ -13,8 +13,8 @@ Who may do what:
   themselves. Patterns, deny rules, memberships and role definitions are the administrators'.
 
 Every change is validated as a whole and may not remove the last administrator (see
-``guard.governance``); it lands in the database in one transaction, so every replica follows it
-within a poll interval and this one at once.
+``guard.admin.governance``); it lands in the database in one transaction, so every replica
+follows it within a poll interval and this one at once.
 
 Endpoints (JSON in MLflow's error shape on refusal)::
 
@@ -53,12 +53,11 @@ from guard.authz.engine import PolicyIndex
 from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
-from guard.edge.bodies import check_framing, read_body, too_large
+from guard.edge.bodies import ClientDisconnected, check_framing, read_body, too_large
 from guard.edge.deadlines import BodyDeadlines
 from guard.edge.requestdata import RequestDataError, parse_json_body
 from guard.errors import Refusal, send_body, send_refusal
 from guard.patterns import resource_match
-from guard.upstream.proxy import ClientDisconnected
 
 logger = logging.getLogger("guard.api")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
-from guard.authz.routes import Route
+from guard.authz.routes import DATASET_LINKS, Route
 from guard.edge.requestdata import (
     RequestData,
     RequestDataError,
@@ -38,8 +38,6 @@ EXPERIMENT_FIELDS = ("experiment_id", "experiment_ids")
 LOGGED_MODEL_FIELDS = ("model_id",)
 TRACE_FIELDS = ("trace_id", "request_id", "trace_ids", "request_ids")
 MODEL_KINDS = ("registered_model", "model_version")
-# Dataset rows whose body also names the experiments being linked or unlinked (their notes).
-DATASET_LINKS: Final = ("/add-experiments", "/remove-experiments")
 # Registry writes after which a model name may belong to another model.
 MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/delete")
 _HEADER_PREFIX: Final = "x-mlflow-"  # MLflow's headers are x-mlflow-<field>

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 from typing import Final, Literal
 
@@ -29,6 +30,8 @@ KINDS: Final = frozenset(
 )  # fmt: skip
 # The MLflow releases whose routes the table was checked against (tests/unit/authz/test_routes.py).
 VERIFIED_MLFLOW_VERSIONS: Final = frozenset({"3.17.2"})
+# Dataset rows whose body also names the experiments being linked or unlinked (their notes).
+DATASET_LINKS: Final = ("/add-experiments", "/remove-experiments")
 _KEYS: Final = frozenset(
     {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body",
      "get_body"}
@@ -53,9 +56,32 @@ class Route:
     # a GET may carry a body through the gateway (guard/edge/bodies.py).
     get_body: bool = False
 
+    @property
+    def id_lists(self) -> tuple[str, tuple[str, ...]]:
+        """(source, fields) of the lists of ids the resolver looks up for this route: the list
+        its ``id_from`` names (``body:experiment_ids[]`` -> ("body", ("experiment_ids",)); a
+        nested path counts the elements of its outer list,
+        ``locations[].mlflow_experiment.experiment_id``), and the experiments a dataset is
+        linked to or unlinked from. Other references in a body are counted where they are read
+        (guard/authz/references.py). The edge's body layer counts them (guard/edge/bodies.py)."""
+        return _id_lists(self)
+
     def params(self, path: str) -> dict[str, str] | None:
         match = self.pattern.fullmatch(path)
         return None if match is None else match.groupdict()
+
+
+@cache
+def _id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
+    source, _, spec = route.id_from.partition(":")
+    key = spec.split("+", 1)[0]
+    if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
+        return "body", ("experiment_ids",)
+    if source not in ("query", "body") or "[]" not in key:
+        return source, ()
+    if "." in key:
+        return source, (key.split("[]", 1)[0],)
+    return source, tuple(key.removesuffix("[]").split("|"))
 
 
 def _compile(template: str) -> tuple[re.Pattern[str], int]:

@@ -15,23 +15,38 @@ The lists of ids a route is resolved on are counted here, before anything is loo
 ``max_ids_per_request`` the request is refused (``too_many_ids``). The limit is left in
 ``scope["guard.max_ids"]`` for the layers that read other lists of ids.
 
-Every body is read under the deadlines of ``guard.deadlines``: a buffered one is answered
+Every body is read under the deadlines of ``guard.edge.deadlines``: a buffered one is answered
 ``408 body_timeout`` when it arrives too slowly, and a streamed one is passed on with a
 ``receive`` that fails the same way (the proxy then abandons the upload to MLflow).
 """
 
 from __future__ import annotations
 
-from functools import cache
+from typing import Literal, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from guard.authz.resolve import DATASET_LINKS
-from guard.authz.routes import Route
 from guard.edge.deadlines import BodyDeadlines, BodyTimeout, timed_receive
 from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
-from guard.upstream.proxy import ClientDisconnected
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its whole body arrived."""
+
+
+class BodyRoute(Protocol):
+    """What this layer reads of the route the classifier put in ``scope["guard.route"]``
+    (``guard.authz.routes.Route``): the edge knows how a route's body is read, not the table."""
+
+    @property
+    def body(self) -> Literal["buffer", "stream"]: ...
+
+    @property
+    def get_body(self) -> bool: ...
+
+    @property
+    def id_lists(self) -> tuple[str, tuple[str, ...]]: ...
 
 
 def too_large(limit: int) -> Refusal:
@@ -78,7 +93,7 @@ async def read_body(
             return b"".join(chunks)
 
 
-def body_refusal(method: str, query_string: bytes, route: Route) -> Refusal | None:
+def body_refusal(method: str, query_string: bytes, route: BodyRoute) -> Refusal | None:
     """Why a request of this method, query string and route may not carry a body, if it may
     not: where MLflow would read it otherwise than the gateway, or not at all."""
     if method == "HEAD":
@@ -90,24 +105,6 @@ def body_refusal(method: str, query_string: bytes, route: Route) -> Refusal | No
     if not route.get_body:
         return Refusal("body_not_allowed", "A GET on this route carries no body.")
     return None
-
-
-@cache
-def id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
-    """(source, fields) of the lists of ids the resolver looks up for a route: the list its
-    ``id_from`` names (``body:experiment_ids[]`` -> ("body", ("experiment_ids",)); a nested path
-    counts the elements of its outer list, ``locations[].mlflow_experiment.experiment_id``), and
-    the experiments a dataset is linked to or unlinked from. Other references in a body are
-    counted where they are read (guard/authz/references.py)."""
-    source, _, spec = route.id_from.partition(":")
-    key = spec.split("+", 1)[0]
-    if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
-        return "body", ("experiment_ids",)
-    if source not in ("query", "body") or "[]" not in key:
-        return source, ()
-    if "." in key:
-        return source, (key.split("[]", 1)[0],)
-    return source, tuple(key.removesuffix("[]").split("|"))
 
 
 class BodyMiddleware:
@@ -129,7 +126,7 @@ class BodyMiddleware:
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return
-        route: Route = scope["guard.route"]
+        route: BodyRoute = scope["guard.route"]
         method: str = scope["method"]
         no_body = body_refusal(method, scope["query_string"], route)
         if no_body is not None and length:  # declared: no need to read it to refuse it
@@ -166,8 +163,8 @@ class BodyMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _count_ids(self, scope: Scope, route: Route) -> Refusal | None:
-        source, fields = id_lists(route)
+    def _count_ids(self, scope: Scope, route: BodyRoute) -> Refusal | None:
+        source, fields = route.id_lists
         if not fields:
             return None
         try:

@@ -45,6 +45,7 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Scope, Send
 
 from guard.edge.artifactpaths import DOWNLOADS
+from guard.edge.bodies import ClientDisconnected
 from guard.edge.deadlines import TIMED_OUT, BodyTimeout
 from guard.errors import send_refusal
 from guard.upstream.client import UpstreamClient, UpstreamError, VersionGate
@@ -91,10 +92,6 @@ _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 _WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
 
 
-class ClientDisconnected(Exception):
-    pass
-
-
 def upstream_request_headers(
     headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
@@ -131,9 +128,9 @@ def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tu
 
 
 async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives. ``receive`` is timed (guard.deadlines): a body that comes
-    too slowly raises ``BodyTimeout`` here, inside aiohttp's writer, which then abandons the
-    request to MLflow without its end (no last chunk, fewer bytes than its Content-Length)."""
+    """The request body as it arrives. ``receive`` is timed (guard.edge.deadlines): a body that
+    comes too slowly raises ``BodyTimeout`` here, inside aiohttp's writer, which then abandons
+    the request to MLflow without its end (no last chunk, fewer bytes than its Content-Length)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

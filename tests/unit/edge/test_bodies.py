@@ -27,7 +27,7 @@ from guard.app import build_gateway
 from guard.authz.graphql import graphql_plan
 from guard.authz.routes import Route, RouteClassifierMiddleware, RouteTable, load_routes
 from guard.config import load_settings
-from guard.edge.bodies import BodyMiddleware, id_lists
+from guard.edge.bodies import BodyMiddleware
 from guard.edge.requestdata import RequestDataError
 from tests.servers import ServerThread, read_request_body
 from tests.unit.asgi import Recorder, Result, call
@@ -257,12 +257,12 @@ def test_get_body_marks_match_what_mlflow_reads(monkeypatch: pytest.MonkeyPatch)
 
 # -- lists of ids ---------------------------------------------------------------------------------
 
-LIST_ROWS = [r for r in ROUTES if not r.refuse and id_lists(r)[1]]
+LIST_ROWS = [r for r in ROUTES if not r.refuse and r.id_lists[1]]
 
 
 def _many(route: Route, count: int) -> tuple[bytes, bytes]:
     """(query string, body) naming ``count`` ids in the row's own list."""
-    source, (field, *_) = id_lists(route)
+    source, (field, *_) = route.id_lists
     ids = [f"{i}" for i in range(count)]
     if source == "query":
         return "&".join(f"{field}={i}" for i in ids).encode(), b""
@@ -291,7 +291,7 @@ def test_ten_thousand_ids_are_refused_before_any_lookup(route: Route) -> None:
 
 @pytest.mark.parametrize("route", [r for r in LIST_ROWS if r.get_body], ids=lambda r: r.path)
 def test_ids_in_a_gets_body_are_counted(route: Route) -> None:
-    _, (field, *_) = id_lists(route)
+    _, (field, *_) = route.id_lists
     body = json.dumps({field: [str(i) for i in range(1001)]}).encode()
     refused(*send("GET", fill(route.path), body, "chunked"), "too_many_ids")
 
