@@ -2,7 +2,7 @@
 
 Outermost first, every request passes:
 
-0. ``guard.protocol``            uvicorn's HTTP/1.1 parser with the gateway's limits; what it
+0. ``guard.edge.protocol``       uvicorn's HTTP/1.1 parser with the gateway's limits; what it
                                  refuses goes through 1. marked as refused (400/408/414/429/431)
 1. ``RequestContextMiddleware``  request id, client address via trusted proxies, last-resort 500,
                                  the audit outcome of every request (``guard.audit``)
@@ -13,7 +13,7 @@ Outermost first, every request passes:
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
 5. GET/HEAD on the gateway's probes (``/guard/health``, ``ready``, ``metrics``: no
-   credentials); ``/guard/api/`` (the policy API, ``guard.api``) and every other ``/guard/``
+   credentials); ``/guard/api/`` (the policy API, ``guard.admin.api``) and every other ``/guard/``
    path (401, then 404/405) behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path

@@ -185,7 +185,7 @@ def graphql_plan(
     method: str, query_string: bytes, body: bytes, max_ids: int | None = None
 ) -> tuple[list[Need], list[ModelVersionsPath]]:
     """The reads the document needs, and the model-version lists ``filter_model_versions`` must
-    filter in its response. Raises guard.requestdata.RequestDataError(Refusal(...)) when the
+    filter in its response. Raises guard.edge.requestdata.RequestDataError(Refusal(...)) when the
     request cannot be read or authorized, or names more than ``max_ids`` ids (each a lookup)."""
     if method not in ("GET", "POST"):
         raise _refuse("method_not_allowed", "GraphQL is served for GET and POST only.")

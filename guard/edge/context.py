@@ -159,7 +159,7 @@ class RequestContextMiddleware:
 
         try:
             if (reason := scope.get(REFUSAL_KEY)) is not None:
-                # The connection layer refused it (guard.protocol): answered, not served.
+                # The connection layer refused it (guard.edge.protocol): answered, not served.
                 refusal = Refusal(reason, scope.get(DETAIL_KEY, ""))
                 await send_refusal(scope, send_with_id, refusal)
             else:
@@ -182,7 +182,7 @@ class RequestContextMiddleware:
     async def _refuse_websocket(self, scope: Scope, send: Send) -> None:
         """MLflow serves no WebSocket route: refused before anything else looks at it, and
         recorded like any refused request (the gateway's own server refuses upgrades earlier,
-        in guard.protocol; this covers any other ASGI server)."""
+        in guard.edge.protocol; this covers any other ASGI server)."""
         context = build_context(scope, self.trusted)
         scope["guard"] = context
         refusal = context.refusal = Refusal("websocket_not_served")

@@ -1,7 +1,7 @@
 """Deadlines for request bodies: a client that sends its body too slowly is cut off.
 
-Every body the gateway reads (buffered by ``guard.bodies``, streamed to MLflow by
-``guard.proxy``, read by the policy API) is read through ``timed_receive``:
+Every body the gateway reads (buffered by ``guard.edge.bodies``, streamed to MLflow by
+``guard.upstream.proxy``, read by the policy API) is read through ``timed_receive``:
 
 - no piece of it may take longer than ``idle`` seconds to arrive;
 - it must keep up ``min_rate`` bytes per second, with ``idle`` seconds of slack: each byte

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``guard.db.migrate`` hands over."""
+"""Alembic environment: runs on the connection ``guard.store.db.migrate`` hands over."""
 
 from __future__ import annotations
 

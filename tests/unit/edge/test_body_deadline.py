@@ -1,4 +1,4 @@
-"""Request bodies that arrive too slowly (guard.deadlines) through a real uvicorn serving the
+"""Request bodies that arrive too slowly (guard.edge.deadlines) through a real uvicorn serving the
 gateway (fake MLflow), driven with raw sockets: a trickled buffered body is answered
 408 body_timeout and recorded with who sent it, a trickled artifact upload is abandoned on its
 way to MLflow (which never sees its end), and a slow but steady body goes through."""

@@ -1,6 +1,7 @@
-"""The protocol layer (guard.protocol) through a real uvicorn serving the gateway (fake MLflow),
-driven with raw sockets: what httptools would refuse in plain text, the limits, the deadline and
-the connection cap are answered in the gateway's error shape and recorded in the audit trail."""
+"""The protocol layer (guard.edge.protocol) through a real uvicorn serving the gateway (fake
+MLflow), driven with raw sockets: what httptools would refuse in plain text, the limits, the
+deadline and the connection cap are answered in the gateway's error shape and recorded in the
+audit trail."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ AJAX = "/ajax-api/2.0/mlflow/experiments/get?experiment_id=1"
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
-# The uvicorn internals guard.protocol relies on (pinned in pyproject.toml).
+# The uvicorn internals guard.edge.protocol relies on (pinned in pyproject.toml).
 
 
 def test_the_pinned_versions_are_installed() -> None:

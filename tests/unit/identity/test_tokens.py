@@ -71,7 +71,8 @@ def test_bad_names_are_refused(store: TokenStore, name: str) -> None:
 
 
 def test_malformed_role_and_bad_expiry_are_refused(store: TokenStore) -> None:
-    # Whether a role exists is the policy's business (guard.governance); the store checks form.
+    # Whether a role exists is the policy's business (guard.admin.governance); the store checks
+    # form.
     with pytest.raises(TokenError, match="not a role name"):
         store.create("a", "Super User", DAY)
     with pytest.raises(TokenError, match="future"):
