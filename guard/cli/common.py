@@ -4,10 +4,12 @@ database, loading the settings, the CLI's own identity, its audit records and er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import pwd
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from guard.config import Loaded, load_settings
@@ -70,6 +72,16 @@ def open_governance(loaded: Loaded) -> Any:
     governance = Governance(TokenStore(engine, key), PolicyStore(engine))
     governance.policies.seed_defaults(cli_actor())
     return governance
+
+
+@contextlib.contextmanager
+def governance_session(loaded: Loaded) -> Iterator[Any]:
+    """The governance operations on the configured database; its engine is disposed after."""
+    governance = open_governance(loaded)
+    try:
+        yield governance
+    finally:
+        governance.tokens.engine.dispose()
 
 
 def record_change(

@@ -8,16 +8,7 @@ import sys
 from typing import Any
 
 from guard.authz.policy import ACTIONS
-from guard.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAILED,
-    add_remote_flag,
-    add_storage_flags,
-    cli_actor,
-    fail,
-    open_governance,
-    record_change,
-)
+from guard.cli import common
 from guard.config import Loaded
 
 
@@ -26,19 +17,19 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     policy = commands.add_parser("policy", help="inspect and change the authorization policy")
     policy_commands = policy.add_subparsers(dest="action", required=True)
     show = policy_commands.add_parser("list", help="print the policy in force")
-    add_storage_flags(show)
+    common.add_storage_flags(show)
     show.add_argument("--format", choices=["csv", "table"], default="table")
-    add_remote_flag(show)
+    common.add_remote_flag(show)
     export = policy_commands.add_parser("export", help="print the policy as CSV")
-    add_storage_flags(export)
+    common.add_storage_flags(export)
     export.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     for name, text in (("add", "add rules"), ("remove", "remove rules")):
         sub = policy_commands.add_parser(name, help=f"{text}, e.g. 'p, user:alice, viewer, *'")
-        add_storage_flags(sub)
+        common.add_storage_flags(sub)
         sub.add_argument("rows", nargs="+", metavar="ROW")
-        add_remote_flag(sub)
+        common.add_remote_flag(sub)
     load = policy_commands.add_parser("import", help="replace the policy with a CSV file")
-    add_storage_flags(load)
+    common.add_storage_flags(load)
     load.add_argument("file")
     load.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     explain = policy_commands.add_parser(
@@ -48,7 +39,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "With --gateway, anyone may ask about themselves (omit --subject), whoever manages "
         "RESOURCE about anyone's decisions on it, and readers of guard:policy about anything.",
     )
-    add_storage_flags(explain)
+    common.add_storage_flags(explain)
     explain.add_argument(
         "--subject",
         help="user:NAME, group:NAME or token:NAME (with --gateway, default: yourself; "
@@ -56,7 +47,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     explain.add_argument("--action", dest="question_action", required=True, choices=ACTIONS)
     explain.add_argument("--resource", required=True, help="experiment:NAME, model:NAME, ...")
-    add_remote_flag(explain)
+    common.add_remote_flag(explain)
 
     role = commands.add_parser("role", help="grant or withdraw a role on a resource pattern")
     role_commands = role.add_subparsers(dest="action", required=True)
@@ -65,22 +56,19 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ("unassign", "withdraw a grant made with assign (the same subject, role, resource)"),
     ):
         sub = role_commands.add_parser(name, help=text, description=text[0].upper() + text[1:])
-        add_storage_flags(sub)
+        common.add_storage_flags(sub)
         sub.add_argument("--subject", required=True, help="user:NAME, group:NAME or token:NAME")
         sub.add_argument("--role", required=True, help="a role defined in the policy (role list)")
         sub.add_argument("--resource", default="*", help="resource pattern (default: all)")
         sub.add_argument("--deny", action="store_true", help="an explicit deny rule")
-        add_remote_flag(sub)
+        common.add_remote_flag(sub)
     roles = role_commands.add_parser("list", help="the roles and the actions each holds")
-    add_storage_flags(roles)
+    common.add_storage_flags(roles)
 
 
 def run(args: argparse.Namespace, loaded: Loaded) -> int:
-    governance = open_governance(loaded)
-    try:
+    with common.governance_session(loaded) as governance:
         return _policy_command(args, loaded, governance)
-    finally:
-        governance.tokens.engine.dispose()
 
 
 def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
@@ -99,14 +87,14 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
             grant = Grant(args.subject, args.role, args.resource, "deny" if args.deny else "allow")
             parse_row(grant.row())
             key = "added" if args.action == "assign" else "removed"
-            if not record_change(loaded, governance, "policy_changed", "intent",
-                                 changes={key: [", ".join(grant.row())]}):  # fmt: skip
-                return EXIT_FAILED
+            if not common.record_change(loaded, governance, "policy_changed", "intent",
+                                        changes={key: [", ".join(grant.row())]}):  # fmt: skip
+                return common.EXIT_FAILED
             if args.action == "assign":
-                version = governance.change(cli_actor(), add=[grant])
+                version = governance.change(common.cli_actor(), add=[grant])
             else:
-                version = governance.change(cli_actor(), remove=[grant])
-            record_change(
+                version = governance.change(common.cli_actor(), remove=[grant])
+            common.record_change(
                 loaded,
                 governance,
                 "policy_changed",
@@ -132,14 +120,14 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
         if args.action in ("add", "remove"):
             rules = parse_lines(args.rows)
             key = "added" if args.action == "add" else "removed"
-            if not record_change(loaded, governance, "policy_changed", "intent",
-                                 changes={key: [", ".join(r.row()) for r in rules]}):  # fmt: skip
-                return EXIT_FAILED
+            if not common.record_change(loaded, governance, "policy_changed", "intent", changes={
+                    key: [", ".join(r.row()) for r in rules]}):  # fmt: skip
+                return common.EXIT_FAILED
             if args.action == "add":
-                version = governance.change(cli_actor(), add=rules)
+                version = governance.change(common.cli_actor(), add=rules)
             else:
-                version = governance.change(cli_actor(), remove=rules)
-            record_change(loaded, governance, "policy_changed", changes={
+                version = governance.change(common.cli_actor(), remove=rules)
+            common.record_change(loaded, governance, "policy_changed", changes={
                 key: [", ".join(r.row()) for r in rules], "policy_version": version})  # fmt: skip
             print(f"policy version {version}")
             return 0
@@ -157,10 +145,12 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                 return 0
             planned = {"added": [", ".join(r) for r in added],
                        "removed": [", ".join(r) for r in removed]}  # fmt: skip
-            if not record_change(loaded, governance, "policy_changed", "intent", changes=planned):
-                return EXIT_FAILED
-            version = governance.replace(new, cli_actor())
-            record_change(loaded, governance, "policy_changed", changes={
+            if not common.record_change(
+                loaded, governance, "policy_changed", "intent", changes=planned
+            ):
+                return common.EXIT_FAILED
+            version = governance.replace(new, common.cli_actor())
+            common.record_change(loaded, governance, "policy_changed", changes={
                 "added": [", ".join(r) for r in added], "removed": [", ".join(r) for r in removed],
                 "policy_version": version})  # fmt: skip
             print(f"applied: policy version {version}")
@@ -168,7 +158,7 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
         if not args.subject:
             print("error: policy explain: --subject is required without --gateway (the "
                   "database does not know who you are)", file=sys.stderr)  # fmt: skip
-            return EXIT_CONFIG
+            return common.EXIT_CONFIG
         _, policy = governance.policies.load()
         decision = PolicyIndex(policy).decide(args.subject, args.resource, args.question_action)
         verdict = "ALLOW" if decision.allowed else "DENY"
@@ -178,9 +168,9 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
         else:
             kind = "explicit deny" if decision.reason == "explicit_deny" else "granted by"
             print(f"  {kind}: {', '.join(decision.rule.row())}")
-        return 0 if decision.allowed else EXIT_FAILED
+        return 0 if decision.allowed else common.EXIT_FAILED
     except (ValueError, OSError) as exc:  # PolicyError is a ValueError
-        return fail(exc)
+        return common.fail(exc)
 
 
 def remote(args: argparse.Namespace) -> int:
@@ -225,7 +215,7 @@ def remote(args: argparse.Namespace) -> int:
             else:
                 kind = "explicit deny" if result["reason"] == "explicit_deny" else "granted by"
                 print(f"  {kind}: {', '.join(result['rule'])}")
-            return 0 if result["allowed"] else EXIT_FAILED
+            return 0 if result["allowed"] else common.EXIT_FAILED
     except (RemoteError, ValueError) as exc:
-        return fail(exc)
+        return common.fail(exc)
     return 0

@@ -11,7 +11,7 @@ from guard.cli.common import (
     add_storage_flags,
     cli_actor,
     fail,
-    open_governance,
+    governance_session,
     record_change,
     when,
 )
@@ -44,11 +44,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run(args: argparse.Namespace, loaded: Loaded) -> int:
-    governance = open_governance(loaded)
-    try:
+    with governance_session(loaded) as governance:
         return _token_command(args, loaded, governance)
-    finally:
-        governance.tokens.engine.dispose()
 
 
 def _token_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
