@@ -26,15 +26,12 @@ from mlflow.server.graphql.graphql_no_batching import check_query_safety
 from mlflow.server.graphql.graphql_schema_extensions import schema
 
 from guard.authz.graphql import (
-    NESTED_FIELDS,
-    OBJECT_FIELDS,
-    ROOT_FIELDS,
     ModelVersionsPath,
-    Need,
     filter_model_versions,
     graphql_needs,
     graphql_plan,
 )
+from guard.authz.graphql_fields import NESTED_FIELDS, OBJECT_FIELDS, ROOT_FIELDS, Need
 from guard.edge.requestdata import RequestDataError, canonical_experiment_id
 
 RUN = "query($d: MlflowGetRunInput) { mlflowGetRun(input: $d) { run { info { runId } } } }"
