@@ -11,6 +11,7 @@ Who may do what:
 - Everyone else may delegate: whoever holds ``manage`` on an experiment or a registered model
   may grant or revoke, on that one resource, a role whose every action they hold there
   themselves. Patterns, deny rules, memberships and role definitions are the administrators'.
+  (``guard.admin.delegation`` holds these rules, for every surface that changes the policy.)
 
 Every change is validated as a whole and may not remove the last administrator (see
 ``guard.admin.governance``); it lands in the database in one transaction, so every replica
@@ -38,7 +39,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
-from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -46,11 +46,11 @@ import anyio.to_thread
 import sqlalchemy as sa
 from starlette.types import Receive, Scope, Send
 
-from guard.admin.governance import Governance, administrators
+from guard.admin.delegation import POLICY, delegation_refusal, may
+from guard.admin.governance import Governance
 from guard.audit.commands import parse_when
 from guard.audit.store import AuditStore, Filters
-from guard.authz.engine import PolicyIndex
-from guard.authz.policy import ACTIONS, Grant, PolicyError, PolicySet, Rule, parse_row
+from guard.authz.policy import ACTIONS, PolicyError, PolicySet, Rule, parse_row
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyConflict
 from guard.edge.bodies import ClientDisconnected, check_framing, read_body, too_large
@@ -62,14 +62,12 @@ from guard.patterns import resource_match
 logger = logging.getLogger("guard.api")
 
 PREFIX = "/guard/api"
-POLICY = "guard:policy"
 AUDIT = "guard:audit"
 AUDIT_PARAMS = frozenset(
     {"principal", "since", "until", "action", "resource", "decision", "request_id", "kind",
      "cursor", "limit", "order"}
 )  # fmt: skip
 MAX_AUDIT_PAGE = 1000
-DELEGABLE_KINDS = ("experiment", "model")
 CONFLICT_RETRIES = 5
 
 Payload = dict[str, Any]
@@ -79,46 +77,6 @@ class ApiError(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.reason)
         self.refusal = refusal
-
-
-@lru_cache(maxsize=2)
-def _administrators(index: PolicyIndex) -> frozenset[str]:
-    return frozenset(administrators(index.policy))
-
-
-def is_administrator(index: PolicyIndex, subject: str) -> bool:
-    """Holds ``admin`` on ``*`` itself or through a group. Deny rules do not count here."""
-    admins = _administrators(index)
-    return any(who in admins for who in index.subjects_of(subject))
-
-
-def may(index: PolicyIndex, subject: str, action: str, resource: str = POLICY) -> bool:
-    """May ``subject`` read or manage the policy (or read the audit trail)?"""
-    return is_administrator(index, subject) or index.decide(subject, resource, action).allowed
-
-
-def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal | None:
-    """Why ``subject``, not a policy administrator, may not add or remove ``rule``; or None."""
-    text = ", ".join(rule.row())
-    if not isinstance(rule, Grant) or rule.effect != "allow":
-        return Refusal("permission_denied", f"Only policy administrators may change: {text}.")
-    kind, sep, name = rule.resource.partition(":")
-    if kind not in DELEGABLE_KINDS or not sep or not name or "*" in name or "?" in name:
-        return Refusal(
-            "permission_denied",
-            f"Only policy administrators may grant on {rule.resource!r}; managers grant on one "
-            "experiment or model by its exact name.",
-        )
-    for action in ("manage", *sorted(index.actions_of(rule.role) & set(ACTIONS))):
-        decision = index.decide(subject, rule.resource, action)
-        if not decision.allowed:
-            reason = "explicit_deny" if decision.reason == "explicit_deny" else "permission_denied"
-            return Refusal(
-                reason,
-                f"{subject} may not {action} {rule.resource}, so may not grant or revoke "
-                f"{rule.role} there.",
-            )
-    return None
 
 
 def _rows(value: Any, field: str) -> list[Rule]:
