@@ -19,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guard.authz import systemtags
 from guard.authz.engine import PolicyIndex
 from guard.authz.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
+from guard.authz.identifiers import Unresolved, describe, sent
 from guard.authz.promotion import PromotionRules, Requirements
 from guard.authz.references import references, static_needs
-from guard.authz.resolve import Resolver, Unresolved, describe
+from guard.authz.resolve import Resolver
 from guard.authz.routes import Route
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.search import SearchFilter, search_kind
@@ -331,7 +332,7 @@ class AuthorizationMiddleware:
             else:
                 data = data or self._data(scope)
                 params = scope["guard.params"]
-                label = self.resolver.sent(route, params, data, headers)
+                label = sent(route, params, data, headers)
                 resources = await judge.resolve(
                     label, sorted(actions), self.resolver.resources(route, params, data, headers)
                 )

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from guard.authz import otlp
-from guard.authz.resolve import Resolver, Unresolved, describe
+from guard.authz.identifiers import Unresolved, describe
+from guard.authz.resolve import Resolver
 from guard.authz.routes import Route
 from guard.edge.requestdata import (
     RequestData,

@@ -9,7 +9,8 @@ by design (dataset links, online-scoring configurations, aliases) is asked for e
 
 Names are compared as MLflow compares them: its SQL store matches a name with the database's
 ``=``, which ignores case (and trailing blanks) on MySQL and MSSQL, so a name in a request is
-replaced by the name MLflow stores for it before any policy sees it.
+replaced by the name MLflow stores for it before any policy sees it. Which ids a request names,
+and how they are read from it, is ``guard.authz.identifiers``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
+from guard.authz.identifiers import Headers, Unresolved, as_id, field_values, named
 from guard.authz.routes import DATASET_LINKS, Route
-from guard.edge.requestdata import (
-    RequestData,
-    RequestDataError,
-    canonical_experiment_id,
-    member,
-)
+from guard.edge.requestdata import RequestData, canonical_experiment_id
 from guard.errors import Refusal
 from guard.upstream.client import UpstreamClient, UpstreamError
 
@@ -40,7 +37,6 @@ TRACE_FIELDS = ("trace_id", "request_id", "trace_ids", "request_ids")
 MODEL_KINDS = ("registered_model", "model_version")
 # Registry writes after which a model name may belong to another model.
 MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/delete")
-_HEADER_PREFIX: Final = "x-mlflow-"  # MLflow's headers are x-mlflow-<field>
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +76,6 @@ LOOKUPS: Final = {
     "schema_id": LABEL_SCHEMA,
     "queue_id": REVIEW_QUEUE,
 }
-
-Headers = Mapping[str, str | list[str]]
-
-
-class Unresolved(Exception):
-    """The resource cannot be determined; carries the refusal to send."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.reason)
-        self.refusal = refusal
 
 
 class TTLCache:
@@ -315,61 +301,30 @@ class Resolver:
         if route.id_from.startswith("artifact_path"):
             path = params.get("artifact_path") or data.single("path") or ""
             return [await self._experiment(_artifact_experiment(str(path)))]
-        field, values = self.named(route, params, data, headers)
+        field, values = named(route, params, data, headers)
         if not values:
             raise Unresolved(Refusal("invalid_request_body", f"The request names no {field}."))
         result = await self._resolve(route, field, values)
         if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
-            linked = self._values("body", ["experiment_ids"], True, params, data)
+            linked = field_values("body", ["experiment_ids"], True, params, data)
             result += [await self._experiment(canonical_experiment_id(v)) for v in linked]
         if route.path.endswith(MODEL_NAME_CHANGES):
             self.forget("model", "")  # again once forwarded, if the caller does (see forget)
         return list(dict.fromkeys(result))
 
-    def named(
-        self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
-    ) -> tuple[str, list[Any]]:
-        """The id field the route reads and every value the request gives it, exactly as
-        MLflow reads them (the field is named as the route table names it)."""
-        spec = route.id_from
-        if spec == "none":
-            raise Unresolved(Refusal("resource_unresolved", "This route names no resource."))
-        source, _, field_spec = spec.partition(":")
-        if source == "artifact_path":
-            return "path", [params.get("artifact_path") or data.single("path") or ""]
-        # F+G is a composite key: F names the resource (the experiment), G a thing inside it.
-        key = field_spec.split("+", 1)[0]
-        if "." in key:
-            return key.rsplit(".", 1)[1], _nested(source, key, data)
-        if source == "header":
-            field = key.lower().removeprefix(_HEADER_PREFIX).replace("-", "_")
-            return field, _header_values(headers, key)
-        fields = key.removesuffix("[]").split("|")
-        return fields[0], self._values(source, fields, key.endswith("[]"), params, data)
-
-    def sent(
-        self, route: Route, params: dict[str, str], data: RequestData, headers: Headers
-    ) -> str:
-        """What the request names, in the caller's own words, for a refusal's message."""
-        try:
-            field, values = self.named(route, params, data, headers)
-        except (Unresolved, RequestDataError):
-            return "what this request names"
-        return describe(field, values)
-
     async def _resolve(self, route: Route, field: str, values: list[Any]) -> list[str]:
         if route.kind == "artifact" and field == "path":  # listing a proxied artifact folder
-            return [await self._experiment(_artifact_experiment(_text(v))) for v in values]
+            return [await self._experiment(_artifact_experiment(as_id(v))) for v in values]
         if route.kind in MODEL_KINDS and field == "name":
-            return [await self.model_resource(_text(v)) for v in values]
+            return [await self.model_resource(as_id(v)) for v in values]
         if field in ("name", "experiment_name") and route.kind == "experiment":
-            return [await self.experiment_resource_by_name(_text(v)) for v in values]
+            return [await self.experiment_resource_by_name(as_id(v)) for v in values]
         if field in EXPERIMENT_FIELDS:
             return [await self._experiment(canonical_experiment_id(v)) for v in values]
         if field == "dataset_id":
             result = []
             for value in values:
-                experiment_ids = await self.dataset_experiments(_text(value))
+                experiment_ids = await self.dataset_experiments(as_id(value))
                 if not experiment_ids:
                     # Nobody's by policy: only callers allowed on every experiment (who never get
                     # here) may use it, not whoever asks first.
@@ -379,51 +334,18 @@ class Resolver:
                 result += [await self._experiment(i) for i in experiment_ids]
             return result
         if field == "scorer_ids":
-            experiment_ids = await self.scorer_experiments([_text(v) for v in values])
+            experiment_ids = await self.scorer_experiments([as_id(v) for v in values])
             return [await self._experiment(i) for i in experiment_ids]
         lookup = LOOKUPS.get(field)
         if lookup is None:
             raise Unresolved(Refusal("resource_unresolved", "This route is not yet resolvable."))
         result = []
         for value in values:
-            experiment_id = await self.experiment_of(lookup, _text(value))
+            experiment_id = await self.experiment_of(lookup, as_id(value))
             if experiment_id is None:
                 raise Unresolved(Refusal("resource_unresolved", f"Unknown {field} {value!r}."))
             result.append(await self._experiment(experiment_id))
         return result
-
-    def _values(
-        self,
-        source: str,
-        fields: list[str],
-        is_list: bool,
-        params: dict[str, str],
-        data: RequestData,
-    ) -> list[Any]:
-        found: list[tuple[str, list[Any]]] = []
-        for field in fields:
-            if source == "path":
-                values: list[Any] = [params[field]] if field in params else []
-            elif source == "query" and data.method not in ("GET", "HEAD"):
-                # A query field on a POST (upload-artifact): that handler reads the query only.
-                values = data.query_only().values(field)
-            else:
-                values = data.values(field)
-            if values:
-                found.append((field, values))
-        # The MLflow client sends run_id and the legacy run_uuid with the same value; two
-        # different values leave open which one MLflow acts on.
-        if len(found) > 1 and any(values != found[0][1] for _, values in found[1:]):
-            raise RequestDataError(
-                Refusal("ambiguous_parameter", f"Both {found[0][0]!r} and {found[1][0]!r} given.")
-            )
-        if not found:
-            return []
-        if len(found[0][1]) > 1 and not is_list:
-            raise RequestDataError(
-                Refusal("ambiguous_parameter", f"The parameter {found[0][0]!r} is repeated.")
-            )
-        return found[0][1]
 
     async def experiment_resource(self, experiment_id: str) -> str:
         """``experiment:NAME`` for an experiment id (canonical, as MLflow reads it)."""
@@ -456,65 +378,6 @@ class Resolver:
         return experiment_id
 
 
-def describe(field: str, values: list[Any], limit: int = 120) -> str:
-    """``field 'value'`` (or a list of values), shortened: a refusal's words for an id."""
-    if not values:
-        return f"no {field}"
-    shown = repr(values[0]) if len(values) == 1 else repr(values)
-    if len(shown) > limit:
-        shown = shown[:limit] + "..."
-    return f"{field} {shown}"
-
-
-def _nested(source: str, path: str, data: RequestData) -> list[str]:
-    """Every string at a nested body path (``locations[].mlflow_experiment.experiment_id``),
-    read as MLflow's protobuf JSON parser reads it or refused where it might read otherwise.
-
-    Each step takes either spelling (both is ambiguous); ``[]`` steps must be lists and the
-    others objects, since the parser would otherwise read a partial message and MLflow act on
-    it anyway. Absent or null means unset: at the top the request names nothing, further down
-    an element (a trace location that is no MLflow experiment, say) names no resource.
-    """
-    if source != "body" or data.from_query or data.body is None:
-        return []
-    nodes: list[Any] = [data.body]
-    for depth, segment in enumerate(path.split(".")):
-        name, is_list = segment.removesuffix("[]"), segment.endswith("[]")
-        found: list[Any] = []
-        for node in nodes:
-            if not isinstance(node, dict):
-                raise _malformed(f"{path!r} does not lead through JSON objects.")
-            value = member(node, name)
-            if value is None:
-                if depth == 0:
-                    return []
-                raise Unresolved(Refusal("resource_unresolved", f"An element names no {path}."))
-            if isinstance(value, list) != is_list:
-                raise _malformed(f"{name!r} must {'' if is_list else 'not '}be a list.")
-            found.extend(value if is_list else [value])
-        nodes = found
-    if not all(isinstance(node, str) for node in nodes):  # protobuf's string fields
-        raise _malformed(f"Every {path!r} must be a string.")
-    return nodes
-
-
-def _header_values(headers: Headers, name: str) -> list[str]:
-    """Every value of a request header. MLflow (Starlette) reads the first of a repeated one,
-    so repeats are ambiguous; a single string per name may have folded them away already."""
-    value = headers.get(name.lower())
-    if value is None:
-        return []
-    if isinstance(value, str):
-        raise Unresolved(Refusal("resource_unresolved", f"{name} may be repeated."))
-    if len(value) > 1:
-        raise RequestDataError(Refusal("ambiguous_parameter", f"The header {name} is repeated."))
-    return list(value)
-
-
-def _malformed(message: str) -> RequestDataError:
-    return RequestDataError(Refusal("invalid_request_body", message))
-
-
 def _dig(data: Any, *keys: str) -> str | None:
     """``data[k1][k2]...`` if every step is a JSON object and the end a string or number."""
     for key in keys:
@@ -531,12 +394,6 @@ def _ids(items: Any, *keys: str) -> list[str] | None:
         return None
     ids = [_dig(item, *keys) for item in items]
     return None if None in ids else [i for i in ids if i is not None]
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise RequestDataError(Refusal("invalid_request_body", "An id is malformed."))
-    return str(value)
 
 
 def _artifact_experiment(path: str) -> str:

@@ -8,15 +8,8 @@ from typing import Any, cast
 
 import pytest
 
-from guard.authz.resolve import (
-    ISSUE,
-    Headers,
-    Resolver,
-    TTLCache,
-    Unresolved,
-    _artifact_experiment,
-    _dig,
-)
+from guard.authz.identifiers import Headers, Unresolved
+from guard.authz.resolve import ISSUE, Resolver, TTLCache, _artifact_experiment, _dig
 from guard.authz.routes import load_routes
 from guard.edge.requestdata import RequestData, RequestDataError, _camel
 from guard.upstream.client import UpstreamClient
