@@ -8,25 +8,24 @@ skips the lookups. Whatever cannot be determined is refused, never guessed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.authz import systemtags
-from guard.authz.engine import PolicyIndex
-from guard.authz.graphql import ModelVersionsPath, filter_model_versions, graphql_plan
+from guard.authz.answers import forward_model_versions_filtered, forward_scorer_configs_filtered
+from guard.authz.graphql import graphql_plan
 from guard.authz.identifiers import Unresolved, describe, sent
+from guard.authz.judge import Judge, Refused
 from guard.authz.promotion import PromotionRules, Requirements
 from guard.authz.references import references, static_needs
 from guard.authz.resolve import Resolver
 from guard.authz.routes import Route
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.search import SearchFilter, search_kind
-from guard.edge.context import RequestContext
 from guard.edge.requestdata import RequestData, RequestDataError, canonical_experiment_id
 from guard.errors import Refusal, conceal, send_refusal
 
@@ -129,9 +128,13 @@ class AuthorizationMiddleware:
         if route.path.endswith(_CREATES) and resources and self.on_created is not None:
             await self._create(scope, receive, send, resources[0])
         elif filters := scope.get("guard.graphql_filters"):
-            await self._filtered(scope, receive, send, filters)
+            await forward_model_versions_filtered(
+                self.app, scope, receive, send, self.policies.index, filters
+            )
         elif scope.get("guard.filter_scorer_configs"):
-            await self._scorer_configs(scope, receive, send)
+            await forward_scorer_configs_filtered(
+                self.app, scope, receive, send, self.policies, self.resolver
+            )
         else:
             await self.app(scope, receive, send)
         if route.action == "create":
@@ -155,84 +158,6 @@ class AuthorizationMiddleware:
             )
         except (RequestDataError, Unresolved):
             return
-
-    async def _filtered(
-        self, scope: Scope, receive: Receive, send: Send, filters: list[ModelVersionsPath]
-    ) -> None:
-        """Forward a GraphQL query and drop, from its answer, the model versions of models the
-        caller may not read. An answer that cannot be filtered exactly is not sent at all."""
-        subject = scope["guard"].principal.subject
-        index = self.policies.index
-
-        def may_read(name: str) -> bool:
-            return index.decide(subject, f"model:{name}", "read").allowed
-
-        async def transform(body: bytes) -> bytes | None:
-            return filter_model_versions(body, filters, may_read)
-
-        await self._answer_filtered(scope, receive, send, transform, "graphql_not_authorizable")
-
-    async def _scorer_configs(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Forward a request for online-scoring configurations and keep, in the answer, those of
-        experiments the caller may read: MLflow answers nothing for a scorer without one, so a
-        configuration in a forbidden experiment must look like none at all."""
-        subject = scope["guard"].principal.subject
-
-        async def transform(body: bytes) -> bytes | None:
-            try:
-                answer = json.loads(body)
-                configs = answer["configs"]
-                kept = []
-                for config in configs:
-                    experiment = await self.resolver.experiment_resource(
-                        str(config["experiment_id"])
-                    )
-                    if self.policies.index.decide(subject, experiment, "read").allowed:
-                        kept.append(config)
-            except (ValueError, RecursionError, TypeError, KeyError, Unresolved, RequestDataError):
-                return None
-            return json.dumps({**answer, "configs": kept}).encode()
-
-        await self._answer_filtered(scope, receive, send, transform, "permission_denied")
-
-    async def _answer_filtered(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        transform: Callable[[bytes], Awaitable[bytes | None]],
-        reason: str,
-    ) -> None:
-        """Forward, hold MLflow's answer whole, and send ``transform``'s version of a 200 (a
-        refusal if it returns None); other answers pass as they are. The answer is changed only
-        once MLflow's connection is back in the pool, so lookups made meanwhile cannot wait on
-        a pool held by answers waiting on them."""
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-            else:
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        if start is None:
-            return
-        body = b"".join(chunks)
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        if start["status"] == 200:
-            encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
-            changed = None if encoded else await transform(body)
-            if changed is None:
-                refusal = Refusal(reason, "The answer cannot be filtered.")
-                await send_refusal(scope, send, refusal)
-                return
-            body = changed
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({**start, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
     def _attribute(self, scope: Scope) -> Refusal | None:
         """Runs are the caller's: their name goes into every new run (administrators' too), and
@@ -314,12 +239,13 @@ class AuthorizationMiddleware:
                 return Refusal("search_not_filtered", f"Searching needs read on {kind}:*."), []
             if route.path.endswith(_SCORER_CONFIGS):
                 # Answered with the configurations of readable experiments only (see
-                # _scorer_configs): refusing would tell which scorer ids are configured.
+                # answers.forward_scorer_configs_filtered): refusing would tell which scorer ids
+                # are configured.
                 scope["guard.filter_scorer_configs"] = True
                 context.action = "read"
                 return None, []
             context.action = ",".join(sorted(actions))
-            judge = _Judge(index, subject, context)
+            judge = Judge(index, subject, context)
             headers: dict[str, list[str]] = {}
             for k, v in scope["headers"]:  # every value: MLflow reads the first of repeats
                 headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
@@ -371,13 +297,13 @@ class AuthorizationMiddleware:
                 await self._sources(data, source_field, subject, judge)
         except (RequestDataError, Unresolved) as exc:
             return conceal(exc.refusal, f"{subject} may not {route.action} this."), []
-        except _Refused as exc:
+        except Refused as exc:
             return exc.refusal, []
         return None, resources
 
     async def _unseen_name(
         self,
-        judge: _Judge,
+        judge: Judge,
         resources: list[str],
         label: str,
         kind: str | None = None,
@@ -416,7 +342,7 @@ class AuthorizationMiddleware:
             raise Unresolved(Refusal("resource_unresolved", f"Unknown run {values[0]!r}."))
         return [await self.resolver.experiment_resource(experiment_id)]
 
-    async def _graphql(self, scope: Scope, judge: _Judge) -> list[str]:
+    async def _graphql(self, scope: Scope, judge: Judge) -> list[str]:
         """The experiments a GraphQL document reads; a field that can return anything of a kind
         (a search without ids) needs read on every one of them. A run's model versions are
         filtered out of the answer instead, down to the models the caller may read."""
@@ -461,7 +387,7 @@ class AuthorizationMiddleware:
             raise Unresolved(Refusal("resource_unresolved", f"Unknown run {run_id!r}."))
         return [await self.resolver.experiment_resource(experiment_id)]
 
-    async def _sources(self, data: RequestData, field: str, subject: str, judge: _Judge) -> None:
+    async def _sources(self, data: RequestData, field: str, subject: str, judge: Judge) -> None:
         """Artifacts named by address must be ones the caller may read; other addresses (files,
         object stores) are for administrators only."""
         uri = data.single(field)
@@ -474,7 +400,7 @@ class AuthorizationMiddleware:
         if resources is None:
             if self.policies.index.unconditional(subject, "server", "manage"):
                 return
-            raise _Refused(Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."))
+            raise Refused(Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."))
         judge.require(resources, ["read"], label)
 
     @staticmethod
@@ -489,61 +415,3 @@ class AuthorizationMiddleware:
                 self.resolver.forget("experiment", canonical_experiment_id(experiment_id))
         except RequestDataError:
             return
-
-
-class _Refused(Exception):
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.reason)
-        self.refusal = refusal
-
-
-T = TypeVar("T")
-
-
-class _Judge:
-    """Decides one request on one policy index, and words its refusals: the same for a thing
-    that does not exist as for one the caller may not touch, naming only what was sent."""
-
-    def __init__(self, index: PolicyIndex, subject: str, context: RequestContext) -> None:
-        self.index = index
-        self.subject = subject
-        self.context = context
-        self.last_label = "what this request names"
-        self.checked: list[str] = []
-
-    def refusal(self, cause: Refusal, action: str, label: str) -> Refusal:
-        return conceal(cause, f"{self.subject} may not {action} {label}.")
-
-    async def resolve(self, label: str, actions: list[str], lookup: Awaitable[T]) -> T:
-        """Await a lookup; an unknown id is refused like a forbidden one."""
-        self.last_label = label
-        try:
-            return await lookup
-        except Unresolved as exc:
-            if exc.refusal.reason != "resource_unresolved":
-                raise
-            raise _Refused(self.refusal(exc.refusal, ",".join(actions), label)) from None
-
-    def require(
-        self, resources: list[str], actions: list[str], label: str, shown_action: str = ""
-    ) -> None:
-        """Every action on every resource, or a refusal naming ``label``."""
-        context = self.context
-        for resource in resources:
-            if resource not in self.checked:
-                self.checked.append(resource)
-            for action in actions:
-                decision = self.index.decide(self.subject, resource, action)
-                if decision.rule is not None:
-                    context.rule = ", ".join(decision.rule.row())
-                if not decision.allowed:
-                    context.resources = [resource]
-                    context.action = action
-                    reason = (
-                        "explicit_deny"
-                        if decision.reason == "explicit_deny"
-                        else ("permission_denied")
-                    )
-                    cause = Refusal(reason, f"{self.subject} may not {action} {resource}.")
-                    raise _Refused(self.refusal(cause, shown_action or action, label))
-        context.resources = list(self.checked)
