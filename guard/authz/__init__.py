@@ -1,8 +1,10 @@
-"""What the caller may do: the authorization middleware (``authorization``), the MLflow route
-table as data (``route_table.toml``, read by ``routes``), resource resolution (``resolve``,
-``references``, ``otlp``), search filtering (``search``), promotion rules (``promotion``), system
-tags (``systemtags``), GraphQL (``graphql``) and the policy engine, its store, runtime and casbin
-adapter.
+"""What the caller may do: the authorization middleware (``authorization``) and the judge that
+decides one request (``judge``), the MLflow route table as data (``route_table.toml``, read by
+``routes``), the ids a request names (``identifiers``) and how they become resources
+(``resolve``, ``references``, ``otlp``), search filtering (``search``), answers filtered on their
+way back (``answers``), promotion rules (``promotion``), system tags (``systemtags``), GraphQL
+(``graphql`` and its schema tables, ``graphql_fields``) and the policy engine, its store, runtime
+and casbin adapter.
 
 It reads the principal from the request context (``guard.edge.context``), never from identity's
 internals, and asks MLflow through ``guard.upstream.client``. It may import ``guard.errors``,
