@@ -12,7 +12,7 @@ import pytest
 from guard.authz.policy import Grant
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.store import PolicyStore
-from guard.db import build_engine, migrate
+from guard.store.db import build_engine, migrate
 
 
 @pytest.fixture
