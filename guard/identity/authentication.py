@@ -1,8 +1,10 @@
 """Authentication: turn the request's credentials into a principal, or refuse with 401.
 
-Providers are asked in order; the first that recognizes the credentials decides. No credentials,
-or credentials nobody accepts, get 401 with a Basic challenge, so browsers show their login
-prompt (and a Bearer one, for API clients).
+Providers are asked in order; the first that recognizes the credentials decides (a gateway
+token, by its ``mlg_`` prefix, is only the token provider's; any other secret is not). No
+credentials, or credentials nobody accepts or recognizes, get 401 with a Basic challenge, so
+browsers show their login prompt (and a Bearer one, for API clients); that 401 is counted and
+fingerprinted like any failed login.
 """
 
 from __future__ import annotations

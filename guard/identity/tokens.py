@@ -5,6 +5,10 @@ HMAC-SHA256 under the gateway's secret key: tokens carry 256 bits of entropy, so
 hash would add cost per request and no safety, while the key keeps a stolen database useless.
 The MLflow client sends a token as ``Authorization: Bearer`` (``MLFLOW_TRACKING_TOKEN``) or as
 the Basic password with the token's name as user name (``MLFLOW_TRACKING_USERNAME/PASSWORD``).
+
+The prefix is how a token is recognized everywhere: a secret without it is not a token, so the
+provider answers "not mine" (a Basic password then goes to the directory, never to the token
+store), and a token supplied from outside (``MLFLOW_GUARD_BOOTSTRAP_TOKEN``) must carry it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,7 +39,10 @@ logger = logging.getLogger("guard.tokens")
 TOKEN_PREFIX: Final = "mlg_"  # noqa: S105 - a public marker, not a secret
 BOOTSTRAP_NAME: Final = "admin"
 NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_SECRET_PATTERN: Final = re.compile(r"[A-Za-z0-9._~+/=-]{32,256}")
+# A token: the prefix, then at least 32 characters (128 bits as hex; generated ones have 43).
+_SECRET_PATTERN: Final = re.compile(r"mlg_[A-Za-z0-9._~+/=-]{32,252}")
+SECRET_FORM: Final = "mlg_ followed by 32-252 characters of A-Z a-z 0-9 . _ ~ + / = -"  # noqa: S105
+BOOTSTRAP_ENV: Final = "MLFLOW_GUARD_BOOTSTRAP_TOKEN"
 LAST_USED_EVERY: Final = 60.0
 
 Clock = Callable[[], dt.datetime]
@@ -82,6 +89,32 @@ def new_secret() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def is_token(secret: str) -> bool:
+    """Whether a presented secret is a gateway token's to judge (by its prefix, exactly)."""
+    return secret.startswith(TOKEN_PREFIX)
+
+
+def validate_secret(secret: str) -> str | None:
+    """What is wrong with a supplied token secret, or None when it has a token's shape."""
+    if not is_token(secret):
+        return f"does not start with {TOKEN_PREFIX!r} (a gateway token is {SECRET_FORM})"
+    if not _SECRET_PATTERN.fullmatch(secret):
+        return f"is not a gateway token (expected {SECRET_FORM})"
+    return None
+
+
+def validate_bootstrap_token(environ: Mapping[str, str]) -> str | None:
+    """The configuration problem with ``MLFLOW_GUARD_BOOTSTRAP_TOKEN``, if any. Unset or empty
+    is fine: the first admin token is then generated. The value is never echoed."""
+    value = environ.get(BOOTSTRAP_ENV)
+    if not value or (problem := validate_secret(value)) is None:
+        return None
+    return (
+        f"env {BOOTSTRAP_ENV}: {problem}; generate one with: "
+        "python -c 'import secrets; print(\"mlg_\" + secrets.token_urlsafe(32))'"
+    )
+
+
 class TokenStore:
     """Token rows in the gateway database. Synchronous: call it from a thread in async code."""
 
@@ -104,10 +137,8 @@ class TokenStore:
             raise TokenError("the expiry must be in the future (e.g. --expires 90d)")
         if secret is None:
             secret = new_secret()
-        elif not _SECRET_PATTERN.fullmatch(secret):
-            raise TokenError(
-                "a supplied token must be 32-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
-            )
+        elif problem := validate_secret(secret):
+            raise TokenError(f"the supplied token {problem}")
         now = self.clock()
         expires_at = now + dt.timedelta(seconds=lifetime)
         row = {"name": name, "role": role, "digest": self.digest(secret)}
@@ -184,7 +215,11 @@ def _record(row: sa.Row[tuple[object, ...]]) -> TokenRecord:
 
 
 class TokenProvider:
-    """Authenticates Bearer tokens and Basic ``name:token`` pairs against the token store."""
+    """Authenticates Bearer tokens and Basic ``name:token`` pairs against the token store.
+
+    A secret without the ``mlg_`` prefix is not a token: the answer is None ("not mine") and the
+    store is not asked, so a directory password never reaches it.
+    """
 
     name = "token"
 
@@ -198,8 +233,10 @@ class TokenProvider:
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         secret = credentials.secret
-        if not secret:
-            return Refusal("invalid_credentials")
+        if not is_token(secret):
+            return None
+        if not _SECRET_PATTERN.fullmatch(secret):
+            return Refusal("invalid_credentials")  # no token has this shape: no lookup
         try:
             record = await self._lookup(secret)
         except sa.exc.SQLAlchemyError as exc:

@@ -1,14 +1,20 @@
 import asyncio
 import base64
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal, parse_authorization
-from guard.identity.tokens import TOKEN_PREFIX, TokenError, TokenProvider, TokenStore
+from guard.identity.tokens import (
+    TOKEN_PREFIX,
+    TokenError,
+    TokenProvider,
+    TokenStore,
+    validate_bootstrap_token,
+)
 from guard.store.db import build_engine, migrate, tokens
 
 KEY = b"k" * 32
@@ -109,14 +115,43 @@ def test_bootstrap_only_while_no_token_was_ever_made(store: TokenStore) -> None:
 
 
 def test_bootstrap_uses_a_supplied_secret(store: TokenStore) -> None:
-    supplied = "s3cr3t-" + "x" * 40
+    supplied = "mlg_s3cr3t-" + "x" * 40
     assert store.bootstrap(DAY, supplied) == supplied
     assert store.lookup(supplied).name == "admin"  # type: ignore[union-attr]
 
 
-def test_bootstrap_refuses_a_weak_supplied_secret(store: TokenStore) -> None:
-    with pytest.raises(TokenError, match="32-256"):
-        store.bootstrap(DAY, "short")
+@pytest.mark.parametrize(
+    "supplied",
+    [
+        "short",
+        "mlg_short",
+        "mlg_",
+        "x" * 47,  # long enough, but not a gateway token
+        "MLG_" + "a" * 43,
+        "Mlg_" + "a" * 43,
+        "mlg" + "a" * 44,
+        "mlg-" + "a" * 43,
+        " mlg_" + "a" * 43,
+        "mlg_" + "a" * 43 + "\n",
+        "mlg_" + "a" * 43 + "!",
+        "mlg_" + "a" * 31,
+        "mlg_" + "a" * 253,
+        "\uff4dlg_" + "a" * 43,  # a fullwidth m
+    ],
+)
+def test_bootstrap_refuses_a_supplied_secret_that_is_not_a_token(
+    store: TokenStore, supplied: str
+) -> None:
+    with pytest.raises(TokenError, match="mlg_ followed by 32-252 characters") as caught:
+        store.bootstrap(DAY, supplied)
+    assert len(supplied) < 8 or supplied.strip() not in str(caught.value)  # never echoed
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tokens)).scalar() == 0
+
+
+@pytest.mark.parametrize("supplied", ["mlg_" + "a" * 32, "mlg_" + "a" * 252, "mlg_" + "0f" * 32])
+def test_bootstrap_accepts_every_token_shaped_secret(store: TokenStore, supplied: str) -> None:
+    assert store.bootstrap(DAY, supplied) == supplied
 
 
 def basic(user: str, password: str) -> Credentials:
@@ -153,10 +188,10 @@ def test_provider_accepts_bearer_and_basic_with_matching_name(store: TokenStore)
     ("make", "reason"),
     [
         (lambda s: basic("someone-else", s), "invalid_credentials"),
-        (lambda s: basic("ci", ""), "invalid_credentials"),  # empty password
-        (lambda s: basic("", ""), "invalid_credentials"),
+        (lambda s: basic("", s), "invalid_credentials"),
+        (lambda s: basic("CI", s), "invalid_credentials"),
         (lambda s: Credentials("bearer", s + "x"), "invalid_credentials"),
-        (lambda s: Credentials("bearer", s.upper()), "invalid_credentials"),
+        (lambda s: Credentials("bearer", s[:-1]), "invalid_credentials"),
     ],
 )
 def test_provider_refusals(store: TokenStore, make, reason: str) -> None:  # type: ignore[no-untyped-def]
@@ -207,3 +242,131 @@ def test_unreachable_database_is_a_clear_refusal(clock: Clock, tmp_path) -> None
     result = authenticate(provider, Credentials("bearer", "mlg_" + "x" * 43))
     engine.dispose()
     assert isinstance(result, Refusal) and result.reason == "identity_unavailable"
+
+
+# -- the prefix decides whose a secret is: "not mine" costs the token store nothing -------------
+
+
+class Spy:
+    """Counts what reaches the token store: digests (the cache key) and lookups."""
+
+    def __init__(self, store: TokenStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lookups: list[str] = []
+        self.digests: list[str] = []
+        lookup, digest = store.lookup, store.digest
+
+        def counted_lookup(secret: str) -> object:
+            self.lookups.append(secret)
+            return lookup(secret)
+
+        def counted_digest(secret: str) -> str:
+            self.digests.append(secret)
+            return digest(secret)
+
+        monkeypatch.setattr(store, "lookup", counted_lookup)
+        monkeypatch.setattr(store, "digest", counted_digest)
+
+
+NOT_TOKENS = [
+    pytest.param(lambda s: "hunter2", id="a-password"),
+    pytest.param(lambda s: "", id="empty"),
+    pytest.param(lambda s: "MLG_" + s[4:], id="uppercase-prefix"),
+    pytest.param(lambda s: "Mlg_" + s[4:], id="mixed-case-prefix"),
+    pytest.param(lambda s: "mlg" + s[4:], id="no-underscore"),
+    pytest.param(lambda s: "mlg-" + s[4:], id="dash-for-underscore"),
+    pytest.param(lambda s: " " + s, id="leading-space"),
+    pytest.param(lambda s: "\t" + s, id="leading-tab"),
+    pytest.param(lambda s: "\uff4d" + s[1:], id="fullwidth-m"),
+    pytest.param(lambda s: s[4:], id="token-without-prefix"),
+    pytest.param(lambda s: "x" * 47, id="token-length-no-prefix"),
+]
+
+
+@pytest.mark.parametrize("password", NOT_TOKENS)
+def test_a_basic_password_without_the_prefix_is_not_mine_and_never_looked_up(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch, password: Callable[[str], str]
+) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    spy = Spy(store, monkeypatch)
+    provider = TokenProvider(store, cache_ttl=3600)
+    for user in ("ci", "", secret):  # the token's name, none, the token in the user name field
+        assert authenticate(provider, basic(user, password(secret))) is None
+    assert authenticate(provider, Credentials("bearer", password(secret))) is None
+    assert spy.lookups == [] and spy.digests == []
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        pytest.param(lambda s: "mlg_", id="prefix-only"),
+        pytest.param(lambda s: "mlg_short", id="too-short"),
+        pytest.param(lambda s: s + " ", id="trailing-space"),
+        pytest.param(lambda s: s + "\n", id="trailing-newline"),
+        pytest.param(lambda s: s[:10] + "!" + s[11:], id="foreign-character"),
+        pytest.param(lambda s: s + "a" * 253, id="too-long"),
+    ],
+)
+def test_a_prefixed_secret_of_the_wrong_shape_is_refused_without_a_lookup(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch, presented: Callable[[str], str]
+) -> None:
+    """Ours by its prefix, so no other provider may judge it; no token has its shape."""
+    _, secret = store.create("ci", "admin", DAY)
+    spy = Spy(store, monkeypatch)
+    provider = TokenProvider(store, cache_ttl=0)
+    for credentials in (basic("ci", presented(secret)), Credentials("bearer", presented(secret))):
+        result = authenticate(provider, credentials)
+        assert isinstance(result, Refusal) and result.reason == "invalid_credentials"
+    assert spy.lookups == []
+
+
+def test_a_token_in_the_user_name_field_with_a_password_is_not_a_token_login(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    spy = Spy(store, monkeypatch)
+    provider = TokenProvider(store, cache_ttl=0)
+    assert authenticate(provider, basic(secret, "hunter2")) is None
+    assert authenticate(provider, basic(secret, "")) is None
+    assert spy.lookups == []
+
+
+def test_a_valid_token_still_works_by_bearer_and_basic_and_is_looked_up(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = store.create("ci", "admin", DAY)
+    spy = Spy(store, monkeypatch)
+    provider = TokenProvider(store, cache_ttl=0)
+    for credentials in (Credentials("bearer", secret), basic("ci", secret)):
+        principal = authenticate(provider, credentials)
+        assert isinstance(principal, Principal) and principal.subject == "token:ci"
+    assert spy.lookups == [secret, secret]
+    unknown = "mlg_" + "z" * 43  # token-shaped but nobody's: looked up, then refused
+    result = authenticate(provider, Credentials("bearer", unknown))
+    assert isinstance(result, Refusal) and result.reason == "invalid_credentials"
+    assert spy.lookups[-1] == unknown
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x" * 47,
+        "MLG_" + "a" * 43,
+        "mlg" + "a" * 44,
+        " mlg_" + "a" * 43,
+        "mlg_" + "a" * 43 + "\n",
+        "mlg_short",
+        "mlg_" + "a" * 253,
+    ],
+)
+def test_a_bootstrap_token_that_is_not_a_token_is_a_configuration_problem(value: str) -> None:
+    problem = validate_bootstrap_token({"MLFLOW_GUARD_BOOTSTRAP_TOKEN": value})
+    assert problem is not None
+    assert problem.startswith("env MLFLOW_GUARD_BOOTSTRAP_TOKEN: ")
+    assert "mlg_ followed by 32-252 characters" in problem
+    assert value.strip() not in problem
+
+
+@pytest.mark.parametrize("value", [None, "", "mlg_" + "a" * 43, "mlg_" + "0f" * 32])
+def test_an_unset_empty_or_token_shaped_bootstrap_token_is_fine(value: str | None) -> None:
+    environ = {} if value is None else {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": value}
+    assert validate_bootstrap_token(environ) is None
