@@ -1,6 +1,8 @@
 # mlflow-guard: `make serve` runs the gateway in front of an embedded MLflow; `make test` runs
-# every check. Both set up what they need: a virtualenv in .venv and, for the tests, Debian's
-# postgresql package (the suite starts its own throwaway cluster from it).
+# every check. Both set up what they need on Debian or Ubuntu: the packages the virtualenv is
+# built against (python-ldap compiles against libldap and libsasl2), the virtualenv in .venv and,
+# for the tests, Debian's postgresql, slapd and ldap-utils (the suite starts its own throwaway
+# PostgreSQL cluster and slapd from them; no system service is used).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,20 +13,48 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 SOURCES := guard server tests bench
 
-.PHONY: serve test lint bench system-packages clean
+# Debian packages the virtualenv is built against (python-ldap has no Linux wheels: pip compiles
+# it, and it fails on a missing lber.h or sasl/sasl.h), and those the test suite starts.
+BUILD_PACKAGES := gcc libldap2-dev libsasl2-dev
+TEST_PACKAGES := postgresql slapd ldap-utils
+# The names in $(1) that dpkg does not list as installed.
+missing = $$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
+	grep -q 'ok installed' || echo $$p; done)
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
-	  echo "installing python3-venv"; $(APT) update -q && $(APT) install -y -q python3-venv; }
+.PHONY: serve test lint bench build-packages system-packages clean
+
+# build-packages is order-only: it runs first every time (a quick dpkg check) but does not by
+# itself make the virtualenv out of date.
+$(STAMP): pyproject.toml | build-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[embedded,postgresql,test]'
 	touch $@
 
+build-packages:
+	@need="$(call missing,$(BUILD_PACKAGES))"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || need="$$need python3-venv"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || need="$$need python3-dev"; \
+	if [ -n "$${need// /}" ]; then \
+	  echo "installing Debian packages to build the virtualenv:" $$need; \
+	  $(APT) update -q && $(APT) install -y -q $$need; \
+	fi
+
+# The tests start slapd from a slapd.conf in a temporary directory (tests/conftest.py), never the
+# packaged service: where the package's postinst starts that service (outside containers whose
+# policy-rc.d forbids it), it is stopped and disabled again right after installing it.
 system-packages:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  echo "installing Debian's postgresql for the throwaway test cluster"; \
-	  $(APT) update -q && $(APT) install -y -q postgresql; \
+	@need="$(call missing,$(TEST_PACKAGES))"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing Debian packages the tests start: $$need"; \
+	  $(APT) update -q && $(APT) install -y -q $$need || exit 1; \
+	  if [[ " $$need " == *" slapd "* ]] && command -v systemctl >/dev/null \
+	    && systemctl is-active --quiet slapd 2>/dev/null; then \
+	    echo "stopping and disabling the packaged slapd service (the tests start their own)"; \
+	    $(SUDO) systemctl disable --now slapd; \
+	  fi; \
 	fi
 
 serve: $(STAMP)
