@@ -1,6 +1,7 @@
-"""Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, free ports.
+"""Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, a throwaway slapd, free ports.
 
-A PostgreSQL test that is skipped fails the run: silently not testing PostgreSQL is not a pass.
+A PostgreSQL or LDAP test that is skipped fails the run: silently not testing a real component
+is not a pass.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.slapd import Slapd
 
 
 def free_port() -> int:
@@ -34,6 +39,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.longrepr = (
             f"PostgreSQL test was skipped, which counts as a failure: {report.longrepr}"
         )
+    elif report.skipped and "ldap" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"LDAP test was skipped, which counts as a failure: {report.longrepr}"
 
 
 class PostgresCluster:
@@ -96,6 +104,19 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[Slapd]:
+    """The seeded throwaway directory (tests/slapd.py), started once per session."""
+    from tests.slapd import Slapd
+
+    server = Slapd(free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
