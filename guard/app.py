@@ -73,7 +73,7 @@ from guard.edge.protocol import ProtocolLimits, build_protocol
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
-from guard.identity.tokens import TokenProvider, TokenStore
+from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
 from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from guard.metrics import Metrics
@@ -266,8 +266,12 @@ def build_gateway(
     environ: Mapping[str, str] | None = None,
     on_bootstrap: Callable[[str], None] | None = None,
 ) -> Gateway:
-    """Assemble the gateway. Opens nothing: connections and the child process wait for startup."""
+    """Assemble the gateway. Opens nothing: connections and the child process wait for startup.
+    Raises TokenError for a malformed ``MLFLOW_GUARD_BOOTSTRAP_TOKEN``, whether or not it would
+    be used."""
     environ = dict(os.environ if environ is None else environ)
+    if problem := validate_bootstrap_token(environ):
+        raise TokenError(problem)
     engine = build_engine(settings.database_uri)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
     token_provider = TokenProvider(store, settings.tokens.cache_ttl)

@@ -9,7 +9,7 @@ import datetime as dt
 import os
 import pwd
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from guard.config import Loaded, load_settings
@@ -46,15 +46,15 @@ def add_remote_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load(args: argparse.Namespace) -> Loaded | None:
+def load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Loaded | None:
+    """The settings, or None after printing every problem (``extra``: the command's own)."""
     flags = {k: v for k, v in vars(args).items() if "." in k}
     loaded = load_settings(flags, os.environ, args.config)
-    if loaded.problems:
-        for problem in loaded.problems:
+    problems = [*loaded.problems, *extra]
+    if problems:
+        for problem in problems:
             print(problem, file=sys.stderr)
-        print(
-            f"{len(loaded.problems)} configuration problem(s); nothing was done.", file=sys.stderr
-        )
+        print(f"{len(problems)} configuration problem(s); nothing was done.", file=sys.stderr)
         return None
     return loaded
 

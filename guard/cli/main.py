@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve.check_config(load_settings(flags, os.environ, args.config))
     if getattr(args, "gateway", None):
         return policy.remote(args)
-    loaded = load(args)
+    loaded = load(args, serve.environment_problems(os.environ) if args.command == "serve" else ())
     if loaded is None:
         return EXIT_CONFIG
     if args.command == "serve":

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 
 from guard.cli.common import EXIT_CONFIG, EXIT_STARTUP, add_storage_flags, when
 from guard.config import Loaded, options
@@ -40,8 +41,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _serve_flags(check)
 
 
+def environment_problems(environ: Mapping[str, str]) -> list[str]:
+    """Problems with the secrets ``serve`` reads from the environment, which are not settings
+    and so not checked by ``load_settings``: reported with the settings' own problems."""
+    from guard.identity.tokens import validate_bootstrap_token
+
+    problem = validate_bootstrap_token(environ)
+    return [problem] if problem else []
+
+
 def check_config(loaded: Loaded) -> int:
-    problems = list(loaded.problems)
+    problems = [*loaded.problems, *environment_problems(os.environ)]
     settings = loaded.settings
     if settings.embedded and importlib.util.find_spec("mlflow") is None:
         problems.append(
@@ -100,6 +110,7 @@ def serve(loaded: Loaded) -> int:
     import uvicorn
 
     from guard.app import build_gateway, uvicorn_options
+    from guard.identity.tokens import TokenError
     from guard.keys import SecretKeyError
 
     settings = loaded.settings
@@ -113,7 +124,7 @@ def serve(loaded: Loaded) -> int:
     try:
         banner = functools.partial(_print_bootstrap, lifetime=settings.tokens.default_expiry)
         gateway = build_gateway(settings, os.environ, on_bootstrap=banner)
-    except SecretKeyError as exc:
+    except (SecretKeyError, TokenError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     config = uvicorn.Config(

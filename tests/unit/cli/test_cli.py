@@ -38,6 +38,38 @@ def test_serve_refuses_to_start_on_bad_configuration(env: Path, capsys) -> None:
     assert "gateway.port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+@pytest.mark.parametrize("value", ["x" * 47, "MLG_" + "a" * 43, " mlg_" + "a" * 43, "mlg_abc"])
+def test_a_bootstrap_token_without_the_prefix_is_reported_with_every_other_problem(
+    env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    value: str,
+) -> None:
+    import guard.app
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gateway must not be built")
+
+    monkeypatch.setattr(guard.app, "build_gateway", never)
+    monkeypatch.setenv("MLFLOW_GUARD_BOOTSTRAP_TOKEN", value)
+    assert main([command, "--port", "0", "--data-dir", str(env / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "env MLFLOW_GUARD_BOOTSTRAP_TOKEN: " in err
+    assert "mlg_ followed by 32-252 characters" in err
+    assert "gateway.port" in err and "2 configuration problem(s)" in err
+    assert value.strip() not in err
+    assert not (env / "data").exists()
+
+
+def test_a_token_shaped_bootstrap_token_passes_check_config(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_GUARD_BOOTSTRAP_TOKEN", "mlg_" + "0f" * 32)
+    assert main(["check-config"]) == 0
+
+
 def test_token_lifecycle(env: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     args = ["--data-dir", str(env / "data")]
     assert main(["token", "create", "--name", "ci-promoter", "--role", "admin", *args]) == 0
