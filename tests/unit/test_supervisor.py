@@ -18,7 +18,7 @@ def test_child_environment_is_scrubbed() -> None:
             "PATH": "/usr/bin",
             "AWS_ACCESS_KEY_ID": "kept-for-object-stores",
             "MLFLOW_GUARD_SECRET_KEY": "x" * 40,
-            "MLFLOW_GUARD_BOOTSTRAP_TOKEN": "y" * 40,
+            "MLFLOW_GUARD_BOOTSTRAP_TOKEN": "mlg_" + "y" * 43,
             "MLFLOW_SERVER_ALLOWED_HOSTS": "*",
             "MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": "true",
             "MLFLOW_TRACKING_URI": "http://elsewhere",
