@@ -17,9 +17,9 @@ SOURCES := guard server tests bench
 # it, and it fails on a missing lber.h or sasl/sasl.h), and those the test suite starts.
 BUILD_PACKAGES := gcc libldap2-dev libsasl2-dev
 TEST_PACKAGES := postgresql slapd ldap-utils
-# The names in $(1) that dpkg does not list as installed.
-missing = $$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
-	grep -q 'ok installed' || echo $$p; done)
+# The names in $(1) that dpkg does not list as installed, on one line.
+missing = $$(echo $$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
+	grep -q 'ok installed' || echo $$p; done))
 
 .PHONY: serve test lint bench build-packages system-packages clean
 
