@@ -18,6 +18,16 @@ from guard.authz.policy import MAX_LINKS, Grant, PolicySet
 from guard.patterns import SEALED_KINDS, compile_pattern, is_pattern, resource_kind
 
 Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
+# A group an identity source asserted (guard.identity.base.DirectorySubject): always qualified by
+# its source, ``group:ldap/NAME``, so it can never be a policy-defined group like group:admins.
+_SOURCED_GROUP: Final = re.compile(r"group:[a-z][a-z0-9-]*/[^\s,\"']+")
+
+
+def carried_groups(subject: str) -> tuple[str, ...]:
+    """The source-qualified groups a subject string carries from its login (none for plain
+    strings); anything else it might carry is ignored."""
+    groups: tuple[str, ...] = getattr(subject, "groups", ())
+    return tuple(sorted(g for g in groups if _SOURCED_GROUP.fullmatch(g)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +72,8 @@ class PolicyIndex:
         self._group_edges: dict[str, list[str]] = {}
         for m in policy.memberships:
             self._group_edges.setdefault(m.member, []).append(m.group)
-        self._subjects: dict[str, tuple[str, ...]] = {}
-        self._unconditional: dict[tuple[str, str, str], bool] = {}
+        self._subjects: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        self._unconditional: dict[tuple[str, tuple[str, ...], str, str], bool] = {}
         self._grants: dict[str, dict[str, _Bucket]] = {}
         for grant in policy.grants:
             bucket = self._grants.setdefault(grant.subject, {}).setdefault(
@@ -82,10 +92,13 @@ class PolicyIndex:
         return held
 
     def subjects_of(self, subject: str) -> tuple[str, ...]:
-        """The subject and every group it belongs to, directly or through other groups."""
-        found = self._subjects.get(subject)
+        """The subject and every group it belongs to, directly or through other groups; the
+        directory groups it carries (``carried_groups``) count as direct memberships."""
+        key = (str(subject), carried_groups(subject))
+        found = self._subjects.get(key)
         if found is None:
-            found = self._subjects[subject] = tuple(sorted(_closure(subject, self._group_edges)))
+            reached = set().union(*(_closure(s, self._group_edges) for s in (key[0], *key[1])))
+            found = self._subjects[key] = tuple(sorted(reached))
         return found
 
     def decide(self, subject: str, resource: str, action: str) -> Decision:
@@ -117,7 +130,7 @@ class PolicyIndex:
     def unconditional(self, subject: str, kind: str, action: str) -> bool:
         """True when ``action`` is allowed on every resource of ``kind``: an allow on ``*`` or
         ``KIND:*`` and no deny that could apply. Then nothing needs resolving (or filtering)."""
-        key = (subject, kind, action)
+        key = (str(subject), carried_groups(subject), kind, action)
         known = self._unconditional.get(key)
         if known is None:
             known = self._unconditional[key] = self._compute_unconditional(subject, kind, action)

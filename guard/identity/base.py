@@ -20,6 +20,22 @@ class Principal:
     method: str
     roles: tuple[str, ...]
     expires_at: dt.datetime | None = None
+    groups: tuple[str, ...] = ()  # directory groups, source-qualified: ``group:ldap/risk%20team``
+
+
+class DirectorySubject(str):
+    """A subject string that also carries the source-qualified groups (``group:ldap/...``) its
+    identity source asserted at login. It is the plain subject everywhere a string is expected;
+    the policy index (``guard.authz.engine``) reads ``groups`` to apply those groups' grants and
+    ``g`` memberships. Only names with a ``/`` after ``group:`` are honoured, so a directory
+    group can never be a policy-defined group such as ``group:admins``."""
+
+    groups: tuple[str, ...]
+
+    def __new__(cls, subject: str, groups: tuple[str, ...] = ()) -> DirectorySubject:
+        self = super().__new__(cls, subject)
+        self.groups = groups
+        return self
 
 
 @dataclass(frozen=True, slots=True)
