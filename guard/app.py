@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio.to_thread
 import sqlalchemy as sa
@@ -73,6 +74,8 @@ from guard.edge.protocol import ProtocolLimits, build_protocol
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
+from guard.identity.base import IdentityProvider
+from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
 from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -109,6 +112,7 @@ class Gateway:
     environ: Mapping[str, str]
     trail: AuditTrail | None = None
     on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
+    ldap_provider: LdapProvider | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -149,6 +153,8 @@ class Gateway:
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.token_provider.drain()
+        if self.ldap_provider is not None:
+            await anyio.to_thread.run_sync(self.ldap_provider.close)
         if self.trail is not None:
             await self.trail.stop()
         self.engine.dispose()
@@ -275,6 +281,10 @@ def build_gateway(
     engine = build_engine(settings.database_uri)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
     token_provider = TokenProvider(store, settings.tokens.cache_ttl)
+    ldap_provider = build_ldap_provider(settings)
+    providers: list[IdentityProvider] = [token_provider]  # tokens first: mlg_ secrets are theirs
+    if ldap_provider is not None:
+        providers.append(ldap_provider)
     supervisor = None
     if settings.embedded:
         m = settings.mlflow
@@ -382,7 +392,7 @@ def build_gateway(
     )
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
     protected = AuthenticationMiddleware(
-        protected, providers=[token_provider], realm=g.realm, limiter=limiter
+        protected, providers=providers, realm=g.realm, limiter=limiter
     )
     api: ASGIApp = PolicyApi(
         policies=policies,
@@ -416,10 +426,10 @@ def build_gateway(
 
     app: ASGIApp = SplitByPrefix(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
-        AuthenticationMiddleware(api, providers=[token_provider], realm=g.realm, limiter=limiter),
+        AuthenticationMiddleware(api, providers=providers, realm=g.realm, limiter=limiter),
         protected,
         AuthenticationMiddleware(
-            GuardFallback(PROBES), providers=[token_provider], realm=g.realm, limiter=limiter
+            GuardFallback(PROBES), providers=providers, realm=g.realm, limiter=limiter
         ),
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
@@ -451,7 +461,31 @@ def build_gateway(
         environ=environ,
         trail=trail,
         on_bootstrap=on_bootstrap or (lambda secret: None),
+        ldap_provider=ldap_provider,
     )
+
+
+def build_ldap_provider(settings: Settings) -> LdapProvider | None:
+    """The directory login of the ``[ldap]`` settings, or None when ``ldap.urls`` is empty."""
+    c = settings.ldap
+    if not c.urls:
+        return None
+    password = c.bind_password
+    if c.bind_password_file:
+        password = Path(c.bind_password_file).read_text().rstrip("\r\n")
+    return LdapProvider(
+        LdapConfig(
+            urls=c.urls, bind_dn=c.bind_dn, bind_password=password, user_base=c.user_base,
+            user_filter=c.user_filter, user_attribute=c.user_attribute,
+            bind_dn_template=c.bind_dn_template, name_forms=c.name_forms,
+            group_base=c.group_base, group_filter=c.group_filter,
+            group_attribute=c.group_attribute, use_memberof=c.use_memberof,
+            nested_groups=c.nested_groups, page_size=c.page_size, start_tls=c.start_tls,
+            ca_file=c.ca_file, connect_timeout=c.connect_timeout, timeout=c.timeout,
+            follow_referrals=c.follow_referrals, pool_size=c.pool_size,
+            cache_ttl=c.cache_ttl, cache_size=c.cache_size,
+        )
+    )  # fmt: skip
 
 
 async def _check_database(engine: Engine) -> str:

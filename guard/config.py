@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from guard.settings import Settings, Validator, parse_duration, parse_size
 
@@ -193,7 +194,48 @@ def load_settings(
     hints = get_type_hints(Settings)
     settings = Settings(**{s: hints[s](**kv) for s, kv in values.items()})
     problems.extend(_cross_checks(settings))
+    problems.extend(_ldap_checks(settings))
     return Loaded(settings, problems, sources, path)
+
+
+def _ldap_checks(settings: Settings) -> list[str]:
+    """The [ldap] options that only make sense together (checked only when LDAP is on)."""
+    c = settings.ldap
+    if not c.urls:
+        return []
+    problems = []
+    if c.bind_dn:
+        if not c.user_base:
+            problems.append("ldap.user_base: required with bind_dn (where users are searched)")
+        if "{username}" not in c.user_filter:
+            problems.append("ldap.user_filter: must contain {username}")
+        if bool(c.bind_password) == bool(c.bind_password_file):
+            problems.append(
+                "ldap.bind_password: set it (MLFLOW_GUARD_LDAP_BIND_PASSWORD) or "
+                "ldap.bind_password_file, exactly one of them"
+            )
+        elif c.bind_password_file and not Path(c.bind_password_file).is_file():
+            problems.append(f"ldap.bind_password_file: {c.bind_password_file} does not exist")
+    elif "{username}" not in c.bind_dn_template:
+        problems.append(
+            "ldap.bind_dn: set a service account (bind_dn, user_base) or a bind_dn_template "
+            "containing {username}"
+        )
+    if c.group_base and "{dn}" not in c.group_filter:
+        problems.append("ldap.group_filter: must contain {dn}")
+    if c.ca_file and not Path(c.ca_file).is_file():
+        problems.append(f"ldap.ca_file: {c.ca_file} does not exist")
+    for url in c.urls:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            continue  # reported by the option's own check
+        loopback = host in {"127.0.0.1", "::1", "localhost"}
+        if url.lower().startswith("ldap://") and not c.start_tls and not loopback:
+            problems.append(
+                f"ldap.urls: {url} would send passwords in clear (use ldaps:// or start_tls)"
+            )
+    return problems
 
 
 def _cross_checks(settings: Settings) -> list[str]:

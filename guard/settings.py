@@ -433,6 +433,113 @@ class AuditSettings:
     )
 
 
+def _ldap_url(value: str) -> object:
+    parts = urlsplit(value)
+    if parts.scheme not in {"ldap", "ldaps"} or not parts.hostname:
+        raise ValueError(f"{value!r} is not an LDAP URL (write e.g. ldaps://dc1.example.com)")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{value!r} must be ldap[s]://host[:port] only")
+    return parts
+
+
+def _name_forms(values: tuple[str, ...]) -> str | None:
+    known = ("plain", "domain", "upn")
+    if not values:
+        return f"must name at least one of {', '.join(known)}"
+    wrong = [v for v in values if v not in known]
+    return f"{', '.join(wrong)}: not one of {', '.join(known)}" if wrong else None
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    urls: tuple[str, ...] = option(
+        (),
+        "LDAP servers, tried in order (failover): ldaps://host or ldap://host (with start_tls "
+        "unless on loopback). LDAP login is on when this is set.",
+        check=_each(_ldap_url),
+    )
+    bind_dn: str = option(
+        "",
+        "Service account that searches for users (search then bind); empty means a direct bind "
+        "with bind_dn_template.",
+    )
+    bind_password: str = option(
+        "",
+        "The service account's password; prefer the environment variable or bind_password_file "
+        "over writing it into the file.",
+    )
+    bind_password_file: str = option(
+        "", "File holding the service account's password (one line; trailing newline ignored)."
+    )
+    user_base: str = option("", "Where users are searched (e.g. ou=people,dc=example,dc=org).")
+    user_filter: str = option(
+        "(uid={username})",
+        "Search filter for a user; {username} is the typed name, filter-escaped. AD: "
+        "(sAMAccountName={username}).",
+    )
+    user_attribute: str = option(
+        "uid",
+        "Attribute whose value (the entry's spelling) names the user: user:<value>. AD: "
+        "sAMAccountName.",
+    )
+    bind_dn_template: str = option(
+        "",
+        "Direct bind without a service account: the user's DN, {username} DN-escaped (e.g. "
+        "uid={username},ou=people,dc=example,dc=org).",
+    )
+    name_forms: tuple[str, ...] = option(
+        ("plain",),
+        "Accepted user name forms: plain (alice), domain (DOMAIN\\alice), upn (alice@domain); "
+        "the domain part is dropped before the search.",
+        check=_name_forms,
+    )
+    group_base: str = option(
+        "", "Where groups are searched; empty (and use_memberof off) means no groups."
+    )
+    group_filter: str = option(
+        "(member={dn})", "Filter for the groups of an entry; {dn} is its DN, filter-escaped."
+    )
+    group_attribute: str = option("cn", "Attribute whose value names a group: group:ldap/<value>.")
+    use_memberof: bool = option(
+        False, "Read groups from the user's memberOf (and the groups' own) instead of searching."
+    )
+    nested_groups: int = option(
+        5,
+        "Levels of nested groups followed beyond the direct ones (loops end); 0 is none.",
+        check=_not_negative,
+    )
+    page_size: int = option(
+        500, "Entries per page of a group search; 0 turns paging off.", check=_not_negative
+    )
+    start_tls: bool = option(False, "Upgrade ldap:// connections with StartTLS (verified).")
+    ca_file: str = option(
+        "", "CA certificates (PEM) that verify the server; empty means the system's store."
+    )
+    connect_timeout: float = option(
+        5.0,
+        "Seconds to connect to one server before trying the next.",
+        kind="duration",
+        check=_positive,
+    )
+    timeout: float = option(
+        10.0, "Seconds one LDAP operation may take.", kind="duration", check=_positive
+    )
+    follow_referrals: bool = option(False, "Chase referrals the directory returns.")
+    pool_size: int = option(
+        4,
+        "Connections kept bound as the service account (and concurrent logins).",
+        check=_positive,
+    )
+    cache_ttl: float = option(
+        60.0,
+        "Seconds a successful login is trusted without asking the directory; a disabled "
+        "account or changed password takes effect within this time. 0 asks every time.",
+        kind="duration",
+        check=_not_negative,
+    )
+    cache_size: int = option(10000, "Most cached logins kept in memory.", check=_positive)
+
+
 @dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -442,6 +549,7 @@ class Settings:
     tokens: TokenSettings = field(default_factory=TokenSettings)
     authz: AuthzSettings = field(default_factory=AuthzSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    ldap: LdapSettings = field(default_factory=LdapSettings)
 
     @property
     def data_dir(self) -> Path:

@@ -1,0 +1,424 @@
+"""LDAP and Active Directory: HTTP Basic credentials checked against a directory.
+
+The only module that imports python-ldap (untyped): everything it returns is turned into ``str``
+here. A Basic password is the directory's unless it is a gateway token (``mlg_`` prefix, the token
+provider's); Bearer credentials are never the directory's.
+
+How a login is checked: a service account searches ``user_base`` with ``user_filter`` (the typed
+name filter-escaped), then the entry's DN binds with the password (search then bind); without a
+service account the DN comes from ``bind_dn_template`` (the name DN-escaped) and the user reads
+their own entry. An unknown user still costs one bind (against a fixed dummy DN), so it answers
+like a wrong password, in about the same time. A successful login is cached for ``cache_ttl``,
+keyed by a salted hash of the credentials.
+
+Connections: the URLs are tried in order (failover), with connect and operation timeouts,
+referrals not chased unless configured, ``ldaps://`` or StartTLS verified against ``ca_file``
+(or the system store) and never unverified. A small pool keeps connections bound as the service
+account; one used for a user's bind is rebound as the service account before it goes back, and
+one that failed is discarded. Every python-ldap call blocks, so logins run in worker threads.
+The directory unreachable is 503 ``identity_unavailable``: the gateway failing, not a failed login.
+
+Subjects: ``user:<name>`` from the entry's ``user_attribute`` (its canonical spelling, not what
+was typed) and ``group:ldap/<name>`` from each group's ``group_attribute``, both by
+``subject_name``. Groups come from ``memberOf`` or a group search, nested ones followed to
+``nested_groups`` levels with loops tolerated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
+import ldap
+import ldap.dn
+import ldap.filter
+from ldap.controls import SimplePagedResultsControl
+
+from guard.errors import Refusal
+from guard.identity.base import Credentials, DirectorySubject, Principal
+from guard.identity.tokens import is_token
+
+logger = logging.getLogger(__name__)
+
+SOURCE: Final = "ldap"
+NAME_FORMS: Final = frozenset({"plain", "domain", "upn"})  # alice, DOMAIN\alice, alice@domain
+MAX_NAME: Final = 256  # characters of a typed user name
+MAX_PASSWORD: Final = 1024
+MAX_PAGES: Final = 1000  # pages one paged search may take
+DUMMY_RDN: Final = "cn=mlflow-guard-no-such-user"
+_SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._@-")
+_UNREACHABLE: Final = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)
+
+Entry = tuple[str, dict[str, list[bytes]]]
+
+
+def subject_name(value: str) -> str:
+    """The one naming rule for directory users and groups: the entry's own value, case-folded,
+    each character outside ``[a-z0-9._@-]`` percent-encoded as its UTF-8 bytes (``%`` itself
+    included, so two different names never meet). ``Risk Team`` -> ``risk%20team``."""
+    return "".join(
+        c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in value.casefold()
+    )
+
+
+@dataclass(frozen=True)
+class LdapConfig:
+    """What the provider needs from the ``[ldap]`` settings (see guard/settings.py)."""
+
+    urls: tuple[str, ...]
+    bind_dn: str = ""
+    bind_password: str = ""
+    user_base: str = ""
+    user_filter: str = "(uid={username})"
+    user_attribute: str = "uid"
+    bind_dn_template: str = ""
+    name_forms: tuple[str, ...] = ("plain",)
+    group_base: str = ""
+    group_filter: str = "(member={dn})"
+    group_attribute: str = "cn"
+    use_memberof: bool = False
+    nested_groups: int = 5
+    page_size: int = 500
+    start_tls: bool = False
+    ca_file: str = ""
+    connect_timeout: float = 5.0
+    timeout: float = 10.0
+    follow_referrals: bool = False
+    pool_size: int = 4
+    cache_ttl: float = 60.0
+    cache_size: int = 10000
+
+
+class DirectoryUnavailable(Exception):
+    """No configured server answered in time."""
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    dn: str
+    name: str  # the entry's user_attribute, as the entry spells it
+    groups: tuple[str, ...]  # group names, as the entries spell them
+
+
+def typed_name(typed: str, forms: tuple[str, ...]) -> str | None:
+    """The account name in what the client typed, if its form is accepted, else None."""
+    if "\\" in typed:
+        domain, _, name = typed.partition("\\")
+        return name if "domain" in forms and domain and name and "\\" not in name else None
+    if "@" in typed:
+        name, _, domain = typed.rpartition("@")
+        return name if "upn" in forms and domain and name and "@" not in name else None
+    return typed if "plain" in forms and typed else None
+
+
+def _text(values: list[bytes] | None) -> str | None:
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Directory:
+    """The blocking side: connections, the pool, search, bind and group lookup. Thread-safe;
+    called from worker threads only."""
+
+    def __init__(self, config: LdapConfig) -> None:
+        self.config = config
+        self._pool: list[Any] = []
+        self._lock = threading.Lock()
+        self.binds = 0  # user and dummy binds made, for tests and metrics
+        base = config.user_base or config.bind_dn_template.partition(",")[2]
+        self.dummy_dn = f"{DUMMY_RDN},{base}" if base else DUMMY_RDN
+
+    # Connections -----------------------------------------------------------------------------
+
+    def _open(self, url: str) -> Any:
+        c = self.config
+        conn = ldap.initialize(url)
+        conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+        conn.set_option(ldap.OPT_REFERRALS, 1 if c.follow_referrals else 0)
+        conn.set_option(ldap.OPT_NETWORK_TIMEOUT, c.connect_timeout)
+        conn.set_option(ldap.OPT_TIMEOUT, c.timeout)
+        if url.lower().startswith("ldaps://") or c.start_tls:
+            conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+            if c.ca_file:
+                conn.set_option(ldap.OPT_X_TLS_CACERTFILE, c.ca_file)
+            conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # must come last: applies the above
+        if c.start_tls and not url.lower().startswith("ldaps://"):
+            conn.start_tls_s()
+        return conn
+
+    def _connect(self, dn: str, password: str) -> Any:
+        """A new connection bound as ``dn`` (or unbound when ``dn`` is empty), from the first
+        URL that answers. Raises DirectoryUnavailable when none does."""
+        for url in self.config.urls:
+            try:
+                conn = self._open(url)
+                if dn:
+                    conn.simple_bind_s(dn, password)
+                else:
+                    conn.whoami_s()  # lazy connect: prove the server answers
+                return conn
+            except _UNREACHABLE as exc:
+                logger.warning("LDAP server %s unreachable: %s", url, type(exc).__name__)
+            except ldap.INVALID_CREDENTIALS:
+                if dn == self.config.bind_dn:
+                    logger.error("LDAP service account %s cannot bind at %s", dn, url)
+                    raise DirectoryUnavailable("the service account cannot bind") from None
+                raise
+        raise DirectoryUnavailable("no LDAP server answered")
+
+    def _service(self) -> Any:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return self._connect(self.config.bind_dn, self.config.bind_password)
+
+    def _release(self, conn: Any) -> None:
+        with self._lock:
+            if len(self._pool) < self.config.pool_size:
+                self._pool.append(conn)
+                return
+        _close(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            _close(conn)
+
+    # Logins ----------------------------------------------------------------------------------
+
+    def login(self, name: str, password: str) -> DirectoryUser | None:
+        """The user, or None for an unknown user or a wrong password (the caller cannot tell
+        which). Raises DirectoryUnavailable."""
+        try:
+            if self.config.bind_dn:
+                return self._search_then_bind(name, password, retry=True)
+            return self._direct_bind(name, password)
+        except _UNREACHABLE as exc:
+            raise DirectoryUnavailable(type(exc).__name__) from exc
+
+    def _search_then_bind(self, name: str, password: str, retry: bool) -> DirectoryUser | None:
+        c = self.config
+        conn = self._service()
+        try:
+            escaped = ldap.filter.escape_filter_chars(name)
+            attrs = [c.user_attribute, *(["memberOf"] if c.use_memberof else [])]
+            found = _entries(
+                conn.search_ext_s(
+                    c.user_base, ldap.SCOPE_SUBTREE, c.user_filter.format(username=escaped),
+                    attrs, sizelimit=2,
+                )
+            )  # fmt: skip
+        except _UNREACHABLE:
+            _close(conn)  # a pooled connection the server dropped: one fresh attempt
+            if retry:
+                return self._search_then_bind(name, password, retry=False)
+            raise
+        except ldap.SIZELIMIT_EXCEEDED:
+            found = [("", {}), ("", {})]
+        except ldap.LDAPError:
+            _close(conn)
+            raise
+        dn = found[0][0] if len(found) == 1 else self.dummy_dn
+        if len(found) > 1:
+            logger.warning("LDAP: the name %r matches several entries; refused", name)
+        try:
+            self.binds += 1
+            conn.simple_bind_s(dn, password)
+            accepted = len(found) == 1
+        except ldap.INVALID_CREDENTIALS:
+            accepted = False
+        except ldap.LDAPError:
+            _close(conn)
+            raise
+        try:
+            conn.simple_bind_s(c.bind_dn, c.bind_password)  # back to the service account
+            if not accepted:
+                self._release(conn)
+                return None
+            user = self._user(conn, dn, found[0][1])
+        except ldap.LDAPError:
+            _close(conn)
+            raise
+        self._release(conn)
+        return user
+
+    def _direct_bind(self, name: str, password: str) -> DirectoryUser | None:
+        c = self.config
+        dn = c.bind_dn_template.format(username=ldap.dn.escape_dn_chars(name))
+        try:
+            conn = self._connect(dn, password)
+        except ldap.INVALID_CREDENTIALS:
+            return None
+        finally:
+            self.binds += 1
+        try:
+            attrs = [c.user_attribute, *(["memberOf"] if c.use_memberof else [])]
+            found = _entries(conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", attrs))
+            if len(found) != 1:
+                return None
+            return self._user(conn, found[0][0], found[0][1])
+        finally:
+            _close(conn)  # bound as a user: never pooled
+
+    def _user(self, conn: Any, dn: str, attributes: dict[str, list[bytes]]) -> DirectoryUser | None:
+        name = _text(attributes.get(self.config.user_attribute))
+        if name is None:
+            logger.warning("LDAP entry %s has no %s", dn, self.config.user_attribute)
+            return None
+        return DirectoryUser(dn, name, self._groups(conn, dn, attributes))
+
+    # Groups ----------------------------------------------------------------------------------
+
+    def _groups(self, conn: Any, dn: str, attributes: dict[str, list[bytes]]) -> tuple[str, ...]:
+        """Group names, direct and nested (to ``nested_groups`` levels; loops end)."""
+        c = self.config
+        names: dict[str, str] = {}  # group DN (lowered) -> name
+        seen: set[str] = {dn.lower()}
+        if c.use_memberof:
+            frontier = [v.decode("utf-8", "replace") for v in attributes.get("memberOf", [])]
+            for _level in range(c.nested_groups + 1):
+                nxt: list[str] = []
+                for group_dn in frontier:
+                    if group_dn.lower() in seen:
+                        continue
+                    seen.add(group_dn.lower())
+                    entry = self._read(conn, group_dn, [c.group_attribute, "memberOf"])
+                    if entry is None:
+                        continue
+                    if (group_name := _text(entry.get(c.group_attribute))) is not None:
+                        names[group_dn.lower()] = group_name
+                    nxt += [v.decode("utf-8", "replace") for v in entry.get("memberOf", [])]
+                frontier = nxt
+                if not frontier:
+                    break
+        elif c.group_base:
+            members = [dn]
+            for _level in range(c.nested_groups + 1):
+                found: list[Entry] = []
+                for member in members:
+                    flt = c.group_filter.format(dn=ldap.filter.escape_filter_chars(member))
+                    found += self._search(conn, c.group_base, flt, [c.group_attribute])
+                members = []
+                for group_dn, values in found:
+                    if group_dn.lower() in seen:
+                        continue
+                    seen.add(group_dn.lower())
+                    members.append(group_dn)
+                    if (group_name := _text(values.get(c.group_attribute))) is not None:
+                        names[group_dn.lower()] = group_name
+                if not members:
+                    break
+        return tuple(sorted(names.values()))
+
+    def _read(self, conn: Any, dn: str, attrs: list[str]) -> dict[str, list[bytes]] | None:
+        try:
+            found = _entries(conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", attrs))
+        except (ldap.NO_SUCH_OBJECT, ldap.INSUFFICIENT_ACCESS):
+            return None
+        return found[0][1] if found else None
+
+    def _search(self, conn: Any, base: str, flt: str, attrs: list[str]) -> list[Entry]:
+        """Every entry, in pages of ``page_size`` (0: one unpaged search)."""
+        if self.config.page_size <= 0:
+            return _entries(conn.search_ext_s(base, ldap.SCOPE_SUBTREE, flt, attrs))
+        control = SimplePagedResultsControl(True, size=self.config.page_size, cookie=b"")
+        entries: list[Entry] = []
+        for _ in range(MAX_PAGES):
+            msgid = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, attrs, serverctrls=[control])
+            _, data, _, controls = conn.result3(msgid)
+            entries += _entries(data)
+            cookies = [x.cookie for x in controls if x.controlType == control.controlType]
+            if not cookies or not cookies[0]:
+                return entries
+            control.cookie = cookies[0]
+        logger.warning("LDAP: a group search under %s did not end in %d pages", base, MAX_PAGES)
+        return entries
+
+
+def _entries(data: Any) -> list[Entry]:
+    """Search results without referrals (their DN is None)."""
+    return [(str(dn), dict(values)) for dn, values in data if dn]
+
+
+def _close(conn: Any) -> None:
+    with contextlib.suppress(ldap.LDAPError):
+        conn.unbind_s()
+
+
+class LdapProvider:
+    """HTTP Basic against the directory (see the module docstring)."""
+
+    name = SOURCE
+
+    def __init__(self, config: LdapConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.directory = Directory(config)
+        self.clock = clock
+        self._salt = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._threads = anyio.CapacityLimiter(max(1, config.pool_size))
+
+    async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
+        if credentials.scheme != "basic" or is_token(credentials.secret):
+            return None
+        password = credentials.secret
+        if not password:
+            return Refusal("invalid_credentials", "An empty password is not accepted.")
+        if len(credentials.username) > MAX_NAME or len(password) > MAX_PASSWORD:
+            return Refusal("invalid_credentials")
+        name = typed_name(credentials.username, self.config.name_forms)
+        if name is None:
+            forms = {"plain": "NAME", "domain": "DOMAIN\\NAME", "upn": "NAME@DOMAIN"}
+            accepted = " or ".join(forms[f] for f in self.config.name_forms if f in forms)
+            return Refusal("invalid_credentials", f"Log in as {accepted}.")
+        key = hmac.new(self._salt, f"{name}\0{password}".encode(), hashlib.sha256).digest()
+        now = self.clock()
+        cached = self._cache.get(key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        try:
+            user = await anyio.to_thread.run_sync(
+                self.directory.login, name, password, limiter=self._threads
+            )
+        except (DirectoryUnavailable, ldap.LDAPError) as exc:
+            logger.warning("LDAP login failed: directory unavailable (%s)", exc)
+            return Refusal("identity_unavailable", "The directory cannot be reached.")
+        if user is None:
+            return Refusal("invalid_credentials")
+        principal = self.principal(user)
+        if self.config.cache_ttl > 0:
+            self._cache[key] = (principal, now + self.config.cache_ttl)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
+        return principal
+
+    @staticmethod
+    def principal(user: DirectoryUser) -> Principal:
+        groups = tuple(sorted({f"group:{SOURCE}/{subject_name(g)}" for g in user.groups}))
+        return Principal(
+            subject=DirectorySubject(f"user:{subject_name(user.name)}", groups),
+            name=user.name,
+            method=SOURCE,
+            roles=(),
+            groups=groups,
+        )
+
+    def close(self) -> None:
+        self.directory.close()
