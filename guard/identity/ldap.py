@@ -162,15 +162,12 @@ class Directory:
         return conn
 
     def _connect(self, dn: str, password: str) -> Any:
-        """A new connection bound as ``dn`` (or unbound when ``dn`` is empty), from the first
-        URL that answers. Raises DirectoryUnavailable when none does."""
+        """A new connection bound as ``dn``, from the first URL that answers. Raises
+        DirectoryUnavailable when none does (or the service account cannot bind)."""
         for url in self.config.urls:
             try:
                 conn = self._open(url)
-                if dn:
-                    conn.simple_bind_s(dn, password)
-                else:
-                    conn.whoami_s()  # lazy connect: prove the server answers
+                conn.simple_bind_s(dn, password)  # python-ldap connects lazily: here
                 return conn
             except _UNREACHABLE as exc:
                 logger.warning("LDAP server %s unreachable: %s", url, type(exc).__name__)
@@ -252,7 +249,7 @@ class Directory:
                 self._release(conn)
                 return None
             user = self._user(conn, dn, found[0][1])
-        except ldap.LDAPError:
+        except (ldap.LDAPError, DirectoryUnavailable):
             _close(conn)
             raise
         self._release(conn)
@@ -334,9 +331,16 @@ class Directory:
         return found[0][1] if found else None
 
     def _search(self, conn: Any, base: str, flt: str, attrs: list[str]) -> list[Entry]:
-        """Every entry, in pages of ``page_size`` (0: one unpaged search)."""
+        """Every entry, in pages of ``page_size`` (0: one unpaged search). A search the server
+        cuts short is not used partially (a missing group could be one that denies): the
+        login fails as unavailable and the log says to turn paging on."""
         if self.config.page_size <= 0:
-            return _entries(conn.search_ext_s(base, ldap.SCOPE_SUBTREE, flt, attrs))
+            try:
+                return _entries(conn.search_ext_s(base, ldap.SCOPE_SUBTREE, flt, attrs))
+            except ldap.SIZELIMIT_EXCEEDED:
+                logger.error("LDAP: a group search under %s hit the server's size limit; "
+                             "set ldap.page_size", base)  # fmt: skip
+                raise DirectoryUnavailable("group search size limit") from None
         control = SimplePagedResultsControl(True, size=self.config.page_size, cookie=b"")
         entries: list[Entry] = []
         for _ in range(MAX_PAGES):

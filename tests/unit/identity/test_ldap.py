@@ -461,6 +461,28 @@ def test_group_search_without_paging(slapd: Slapd) -> None:
         provider.close()
 
 
+def test_a_size_limited_unpaged_search_is_not_used_partially(slapd: Slapd) -> None:
+    provider = directory(slapd, group_base="ou=groups,dc=example,dc=org", page_size=0)
+    try:
+        result = login(provider, "paula", "paula-password")  # 25 groups, the limit is 10
+        assert isinstance(result, Refusal) and result.reason == "identity_unavailable"
+        assert provider.directory._pool == []  # the connection was discarded
+        assert isinstance(login(provider, "bob", "bob-password"), Principal)
+    finally:
+        provider.close()
+
+
+def test_a_name_matching_several_entries_is_refused(slapd: Slapd) -> None:
+    provider = directory(slapd, user_filter="(|(uid={username})(uid=bob))")
+    try:
+        result = login(provider, "alice", "alice-password")
+        assert isinstance(result, Refusal) and result.reason == "invalid_credentials"
+        assert provider.directory.binds == 1  # still one bind, against the dummy DN
+        assert isinstance(login(provider, "bob", "bob-password"), Principal)
+    finally:
+        provider.close()
+
+
 def test_nesting_depth_is_bounded(slapd: Slapd) -> None:
     provider = directory(slapd, use_memberof=True, nested_groups=0)
     try:
@@ -489,6 +511,25 @@ def test_a_bad_service_password_is_unavailable_not_a_failed_login(slapd: Slapd) 
     try:
         result = login(provider, "alice", "alice-password")
         assert isinstance(result, Refusal) and result.reason == "identity_unavailable"
+    finally:
+        provider.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"start_tls": True}, {"start_tls": True, "ca_file": "/etc/ssl/certs/ca-certificates.crt"},
+     {"ldaps": True}],
+    ids=["start-tls", "start-tls-ca-file", "ldaps"],
+)  # fmt: skip
+def test_tls_is_never_silently_skipped(slapd: Slapd, options: dict[str, Any]) -> None:
+    """This slapd speaks no TLS: asking for it must fail the login, not fall back to clear."""
+    if options.pop("ldaps", False):
+        options["urls"] = (slapd.url.replace("ldap://", "ldaps://"),)
+    provider = directory(slapd, connect_timeout=2.0, timeout=2.0, **options)
+    try:
+        result = login(provider, "alice", "alice-password")
+        assert isinstance(result, Refusal) and result.reason == "identity_unavailable"
+        assert provider.directory.binds == 0
     finally:
         provider.close()
 
