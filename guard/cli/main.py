@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from guard.cli import audit, policy, serve, tokens
+from guard.cli import audit, directory, policy, serve, tokens
 from guard.cli.common import EXIT_CONFIG, load
 from guard.config import load_settings
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_parsers(commands)
     policy.add_parsers(commands)
     audit.add_parsers(commands)
+    directory.add_parsers(commands)
     return parser
 
 
@@ -44,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return policy.run(args, loaded)
     if args.command == "audit":
         return audit.run(args, loaded)
+    if args.command == "ldap":
+        return directory.run(args, loaded)
     return tokens.run(args, loaded)
 
 

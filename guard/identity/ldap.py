@@ -201,13 +201,13 @@ class Directory:
 
     def login(self, name: str, password: str) -> DirectoryUser | None:
         """The user, or None for an unknown user or a wrong password (the caller cannot tell
-        which). Raises DirectoryUnavailable."""
+        which). Raises DirectoryUnavailable for anything else the directory answers."""
         try:
             if self.config.bind_dn:
                 return self._search_then_bind(name, password, retry=True)
             return self._direct_bind(name, password)
-        except _UNREACHABLE as exc:
-            raise DirectoryUnavailable(type(exc).__name__) from exc
+        except ldap.LDAPError as exc:
+            raise DirectoryUnavailable(f"{type(exc).__name__}: {_describe(exc)}") from exc
 
     def _search_then_bind(self, name: str, password: str, retry: bool) -> DirectoryUser | None:
         c = self.config
@@ -360,6 +360,12 @@ def _entries(data: Any) -> list[Entry]:
     return [(str(dn), dict(values)) for dn, values in data if dn]
 
 
+def _describe(exc: Exception) -> str:
+    """python-ldap's error text (its argument is a dict with ``desc`` and maybe ``info``)."""
+    details = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return " - ".join(str(details[k]) for k in ("desc", "info") if details.get(k)) or str(exc)
+
+
 def _close(conn: Any) -> None:
     with contextlib.suppress(ldap.LDAPError):
         conn.unbind_s()
@@ -400,7 +406,7 @@ class LdapProvider:
             user = await anyio.to_thread.run_sync(
                 self.directory.login, name, password, limiter=self._threads
             )
-        except (DirectoryUnavailable, ldap.LDAPError) as exc:
+        except DirectoryUnavailable as exc:
             logger.warning("LDAP login failed: directory unavailable (%s)", exc)
             return Refusal("identity_unavailable", "The directory cannot be reached.")
         if user is None:

@@ -542,3 +542,49 @@ def test_bearer_credentials_are_not_the_directorys(slapd: Slapd) -> None:
         assert provider.directory.binds == 0
     finally:
         provider.close()
+
+
+# -- mlflow-guard ldap test USER ------------------------------------------------------------
+
+
+def ldap_cli(
+    slapd: Slapd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str, *args: str
+) -> int:
+    from guard.cli.main import main
+
+    for name in list(__import__("os").environ):
+        if name.startswith("MLFLOW_GUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_URLS", slapd.url)
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_BIND_DN", slapd.service_dn)
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_BIND_PASSWORD", slapd.service_password)
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_USER_BASE", PEOPLE)
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_USE_MEMBEROF", "true")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(password + "\n"))
+    return main(["ldap", "test", *args, "--password-stdin", "--data-dir", str(tmp_path)])
+
+
+def test_ldap_test_prints_what_the_gateway_makes_of_a_user(
+    slapd: Slapd,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from guard.cli.main import main
+
+    assert ldap_cli(slapd, tmp_path, monkeypatch, "bob-password", "BOB") == 0
+    out = capsys.readouterr().out
+    assert f"dn:       uid=bob,{PEOPLE}" in out
+    assert "subject:  user:bob" in out
+    assert "group:ldap/risk%20team" in out
+    assert "(none: every request is denied)" in out  # the shipped policy grants bob nothing
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))
+    rows = ["p, group:ldap/risk%20team, promoter, model:fraud-*"]
+    assert main(["policy", "add", *rows, "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert ldap_cli(slapd, tmp_path, monkeypatch, "bob-password", "bob") == 0
+    assert "  p, group:ldap/risk%20team, promoter, model:fraud-*, allow" in capsys.readouterr().out
+    assert ldap_cli(slapd, tmp_path, monkeypatch, "wrong", "bob") == 1
+    assert "refused: unknown user or wrong password" in capsys.readouterr().out
+    assert ldap_cli(slapd, tmp_path, monkeypatch, "bob-password", "EX\\bob") == 1
+    assert "not in an accepted name form" in capsys.readouterr().out
