@@ -66,7 +66,8 @@ def check_config(loaded: Loaded) -> int:
     print(f"configuration OK (file: {loaded.config_file or 'none'})")
     for opt in options():
         value = getattr(getattr(settings, opt.section), opt.key)
-        print(f"  {opt.name} = {value!r}  [{loaded.sources[opt.name]}]")
+        shown = "<set, not shown>" if opt.key.endswith("password") and value else repr(value)
+        print(f"  {opt.name} = {shown}  [{loaded.sources[opt.name]}]")
     return 0
 
 

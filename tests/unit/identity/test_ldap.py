@@ -588,3 +588,23 @@ def test_ldap_test_prints_what_the_gateway_makes_of_a_user(
     assert "refused: unknown user or wrong password" in capsys.readouterr().out
     assert ldap_cli(slapd, tmp_path, monkeypatch, "bob-password", "EX\\bob") == 1
     assert "not in an accepted name form" in capsys.readouterr().out
+
+
+def test_check_config_does_not_print_the_bind_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guard.cli.main import main
+
+    for name in list(__import__("os").environ):
+        if name.startswith("MLFLOW_GUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_GUARD_UPSTREAM_URL", "http://127.0.0.1:5001")
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_URLS", "ldap://127.0.0.1:389")
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_BIND_DN", "cn=svc,dc=example,dc=org")
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_BIND_PASSWORD", "hunter2-service")
+    monkeypatch.setenv("MLFLOW_GUARD_LDAP_USER_BASE", PEOPLE)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2-service" not in out
+    assert "ldap.bind_password = <set, not shown>  [env MLFLOW_GUARD_LDAP_BIND_PASSWORD]" in out
