@@ -26,6 +26,7 @@ was typed) and ``group:ldap/<name>`` from each group's ``group_attribute``, both
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -383,6 +384,7 @@ class LdapProvider:
         self._salt = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._threads = anyio.CapacityLimiter(max(1, config.pool_size))
+        self._pending: dict[bytes, asyncio.Future[DirectoryUser | None]] = {}
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         if credentials.scheme != "basic" or is_token(credentials.secret):
@@ -402,10 +404,18 @@ class LdapProvider:
         cached = self._cache.get(key)
         if cached is not None and now < cached[1]:
             return cached[0]
-        try:
-            user = await anyio.to_thread.run_sync(
-                self.directory.login, name, password, limiter=self._threads
+        # One directory round trip for a burst of identical logins: later ones wait for it.
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                anyio.to_thread.run_sync(
+                    self.directory.login, name, password, limiter=self._threads
+                )
             )
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        try:
+            user = await asyncio.shield(pending)  # one caller leaving does not end the others'
         except DirectoryUnavailable as exc:
             logger.warning("LDAP login failed: directory unavailable (%s)", exc)
             return Refusal("identity_unavailable", "The directory cannot be reached.")

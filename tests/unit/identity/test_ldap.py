@@ -317,10 +317,13 @@ def refusal(response: httpx.Response) -> tuple[int, str, dict[str, Any], str]:
         ("alice)(|(uid=*", "alice-password"),
         ("alice*", "alice-password"),
         ("uid=alice," + PEOPLE, "alice-password"),
+        ("alice\x00", "alice-password"),
+        ("ålice", "alice-password"),
+        ("alice,ou=people", "alice-password"),
         ("x" * 300, "alice-password"),
     ],
     ids=["wrong-password", "unknown", "star", "close-paren", "star-close", "or", "prefix",
-         "dn", "too-long"],
+         "dn", "nul", "non-ascii", "comma", "too-long"],
 )  # fmt: skip
 def test_bad_logins_get_one_answer(running: tuple[Gateway, str], name: str, password: str) -> None:
     gateway, url = running
@@ -331,6 +334,21 @@ def test_bad_logins_get_one_answer(running: tuple[Gateway, str], name: str, pass
     assert refusal(me(url, basic(name, password))) == reference
     if name != "x" * 300:
         assert gateway.ldap_provider.directory.binds == binds + 1  # unknown users cost a bind
+
+
+@pytest.mark.parametrize("name", ["EXAMPLE\\alice", "alice@example.org", "ali\\ce"])
+def test_a_name_form_that_is_off_gets_a_clear_message(
+    running: tuple[Gateway, str], name: str
+) -> None:
+    gateway, url = running
+    assert gateway.ldap_provider is not None
+    binds = gateway.ldap_provider.directory.binds
+    response = me(url, basic(name, "alice-password"))
+    assert (response.status_code, response.headers["x-guard-reason"]) == (
+        401, "invalid_credentials",
+    )  # fmt: skip
+    assert "Log in as NAME." in response.json()["message"]
+    assert gateway.ldap_provider.directory.binds == binds  # refused before the directory
 
 
 def test_gateway_tokens_and_empty_passwords_never_reach_the_directory(
@@ -608,3 +626,21 @@ def test_check_config_does_not_print_the_bind_password(
     out = capsys.readouterr().out
     assert "hunter2-service" not in out
     assert "ldap.bind_password = <set, not shown>  [env MLFLOW_GUARD_LDAP_BIND_PASSWORD]" in out
+
+
+def test_a_burst_of_identical_logins_costs_one_bind(slapd: Slapd) -> None:
+    provider = directory(slapd, use_memberof=True)  # cache_ttl 0: only the burst is shared
+
+    async def burst() -> list[Principal | Refusal | None]:
+        credentials = Credentials("basic", "bob-password", "bob")
+        return await asyncio.gather(*(provider.authenticate(credentials) for _ in range(8)))
+
+    try:
+        results = asyncio.run(burst())
+        assert all(isinstance(r, Principal) and r.subject == "user:bob" for r in results)
+        assert provider.directory.binds == 1
+        assert provider._pending == {}
+        wrong = asyncio.run(provider.authenticate(Credentials("basic", "nope", "bob")))
+        assert isinstance(wrong, Refusal) and provider.directory.binds == 2
+    finally:
+        provider.close()
