@@ -223,7 +223,10 @@ class Directory:
                 )
             )  # fmt: skip
         except _UNREACHABLE:
-            _close(conn)  # a pooled connection the server dropped: one fresh attempt
+            # A pooled connection the server dropped (it restarted?): the others are likely
+            # dropped too, so the pool is emptied and one fresh attempt made.
+            _close(conn)
+            self.close()
             if retry:
                 return self._search_then_bind(name, password, retry=False)
             raise

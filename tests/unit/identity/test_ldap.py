@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
+import ldap
 import pytest
 from starlette.types import Receive, Scope, Send
 
@@ -642,5 +643,30 @@ def test_a_burst_of_identical_logins_costs_one_bind(slapd: Slapd) -> None:
         assert provider._pending == {}
         wrong = asyncio.run(provider.authenticate(Credentials("basic", "nope", "bob")))
         assert isinstance(wrong, Refusal) and provider.directory.binds == 2
+    finally:
+        provider.close()
+
+
+class DroppedConnection:
+    """A pooled connection whose server went away (restarted) in the meantime."""
+
+    closed = False
+
+    def search_ext_s(self, *args: object, **kwargs: object) -> None:
+        raise ldap.SERVER_DOWN({"desc": "Can't contact LDAP server"})
+
+    def unbind_s(self) -> None:
+        self.closed = True
+
+
+def test_dropped_pooled_connections_are_replaced(slapd: Slapd) -> None:
+    provider = directory(slapd, use_memberof=True, pool_size=2)
+    dropped = [DroppedConnection(), DroppedConnection()]
+    provider.directory._pool.extend(dropped)
+    try:
+        principal = login(provider, "bob", "bob-password")
+        assert isinstance(principal, Principal) and principal.subject == "user:bob"
+        assert all(c.closed for c in dropped)
+        assert not any(isinstance(c, DroppedConnection) for c in provider.directory._pool)
     finally:
         provider.close()
