@@ -398,11 +398,17 @@ def test_name_forms_through_the_gateway(slapd: Slapd, upstream: str, tmp_path: P
 
 def test_directory_down_is_503_and_recorded(slapd: Slapd, upstream: str, tmp_path: Path) -> None:
     settings = gateway_settings(
-        slapd, tmp_path, **{"upstream.url": upstream, "ldap.urls": [dead_url(), dead_url()]}
+        slapd,
+        tmp_path,
+        **{
+            "upstream.url": upstream,
+            "ldap.urls": [dead_url(), dead_url()],
+            "gateway.failed_login_limit": "2",
+        },
     )
     for gateway, url in run_gateway(settings):
         ids = []
-        for _ in range(3):  # never counted as failed logins: no 429 comes
+        for _ in range(4):  # past failed_login_limit, yet no 429: not counted as failed logins
             response = me(url, basic("alice", "alice-password"))
             assert (response.status_code, response.headers["x-guard-reason"]) == (
                 503, "identity_unavailable",
@@ -421,6 +427,10 @@ def test_directory_down_is_503_and_recorded(slapd: Slapd, upstream: str, tmp_pat
             time.sleep(0.1)
         assert found, "the 503 was not recorded"
         assert any(r.get("status") == 503 for r in found), found
+        # The limiter is on: refusals of a bad token (401s) do reach it.
+        bad = basic("alice", "mlg_" + "z" * 43)
+        statuses = [me(url, bad).status_code for _ in range(4)]
+        assert statuses[:2] == [401, 401] and 429 in statuses, statuses
         assert gateway.ldap_provider is not None
 
 
