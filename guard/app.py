@@ -75,6 +75,7 @@ from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import IdentityProvider
+from guard.identity.bindings import IdentityBindings
 from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
@@ -281,7 +282,7 @@ def build_gateway(
     engine = build_engine(settings.database_uri)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
     token_provider = TokenProvider(store, settings.tokens.cache_ttl)
-    ldap_provider = build_ldap_provider(settings)
+    ldap_provider = build_ldap_provider(settings, engine)
     providers: list[IdentityProvider] = [token_provider]  # tokens first: mlg_ secrets are theirs
     if ldap_provider is not None:
         providers.append(ldap_provider)
@@ -465,8 +466,9 @@ def build_gateway(
     )
 
 
-def build_ldap_provider(settings: Settings) -> LdapProvider | None:
-    """The directory login of the ``[ldap]`` settings, or None when ``ldap.urls`` is empty."""
+def build_ldap_provider(settings: Settings, engine: Engine | None = None) -> LdapProvider | None:
+    """The directory login of the ``[ldap]`` settings, or None when ``ldap.urls`` is empty.
+    With ``engine``, user names are bound to the first entry that used them."""
     c = settings.ldap
     if not c.urls:
         return None
@@ -477,14 +479,18 @@ def build_ldap_provider(settings: Settings) -> LdapProvider | None:
         LdapConfig(
             urls=c.urls, bind_dn=c.bind_dn, bind_password=password, user_base=c.user_base,
             user_filter=c.user_filter, user_attribute=c.user_attribute,
-            bind_dn_template=c.bind_dn_template, name_forms=c.name_forms,
+            id_attribute=c.id_attribute, bind_dn_template=c.bind_dn_template,
+            name_forms=c.name_forms,
             group_base=c.group_base, group_filter=c.group_filter,
             group_attribute=c.group_attribute, use_memberof=c.use_memberof,
             nested_groups=c.nested_groups, page_size=c.page_size, start_tls=c.start_tls,
             ca_file=c.ca_file, connect_timeout=c.connect_timeout, timeout=c.timeout,
             follow_referrals=c.follow_referrals, pool_size=c.pool_size,
             cache_ttl=c.cache_ttl, cache_size=c.cache_size,
-        )
+        ),
+        bindings=None if engine is None else IdentityBindings(
+            engine, ttl=c.cache_ttl, size=c.cache_size
+        ),
     )  # fmt: skip
 
 

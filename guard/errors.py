@@ -94,6 +94,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "websocket_not_served": ReasonInfo(
         403, "PERMISSION_DENIED", "WebSocket connections are not served through the gateway."
     ),
+    "identity_conflict": ReasonInfo(
+        403,
+        "PERMISSION_DENIED",
+        "This user name is bound to another identity; an administrator must link or free it "
+        "(mlflow-guard user link or unlink).",
+    ),
     # 404/405/413: the gateway's own routes and limits.
     "not_found": ReasonInfo(404, "ENDPOINT_NOT_FOUND", "No such gateway endpoint."),
     "method_not_allowed": ReasonInfo(

@@ -482,6 +482,11 @@ class LdapSettings:
         "Attribute whose value (the entry's spelling) names the user: user:<value>. AD: "
         "sAMAccountName.",
     )
+    id_attribute: str = option(
+        "entryUUID",
+        "Attribute holding the entry's stable id, which binds user:<name> to that entry (the "
+        "first login claims the name). AD: objectGUID (binary, read as a GUID string).",
+    )
     bind_dn_template: str = option(
         "",
         "Direct bind without a service account: the user's DN, {username} DN-escaped (e.g. "

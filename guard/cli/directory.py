@@ -64,6 +64,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> int:
     print(f"dn:       {user.dn}")
     print(f"name:     {user.name}")
     print(f"subject:  {principal.subject}")
+    print(f"id:       {user.stable_id or '(none: the entry lacks ldap.id_attribute; refused)'}")
     print("groups:   " + (", ".join(principal.groups) or "(none)"))
     with common.governance_session(loaded) as governance:
         version, policy = governance.policies.load()

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from guard.cli import audit, directory, policy, serve, tokens
+from guard.cli import audit, directory, policy, serve, tokens, users
 from guard.cli.common import EXIT_CONFIG, load
 from guard.config import load_settings
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_parsers(commands)
     audit.add_parsers(commands)
     directory.add_parsers(commands)
+    users.add_parsers(commands)
     return parser
 
 
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit.run(args, loaded)
     if args.command == "ldap":
         return directory.run(args, loaded)
+    if args.command == "user":
+        return users.run(args, loaded)
     return tokens.run(args, loaded)
 
 

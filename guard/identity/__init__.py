@@ -1,7 +1,8 @@
 """Who is calling: one provider per login method behind the ``IdentityProvider`` protocol
-(``base``), service tokens (``tokens``) and the authentication middleware that asks the providers
-and puts the principal into the request context (``authentication``). LDAP, OIDC and sessions
-land here next, one file per provider.
+(``base``), service tokens (``tokens``), LDAP (``ldap``), the binding of user names to the
+identity that first used them (``bindings``) and the authentication middleware that asks the
+providers and puts the principal into the request context (``authentication``). OIDC and
+sessions land here next, one file per provider.
 
 It may import ``guard.errors``, the edge (the request context, the failure rate limiter) and the
 store, and must not import authz, audit, upstream, admin, cli, settings or app: what a caller may

@@ -22,6 +22,14 @@ Subjects: ``user:<name>`` from the entry's ``user_attribute`` (its canonical spe
 was typed) and ``group:ldap/<name>`` from each group's ``group_attribute``, both by
 ``subject_name``. Groups come from ``memberOf`` or a group search, nested ones followed to
 ``nested_groups`` levels with loops tolerated.
+
+Bindings: the entry's stable id (``id_attribute``: ``entryUUID``, or AD's binary ``objectGUID``
+read as a GUID string) binds ``user:<name>`` to that entry at its first login
+(guard.identity.bindings); a login of the name by another entry is 403 ``identity_conflict``.
+The claim runs in the same worker thread as the directory login (a burst shares both), and a
+cached login needs neither. An entry without the id attribute cannot be bound and is refused
+with 500 ``internal_error`` (the directory or ``id_attribute`` is misconfigured: not the
+caller's credentials, so no 401 and no failed-login count; not transient, so no 503).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import logging
 import secrets
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +53,12 @@ import anyio.to_thread
 import ldap
 import ldap.dn
 import ldap.filter
+import sqlalchemy as sa
 from ldap.controls import SimplePagedResultsControl
 
 from guard.errors import Refusal
 from guard.identity.base import Credentials, DirectorySubject, Principal
+from guard.identity.bindings import Binding, IdentityBindings
 from guard.identity.tokens import is_token
 
 logger = logging.getLogger(__name__)
@@ -83,6 +94,7 @@ class LdapConfig:
     user_base: str = ""
     user_filter: str = "(uid={username})"
     user_attribute: str = "uid"
+    id_attribute: str = "entryUUID"
     bind_dn_template: str = ""
     name_forms: tuple[str, ...] = ("plain",)
     group_base: str = ""
@@ -110,6 +122,7 @@ class DirectoryUser:
     dn: str
     name: str  # the entry's user_attribute, as the entry spells it
     groups: tuple[str, ...]  # group names, as the entries spell them
+    stable_id: str = ""  # the entry's id_attribute; "" when the entry has none
 
 
 def typed_name(typed: str, forms: tuple[str, ...]) -> str | None:
@@ -121,6 +134,20 @@ def typed_name(typed: str, forms: tuple[str, ...]) -> str | None:
         name, _, domain = typed.rpartition("@")
         return name if "upn" in forms and domain and name and "@" not in name else None
     return typed if "plain" in forms and typed else None
+
+
+def stable_id(attribute: str, values: list[bytes] | None) -> str:
+    """The entry's stable id as text: ``objectGUID`` (16 bytes, little-endian fields) as its GUID
+    string, any other attribute as UTF-8 (hex when it is not); "" when absent."""
+    if not values or not values[0]:
+        return ""
+    raw = values[0]
+    if attribute.lower() == "objectguid" and len(raw) == 16:
+        return str(uuid.UUID(bytes_le=raw))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.hex()
 
 
 def _text(values: list[bytes] | None) -> str | None:
@@ -215,7 +242,7 @@ class Directory:
         conn = self._service()
         try:
             escaped = ldap.filter.escape_filter_chars(name)
-            attrs = [c.user_attribute, *(["memberOf"] if c.use_memberof else [])]
+            attrs = [c.user_attribute, c.id_attribute, *(["memberOf"] if c.use_memberof else [])]
             found = _entries(
                 conn.search_ext_s(
                     c.user_base, ldap.SCOPE_SUBTREE, c.user_filter.format(username=escaped),
@@ -269,7 +296,7 @@ class Directory:
         finally:
             self.binds += 1
         try:
-            attrs = [c.user_attribute, *(["memberOf"] if c.use_memberof else [])]
+            attrs = [c.user_attribute, c.id_attribute, *(["memberOf"] if c.use_memberof else [])]
             found = _entries(conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", attrs))
             if len(found) != 1:
                 return None
@@ -282,7 +309,11 @@ class Directory:
         if name is None:
             logger.warning("LDAP entry %s has no %s", dn, self.config.user_attribute)
             return None
-        return DirectoryUser(dn, name, self._groups(conn, dn, attributes))
+        sid = stable_id(self.config.id_attribute, attributes.get(self.config.id_attribute))
+        if not sid:
+            logger.error("LDAP entry %s has no %s (ldap.id_attribute): it cannot log in",
+                         dn, self.config.id_attribute)  # fmt: skip
+        return DirectoryUser(dn, name, self._groups(conn, dn, attributes), sid)
 
     # Groups ----------------------------------------------------------------------------------
 
@@ -380,14 +411,20 @@ class LdapProvider:
 
     name = SOURCE
 
-    def __init__(self, config: LdapConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: LdapConfig,
+        clock: Callable[[], float] = time.monotonic,
+        bindings: IdentityBindings | None = None,
+    ) -> None:
         self.config = config
+        self.bindings = bindings  # None: names are not bound (``ldap test``, some unit tests)
         self.directory = Directory(config)
         self.clock = clock
         self._salt = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._threads = anyio.CapacityLimiter(max(1, config.pool_size))
-        self._pending: dict[bytes, asyncio.Future[DirectoryUser | None]] = {}
+        self._pending: dict[bytes, asyncio.Future[tuple[DirectoryUser | None, Binding | None]]] = {}
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         if credentials.scheme != "basic" or is_token(credentials.secret):
@@ -411,26 +448,48 @@ class LdapProvider:
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(
-                anyio.to_thread.run_sync(
-                    self.directory.login, name, password, limiter=self._threads
-                )
+                anyio.to_thread.run_sync(self._login, name, password, limiter=self._threads)
             )
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
         try:
-            user = await asyncio.shield(pending)  # one caller leaving does not end the others'
+            # One caller leaving does not end the others'.
+            user, other = await asyncio.shield(pending)
         except DirectoryUnavailable as exc:
             logger.warning("LDAP login failed: directory unavailable (%s)", exc)
             return Refusal("identity_unavailable", "The directory cannot be reached.")
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("LDAP login failed: identity bindings unavailable (%s)", exc)
+            return Refusal("identity_unavailable", "The gateway database cannot be reached.")
         if user is None:
             return Refusal("invalid_credentials")
         principal = self.principal(user)
+        if not user.stable_id:
+            return Refusal(
+                "internal_error",
+                f"The directory entry has no {self.config.id_attribute}; tell an administrator.",
+            )
+        if other is not None:
+            logger.warning(
+                "LDAP login of %s refused: the name is bound to %s %s, this entry is %s %s",
+                principal.subject, other.source, other.stable_id, SOURCE, user.stable_id,
+            )  # fmt: skip
+            return Refusal("identity_conflict", f"({principal.subject})")
         if self.config.cache_ttl > 0:
             self._cache[key] = (principal, now + self.config.cache_ttl)
             self._cache.move_to_end(key)
             while len(self._cache) > self.config.cache_size:
                 self._cache.popitem(last=False)
         return principal
+
+    def _login(self, name: str, password: str) -> tuple[DirectoryUser | None, Binding | None]:
+        """In a worker thread: the directory login, then the name's claim (the other binding
+        when the name belongs to another identity)."""
+        user = self.directory.login(name, password)
+        if user is None or not user.stable_id or self.bindings is None:
+            return user, None
+        subject = f"user:{subject_name(user.name)}"
+        return user, self.bindings.claim(subject, SOURCE, user.stable_id)
 
     @staticmethod
     def principal(user: DirectoryUser) -> Principal:

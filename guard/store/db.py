@@ -135,6 +135,19 @@ audit_heads = sa.Table(
 )
 
 
+# Which identity a user name is bound to (guard.identity.bindings): the first that used it, until
+# an administrator links or frees it. ``subject`` is unique, so of two first logins one wins.
+identities = sa.Table(
+    "guard_identity",
+    metadata,
+    sa.Column("subject", sa.String(256), primary_key=True),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("stable_id", sa.String(512), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
