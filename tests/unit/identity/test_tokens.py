@@ -272,12 +272,13 @@ NOT_TOKENS = [
     pytest.param(lambda s: "", id="empty"),
     pytest.param(lambda s: "MLG_" + s[4:], id="uppercase-prefix"),
     pytest.param(lambda s: "Mlg_" + s[4:], id="mixed-case-prefix"),
-    pytest.param(lambda s: "mlg" + s[4:], id="no-underscore"),
+    # A token may itself go on with "_" ("mlg__x..."): drop those too, or it is mlg_ again.
+    pytest.param(lambda s: "mlg" + s[4:].lstrip("_"), id="no-underscore"),
     pytest.param(lambda s: "mlg-" + s[4:], id="dash-for-underscore"),
     pytest.param(lambda s: " " + s, id="leading-space"),
     pytest.param(lambda s: "\t" + s, id="leading-tab"),
     pytest.param(lambda s: "\uff4d" + s[1:], id="fullwidth-m"),
-    pytest.param(lambda s: s[4:], id="token-without-prefix"),
+    pytest.param(lambda s: "x" + s[4:], id="token-without-prefix"),
     pytest.param(lambda s: "x" * 47, id="token-length-no-prefix"),
 ]
 
