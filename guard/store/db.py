@@ -147,6 +147,55 @@ identities = sa.Table(
     sa.Column("last_seen_at", UTCDateTime, nullable=False),
 )
 
+# Browser sessions (guard.identity.sessions), keyed by an HMAC of the random id the cookie holds:
+# the table alone never lets anyone present a session. A row is ended by ``revoked_at`` or by
+# its expiry times; ``groups`` and ``roles`` are JSON lists as the login asserted them.
+sessions = sa.Table(
+    "guard_session",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("subject", sa.String(256), nullable=False, index=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("identity", sa.String(640), nullable=False),
+    sa.Column("groups", sa.Text, nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("issuer", sa.String(512), nullable=True),
+    sa.Column("oidc_sub", sa.String(256), nullable=True),
+    sa.Column("oidc_sid", sa.String(256), nullable=True),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("groups_checked_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_by", sa.String(256), nullable=True),
+)
+
+# People stopped everywhere at once (``mlflow-guard user block``): sessions, directory logins
+# and personal tokens check this table.
+user_blocks = sa.Table(
+    "guard_user_block",
+    metadata,
+    sa.Column("subject", sa.String(256), primary_key=True),
+    sa.Column("blocked_at", UTCDateTime, nullable=False),
+    sa.Column("blocked_by", sa.String(256), nullable=False),
+    sa.Column("reason", sa.String(512), nullable=False),
+)
+
+# Credential failures (a wrong password, not a flood of requests without credentials), counted
+# per user name across replicas so the per-user limit holds behind a load balancer.
+login_failures = sa.Table(
+    "guard_login_failure",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("name_key", sa.String(64), nullable=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("failed_at", UTCDateTime, nullable=False),
+    sa.Index("ix_guard_login_failure_name_time", "name_key", "failed_at"),
+)  # fmt: skip
+
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
