@@ -21,6 +21,8 @@ class Principal:
     roles: tuple[str, ...]
     expires_at: dt.datetime | None = None
     groups: tuple[str, ...] = ()  # directory groups, source-qualified: ``group:ldap/risk%20team``
+    # Where the identity came from, stable across renames: ``ldap:<entryUUID>``, ``token:<id>``.
+    identity: str = ""
 
 
 class DirectorySubject(str):

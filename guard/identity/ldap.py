@@ -500,6 +500,7 @@ class LdapProvider:
             method=SOURCE,
             roles=(),
             groups=groups,
+            identity=f"{SOURCE}:{user.stable_id}",
         )
 
     def close(self) -> None:

@@ -265,6 +265,7 @@ class TokenProvider:
             method="token",
             roles=(record.role,),
             expires_at=record.expires_at,
+            identity=f"token:{record.id}",
         )
 
     async def _lookup(self, secret: str) -> TokenRecord | None:
