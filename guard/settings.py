@@ -114,6 +114,17 @@ def _upstream_url(value: str) -> str | None:
     return None
 
 
+def _public_url(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return f"{value!r} is not an http(s) origin (write e.g. https://mlflow.example.com)"
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"
+    return None
+
+
 def _log_level(value: str) -> str | None:
     levels = {"debug", "info", "warning", "error"}
     return None if value in levels else f"must be one of {', '.join(sorted(levels))}"
@@ -164,6 +175,13 @@ class GatewaySettings:
         31536000, "Strict-Transport-Security max-age, sent only over TLS.", check=_positive
     )
     realm: str = option("mlflow-guard", "Realm named in WWW-Authenticate challenges.")
+    public_url: str = option(
+        "",
+        "The origin people and identity providers use (https://mlflow.example.com): the CSRF "
+        "origin check, the session cookie's Secure flag and __Host- prefix (https) and redirect "
+        "URIs come from it, never from a request's Host. Empty: http://host:port.",
+        check=_public_url,
+    )
     shutdown_timeout: float = option(
         3.0,
         "Seconds in-flight requests get to finish on shutdown.",
@@ -433,6 +451,12 @@ class AuditSettings:
     )
 
 
+def _cookie_name(value: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) or value.startswith("__"):
+        return "must be 1-64 letters, digits, '_', '.' or '-', not starting with '__'"
+    return None
+
+
 def _ldap_url(value: str) -> object:
     parts = urlsplit(value)
     if parts.scheme not in {"ldap", "ldaps"} or not parts.hostname:
@@ -546,6 +570,27 @@ class LdapSettings:
 
 
 @dataclass(frozen=True)
+class SessionSettings:
+    idle_timeout: float = option(
+        3600.0,
+        "Seconds a browser session lasts without a request.",
+        kind="duration",
+        check=_positive,
+    )
+    absolute_timeout: float = option(
+        43200.0,
+        "Seconds a browser session lasts at most, however busy; then the person logs in again.",
+        kind="duration",
+        check=_positive,
+    )
+    cookie_name: str = option(
+        "mlflow_guard_session",
+        "Name of the session cookie; __Host- is put before it when gateway.public_url is https.",
+        check=_cookie_name,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -555,6 +600,7 @@ class Settings:
     authz: AuthzSettings = field(default_factory=AuthzSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     ldap: LdapSettings = field(default_factory=LdapSettings)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -571,6 +617,15 @@ class Settings:
     @property
     def audit_spool_dir(self) -> Path:
         return Path(self.audit.spool_dir or self.data_dir / "audit").resolve()
+
+    @property
+    def public_url(self) -> str:
+        """The gateway's origin as people reach it: gateway.public_url, else http://host:port."""
+        if self.gateway.public_url:
+            return self.gateway.public_url.rstrip("/")
+        host = self.gateway.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.gateway.port}"
 
     @property
     def embedded(self) -> bool:
