@@ -100,6 +100,17 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         "This user name is bound to another identity; an administrator must link or free it "
         "(mlflow-guard user link or unlink).",
     ),
+    "csrf_failed": ReasonInfo(
+        403,
+        "PERMISSION_DENIED",
+        "A write with the session cookie must come from the gateway's own pages: the Origin "
+        "header (or, without it, Sec-Fetch-Site: same-origin) must be gateway.public_url or one "
+        "of gateway.cors_allowed_origins. Scripts and API clients send an Authorization header "
+        "instead.",
+    ),
+    "user_blocked": ReasonInfo(
+        403, "PERMISSION_DENIED", "This account is blocked; ask an administrator."
+    ),
     # 404/405/413: the gateway's own routes and limits.
     "not_found": ReasonInfo(404, "ENDPOINT_NOT_FOUND", "No such gateway endpoint."),
     "method_not_allowed": ReasonInfo(
