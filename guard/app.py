@@ -35,6 +35,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import anyio.to_thread
 import sqlalchemy as sa
@@ -76,7 +77,10 @@ from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import IdentityProvider
 from guard.identity.bindings import IdentityBindings
+from guard.identity.blocks import BlockedSubjects
+from guard.identity.browser import BrowserSessions, GroupRefresher
 from guard.identity.ldap import LdapConfig, LdapProvider
+from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
 from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -114,6 +118,7 @@ class Gateway:
     trail: AuditTrail | None = None
     on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
     ldap_provider: LdapProvider | None = None
+    blocked: BlockedSubjects | None = None  # user blocks followed; ended sessions pruned
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -137,6 +142,8 @@ class Gateway:
                 self.trail.event({"event": "token_created", "principal": "gateway:bootstrap",
                                   "token": "admin", "role": "admin", "resource": "*"})  # fmt: skip
         await self.policies.start()
+        if self.blocked is not None:
+            await self.blocked.start()
         if self.supervisor is not None:
             await self.supervisor.start()
         self.upstream.open()
@@ -150,6 +157,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.policies.stop()
+        if self.blocked is not None:
+            await self.blocked.stop()
         await self.upstream.close()
         if self.supervisor is not None:
             await self.supervisor.stop()
@@ -392,9 +401,35 @@ def build_gateway(
         deadlines=deadlines,
     )
     protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
-    protected = AuthenticationMiddleware(
-        protected, providers=providers, realm=g.realm, limiter=limiter
-    )
+    session_store = SessionStore(
+        engine, store.key, idle_timeout=settings.sessions.idle_timeout,
+        absolute_timeout=settings.sessions.absolute_timeout,
+    )  # fmt: skip
+    session_cookie = SessionCookie(
+        store.key, name=settings.sessions.cookie_name,
+        secure=settings.public_url.startswith("https:"),
+        max_age=round(settings.sessions.absolute_timeout),
+    )  # fmt: skip
+    blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
+    browsers = BrowserSessions(
+        session_store, session_cookie, own_origin=settings.public_url,
+        allowed_origins=g.cors_allowed_origins,
+        # LdapProvider.refresh and ldap.group_refresh land with the directory group refresh.
+        directory=cast(
+            "GroupRefresher | None", ldap_provider if hasattr(ldap_provider, "refresh") else None
+        ),
+        group_refresh=getattr(settings.ldap, "group_refresh", 900.0),
+        tokens=store, token_cache_ttl=settings.tokens.cache_ttl,
+        on_event=trail.event if trail is not None else None,
+    )  # fmt: skip
+
+    def authenticated(inner: ASGIApp) -> ASGIApp:
+        return AuthenticationMiddleware(
+            inner, providers=providers, realm=g.realm, limiter=limiter, sessions=browsers,
+            blocked=blocked,
+        )  # fmt: skip
+
+    protected = authenticated(protected)
     api: ASGIApp = PolicyApi(
         policies=policies,
         governance=Governance(store, policies.store),
@@ -427,11 +462,9 @@ def build_gateway(
 
     app: ASGIApp = SplitByPrefix(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
-        AuthenticationMiddleware(api, providers=providers, realm=g.realm, limiter=limiter),
+        authenticated(api),
         protected,
-        AuthenticationMiddleware(
-            GuardFallback(PROBES), providers=providers, realm=g.realm, limiter=limiter
-        ),
+        authenticated(GuardFallback(PROBES)),
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
     app = AllowedHostsMiddleware(
@@ -463,6 +496,7 @@ def build_gateway(
         trail=trail,
         on_bootstrap=on_bootstrap or (lambda secret: None),
         ldap_provider=ldap_provider,
+        blocked=blocked,
     )
 
 

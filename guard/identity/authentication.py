@@ -1,21 +1,40 @@
-"""Authentication: turn the request's credentials into a principal, or refuse with 401.
+"""Authentication: turn the request's credentials into a principal, or refuse.
 
-Providers are asked in order; the first that recognizes the credentials decides (a gateway
-token, by its ``mlg_`` prefix, is only the token provider's; any other secret is not). No
-credentials, or credentials nobody accepts or recognizes, get 401 with a Basic challenge, so
-browsers show their login prompt (and a Bearer one, for API clients); that 401 is counted and
-fingerprinted like any failed login.
+Credentials are the ``Authorization`` header or, without one, the session cookie. When both
+arrive, ``Authorization`` decides and the cookie is ignored: an API client that also holds a
+browser's cookie jar is judged by what it sent on purpose, and such a request is not subject to
+the CSRF check (a browser never adds an Authorization header of its own: it is sent no Basic
+challenge).
+
+With ``Authorization``, providers are asked in order; the first that recognizes the credentials
+decides (a gateway token, by its ``mlg_`` prefix, is only the token provider's; any other secret
+is not). With the cookie, the session row decides (``guard.identity.browser``), and a write must
+pass the CSRF check (403 ``csrf_failed``). A blocked person (``mlflow-guard user block``) is
+refused with 403 ``user_blocked`` whatever provider accepted them.
+
+No credentials, or credentials nobody accepts, get:
+
+- a browser navigation (GET/HEAD for a page): 303 to the login page with ``next``;
+- everyone else: 401 with a Bearer challenge, plus a Basic one for API clients only. A request
+  with the session cookie or browser fetch metadata (``Sec-Fetch-*``) gets no Basic challenge,
+  because a browser that cached Basic credentials sends them forever and can never log out.
+
+An ended, forged or duplicated session cookie counts as no credentials, and the answer clears it
+(``Max-Age=0``). Each such 401 is counted and fingerprinted like any failed login.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
-from guard.identity.base import IdentityProvider, parse_authorization
+from guard.identity.base import IdentityProvider, Principal, parse_authorization
+from guard.identity.browser import BrowserSessions, is_navigation, login_location
+
+ENDED = "The session has ended; log in again."
 
 
 class AuthenticationMiddleware:
@@ -26,20 +45,26 @@ class AuthenticationMiddleware:
         providers: Sequence[IdentityProvider],
         realm: str,
         limiter: FailureLimiter | None = None,
+        sessions: BrowserSessions | None = None,
+        blocked: Container[str] = frozenset(),
     ) -> None:
         self.app = app
         self.providers = tuple(providers)
         self.limiter = limiter
+        self.sessions = sessions
+        self.blocked = blocked
         quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
-        self.challenges = [
-            (b"www-authenticate", f'Basic realm="{quoted}", charset="UTF-8"'.encode()),
-            (b"www-authenticate", f'Bearer realm="{quoted}"'.encode()),
-        ]
+        self.bearer = [(b"www-authenticate", f'Bearer realm="{quoted}"'.encode())]
+        basic = (b"www-authenticate", f'Basic realm="{quoted}", charset="UTF-8"'.encode())
+        self.challenges = [basic, *self.bearer]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         credentials = parse_authorization(scope["headers"])
         if credentials is None:
-            await self._unauthorized(scope, send, Refusal("unauthenticated"))
+            if self.sessions is not None:
+                await self._session(self.sessions, scope, receive, send)
+            else:
+                await self._unauthorized(scope, send, Refusal("unauthenticated"))
             return
         if isinstance(credentials, Refusal):
             await self._unauthorized(scope, send, credentials)
@@ -54,16 +79,73 @@ class AuthenticationMiddleware:
                 else:
                     await send_refusal(scope, send, result)
                 return
-            scope["guard"].principal = result
-            await self.app(scope, receive, send)
+            await self._serve(result, scope, receive, send)
             return
         await self._unauthorized(scope, send, Refusal("invalid_credentials"))
 
-    async def _unauthorized(self, scope: Scope, send: Send, refusal: Refusal) -> None:
-        """401 with challenges, or 429 for an address past its limit of failures."""
+    async def _serve(
+        self, principal: Principal, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if principal.subject in self.blocked:
+            await send_refusal(scope, send, Refusal("user_blocked", f"({principal.subject})"))
+            return
+        scope["guard"].principal = principal
+        await self.app(scope, receive, send)
+
+    async def _session(
+        self, sessions: BrowserSessions, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        headers = scope["headers"]
+        session_id = sessions.cookie.read(headers)
+        if session_id is not None:
+            result = await sessions.authenticate(session_id)
+            if isinstance(result, Refusal):  # the session store cannot be read: 503
+                await send_refusal(scope, send, result)
+                return
+            if result is not None:
+                if (refusal := sessions.csrf_refusal(scope)) is not None:
+                    await send_refusal(scope, send, refusal)
+                    return
+                await self._serve(result, scope, receive, send)
+                return
+        if session_id is None and not sessions.cookie.present(headers):
+            await self._unauthorized(scope, send, Refusal("unauthenticated"))
+            return
+        await self._unauthorized(
+            scope, send, Refusal("unauthenticated", ENDED), [sessions.cookie.clear()]
+        )
+
+    async def _unauthorized(
+        self,
+        scope: Scope,
+        send: Send,
+        refusal: Refusal,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """429 for an address past its limit of failures; 303 to the login page for a browser
+        navigation; else 401 with the challenges this caller may be sent."""
+        extra = extra or []
         wait = self.limiter.blocked(scope["guard"].client) if self.limiter is not None else 0.0
         if wait > 0:
-            retry = [(b"retry-after", str(max(1, round(wait))).encode())]
+            retry = [(b"retry-after", str(max(1, round(wait))).encode()), *extra]
             await send_refusal(scope, send, Refusal("too_many_failures"), retry)
             return
-        await send_refusal(scope, send, refusal, self.challenges)
+        sessions = self.sessions
+        if sessions is None:
+            await send_refusal(scope, send, refusal, self.challenges + extra)
+            return
+        login = sessions.login_path
+        if login is not None and scope["path"] != login and is_navigation(scope):
+            scope["guard"].refusal = refusal  # recorded as the refusal it is, answered as a way on
+            headers = [
+                (b"location", login_location(scope, login)),
+                (b"content-length", b"0"),
+                (b"cache-control", b"no-store"),
+                (b"x-guard-reason", refusal.reason.encode()),
+                *extra,
+            ]
+            await send({"type": "http.response.start", "status": 303, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        challenges = self.bearer if sessions.is_browser(scope) else self.challenges
+        await send_refusal(scope, send, refusal, challenges + extra)

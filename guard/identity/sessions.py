@@ -27,12 +27,14 @@ from typing import Final
 import sqlalchemy as sa
 from itsdangerous import BadSignature, Signer
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from guard.identity.base import DirectorySubject, Principal
 from guard.store.db import sessions as sessions_table
 from guard.store.db import user_blocks
 
 TOUCH_INTERVAL: Final = dt.timedelta(minutes=1)
+PRUNE_BATCH: Final = 1000  # rows one prune deletes at most: bounded work, a short transaction
 _ID_BYTES: Final = 32
 _MAX_COOKIE: Final = 256  # a signed id is ~70 characters; anything much longer is not ours
 HOST_PREFIX: Final = "__Host-"
@@ -230,20 +232,27 @@ class SessionStore:
                 .values(groups=json.dumps(sorted(groups)), groups_checked_at=self.clock())
             )
 
-    def prune(self, keep: dt.timedelta = dt.timedelta(days=7)) -> int:
-        """Delete sessions that ended more than ``keep`` ago; how many."""
+    def prune(self, keep: dt.timedelta = dt.timedelta(days=7), limit: int = PRUNE_BATCH) -> int:
+        """Delete at most ``limit`` sessions that ended more than ``keep`` ago; how many. The
+        rows are kept a while so ``session list --all`` shows recent logouts and revocations."""
         cutoff = self.clock() - keep
         idle_cutoff = cutoff - dt.timedelta(seconds=self.idle_timeout)
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                sa.delete(sessions_table).where(
-                    sa.or_(
-                        sessions_table.c.expires_at < cutoff,
-                        sessions_table.c.revoked_at < cutoff,
-                        sessions_table.c.last_seen_at < idle_cutoff,
-                    )
+        ended = (
+            sa.select(sessions_table.c.key)
+            .where(
+                sa.or_(
+                    sessions_table.c.expires_at < cutoff,
+                    sessions_table.c.revoked_at < cutoff,
+                    sessions_table.c.last_seen_at < idle_cutoff,
                 )
             )
+            .limit(limit)
+        )
+        with self.engine.begin() as conn:
+            keys = conn.execute(ended).scalars().all()
+            if not keys:
+                return 0
+            result = conn.execute(sa.delete(sessions_table).where(sessions_table.c.key.in_(keys)))
         return int(result.rowcount or 0)
 
 
@@ -258,22 +267,32 @@ class UserBlocks:
     def block(self, subject: str, by: str, reason: str = "") -> bool:
         """Block ``subject`` and end its sessions; False if it was already blocked."""
         now = self.clock()
-        with self.engine.begin() as conn:
-            exists = conn.execute(
-                sa.select(user_blocks.c.subject).where(user_blocks.c.subject == subject)
-            ).first()
-            if exists is None:
-                conn.execute(
-                    sa.insert(user_blocks).values(
-                        subject=subject, blocked_at=now, blocked_by=by[:256], reason=reason[:512]
-                    )
-                )
-            conn.execute(
-                sa.update(sessions_table)
-                .where(sessions_table.c.subject == subject, sessions_table.c.revoked_at.is_(None))
-                .values(revoked_at=now, revoked_by=by[:256])
-            )
+        try:
+            with self.engine.begin() as conn:
+                exists = conn.execute(
+                    sa.select(user_blocks.c.subject).where(user_blocks.c.subject == subject)
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        sa.insert(user_blocks).values(
+                            subject=subject, blocked_at=now, blocked_by=by[:256],
+                            reason=reason[:512],
+                        )
+                    )  # fmt: skip
+                self._end_sessions(conn, subject, by, now)
+        except IntegrityError:  # blocked at the same moment elsewhere: its sessions still end
+            with self.engine.begin() as conn:
+                self._end_sessions(conn, subject, by, now)
+            return False
         return exists is None
+
+    @staticmethod
+    def _end_sessions(conn: sa.Connection, subject: str, by: str, now: dt.datetime) -> None:
+        conn.execute(
+            sa.update(sessions_table)
+            .where(sessions_table.c.subject == subject, sessions_table.c.revoked_at.is_(None))
+            .values(revoked_at=now, revoked_by=by[:256])
+        )
 
     def unblock(self, subject: str) -> bool:
         with self.engine.begin() as conn:
@@ -285,6 +304,11 @@ class UserBlocks:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(user_blocks).order_by(user_blocks.c.subject)).all()
         return {r.subject: (r.blocked_at, r.blocked_by, r.reason) for r in rows}
+
+    def subjects(self) -> frozenset[str]:
+        """Every blocked subject (what each replica keeps in memory, refreshed by a poll)."""
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(sa.select(user_blocks.c.subject)).scalars())
 
     def is_blocked(self, subject: str) -> bool:
         with self.engine.connect() as conn:
@@ -305,7 +329,9 @@ class SessionCookie:
         self.name = f"{HOST_PREFIX}{name}" if secure else name
         self.secure = secure
         self.max_age = max_age
-        self._signer = Signer(derive_key(secret_key, "session cookie"), salt="session")
+        self._signer = Signer(
+            derive_key(secret_key, "session cookie"), salt="session", digest_method=hashlib.sha256
+        )
 
     def encode(self, session_id: str) -> str:
         return self._signer.sign(session_id).decode("ascii")

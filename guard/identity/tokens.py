@@ -194,6 +194,12 @@ class TokenStore:
             return None
         return _record(row)
 
+    def by_id(self, token_id: int) -> TokenRecord | None:
+        """The token with this id (a session that began with it asks whether it still holds)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).first()
+        return None if row is None else _record(row)
+
     def touch(self, token_id: int, when: dt.datetime) -> None:
         with self.engine.begin() as conn:
             conn.execute(

@@ -1,0 +1,103 @@
+"""Who is blocked, as this replica knows it, and the upkeep of the session table.
+
+``mlflow-guard user block`` writes a row to ``guard_user_block`` and ends the subject's sessions
+in the same transaction, so sessions stop at once on every replica (``SessionStore.get`` joins
+the block table). Directory Basic logins are not rows: each replica keeps the blocked subjects
+in memory and re-reads them every ``authz.poll_interval`` (one small SELECT), so a block stops a
+person's Basic logins everywhere within that interval (and at once on the replica whose API
+made the block). Only ``user:`` subjects are blocked: gateway tokens are not people and are
+revoked with ``token revoke``.
+
+The same loop prunes ended session rows (at start and then hourly, at most ``PRUNE_BATCH`` rows
+a time, so the work per tick is bounded whatever piled up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final
+
+import anyio.to_thread
+import sqlalchemy as sa
+
+from guard.identity.sessions import SessionStore, UserBlocks
+
+logger = logging.getLogger("guard.sessions")
+
+PRUNE_EVERY: Final = 3600.0
+
+
+def blockable(subject: str) -> bool:
+    """Whether a block can apply to ``subject``: people (``user:``), not tokens."""
+    return subject.startswith("user:")
+
+
+class BlockedSubjects:
+    """The blocked subjects, followed from the database (see the module docstring)."""
+
+    def __init__(
+        self,
+        blocks: UserBlocks,
+        poll_interval: float,
+        sessions: SessionStore | None = None,
+        prune_every: float = PRUNE_EVERY,
+    ) -> None:
+        self.blocks = blocks
+        self.poll_interval = poll_interval
+        self.sessions = sessions
+        self.prune_every = prune_every
+        self.subjects: frozenset[str] = frozenset()
+        self._pruned_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __contains__(self, subject: object) -> bool:
+        return isinstance(subject, str) and blockable(subject) and subject in self.subjects
+
+    async def refresh(self) -> None:
+        self.subjects = await anyio.to_thread.run_sync(self.blocks.subjects)
+
+    async def start(self) -> None:
+        await self.refresh()
+        await self._prune()
+        self._task = asyncio.ensure_future(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _prune(self) -> None:
+        if self.sessions is None:
+            return
+        self._pruned_at = time.monotonic()
+        try:
+            count = await anyio.to_thread.run_sync(self.sessions.prune)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("session prune failed (%s)", type(exc).__name__)
+            return
+        if count:
+            logger.info("pruned %d ended sessions", count)
+
+    async def _follow(self) -> None:
+        failing = False  # one line per outage, not one per poll
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.refresh()
+            except sa.exc.SQLAlchemyError as exc:
+                if not failing:
+                    logger.warning(
+                        "reading user blocks failed (%s); keeping %d blocked subjects",
+                        type(exc).__name__, len(self.subjects),
+                    )  # fmt: skip
+                failing = True
+                continue
+            if failing:
+                logger.warning("user blocks readable again")
+            failing = False
+            if self._pruned_at is None or time.monotonic() - self._pruned_at >= self.prune_every:
+                await self._prune()
