@@ -111,6 +111,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "user_blocked": ReasonInfo(
         403, "PERMISSION_DENIED", "This account is blocked; ask an administrator."
     ),
+    "csrf_token_invalid": ReasonInfo(
+        403,
+        "PERMISSION_DENIED",
+        "The form's CSRF token is missing, expired or already used: reload the page and submit "
+        "it again.",
+    ),
     # 404/405/413: the gateway's own routes and limits.
     "not_found": ReasonInfo(404, "ENDPOINT_NOT_FOUND", "No such gateway endpoint."),
     "method_not_allowed": ReasonInfo(
