@@ -13,8 +13,10 @@ Outermost first, every request passes:
 3. ``AllowedHostsMiddleware``    400 host_not_allowed (the /guard probes are exempt)
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
 5. GET/HEAD on the gateway's probes (``/guard/health``, ``ready``, ``metrics``: no
-   credentials); ``/guard/api/`` (the policy API, ``guard.admin.api``) and every other ``/guard/``
-   path (401, then 404/405) behind the same authentication as below; or:
+   credentials); the login pages (``/guard/login``, ``/guard/logout``, ``/guard/static/``,
+   ``guard.identity.login``: no credentials, their own CSRF checks); ``/guard/api/`` (the
+   policy API, ``guard.admin.api``) and every other ``/guard/`` path (401, then 404/405)
+   behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
 7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
 8. ``BodyMiddleware``            400/408/413: framing checked, non-artifact bodies read whole
@@ -79,7 +81,10 @@ from guard.identity.base import IdentityProvider
 from guard.identity.bindings import IdentityBindings
 from guard.identity.blocks import BlockedSubjects
 from guard.identity.browser import BrowserSessions, GroupRefresher
+from guard.identity.csrf import LoginCsrf, LogoutCsrf
 from guard.identity.ldap import LdapConfig, LdapProvider
+from guard.identity.login import PATHS as LOGIN_PATHS
+from guard.identity.login import LoginApp
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
@@ -225,22 +230,31 @@ class GuardFallback:
 
 
 class SplitByPrefix:
-    """One rule for /guard/: GET or HEAD on a probe path goes to the probes (no credentials);
-    /guard/api/... to the policy API and every other /guard/ path to ``fallback`` (both behind
-    authentication); everything else to the protected stack."""
+    """One rule for /guard/: GET or HEAD on a probe path goes to the probes and the login pages'
+    paths to ``login`` (both without credentials); /guard/api/... to the policy API and every
+    other /guard/ path to ``fallback`` (both behind authentication); everything else to the
+    protected stack."""
 
     def __init__(
-        self, guard: ASGIApp, api: ASGIApp, protected: ASGIApp, fallback: ASGIApp | None = None
+        self,
+        guard: ASGIApp,
+        api: ASGIApp,
+        protected: ASGIApp,
+        fallback: ASGIApp | None = None,
+        login: ASGIApp | None = None,
     ) -> None:
         self.guard = guard
         self.api = api
         self.protected = protected
         self.fallback = fallback or guard
+        self.login = login
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path in PROBES and scope["method"] in PROBE_METHODS:
             app = self.guard
+        elif path in LOGIN_PATHS and self.login is not None:
+            app = self.login
         elif path.startswith(API_PREFIX):
             app = self.api
         elif path.startswith(GUARD_PREFIX):
@@ -430,6 +444,12 @@ def build_gateway(
         )  # fmt: skip
 
     protected = authenticated(protected)
+    login = LoginApp(
+        providers=providers, sessions=session_store, cookie=session_cookie,
+        csrf=LoginCsrf(store.key, secure=session_cookie.secure), logout_csrf=LogoutCsrf(store.key),
+        origins=frozenset({settings.public_url}), directory=ldap_provider is not None,
+        blocked=blocked, limiter=limiter, audit=trail.event if trail is not None else None,
+    )  # fmt: skip
     api: ASGIApp = PolicyApi(
         policies=policies,
         governance=Governance(store, policies.store),
@@ -465,6 +485,7 @@ def build_gateway(
         authenticated(api),
         protected,
         authenticated(GuardFallback(PROBES)),
+        login,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
     app = AllowedHostsMiddleware(

@@ -1,0 +1,424 @@
+"""The login and logout pages: ``/guard/login``, ``/guard/logout`` and their static files.
+
+Served without credentials (behind the Host check, CORS and the security headers). A login
+posts ``username``, ``password``, ``csrf_token`` and ``next`` as a form; the user name and
+password go to the same identity providers, in the same order, as HTTP Basic (a ``mlg_``
+password to the token provider, with the token's name checked; anything else to LDAP when it is
+configured). Success creates a new server-side session (a new id every time: no fixation; the
+browser's previous session, if any, is revoked), sets its cookie and answers 303 to ``next``,
+validated by ``validate_next``. A failure shows the page again with a message that does not say
+whether the user exists; its 401 is counted per client address like any refusal, and an address
+past ``gateway.failed_login_limit`` gets 429 without the directory being asked. CSRF: see
+``guard.identity.csrf``; besides the token, a POST whose ``Origin`` (or ``Sec-Fetch-Site``) is
+another site's is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import re
+from collections.abc import Callable, Container, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import anyio.to_thread
+import sqlalchemy as sa
+from starlette.types import Receive, Scope, Send
+
+from guard.edge.cors import parse_origin
+from guard.edge.ratelimit import FailureLimiter
+from guard.errors import Refusal, send_body, send_refusal
+from guard.identity import pages
+from guard.identity.base import Credentials, IdentityProvider, Principal
+from guard.identity.csrf import LoginCsrf, LogoutCsrf
+from guard.identity.sessions import SessionCookie, SessionStore
+
+logger = logging.getLogger("guard.login")
+
+LOGIN_PATH: Final = "/guard/login"
+LOGOUT_PATH: Final = "/guard/logout"
+STATIC_PATHS: Final = frozenset(pages.STATIC_PREFIX + name for name in pages.CONTENT_TYPES)
+PATHS: Final = frozenset({LOGIN_PATH, LOGOUT_PATH, *STATIC_PATHS})
+
+MAX_NEXT: Final = 2048
+MAX_FORM_BODY: Final = 8192
+FORM_TIMEOUT: Final = 10.0
+FIELD_LIMITS: Final = {"username": 256, "password": 1024, "csrf_token": 128, "next": MAX_NEXT}
+LOGIN_FIELDS: Final = frozenset(FIELD_LIMITS)
+LOGOUT_FIELDS: Final = frozenset({"csrf_token"})
+FORM_TYPE: Final = "application/x-www-form-urlencoded"
+CSP: Final = b"content-security-policy"
+STATIC_CACHE: Final = b"public, max-age=31536000, immutable"
+SAME_SITE: Final = frozenset({"same-origin", "none"})
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_PATH_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f\\]")
+# Characters kept as they are when ``next`` is made ASCII for the Location header.
+_URL_SAFE: Final = "/?#&=%:;@!$'()*+,-._~[]"
+
+GENERIC_FAILURE: Final = "The user name or password is not correct."
+MESSAGES: Final = {
+    "too_many_failures": "Too many failed logins from this address. Wait a minute and try again.",
+    "identity_unavailable": "Logins cannot be checked right now. Please try again shortly.",
+    "csrf_token_invalid": "This form has expired or was already used. Please log in again.",
+    "user_blocked": "This account is blocked; ask an administrator.",
+}
+
+Audit = Callable[[dict[str, Any]], None]
+
+
+def validate_next(value: str | None) -> str:
+    """Where to send the browser after login: ``value`` if it is a path on this origin (with
+    its query and fragment), else ``/``. Absolute and scheme-relative URLs, backslashes,
+    whitespace and control characters in the path (raw or percent-encoded), control characters
+    anywhere, over-long values and the gateway's own pages (``/guard/...``: a login loop) all
+    give ``/``. What is kept is made ASCII for the Location header (percent-encoding)."""
+    if not value or len(value) > MAX_NEXT or not value.startswith("/"):
+        return "/"
+    rest, _, fragment = value.partition("#")
+    path, _, query = rest.partition("?")
+    try:
+        # Decode a few times: what a proxy, the browser or MLflow decodes once more must still
+        # be a plain path.
+        decoded = path
+        for _ in range(3):
+            if _PATH_FORBIDDEN.search(decoded) or decoded.startswith("//"):
+                return "/"
+            once = unquote(decoded, errors="strict")
+            if once == decoded:
+                break
+            decoded = once
+        else:
+            return "/"
+        if any(_CONTROL.search(unquote(part, errors="strict")) for part in (query, fragment)):
+            return "/"
+    except UnicodeDecodeError:
+        return "/"
+    parts = urlsplit(decoded)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        return "/"
+    canonical = posixpath.normpath(parts.path)
+    if canonical == "/guard" or canonical.startswith("/guard/"):
+        return "/"
+    return quote(value, safe=_URL_SAFE)
+
+
+class LoginApp:
+    """GET/POST ``/guard/login``, GET/POST ``/guard/logout``, GET ``/guard/static/*``."""
+
+    def __init__(
+        self,
+        *,
+        providers: Sequence[IdentityProvider],
+        sessions: SessionStore,
+        cookie: SessionCookie,
+        csrf: LoginCsrf,
+        logout_csrf: LogoutCsrf,
+        origins: frozenset[str],
+        directory: bool,
+        blocked: Container[str] = frozenset(),
+        limiter: FailureLimiter | None = None,
+        audit: Audit | None = None,
+    ) -> None:
+        self.providers = tuple(providers)
+        self.sessions = sessions
+        self.cookie = cookie
+        self.csrf = csrf
+        self.logout_csrf = logout_csrf
+        self.origins = frozenset(parse_origin(o) for o in origins)
+        self.directory = directory
+        self.blocked = blocked
+        self.limiter = limiter
+        self.audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if path in STATIC_PATHS:
+            if method not in {"GET", "HEAD"}:
+                await send_refusal(scope, send, Refusal("method_not_allowed"))
+                return
+            await self._static(scope, send, path.removeprefix(pages.STATIC_PREFIX))
+        elif path == LOGIN_PATH and method in {"GET", "HEAD"}:
+            nexts = [v for k, v in parse_qsl(query_text(scope), keep_blank_values=True)
+                     if k == "next"]  # fmt: skip
+            target = validate_next(nexts[0]) if len(nexts) == 1 else "/"
+            await self._login_page(scope, send, 200, target)
+        elif path == LOGIN_PATH and method == "POST":
+            await self._login(scope, receive, send)
+        elif path == LOGOUT_PATH and method in {"GET", "HEAD"}:
+            await self._logout_page(scope, send)
+        elif path == LOGOUT_PATH and method == "POST":
+            await self._logout(scope, receive, send)
+        else:
+            await send_refusal(scope, send, Refusal("method_not_allowed"))
+
+    # -- static files and pages ------------------------------------------------------------
+
+    async def _static(self, scope: Scope, send: Send, name: str) -> None:
+        body = pages.static_file(name) or b""
+        headers = [
+            (b"content-type", pages.CONTENT_TYPES[name]),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", STATIC_CACHE),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+    async def _login_page(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        target: str,
+        refusal: Refusal | None = None,
+        message: str = "",
+        username: str = "",
+        token_failed: bool = False,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        set_cookie, field = self.csrf.issue()
+        body = pages.render_login(
+            pages.LoginForm(
+                csrf_token=field,
+                next=target,
+                directory=self.directory,
+                error=message,
+                username=username,
+                token_failed=token_failed,
+            )
+        )
+        headers = [(CSP, pages.PAGE_CSP), set_cookie, *extra]
+        if refusal is not None:
+            scope["guard"].refusal = refusal
+            headers.append((b"x-guard-reason", refusal.reason.encode()))
+        await send_body(scope, send, status, b"text/html; charset=utf-8", body, headers)
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        """A malformed or cross-site POST: the error in MLflow's shape (or the HTML error page),
+        and the login form's CSRF cookie cleared."""
+        await send_refusal(scope, send, refusal, [self.csrf.clear()])
+
+    # -- login -------------------------------------------------------------------------------
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope["guard"]
+        if not self._same_origin(scope):
+            await self._refuse(scope, send, Refusal("csrf_failed"))
+            return
+        form = await read_form(scope, receive, LOGIN_FIELDS)
+        if isinstance(form, Refusal):
+            await self._refuse(scope, send, form)
+            return
+        target = validate_next(form.get("next"))
+        username = form.get("username", "")
+        password = form.get("password", "")
+        token_failed = password.startswith("mlg_")
+
+        async def again(
+            refusal: Refusal, message: str, extra: Sequence[tuple[bytes, bytes]] = ()
+        ) -> None:
+            await self._login_page(
+                scope, send, refusal.status, target, refusal, message, username, token_failed, extra
+            )
+            self._audit_failure(scope, username, refusal)
+
+        if not self.csrf.check(scope["headers"], form.get("csrf_token", "")):
+            refusal = Refusal("csrf_token_invalid")
+            await again(refusal, MESSAGES["csrf_token_invalid"])
+            return
+        if self.limiter is not None and (wait := self.limiter.blocked(context.client)) > 0:
+            retry = [(b"retry-after", str(max(1, round(wait))).encode())]
+            await again(Refusal("too_many_failures"), MESSAGES["too_many_failures"], retry)
+            return
+        if not username or not password:
+            refusal = Refusal("invalid_credentials", "Enter a user name and a password.")
+            await again(refusal, "Enter a user name and a password.")
+            return
+        result = await self._authenticate(Credentials("basic", password, username))
+        if isinstance(result, Refusal):
+            await again(result, _message(result))
+            return
+        if str(result.subject) in self.blocked:
+            await again(Refusal("user_blocked"), MESSAGES["user_blocked"])
+            return
+        context.principal = result
+        try:
+            session_id = await anyio.to_thread.run_sync(self._start_session, scope, result)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("login of %s failed: sessions cannot be stored (%s)",
+                           result.subject, type(exc).__name__)  # fmt: skip
+            refusal = Refusal("identity_unavailable", "Sessions cannot be stored right now.")
+            await again(refusal, MESSAGES["identity_unavailable"])
+            return
+        if self.audit is not None:
+            self.audit({"event": "login", "principal": result.subject, "method": result.method,
+                        "identity": result.identity, "client": context.client,
+                        "request_id": context.request_id})  # fmt: skip
+        headers = [
+            (b"location", target.encode("ascii")),
+            self.cookie.set(session_id),
+            self.csrf.clear(),
+        ]
+        await send_body(scope, send, 303, b"text/plain; charset=utf-8", b"", headers)
+
+    async def _authenticate(self, credentials: Credentials) -> Principal | Refusal:
+        for provider in self.providers:
+            result = await provider.authenticate(credentials)
+            if result is not None:
+                return result
+        return Refusal("invalid_credentials")
+
+    def _start_session(self, scope: Scope, principal: Principal) -> str:
+        """Revoke the browser's previous session (if any), then create a new one (worker thread)."""
+        old = self.cookie.read(scope["headers"])
+        if old is not None:
+            self.sessions.revoke(old, "login")
+        session_id, _ = self.sessions.create(principal, client=scope["guard"].client)
+        return session_id
+
+    def _audit_failure(self, scope: Scope, username: str, refusal: Refusal) -> None:
+        """A failed login, without the password. One of a flood (the address is past its
+        limit) is left to the flood summary, like its outcome record."""
+        context = scope["guard"]
+        if self.audit is None or context.unrecorded:
+            return
+        self.audit({"event": "login_failed", "username": username[:256],
+                    "reason": refusal.reason, "client": context.client,
+                    "request_id": context.request_id})  # fmt: skip
+
+    def _same_origin(self, scope: Scope) -> bool:
+        """Whether a POST comes from a page of this site: its Origin, else Sec-Fetch-Site.
+        A client that sends neither is not a browser, which a CSRF attack needs."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        origins = [v.decode("latin-1") for k, v in headers if k == b"origin"]
+        if origins:
+            if len(origins) != 1:
+                return False
+            try:
+                origin = parse_origin(origins[0])
+            except ValueError:
+                return False  # "null" among them
+            return origin in self.origins
+        sites = [v.decode("latin-1").strip().lower() for k, v in headers if k == b"sec-fetch-site"]
+        return all(site in SAME_SITE for site in sites)
+
+    # -- logout ------------------------------------------------------------------------------
+
+    async def _logout_page(self, scope: Scope, send: Send) -> None:
+        session_id = self.cookie.read(scope["headers"])
+        session = None
+        if session_id is not None:
+            try:
+                session = await anyio.to_thread.run_sync(self.sessions.get, session_id)
+            except sa.exc.SQLAlchemyError:
+                await send_refusal(scope, send, Refusal("identity_unavailable"))
+                return
+        if session_id is None or session is None:
+            await self._to_login(scope, send)
+            return
+        scope["guard"].principal = session.principal()
+        body = pages.render_logout(session.name, self.logout_csrf.token(session_id))
+        headers = [(CSP, pages.PAGE_CSP)]
+        await send_body(scope, send, 200, b"text/html; charset=utf-8", body, headers)
+
+    async def _logout(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope["guard"]
+        if not self._same_origin(scope):
+            await send_refusal(scope, send, Refusal("csrf_failed"))
+            return
+        form = await read_form(scope, receive, LOGOUT_FIELDS)
+        if isinstance(form, Refusal):
+            await send_refusal(scope, send, form)
+            return
+        session_id = self.cookie.read(scope["headers"])
+        if session_id is None:
+            await self._to_login(scope, send)  # nothing to end
+            return
+        if not self.logout_csrf.check(session_id, form.get("csrf_token", "")):
+            await send_refusal(scope, send, Refusal("csrf_token_invalid"))
+            return
+        try:
+            ended = await anyio.to_thread.run_sync(self.sessions.revoke, session_id, "logout")
+        except sa.exc.SQLAlchemyError:
+            await send_refusal(scope, send, Refusal("identity_unavailable"))
+            return
+        if ended is not None:
+            context.principal = ended.principal()
+            if self.audit is not None:
+                self.audit({
+                    "event": "logout", "principal": ended.subject, "method": ended.method,
+                    "session": ended.key[:12], "client": context.client,
+                    "request_id": context.request_id,
+                })  # fmt: skip
+        await self._to_login(scope, send)
+
+    async def _to_login(self, scope: Scope, send: Send) -> None:
+        headers = [(b"location", LOGIN_PATH.encode()), self.cookie.clear()]
+        await send_body(scope, send, 303, b"text/plain; charset=utf-8", b"", headers)
+
+
+def _message(refusal: Refusal) -> str:
+    """What the page says about a refusal from an identity provider. A 401 says the same for
+    an unknown user and a wrong password; its detail (the name forms accepted) is kept."""
+    if refusal.status == 401:
+        if refusal.reason == "invalid_credentials":
+            return f"{GENERIC_FAILURE} {refusal.detail}".strip()
+        return refusal.message
+    return MESSAGES.get(refusal.reason, refusal.message)
+
+
+def query_text(scope: Scope) -> str:
+    raw: bytes = scope.get("query_string", b"")
+    return raw.decode("latin-1")
+
+
+async def read_form(
+    scope: Scope, receive: Receive, allowed: frozenset[str]
+) -> dict[str, str] | Refusal:
+    """The POSTed form: url-encoded UTF-8, at most ``MAX_FORM_BODY`` bytes, arriving within
+    ``FORM_TIMEOUT``, each field at most once, only ``allowed`` fields, each within its limit."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    types = [v.decode("latin-1") for k, v in headers if k == b"content-type"]
+    media, _, params = (types[0] if len(types) == 1 else "").partition(";")
+    charset = params.strip().lower()
+    if media.strip().lower() != FORM_TYPE or charset not in {"", "charset=utf-8"}:
+        return Refusal("unsupported_media_type", f"Send the form as {FORM_TYPE}.")
+    lengths = [v for k, v in headers if k == b"content-length"]
+    if lengths and (not lengths[0].isdigit() or int(lengths[0]) > MAX_FORM_BODY):
+        return Refusal("body_too_large")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(FORM_TIMEOUT):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return Refusal("invalid_request_body", "The form did not arrive.")
+                body += message.get("body", b"")
+                if len(body) > MAX_FORM_BODY:
+                    return Refusal("body_too_large")
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        return Refusal("body_timeout")
+    try:
+        pairs = parse_qsl(
+            body.decode("ascii"), keep_blank_values=True, strict_parsing=bool(body),
+            encoding="utf-8", errors="strict", max_num_fields=2 * len(allowed),
+        )  # fmt: skip
+    except (ValueError, UnicodeError):
+        return Refusal("invalid_request_body", "The form is not valid url-encoded UTF-8.")
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            return Refusal("invalid_request_body", "The form has a field it should not have.")
+        if name in form:
+            return Refusal("ambiguous_parameter", f"The form field {name} is repeated.")
+        if len(value) > FIELD_LIMITS.get(name, 128) or "\x00" in value:
+            return Refusal(
+                "invalid_request_body", f"The form field {name} is too long or holds NUL."
+            )
+        form[name] = value
+    return form

@@ -1,0 +1,16 @@
+// MLflow's UI keeps its routes in the fragment (/#/experiments/3), which never reaches the
+// server: carry it into the forms' "next" field so the login lands on the page asked for.
+// The server validates the whole value again; this only appends what the browser shows.
+(function () {
+  "use strict";
+  var hash = window.location.hash;
+  if (!hash || hash.length > 1024) {
+    return;
+  }
+  var fields = document.querySelectorAll('input[name="next"]');
+  for (var i = 0; i < fields.length; i++) {
+    if (fields[i].value.indexOf("#") === -1) {
+      fields[i].value = fields[i].value + hash;
+    }
+  }
+})();
