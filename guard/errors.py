@@ -63,6 +63,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "invalid_credentials": ReasonInfo(401, "UNAUTHENTICATED", "The credentials are not valid."),
     "token_expired": ReasonInfo(401, "UNAUTHENTICATED", "The token has expired."),
     "token_revoked": ReasonInfo(401, "UNAUTHENTICATED", "The token has been revoked."),
+    "login_throttled": ReasonInfo(
+        401,
+        "UNAUTHENTICATED",
+        "Too many failed logins for this user name: the gateway does not check it for a while "
+        "(the directory account itself is not locked).",
+    ),
     # 403: you may not.
     "route_not_classified": ReasonInfo(
         403, "PERMISSION_DENIED", "This route is not served through the gateway."
@@ -180,6 +186,9 @@ class Refusal:
     detail: str = ""
     # The true refusal behind a concealed one: recorded in the audit trail, never sent.
     cause: Refusal | None = None
+    retry_after: int = 0  # seconds, sent as Retry-After when > 0
+    # Facts for the audit record only (a login's name, why the directory refused it).
+    audit: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -262,6 +271,8 @@ async def send_refusal(
         context.refusal = refusal
     content_type, body = render(refusal, request_id, wants_html(scope))
     reason = [(b"x-guard-reason", refusal.reason.encode()), *(extra_headers or [])]
+    if refusal.retry_after > 0:
+        reason.append((b"retry-after", str(refusal.retry_after).encode()))
     if refusal.reason in CLOSES_CONNECTION:
         reason.append((b"connection", b"close"))
     await send_body(scope, send, refusal.status, content_type, body, reason)

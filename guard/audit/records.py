@@ -84,6 +84,10 @@ class Redactor:
                 params[key] = [existing, shown]
         return params
 
+    def name(self, value: str) -> str:
+        """A user name as it may be recorded: itself if short and plain, else its fingerprint."""
+        return value if _NAME.fullmatch(value) else self.fingerprint(value)
+
     def credential(self, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
         """What identifies a presented credential: the Basic user name (if it looks like one)
         and a fingerprint of the secret. Only for requests whose login failed."""
@@ -94,7 +98,7 @@ class Redactor:
         if parsed.secret:
             shown["secret"] = self.fingerprint(parsed.secret)
         if name := parsed.username:
-            shown["username"] = name if _NAME.fullmatch(name) else self.fingerprint(name)
+            shown["username"] = self.name(name)
         return shown
 
 
@@ -191,6 +195,10 @@ def outcome(scope: Scope, redactor: Redactor, total_seconds: float) -> dict[str,
         # What the caller was not told (an unknown id, a deny rule): for operators only.
         record["true_reason"] = refusal.cause.reason
         record["true_detail"] = refusal.cause.detail[:MAX_VALUE]
+    for key, value in refusal.audit if refusal is not None else ():
+        # What the refusing layer knew and did not say (a login's name, the directory's reason).
+        shown = redactor.name(value) if key == "login_name" else redactor.value(key, value)
+        record.setdefault(key, shown)
     if context.changes:
         record["changes"] = context.changes
     elif refusal is None and (found := changes(scope, redactor)):

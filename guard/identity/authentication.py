@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
-from guard.identity.base import IdentityProvider, Principal, parse_authorization
+from guard.identity.base import Credentials, IdentityProvider, Principal, parse_authorization
 from guard.identity.browser import BrowserSessions, is_navigation, login_location
 
 ENDED = "The session has ended; log in again."
@@ -69,6 +69,10 @@ class AuthenticationMiddleware:
         if isinstance(credentials, Refusal):
             await self._unauthorized(scope, send, credentials)
             return
+        client = scope["guard"].client  # for the per-user login throttle's rows
+        credentials = Credentials(
+            credentials.scheme, credentials.secret, credentials.username, client
+        )
         for provider in self.providers:
             result = await provider.authenticate(credentials)
             if result is None:
@@ -128,7 +132,9 @@ class AuthenticationMiddleware:
         wait = self.limiter.blocked(scope["guard"].client) if self.limiter is not None else 0.0
         if wait > 0:
             retry = [(b"retry-after", str(max(1, round(wait))).encode()), *extra]
-            await send_refusal(scope, send, Refusal("too_many_failures"), retry)
+            # What the audit record should know of the login (its name) is kept.
+            too_many = Refusal("too_many_failures", audit=refusal.audit)
+            await send_refusal(scope, send, too_many, retry)
             return
         sessions = self.sessions
         if sessions is None:

@@ -47,6 +47,7 @@ class Credentials:
     scheme: Literal["bearer", "basic"]
     secret: str  # the bearer token, or the Basic password
     username: str = ""  # Basic only
+    client: str = ""  # the caller's address (guard.edge.context), for the login throttle
 
 
 def parse_authorization(headers: list[tuple[bytes, bytes]]) -> Credentials | Refusal | None:
