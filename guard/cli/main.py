@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from guard.cli import audit, directory, policy, serve, tokens, users
+from guard.cli import audit, directory, policy, serve, sessions, tokens, users
 from guard.cli.common import EXIT_CONFIG, load
 from guard.config import load_settings
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parsers(commands)
     directory.add_parsers(commands)
     users.add_parsers(commands)
+    sessions.add_parsers(commands)
     return parser
 
 
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return directory.run(args, loaded)
     if args.command == "user":
         return users.run(args, loaded)
+    if args.command == "session":
+        return sessions.run(args, loaded)
     return tokens.run(args, loaded)
 
 
