@@ -86,6 +86,7 @@ from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.login import PATHS as LOGIN_PATHS
 from guard.identity.login import LoginApp
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
+from guard.identity.throttle import Lock, LoginThrottle
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
 from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -305,7 +306,7 @@ def build_gateway(
     engine = build_engine(settings.database_uri)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
     token_provider = TokenProvider(store, settings.tokens.cache_ttl)
-    ldap_provider = build_ldap_provider(settings, engine)
+    ldap_provider = build_ldap_provider(settings, engine, store.key)
     providers: list[IdentityProvider] = [token_provider]  # tokens first: mlg_ secrets are theirs
     if ldap_provider is not None:
         providers.append(ldap_provider)
@@ -354,6 +355,8 @@ def build_gateway(
             shutdown_grace=a.shutdown_grace,
             limiter=limiter,
         )
+        if ldap_provider is not None and ldap_provider.throttle is not None:
+            ldap_provider.throttle.on_locked = login_locked_event(trail, ldap_provider.throttle)
 
     async def ready() -> tuple[int, dict[str, object] | bytes]:
         checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
@@ -457,6 +460,7 @@ def build_gateway(
         audit=trail.store if trail is not None else None,
         intent=trail.intent if trail is not None else None,
         deadlines=deadlines,
+        sessions=session_store,
     )
     metrics = Metrics(trail)
 
@@ -521,12 +525,21 @@ def build_gateway(
     )
 
 
-def build_ldap_provider(settings: Settings, engine: Engine | None = None) -> LdapProvider | None:
+def build_ldap_provider(
+    settings: Settings, engine: Engine | None = None, key: bytes = b""
+) -> LdapProvider | None:
     """The directory login of the ``[ldap]`` settings, or None when ``ldap.urls`` is empty.
-    With ``engine``, user names are bound to the first entry that used them."""
+    With ``engine``, user names are bound to the first entry that used them; with ``key`` as
+    well, credential failures are limited per user name (``gateway.failed_login_user_limit``)."""
     c = settings.ldap
     if not c.urls:
         return None
+    g = settings.gateway
+    throttle = None
+    if engine is not None and key and g.failed_login_user_limit > 0:
+        throttle = LoginThrottle(
+            engine, key, limit=g.failed_login_user_limit, interval=g.failed_login_user_interval
+        )
     password = c.bind_password
     if c.bind_password_file:
         password = Path(c.bind_password_file).read_text().rstrip("\r\n")
@@ -546,7 +559,23 @@ def build_ldap_provider(settings: Settings, engine: Engine | None = None) -> Lda
         bindings=None if engine is None else IdentityBindings(
             engine, ttl=c.cache_ttl, size=c.cache_size
         ),
+        throttle=throttle,
     )  # fmt: skip
+
+
+def login_locked_event(trail: AuditTrail, throttle: LoginThrottle) -> Callable[[str, Lock], None]:
+    """The audit event of a user name the login throttle just locked."""
+    window = throttle.interval.total_seconds()
+
+    def record(name: str, lock: Lock) -> None:
+        trail.event({
+            "event": "login_locked", "name": trail.redactor.name(name),
+            "name_key": lock.name_key, "failures": lock.failures, "window_seconds": window,
+            "locked_until": lock.until.isoformat(timespec="seconds"),
+            "clients": list(lock.clients),
+        })  # fmt: skip
+
+    return record
 
 
 async def _check_database(engine: Engine) -> str:

@@ -199,6 +199,21 @@ class GatewaySettings:
     failed_login_interval: float = option(
         60.0, "The window failed_login_limit counts in.", kind="duration", check=_positive
     )
+    failed_login_user_limit: int = option(
+        3,
+        "Credential failures (a wrong password or unknown name, not an outage) one directory "
+        "user name may have per failed_login_user_interval, counted across replicas; then the "
+        "gateway stops asking the directory about it (401 login_throttled) until the oldest "
+        "ages out. Keep it below the directory's lockout threshold; 0 turns it off.",
+        check=_not_negative,
+    )
+    failed_login_user_interval: float = option(
+        1800.0,
+        "The window failed_login_user_limit counts in; at least the directory's lockout "
+        "observation window (Active Directory: 'Reset account lockout counter after').",
+        kind="duration",
+        check=_positive,
+    )
     header_timeout: float = option(
         10.0,
         "Seconds a connection has to send a whole request head (line and headers), counted from "

@@ -11,6 +11,12 @@ their own entry. An unknown user still costs one bind (against a fixed dummy DN)
 like a wrong password, in about the same time. A successful login is cached for ``cache_ttl``,
 keyed by a salted hash of the credentials.
 
+Per-user throttle (guard.identity.throttle): before a real bind (never for a cached login) the
+name is checked against its recent credential failures; a locked name is refused with 401
+``login_throttled`` without asking the directory, so its own lockout threshold is never reached
+through the gateway. A refused bind counts (the audit record gets the name and, from Active
+Directory's ``data`` codes, why: ``directory_reason``); an outage does not.
+
 Connections: the URLs are tried in order (failover), with connect and operation timeouts,
 referrals not chased unless configured, ``ldaps://`` or StartTLS verified against ``ca_file``
 (or the system store) and never unverified. A small pool keeps connections bound as the service
@@ -39,12 +45,14 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
+import re
 import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -59,6 +67,7 @@ from ldap.controls import SimplePagedResultsControl
 from guard.errors import Refusal
 from guard.identity.base import Credentials, DirectorySubject, Principal
 from guard.identity.bindings import Binding, IdentityBindings
+from guard.identity.throttle import LoginThrottle
 from guard.identity.tokens import is_token
 
 logger = logging.getLogger(__name__)
@@ -168,6 +177,7 @@ class Directory:
         self._pool: list[Any] = []
         self._lock = threading.Lock()
         self.binds = 0  # user and dummy binds made, for tests and metrics
+        self.refused = threading.local()  # .info: what the directory said of a refused bind
         base = config.user_base or config.bind_dn_template.partition(",")[2]
         self.dummy_dn = f"{DUMMY_RDN},{base}" if base else DUMMY_RDN
 
@@ -269,8 +279,9 @@ class Directory:
             self.binds += 1
             conn.simple_bind_s(dn, password)
             accepted = len(found) == 1
-        except ldap.INVALID_CREDENTIALS:
+        except ldap.INVALID_CREDENTIALS as exc:
             accepted = False
+            self.refused.info = _info(exc)
         except ldap.LDAPError:
             _close(conn)
             raise
@@ -291,7 +302,8 @@ class Directory:
         dn = c.bind_dn_template.format(username=ldap.dn.escape_dn_chars(name))
         try:
             conn = self._connect(dn, password)
-        except ldap.INVALID_CREDENTIALS:
+        except ldap.INVALID_CREDENTIALS as exc:
+            self.refused.info = _info(exc)
             return None
         finally:
             self.binds += 1
@@ -401,9 +413,57 @@ def _describe(exc: Exception) -> str:
     return " - ".join(str(details[k]) for k in ("desc", "info") if details.get(k)) or str(exc)
 
 
+def _info(exc: Exception) -> str:
+    details = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return str(details.get("info", ""))
+
+
+# Active Directory says why a bind was refused in the error's text: "..., data 52e, v4563".
+AD_REASONS: Final = {
+    "525": "no_such_user", "52e": "wrong_password", "530": "not_permitted_at_this_time",
+    "531": "not_permitted_at_this_workstation", "532": "password_expired",
+    "533": "account_disabled", "701": "account_expired", "773": "must_reset_password",
+    "775": "account_locked",
+}  # fmt: skip
+_AD_DATA: Final = re.compile(r"\bdata ([0-9a-f]{1,8})\b", re.I)
+
+
+def directory_reason(info: str) -> str:
+    """Why the directory refused a bind, from the error's ``info`` (Active Directory's data
+    codes; ``data 533`` -> ``account_disabled``); "" when it does not say (OpenLDAP)."""
+    if (found := _AD_DATA.search(info)) is None:
+        return ""
+    code = found.group(1).lower()
+    return AD_REASONS.get(code, f"data_{code}")
+
+
 def _close(conn: Any) -> None:
     with contextlib.suppress(ldap.LDAPError):
         conn.unbind_s()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one directory login came to: ``wait`` > 0 when the per-user throttle refused it
+    (seconds the name stays locked); ``reason`` is the directory's, for the audit record."""
+
+    user: DirectoryUser | None = None
+    other: Binding | None = None
+    reason: str = ""
+    wait: float = 0.0
+
+
+async def _settle(done: Awaitable[None]) -> None:
+    """Record an attempt's end in the throttle; the database failing here leaves at most one
+    row too many (counted as a failure) or one lock event unwritten, never a wrong answer."""
+    try:
+        await done
+    except sa.exc.SQLAlchemyError as exc:
+        logger.warning("login throttle not updated: %s", exc)
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds} seconds" if seconds < 120 else f"{math.ceil(seconds / 60)} minutes"
 
 
 class LdapProvider:
@@ -416,15 +476,17 @@ class LdapProvider:
         config: LdapConfig,
         clock: Callable[[], float] = time.monotonic,
         bindings: IdentityBindings | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.config = config
         self.bindings = bindings  # None: names are not bound (``ldap test``, some unit tests)
+        self.throttle = throttle  # None: failures per user name are not limited
         self.directory = Directory(config)
         self.clock = clock
         self._salt = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._threads = anyio.CapacityLimiter(max(1, config.pool_size))
-        self._pending: dict[bytes, asyncio.Future[tuple[DirectoryUser | None, Binding | None]]] = {}
+        self._pending: dict[bytes, asyncio.Future[Attempt]] = {}
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         if credentials.scheme != "basic" or is_token(credentials.secret):
@@ -447,22 +509,29 @@ class LdapProvider:
         # One directory round trip for a burst of identical logins: later ones wait for it.
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(
-                anyio.to_thread.run_sync(self._login, name, password, limiter=self._threads)
-            )
+            pending = asyncio.ensure_future(self._attempt(name, password, credentials.client))
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
         try:
             # One caller leaving does not end the others'.
-            user, other = await asyncio.shield(pending)
+            attempt = await asyncio.shield(pending)
         except DirectoryUnavailable as exc:
             logger.warning("LDAP login failed: directory unavailable (%s)", exc)
             return Refusal("identity_unavailable", "The directory cannot be reached.")
         except sa.exc.SQLAlchemyError as exc:
             logger.warning("LDAP login failed: identity bindings unavailable (%s)", exc)
             return Refusal("identity_unavailable", "The gateway database cannot be reached.")
+        if attempt.wait > 0:  # refused before the directory: it never sees this attempt
+            wait = math.ceil(attempt.wait)
+            return Refusal(
+                "login_throttled", f"Try again in {_duration(wait)}.", retry_after=wait,
+                audit=(("login_name", name), ("login_failure", "throttled")),
+            )  # fmt: skip
+        user, other = attempt.user, attempt.other
         if user is None:
-            return Refusal("invalid_credentials")
+            reason = (("directory_reason", attempt.reason),) if attempt.reason else ()
+            audit = (("login_name", name), ("login_failure", "credentials"), *reason)
+            return Refusal("invalid_credentials", audit=audit)
         principal = self.principal(user)
         if not user.stable_id:
             return Refusal(
@@ -482,14 +551,37 @@ class LdapProvider:
                 self._cache.popitem(last=False)
         return principal
 
-    def _login(self, name: str, password: str) -> tuple[DirectoryUser | None, Binding | None]:
+    async def _attempt(self, name: str, password: str, client: str) -> Attempt:
+        """The directory login behind the per-user throttle: not tried while the name is
+        locked; a refused bind is counted, a success or an outage is not."""
+        throttle = self.throttle
+        reservation = None if throttle is None else await throttle.reserve(name, client)
+        if reservation is not None and reservation.wait > 0:
+            return Attempt(wait=reservation.wait)
+        try:
+            user, other, info = await anyio.to_thread.run_sync(
+                self._login, name, password, limiter=self._threads
+            )
+        except (DirectoryUnavailable, sa.exc.SQLAlchemyError):
+            if throttle is not None and reservation is not None:
+                await _settle(throttle.release(reservation))
+            raise
+        if throttle is not None and reservation is not None:
+            await _settle(throttle.failed(reservation, name) if user is None
+                          else throttle.release(reservation))  # fmt: skip
+        return Attempt(user, other, directory_reason(info))
+
+    def _login(self, name: str, password: str) -> tuple[DirectoryUser | None, Binding | None, str]:
         """In a worker thread: the directory login, then the name's claim (the other binding
-        when the name belongs to another identity)."""
+        when the name belongs to another identity), and what the directory said of a refusal."""
+        self.directory.refused.info = ""
         user = self.directory.login(name, password)
-        if user is None or not user.stable_id or self.bindings is None:
-            return user, None
+        if user is None:
+            return None, None, str(self.directory.refused.info)
+        if not user.stable_id or self.bindings is None:
+            return user, None, ""
         subject = f"user:{subject_name(user.name)}"
-        return user, self.bindings.claim(subject, SOURCE, user.stable_id)
+        return user, self.bindings.claim(subject, SOURCE, user.stable_id), ""
 
     @staticmethod
     def principal(user: DirectoryUser) -> Principal:
