@@ -460,6 +460,7 @@ def build_gateway(
         audit=trail.store if trail is not None else None,
         intent=trail.intent if trail is not None else None,
         deadlines=deadlines,
+        sessions=session_store,
     )
     metrics = Metrics(trail)
 

@@ -28,6 +28,9 @@ Endpoints (JSON in MLflow's error shape on refusal)::
                           &order=newest|oldest
     POST /guard/api/policy/changes              {"add": [ROW...], "remove": [ROW...], "dry_run"}
     PUT  /guard/api/policy[?dry_run=true]       replace the whole policy with a CSV body (import)
+    GET  /guard/api/sessions[?user=NAME&all=true]   browser sessions (policy administrators)
+    DELETE /guard/api/sessions/KEY              end one session (KEY: 8+ hex characters of it)
+    DELETE /guard/api/sessions?user=NAME        end every session of a person
 
 A ROW is a policy row as a list of strings: ``["p", "user:bob", "viewer", "experiment:x"]``.
 """
@@ -57,6 +60,7 @@ from guard.edge.bodies import ClientDisconnected, check_framing, read_body, too_
 from guard.edge.deadlines import BodyDeadlines
 from guard.edge.requestdata import RequestDataError, parse_json_body
 from guard.errors import Refusal, send_body, send_refusal
+from guard.identity.sessions import SessionStore, utcnow
 from guard.patterns import resource_match
 
 logger = logging.getLogger("guard.api")
@@ -68,6 +72,8 @@ AUDIT_PARAMS = frozenset(
      "cursor", "limit", "order"}
 )  # fmt: skip
 MAX_AUDIT_PAGE = 1000
+SESSION_KEY_SHOWN = 12
+SESSION_KEY_MIN = 8
 CONFLICT_RETRIES = 5
 
 Payload = dict[str, Any]
@@ -119,7 +125,9 @@ class PolicyApi:
         audit: AuditStore | None = None,
         intent: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
         deadlines: BodyDeadlines = BodyDeadlines(),  # noqa: B008 - frozen, shared
+        sessions: SessionStore | None = None,
     ) -> None:
+        self.sessions = sessions
         self.policies = policies
         self.governance = governance
         self.max_body_size = max_body_size
@@ -136,11 +144,16 @@ class PolicyApi:
             ("GET", "/policy/explain"): self.explain,
             ("POST", "/policy/changes"): self.change_policy,
             ("GET", "/audit"): self.audit_records,
+            ("GET", "/sessions"): self.list_sessions,
+            ("DELETE", "/sessions"): self.revoke_sessions,
+            ("DELETE", "/sessions/{key}"): self.revoke_sessions,
         }
         self.paths = {path for _, path in self.routes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(PREFIX)
+        if path.startswith("/sessions/"):
+            path = "/sessions/{key}"
         handler = self.routes.get((scope["method"], path))
         if handler is None:
             reason = "method_not_allowed" if path in self.paths else "not_found"
@@ -398,7 +411,81 @@ class PolicyApi:
             "next_cursor": str(rows[-1][0]) if len(rows) == limit else None,
         }
 
+    async def list_sessions(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """Browser sessions, newest first: active ones, or every kept one with ``all=true``."""
+        store = await self._session_admin(scope)
+        query = _query(scope, {"user", "all"})
+        if query.get("all", "false") not in ("true", "false"):
+            raise ApiError(Refusal("invalid_request_body", "all must be true or false."))
+        subject = _person(query["user"]) if "user" in query else None
+        everything = query.get("all") == "true"
+        rows = await anyio.to_thread.run_sync(lambda: store.list(subject, everything))
+        now, idle = utcnow(), store.idle_timeout
+        return 200, {
+            "sessions": [
+                {
+                    "key": r.key[:SESSION_KEY_SHOWN], "subject": r.subject, "method": r.method,
+                    "client": r.client, "created": r.created_at.isoformat(),
+                    "last_seen": r.last_seen_at.isoformat(),
+                    "ends": min(r.expires_at, r.idle_expires_at(idle)).isoformat(),
+                    "state": r.state(now, idle), "revoked_by": r.revoked_by,
+                }
+                for r in rows
+            ]
+        }  # fmt: skip
+
+    async def revoke_sessions(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """End one session (``/sessions/KEY``) or every session of ``?user=NAME``."""
+        store = await self._session_admin(scope)
+        principal = scope["guard"].principal.subject
+        prefix = scope["path"].removeprefix(PREFIX + "/sessions").strip("/").lower()
+        query = _query(scope, set() if prefix else {"user"})
+        if prefix:
+            key = await self._session_key(store, prefix)
+            scope["guard"].changes = {"session_revoked": key[:SESSION_KEY_SHOWN]}
+            if self.intent is not None and (refusal := await self.intent(scope)) is not None:
+                raise ApiError(refusal)
+            ended = await anyio.to_thread.run_sync(lambda: store.revoke_key(key, principal))
+            if ended is None:
+                raise ApiError(Refusal("not_found", "That session has already ended."))
+            scope["guard"].changes = {
+                "session_revoked": key[:SESSION_KEY_SHOWN], "subject": ended.subject
+            }  # fmt: skip
+            logger.info("session %s of %s revoked by %s", key[:12], ended.subject, principal)
+            return 200, {"revoked": 1, "subject": ended.subject}
+        if not query.get("user"):
+            raise ApiError(Refusal("invalid_request_body", "Name a session key or ?user=NAME."))
+        subject = _person(query["user"])
+        scope["guard"].changes = {"sessions_revoked_of": subject}
+        if self.intent is not None and (refusal := await self.intent(scope)) is not None:
+            raise ApiError(refusal)
+        count = await anyio.to_thread.run_sync(lambda: store.revoke_subject(subject, principal))
+        scope["guard"].changes = {"sessions_revoked_of": subject, "count": count}
+        logger.info("%d sessions of %s revoked by %s", count, subject, principal)
+        return 200, {"revoked": count, "subject": subject}
+
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _session_admin(self, scope: Scope) -> SessionStore:
+        """The session store, for policy administrators only."""
+        subject = scope["guard"].principal.subject
+        if not await self._may(subject, "manage"):
+            raise ApiError(
+                Refusal("permission_denied", f"{subject} may not manage sessions ({POLICY}).")
+            )
+        if self.sessions is None:
+            raise ApiError(Refusal("not_found", "Sessions are not served by this gateway."))
+        return self.sessions
+
+    async def _session_key(self, store: SessionStore, prefix: str) -> str:
+        if len(prefix) < SESSION_KEY_MIN or any(c not in "0123456789abcdef" for c in prefix):
+            raise ApiError(Refusal("invalid_request_body", "A session key is 8+ hex characters."))
+        active = await anyio.to_thread.run_sync(store.list)
+        found = [s.key for s in active if s.key.startswith(prefix)]
+        if len(found) != 1:
+            detail = "No active session has that key." if not found else "Give more of the key."
+            raise ApiError(Refusal("not_found", detail))
+        return found[0]
 
     async def _intend(self, scope: Scope, added: list[Rule], removed: list[Rule]) -> None:
         """The audit intent of an allowed, valid change: on disk before the change is made."""
@@ -447,6 +534,18 @@ def _record(scope: Scope, version: int, added: list[Rule], removed: list[Rule]) 
         "added": [", ".join(r.row()) for r in added],
         "removed": [", ".join(r.row()) for r in removed],
     }
+
+
+def _person(value: str) -> str:
+    """The subject of the ``user`` parameter: ``user:<name>`` by the naming rule for a bare
+    name (``Alice`` is ``user:alice``), an explicit subject (``token:ci``) as it is."""
+    if not value or value.endswith(":"):
+        raise ApiError(Refusal("invalid_request_body", "user names nobody."))
+    if ":" in value:
+        return value
+    from guard.identity.ldap import subject_name  # python-ldap: only when a name is given
+
+    return f"user:{subject_name(value)}"
 
 
 def _query(scope: Scope, allowed: AbstractSet[str]) -> dict[str, str]:
