@@ -68,10 +68,12 @@ lint: $(STAMP)
 test: $(STAMP) system-packages lint
 	$(BIN)/pytest
 
-bench: $(STAMP)
+# bench.ldap starts the tests' throwaway slapd, hence system-packages.
+bench: $(STAMP) system-packages
 	$(BIN)/python -m bench.authz
 	$(BIN)/python -m bench.proxy
 	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.ldap
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
