@@ -2,18 +2,22 @@
 checked with python-ldap itself: the service account searches and anonymous callers cannot,
 search-then-bind works and a wrong password does not, ``memberOf`` and group searches find the
 seeded groups, nesting and the loop are visible by following groups, and paging is needed and
-works for a user in more groups than one unpaged search returns."""
+works for a user in more groups than one unpaged search returns. The awkward names are there: a
+name two entries share, a comma (escaped in the DN, so a filter must escape the backslash) and
+non-ASCII letters. TLS: ``ldaps://`` and StartTLS verify with the fixture's CA and fail with an
+unknown CA or for a host the certificate does not name."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import ldap
+import ldap.dn
 import pytest
 from ldap.controls import SimplePagedResultsControl
 from ldap.filter import escape_filter_chars
 
-from tests.slapd import USERS, DirectoryUser, Slapd, group
+from tests.slapd import PEOPLE, TWIN_NAME, TWIN_PASSWORD, TWINS, USERS, DirectoryUser, Slapd, group
 
 pytestmark = pytest.mark.ldap
 
@@ -210,3 +214,83 @@ def test_many_groups_take_paging(service: ldap.ldapobject.LDAPObject, slapd: Sla
     assert pages == 3
     entries, pages = paged_search(service, slapd.groups_base, filterstr, ["cn"], size=1000)
     assert (len(entries), pages) == (len(user.direct_groups), 1)
+
+
+def test_a_name_two_entries_share(service: ldap.ldapobject.LDAPObject, slapd: Slapd) -> None:
+    found = service.search_s(slapd.people_base, ldap.SCOPE_SUBTREE, f"(uid={TWIN_NAME})", ["uid"])
+    assert sorted(dn for dn, _ in found) == sorted(TWINS)
+    for dn in TWINS:  # both would accept the password: only refusing the name is safe
+        conn = connect(slapd.url)
+        try:
+            conn.simple_bind_s(dn, TWIN_PASSWORD)
+        finally:
+            conn.unbind_s()
+
+
+def test_a_comma_in_a_user_name(service: ldap.ldapobject.LDAPObject, slapd: Slapd) -> None:
+    user = USERS["lee,kim"]
+    found = service.search_s(slapd.people_base, ldap.SCOPE_SUBTREE, "(uid=lee,kim)", ["uid"])
+    assert found == [(user.dn, {"uid": [b"lee,kim"]})]
+    # The DN written by escaping the name (a bind DN template does this) is the same entry.
+    conn = connect(slapd.url)
+    try:
+        conn.simple_bind_s(f"uid={ldap.dn.escape_dn_chars('lee,kim')},{PEOPLE}", user.password)
+        assert conn.whoami_s().lower() == f"dn:{user.dn}".lower()
+    finally:
+        conn.unbind_s()
+    # In a group filter the DN's backslash must be escaped in turn: unescaped, "\2C" is read as
+    # the filter's own escape for "," and names another (missing) entry.
+    assert "\\" in user.dn
+    assert service.search_s(slapd.groups_base, ldap.SCOPE_SUBTREE, f"(member={user.dn})") == []
+    assert lowered(groups_of(service, slapd, user.dn)) == lowered(user.direct_groups)
+
+
+def test_non_ascii_in_a_user_name(service: ldap.ldapobject.LDAPObject, slapd: Slapd) -> None:
+    user = USERS["zoë.müller"]
+    for typed in ["zoë.müller", "Zoë.Müller"]:  # uid matching ignores case, beyond ASCII too
+        found = service.search_s(
+            slapd.people_base, ldap.SCOPE_SUBTREE, f"(uid={escape_filter_chars(typed)})", ["uid"]
+        )
+        assert found == [(user.dn, {"uid": ["zoë.müller".encode()]})]
+    [(_, attributes)] = service.search_s(
+        group("mlflow-users"), ldap.SCOPE_BASE, "(objectClass=*)", ["member"]
+    )
+    assert user.dn.encode() in attributes["member"]
+
+
+def tls_connect(url: str, ca_file: str, start_tls: bool) -> ldap.ldapobject.LDAPObject:
+    """A connection verified against ``ca_file`` (NEWCTX last: it applies the options before)."""
+    conn = connect(url)
+    conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+    conn.set_option(ldap.OPT_X_TLS_CACERTFILE, ca_file)
+    conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+    if start_tls:
+        conn.start_tls_s()
+    return conn
+
+
+@pytest.mark.parametrize("start_tls", [False, True], ids=["ldaps", "start-tls"])
+@pytest.mark.parametrize(
+    ("host", "ca", "works"),
+    [("127.0.0.1", "right", True), ("127.0.0.1", "wrong", False), ("localhost", "right", False)],
+    ids=["right-ca", "unknown-ca", "host-mismatch"],
+)
+def test_tls_verifies_the_ca_and_the_host(
+    slapd: Slapd, start_tls: bool, host: str, ca: str, works: bool
+) -> None:
+    """The server certificate names IP:127.0.0.1 and DNS:ldap.example.test; for ``localhost``
+    libldap checks against the machine's FQDN, so it is a host-name mismatch."""
+    url = (slapd.url if start_tls else slapd.ldaps_url).replace("127.0.0.1", host)
+    ca_file = slapd.ca_file if ca == "right" else slapd.wrong_ca_file
+    if works:
+        conn = tls_connect(url, ca_file, start_tls)
+        try:
+            conn.simple_bind_s(slapd.service_dn, slapd.service_password)
+            assert conn.whoami_s() == f"dn:{slapd.service_dn}"
+        finally:
+            conn.unbind_s()
+        return
+    # StartTLS fails with CONNECT_ERROR; ldaps:// like a server that is down.
+    error = ldap.CONNECT_ERROR if start_tls else ldap.SERVER_DOWN
+    with pytest.raises(error):
+        tls_connect(url, ca_file, start_tls).simple_bind_s(slapd.service_dn, slapd.service_password)
