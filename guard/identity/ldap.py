@@ -18,11 +18,24 @@ through the gateway. A refused bind counts (the audit record gets the name and, 
 Directory's ``data`` codes, why: ``directory_reason``); an outage does not.
 
 Connections: the URLs are tried in order (failover), with connect and operation timeouts,
-referrals not chased unless configured, ``ldaps://`` or StartTLS verified against ``ca_file``
-(or the system store) and never unverified. A small pool keeps connections bound as the service
-account; one used for a user's bind is rebound as the service account before it goes back, and
-one that failed is discarded. Every python-ldap call blocks, so logins run in worker threads.
+referrals not chased unless configured, ``ldaps://`` or StartTLS verified (see TLS below) and
+never unverified. A small pool keeps connections bound as the service account; one used for a
+user's bind is rebound as the service account before it goes back, and one that failed is
+discarded. Every python-ldap call blocks, so logins run in worker threads.
 The directory unreachable is 503 ``identity_unavailable``: the gateway failing, not a failed login.
+
+TLS: every TLS option is set on the connection itself, ``OPT_X_TLS_NEWCTX`` last (libldap builds
+the connection's TLS context from the options set before it and ignores any set after), with
+``OPT_X_TLS_REQUIRE_CERT`` DEMAND (certificate and host name checked), TLS 1.2 at least, and
+the CA file: ``ca_file``, or when empty libldap's configured default read once at start
+(``TLS_CACERT`` of ldap.conf or ``LDAPTLS_CACERT``; Debian's is the system bundle), else the
+system's. A new connection inherits no CA paths from libldap's defaults, so ``LDAPTLS_*``,
+``~/.ldaprc`` and ``ldaprc`` cannot loosen a connection: ``TLS_REQCERT never`` is overridden and,
+with ``ca_file`` set, no other CA is trusted. StartTLS that fails or that the server refuses
+ends that server's attempt (the next URL is tried); nothing is ever sent in clear instead. A
+failed handshake is logged as a TLS failure with the URL (libldap's error does not say why:
+the certificate's CA is unknown or it does not name the host); for ``ldaps://`` libldap reports
+it like a server that is down, so a TCP probe tells the two apart in the log.
 
 Subjects: ``user:<name>`` from the entry's ``user_attribute`` (its canonical spelling, not what
 was typed) and ``group:ldap/<name>`` from each group's ``group_attribute``, both by
@@ -48,6 +61,8 @@ import logging
 import math
 import re
 import secrets
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -55,6 +70,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -126,6 +142,11 @@ class DirectoryUnavailable(Exception):
     """No configured server answered in time."""
 
 
+class TlsFailure(Exception):
+    """TLS with one server failed: its certificate was not verified, the handshake failed, or
+    it refused StartTLS."""
+
+
 @dataclass(frozen=True)
 class DirectoryUser:
     dn: str
@@ -180,6 +201,7 @@ class Directory:
         self.refused = threading.local()  # .info: what the directory said of a refused bind
         base = config.user_base or config.bind_dn_template.partition(",")[2]
         self.dummy_dn = f"{DUMMY_RDN},{base}" if base else DUMMY_RDN
+        self.ca_file = config.ca_file or default_ca_file()
 
     # Connections -----------------------------------------------------------------------------
 
@@ -192,29 +214,71 @@ class Directory:
         conn.set_option(ldap.OPT_TIMEOUT, c.timeout)
         if url.lower().startswith("ldaps://") or c.start_tls:
             conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
-            if c.ca_file:
-                conn.set_option(ldap.OPT_X_TLS_CACERTFILE, c.ca_file)
+            conn.set_option(ldap.OPT_X_TLS_PROTOCOL_MIN, ldap.OPT_X_TLS_PROTOCOL_TLS1_2)
+            if self.ca_file:
+                conn.set_option(ldap.OPT_X_TLS_CACERTFILE, self.ca_file)
             conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # must come last: applies the above
         if c.start_tls and not url.lower().startswith("ldaps://"):
-            conn.start_tls_s()
+            try:
+                conn.start_tls_s()  # python-ldap connects lazily: TCP, then StartTLS, here
+            except (ldap.SERVER_DOWN, ldap.TIMEOUT):
+                _close(conn)
+                raise
+            except ldap.CONNECT_ERROR:
+                _close(conn)
+                raise TlsFailure(
+                    "StartTLS handshake failed: the certificate is not trusted (ldap.ca_file) "
+                    "or does not name this host"
+                ) from None
+            except ldap.LDAPError as exc:
+                _close(conn)
+                raise TlsFailure(f"the server refused StartTLS ({_describe(exc)})") from None
         return conn
 
     def _connect(self, dn: str, password: str) -> Any:
         """A new connection bound as ``dn``, from the first URL that answers. Raises
         DirectoryUnavailable when none does (or the service account cannot bind)."""
+        failures = []
         for url in self.config.urls:
             try:
                 conn = self._open(url)
                 conn.simple_bind_s(dn, password)  # python-ldap connects lazily: here
                 return conn
+            except TlsFailure as exc:
+                logger.error("LDAP server %s: TLS failed, not used: %s", url, exc)
+                failures.append(f"{url}: TLS failed")
             except _UNREACHABLE as exc:
-                logger.warning("LDAP server %s unreachable: %s", url, type(exc).__name__)
+                if url.lower().startswith("ldaps://") and self._listening(url):
+                    # libldap reports a failed handshake like a server that is down.
+                    logger.error(
+                        "LDAP server %s: TLS failed, not used: the certificate is not trusted "
+                        "(ldap.ca_file) or does not name this host, or the handshake failed "
+                        "(%s)", url, type(exc).__name__,
+                    )  # fmt: skip
+                    failures.append(f"{url}: TLS failed")
+                else:
+                    logger.warning("LDAP server %s unreachable: %s", url, type(exc).__name__)
+                    failures.append(f"{url}: unreachable")
             except ldap.INVALID_CREDENTIALS:
                 if dn == self.config.bind_dn:
                     logger.error("LDAP service account %s cannot bind at %s", dn, url)
                     raise DirectoryUnavailable("the service account cannot bind") from None
                 raise
-        raise DirectoryUnavailable("no LDAP server answered")
+        raise DirectoryUnavailable(f"no LDAP server answered ({'; '.join(failures)})")
+
+    def _listening(self, url: str) -> bool:
+        """Whether the server behind ``url`` accepts a TCP connection (after an ``ldaps://``
+        failure: then it was TLS that failed, not the network)."""
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname or "", parts.port or 636
+        except ValueError:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=self.config.connect_timeout):
+                return True
+        except OSError:
+            return False
 
     def _service(self) -> Any:
         with self._lock:
@@ -400,6 +464,16 @@ class Directory:
             control.cookie = cookies[0]
         logger.warning("LDAP: a group search under %s did not end in %d pages", base, MAX_PAGES)
         return entries
+
+
+def default_ca_file() -> str:
+    """The CA file libldap would use by default (``TLS_CACERT`` in ldap.conf, ``LDAPTLS_CACERT``),
+    else the system's bundle: a connection's own TLS context does not inherit it."""
+    configured = ldap.get_option(ldap.OPT_X_TLS_CACERTFILE)
+    if configured:
+        return str(configured)
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.openssl_cafile
 
 
 def _entries(data: Any) -> list[Entry]:
