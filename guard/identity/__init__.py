@@ -1,6 +1,7 @@
 """Who is calling: one provider per login method behind the ``IdentityProvider`` protocol
 (``base``), service tokens (``tokens``), LDAP (``ldap``), the binding of user names to the
-identity that first used them (``bindings``) and the authentication middleware that asks the
+identity that first used them (``bindings``), credential failures counted per user name across
+replicas (``throttle``) and the authentication middleware that asks the
 providers and puts the principal into the request context (``authentication``). OIDC and
 sessions land here next, one file per provider.
 
