@@ -39,7 +39,7 @@ from starlette.types import Scope
 from guard.edge.cors import parse_origin
 from guard.errors import Refusal
 from guard.identity.base import Principal
-from guard.identity.sessions import Session, SessionCookie, SessionStore
+from guard.identity.sessions import HOST_PREFIX, Session, SessionCookie, SessionStore, read_cookies
 from guard.identity.tokens import TokenRecord
 
 logger = logging.getLogger("guard.sessions")
@@ -136,7 +136,10 @@ class BrowserSessions:
     def is_browser(self, scope: Scope) -> bool:
         """A browser, which must never be sent a Basic challenge: it would cache the password
         and send it on its own from then on, so that logging out is impossible."""
-        return has_fetch_metadata(scope) or self.cookie.present(scope["headers"])
+        if has_fetch_metadata(scope):
+            return True
+        cookies = read_cookies(scope["headers"])
+        return self.cookie.name in cookies or self.cookie.name.removeprefix(HOST_PREFIX) in cookies
 
     def csrf_refusal(self, scope: Scope) -> Refusal | None:
         """Why a cookie-authenticated request may not be served, or None. Every method but GET,

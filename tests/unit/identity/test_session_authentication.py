@@ -274,6 +274,7 @@ def test_navigation_without_credentials_goes_to_login(
         ("GET", "/", [("sec-fetch-mode", "cors"), ("accept", "text/html")], BEARER),
         ("POST", "/", [("sec-fetch-mode", "navigate")], BEARER),
         ("GET", "/ajax-api/2.0/x", [("cookie", "__Host-sess=junk")], BEARER),
+        ("GET", "/ajax-api/2.0/x", [("cookie", "a=1; sess=junk")], BEARER),  # unprefixed too
         ("GET", "/ajax-api/2.0/x", [("authorization", "Bearer bad"), ("sec-fetch-dest", "empty")],
          BEARER),
         # The login page itself is never redirected to itself.
