@@ -223,6 +223,11 @@ def _ldap_checks(settings: Settings) -> list[str]:
         )
     if c.group_base and "{dn}" not in c.group_filter:
         problems.append("ldap.group_filter: must contain {dn}")
+    if c.ad_in_chain and (not c.group_base or c.use_memberof):
+        problems.append(
+            "ldap.ad_in_chain: set group_base (the in-chain search runs there) and turn "
+            "use_memberof off"
+        )
     if c.ca_file and not Path(c.ca_file).is_file():
         problems.append(f"ldap.ca_file: {c.ca_file} does not exist")
     for url in c.urls:

@@ -552,6 +552,13 @@ class LdapSettings:
         "Levels of nested groups followed beyond the direct ones (loops end); 0 is none.",
         check=_not_negative,
     )
+    ad_in_chain: bool = option(
+        False,
+        "Active Directory: find direct and nested groups in one search under group_base with "
+        "the in-chain matching rule (member:1.2.840.113556.1.4.1941:=<dn>) instead of walking "
+        "them; group_filter and nested_groups are not used. A directory that does not implement "
+        "the rule (OpenLDAP) fails logins as unavailable rather than finding no groups.",
+    )
     page_size: int = option(
         500, "Entries per page of a group search; 0 turns paging off.", check=_not_negative
     )

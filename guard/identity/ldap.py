@@ -40,7 +40,11 @@ it like a server that is down, so a TCP probe tells the two apart in the log.
 Subjects: ``user:<name>`` from the entry's ``user_attribute`` (its canonical spelling, not what
 was typed) and ``group:ldap/<name>`` from each group's ``group_attribute``, both by
 ``subject_name``. Groups come from ``memberOf`` or a group search, nested ones followed to
-``nested_groups`` levels with loops tolerated.
+``nested_groups`` levels with loops tolerated. With ``ad_in_chain`` (Active Directory) one
+search under ``group_base`` with the in-chain matching rule finds the direct and nested groups;
+a directory that does not implement the rule would answer it with no groups at all, so the
+directory must show it does (AD's ``supportedCapabilities`` in the root DSE, or the rule in its
+schema's ``matchingRules``) or the login fails as unavailable.
 
 Bindings: the entry's stable id (``id_attribute``: ``entryUUID``, or AD's binary ``objectGUID``
 read as a GUID string) binds ``user:<name>`` to that entry at its first login
@@ -96,6 +100,10 @@ MAX_PAGES: Final = 1000  # pages one paged search may take
 DUMMY_RDN: Final = "cn=mlflow-guard-no-such-user"
 _SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._@-")
 _UNREACHABLE: Final = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)
+IN_CHAIN: Final = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN (Active Directory)
+# supportedCapabilities of directories that implement it: AD DS (LDAP_CAP_ACTIVE_DIRECTORY_OID,
+# also what Samba's AD DC says) and AD LDS (LDAP_CAP_ACTIVE_DIRECTORY_ADAM_OID).
+IN_CHAIN_CAPABILITIES: Final = frozenset({"1.2.840.113556.1.4.800", "1.2.840.113556.1.4.1851"})
 
 Entry = tuple[str, dict[str, list[bytes]]]
 
@@ -136,6 +144,7 @@ class LdapConfig:
     pool_size: int = 4
     cache_ttl: float = 60.0
     cache_size: int = 10000
+    ad_in_chain: bool = False
 
 
 class DirectoryUnavailable(Exception):
@@ -202,6 +211,7 @@ class Directory:
         base = config.user_base or config.bind_dn_template.partition(",")[2]
         self.dummy_dn = f"{DUMMY_RDN},{base}" if base else DUMMY_RDN
         self.ca_file = config.ca_file or default_ca_file()
+        self._in_chain_seen = False  # the directory showed it implements the in-chain rule
 
     # Connections -----------------------------------------------------------------------------
 
@@ -398,7 +408,13 @@ class Directory:
         c = self.config
         names: dict[str, str] = {}  # group DN (lowered) -> name
         seen: set[str] = {dn.lower()}
-        if c.use_memberof:
+        if c.ad_in_chain and c.group_base:
+            self._require_in_chain(conn)
+            flt = f"(member:{IN_CHAIN}:={ldap.filter.escape_filter_chars(dn)})"
+            for group_dn, values in self._search(conn, c.group_base, flt, [c.group_attribute]):
+                if (group_name := _text(values.get(c.group_attribute))) is not None:
+                    names[group_dn.lower()] = group_name
+        elif c.use_memberof:
             frontier = [v.decode("utf-8", "replace") for v in attributes.get("memberOf", [])]
             for _level in range(c.nested_groups + 1):
                 nxt: list[str] = []
@@ -433,6 +449,30 @@ class Directory:
                 if not members:
                     break
         return tuple(sorted(names.values()))
+
+    def _require_in_chain(self, conn: Any) -> None:
+        """Raise DirectoryUnavailable unless the directory shows it implements the in-chain
+        matching rule: one that does not (OpenLDAP) answers such a filter with no entries, and a
+        login with no groups would quietly lose every group grant and group-based denial."""
+        if self._in_chain_seen:
+            return
+        root = self._read(conn, "", ["supportedCapabilities", "subschemaSubentry"]) or {}
+        capabilities = {v.decode("ascii", "replace") for v in root.get("supportedCapabilities", [])}
+        supported = bool(capabilities & IN_CHAIN_CAPABILITIES)
+        if not supported and (schema_dn := _text(root.get("subschemaSubentry"))):
+            schema = self._read(conn, schema_dn, ["matchingRules"]) or {}
+            rules = [v.decode("utf-8", "replace") for v in schema.get("matchingRules", [])]
+            supported = any(r.strip("( ").startswith(f"{IN_CHAIN} ") for r in rules)
+        if not supported:
+            logger.error(
+                "LDAP: ldap.ad_in_chain is on but the directory does not support the in-chain "
+                "matching rule %s (it is not Active Directory: no supportedCapabilities %s, and "
+                "the rule is not in its schema); logins fail rather than find no groups. Turn "
+                "ad_in_chain off to walk nested groups instead (ldap.nested_groups).",
+                IN_CHAIN, " or ".join(sorted(IN_CHAIN_CAPABILITIES)),
+            )  # fmt: skip
+            raise DirectoryUnavailable("the directory does not support the in-chain matching rule")
+        self._in_chain_seen = True
 
     def _read(self, conn: Any, dn: str, attrs: list[str]) -> dict[str, list[bytes]] | None:
         try:
@@ -477,8 +517,8 @@ def default_ca_file() -> str:
 
 
 def _entries(data: Any) -> list[Entry]:
-    """Search results without referrals (their DN is None)."""
-    return [(str(dn), dict(values)) for dn, values in data if dn]
+    """Search results without referrals (their DN is None; the root DSE's is "")."""
+    return [(str(dn), dict(values)) for dn, values in data if dn is not None]
 
 
 def _describe(exc: Exception) -> str:
