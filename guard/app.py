@@ -555,6 +555,7 @@ def build_ldap_provider(
             ca_file=c.ca_file, connect_timeout=c.connect_timeout, timeout=c.timeout,
             follow_referrals=c.follow_referrals, pool_size=c.pool_size,
             cache_ttl=c.cache_ttl, cache_size=c.cache_size, ad_in_chain=c.ad_in_chain,
+            group_refresh=c.group_refresh,
         ),
         bindings=None if engine is None else IdentityBindings(
             engine, ttl=c.cache_ttl, size=c.cache_size

@@ -589,6 +589,15 @@ class LdapSettings:
         check=_not_negative,
     )
     cache_size: int = option(10000, "Most cached logins kept in memory.", check=_positive)
+    group_refresh: float = option(
+        900.0,
+        "Seconds a browser session keeps the directory groups it read before the service account "
+        "reads them again, so removing someone from a group takes effect; a deleted or disabled "
+        "entry ends the session. Without a service account (bind_dn_template) the session ends "
+        "instead.",
+        kind="duration",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True)

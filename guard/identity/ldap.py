@@ -46,6 +46,14 @@ a directory that does not implement the rule would answer it with no groups at a
 directory must show it does (AD's ``supportedCapabilities`` in the root DSE, or the rule in its
 schema's ``matchingRules``) or the login fails as unavailable.
 
+Group refresh: a browser session keeps the groups read at login and asks ``refresh`` again at
+most every ``group_refresh`` seconds. The service account looks the name up again (no
+password): a fresh principal while the entry has the same stable id; None (the session ends)
+when the entry is gone, its id changed, or AD says the account is disabled; 503
+``identity_unavailable`` when the directory cannot answer (the caller keeps the old groups).
+Without a service account nothing can be read without the user's password, so a session of
+a ``bind_dn_template`` directory ends at its first refresh.
+
 Bindings: the entry's stable id (``id_attribute``: ``entryUUID``, or AD's binary ``objectGUID``
 read as a GUID string) binds ``user:<name>`` to that entry at its first login
 (guard.identity.bindings); a login of the name by another entry is 403 ``identity_conflict``.
@@ -72,7 +80,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -104,6 +112,7 @@ IN_CHAIN: Final = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN (Acti
 # supportedCapabilities of directories that implement it: AD DS (LDAP_CAP_ACTIVE_DIRECTORY_OID,
 # also what Samba's AD DC says) and AD LDS (LDAP_CAP_ACTIVE_DIRECTORY_ADAM_OID).
 IN_CHAIN_CAPABILITIES: Final = frozenset({"1.2.840.113556.1.4.800", "1.2.840.113556.1.4.1851"})
+ACCOUNT_DISABLED: Final = 0x2  # userAccountControl's ACCOUNTDISABLE bit (Active Directory)
 
 Entry = tuple[str, dict[str, list[bytes]]]
 
@@ -145,6 +154,7 @@ class LdapConfig:
     cache_ttl: float = 60.0
     cache_size: int = 10000
     ad_in_chain: bool = False
+    group_refresh: float = 900.0
 
 
 class DirectoryUnavailable(Exception):
@@ -162,6 +172,7 @@ class DirectoryUser:
     name: str  # the entry's user_attribute, as the entry spells it
     groups: tuple[str, ...]  # group names, as the entries spell them
     stable_id: str = ""  # the entry's id_attribute; "" when the entry has none
+    disabled: bool = False  # AD's userAccountControl says so (read by lookup only)
 
 
 def typed_name(typed: str, forms: tuple[str, ...]) -> str | None:
@@ -389,6 +400,52 @@ class Directory:
             return self._user(conn, found[0][0], found[0][1])
         finally:
             _close(conn)  # bound as a user: never pooled
+
+    def lookup(self, name: str) -> DirectoryUser | None:
+        """The entry called ``name`` (its canonical spelling), with its groups, read by the
+        service account without the user's password; None when no single entry has the name.
+        ``disabled`` says whether AD's userAccountControl has the account disabled. Raises
+        DirectoryUnavailable when the directory does not answer."""
+        try:
+            return self._lookup(name, retry=True)
+        except ldap.LDAPError as exc:
+            raise DirectoryUnavailable(f"{type(exc).__name__}: {_describe(exc)}") from exc
+
+    def _lookup(self, name: str, retry: bool) -> DirectoryUser | None:
+        c = self.config
+        conn = self._service()
+        try:
+            escaped = ldap.filter.escape_filter_chars(name)
+            attrs = [c.user_attribute, c.id_attribute, "userAccountControl",
+                     *(["memberOf"] if c.use_memberof else [])]  # fmt: skip
+            try:
+                found = _entries(
+                    conn.search_ext_s(
+                        c.user_base, ldap.SCOPE_SUBTREE, c.user_filter.format(username=escaped),
+                        attrs, sizelimit=2,
+                    )
+                )  # fmt: skip
+            except ldap.SIZELIMIT_EXCEEDED:
+                found = [("", {}), ("", {})]
+            if len(found) != 1:
+                user = None
+            else:
+                dn, attributes = found[0]
+                user = self._user(conn, dn, attributes)
+                control = _text(attributes.get("userAccountControl"))
+                if user is not None and control is not None and control.strip().isdigit():
+                    user = replace(user, disabled=bool(int(control) & ACCOUNT_DISABLED))
+        except _UNREACHABLE:
+            _close(conn)
+            self.close()  # a pooled connection the server dropped: see _search_then_bind
+            if retry:
+                return self._lookup(name, retry=False)
+            raise
+        except (ldap.LDAPError, DirectoryUnavailable):
+            _close(conn)
+            raise
+        self._release(conn)
+        return user
 
     def _user(self, conn: Any, dn: str, attributes: dict[str, list[bytes]]) -> DirectoryUser | None:
         name = _text(attributes.get(self.config.user_attribute))
@@ -696,6 +753,30 @@ class LdapProvider:
             return user, None, ""
         subject = f"user:{subject_name(user.name)}"
         return user, self.bindings.claim(subject, SOURCE, user.stable_id), ""
+
+    async def refresh(self, name: str, stable_id: str) -> Principal | Refusal | None:
+        """The groups of a session's user read again (at most every ``group_refresh``):
+        ``name`` is the principal's ``name`` (the entry's own spelling), ``stable_id`` the id
+        after ``ldap:`` in its ``identity``. A fresh principal while the entry exists with that
+        id; None when the session must end (the entry is gone, its stable id changed, the
+        account is disabled, or there is no service account to read it with); Refusal
+        ``identity_unavailable`` when the directory cannot answer (keep the old groups)."""
+        if not self.config.bind_dn:
+            return None  # bind_dn_template: nothing can be read without the user's password
+        try:
+            user = await anyio.to_thread.run_sync(
+                self.directory.lookup, name, limiter=self._threads
+            )
+        except DirectoryUnavailable as exc:
+            logger.warning("LDAP group refresh of %r failed: directory unavailable (%s)", name, exc)
+            return Refusal("identity_unavailable", "The directory cannot be reached.")
+        if user is None or user.stable_id != stable_id or user.disabled:
+            why = ("no single entry has the name" if user is None
+                   else "the account is disabled" if user.disabled
+                   else "the entry's stable id changed")  # fmt: skip
+            logger.info("LDAP group refresh of %r: %s; the session ends", name, why)
+            return None
+        return self.principal(user)
 
     @staticmethod
     def principal(user: DirectoryUser) -> Principal:
