@@ -1,8 +1,8 @@
 # mlflow-guard: `make serve` runs the gateway in front of an embedded MLflow; `make test` runs
 # every check. Both set up what they need on Debian or Ubuntu: the packages the virtualenv is
 # built against (python-ldap compiles against libldap and libsasl2), the virtualenv in .venv and,
-# for the tests, Debian's postgresql, slapd and ldap-utils (the suite starts its own throwaway
-# PostgreSQL cluster and slapd from them; no system service is used).
+# for the tests, Debian's postgresql, slapd, ldap-utils and chromium (the suite starts its own
+# throwaway PostgreSQL cluster, slapd and headless browser from them; no system service is used).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +16,8 @@ SOURCES := guard server tests bench
 # Debian packages the virtualenv is built against (python-ldap has no Linux wheels: pip compiles
 # it, and it fails on a missing lber.h or sasl/sasl.h), and those the test suite starts.
 BUILD_PACKAGES := gcc libldap2-dev libsasl2-dev
-TEST_PACKAGES := postgresql slapd ldap-utils
+# chromium: the browser tests drive Debian's build through Playwright (never `playwright install`).
+TEST_PACKAGES := postgresql slapd ldap-utils chromium
 # The names in $(1) that dpkg does not list as installed, on one line.
 missing = $$(echo $$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
 	grep -q 'ok installed' || echo $$p; done))

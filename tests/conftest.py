@@ -1,7 +1,7 @@
 """Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, a throwaway slapd, free ports.
 
-A PostgreSQL or LDAP test that is skipped fails the run: silently not testing a real component
-is not a pass.
+A PostgreSQL, LDAP or browser test that is skipped fails the run: silently not testing a real
+component is not a pass.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     elif report.skipped and "ldap" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"LDAP test was skipped, which counts as a failure: {report.longrepr}"
+    elif report.skipped and "browser" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"Browser test was skipped, which counts as a failure: {report.longrepr}"
 
 
 class PostgresCluster:

@@ -10,12 +10,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 import pytest
 
 from tests.conftest import free_port
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +137,29 @@ def external_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlflow
     yield Mlflow(url, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=15)
+
+
+# Debian's chromium, driven by Playwright (never `playwright install`); --no-sandbox as root.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """One headless Chromium for the session; each test opens its own context (cookie jar).
+    Missing, it skips, which the browser marker turns into a failure (tests/conftest.py)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

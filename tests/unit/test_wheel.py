@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("guard", "server", "policies", "pyproject.toml", "README.md")
 DATA = (
     "guard/authz/route_table.toml",
+    "guard/identity/pages/login.html",
+    "guard/identity/pages/directory-form.html",
+    "guard/identity/pages/token-form.html",
+    "guard/identity/pages/logout.html",
+    "guard/identity/pages/login.css",
+    "guard/identity/pages/login.js",
     "guard/store/migrations/env.py",
     "guard/store/migrations/script.py.mako",
     "guard/store/migrations/versions/0001_tokens.py",
@@ -101,3 +107,8 @@ def test_the_installed_wheel_runs_outside_the_checkout(
     routes = run(bin_dir / "python", "-c", "from guard.authz.routes import load_routes; "
                  "print(len(load_routes()))", cwd=tmp_path, env=env)  # fmt: skip
     assert int(routes) > 400
+
+    page = run(bin_dir / "python", "-c", "from guard.identity import pages; print(len("
+               "pages.render_login(pages.LoginForm('t', '/', True))), pages.static_file('login.js')"
+               " is not None)", cwd=tmp_path, env=env)  # fmt: skip
+    assert page.split()[1] == "True" and int(page.split()[0]) > 1000
