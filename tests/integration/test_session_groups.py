@@ -111,3 +111,30 @@ def test_groups_follow_the_directory_and_a_deleted_entry_ends_the_session(
     assert "Max-Age=0" in response.headers["set-cookie"]
     assert row(setup.store, session.key).revoked_by == "gateway:group-refresh"
     http.close()
+
+
+def test_a_block_stops_directory_logins_within_the_poll_interval(
+    setup: Setup, slapd: Slapd
+) -> None:
+    uid = f"blk-{uuid.uuid4().hex[:8]}"
+    slapd.modify(
+        f"dn: uid={uid},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\n"
+        f"userPassword: {uid}-password\n",
+        add=True,
+    )
+    database = ("--database-uri", str(setup.store.engine.url))
+    with httpx.Client(timeout=30, auth=(uid, f"{uid}-password")) as http:
+        assert http.get(setup.gateway.url + SEARCH).status_code != 401
+        blocked = setup.gateway.cli("user", "block", uid.upper(), "--reason", "test", *database)
+        assert blocked.returncode == 0, blocked.stderr
+        deadline = time.monotonic() + 10  # authz.poll_interval is 1 s
+        while (response := http.get(setup.gateway.url + SEARCH)).status_code == 200:
+            assert time.monotonic() < deadline, "the block did not reach the gateway"
+            time.sleep(0.2)
+        assert response.headers["x-guard-reason"] == "user_blocked"
+        assert "ask an administrator" in response.json()["message"]
+        assert setup.gateway.cli("user", "unblock", uid, *database).returncode == 0
+        deadline = time.monotonic() + 10
+        while http.get(setup.gateway.url + SEARCH).headers.get("x-guard-reason") == "user_blocked":
+            assert time.monotonic() < deadline, "the unblock did not reach the gateway"
+            time.sleep(0.2)
