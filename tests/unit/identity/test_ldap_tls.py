@@ -26,7 +26,7 @@ from cryptography import x509
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal
 from guard.identity.ldap import Directory, DirectoryUnavailable, LdapConfig, LdapProvider
-from tests.slapd import PEOPLE, USERS, Slapd, free_port
+from tests.slapd import PEOPLE, TWIN_NAME, TWIN_PASSWORD, USERS, Slapd, free_port
 
 pytestmark = pytest.mark.ldap
 
@@ -314,13 +314,21 @@ def test_without_ca_file_libldaps_configured_ca_is_used_and_still_verified(
     assert wrong == ["identity_unavailable", "identity_unavailable"]
 
 
-def test_every_seeded_user_logs_in_over_tls(slapd: Slapd) -> None:
-    """The awkward names (comma, non-ASCII, parentheses in the DN) over StartTLS too."""
+def test_the_awkward_names_over_tls(slapd: Slapd) -> None:
+    """Every seeded user (a comma, non-ASCII letters, parentheses in the DN) logs in over
+    StartTLS; the name two entries share is refused like a wrong password, after one bind
+    against the dummy DN, though both entries would accept the password."""
     p = provider(slapd, slapd.url, start_tls=True, ca_file=slapd.ca_file)
     try:
         for uid, user in USERS.items():
             principal = login(p, uid, user.password)
             assert isinstance(principal, Principal), (uid, principal)
             assert principal.name == uid
+        binds = p.directory.binds
+        twin = login(p, TWIN_NAME, TWIN_PASSWORD)
+        assert isinstance(twin, Refusal) and (twin.status, twin.reason) == (
+            401, "invalid_credentials",
+        )  # fmt: skip
+        assert p.directory.binds == binds + 1
     finally:
         p.close()
