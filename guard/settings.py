@@ -564,7 +564,10 @@ class LdapSettings:
     )
     start_tls: bool = option(False, "Upgrade ldap:// connections with StartTLS (verified).")
     ca_file: str = option(
-        "", "CA certificates (PEM) that verify the server; empty means the system's store."
+        "",
+        "CA certificates (PEM) that verify the server, and the only ones trusted; empty means "
+        "libldap's default CA file (TLS_CACERT in ldap.conf or LDAPTLS_CACERT; Debian's is the "
+        "system bundle), else the system's.",
     )
     connect_timeout: float = option(
         5.0,
