@@ -8,7 +8,9 @@ configured). Success creates a new server-side session (a new id every time: no 
 browser's previous session, if any, is revoked), sets its cookie and answers 303 to ``next``,
 validated by ``validate_next``. A failure shows the page again with a message that does not say
 whether the user exists; its 401 is counted per client address like any refusal, and an address
-past ``gateway.failed_login_limit`` gets 429 without the directory being asked. CSRF: see
+past ``gateway.failed_login_limit`` gets 429 without the directory being asked (its page views
+then go into the flood summary too). The outcome record of a failed login names the user name
+tried (``login_name``, never the password); a login and a logout are also audit events. CSRF: see
 ``guard.identity.csrf``; besides the token, a POST whose ``Origin`` (or ``Sec-Fetch-Site``) is
 another site's is refused.
 """
@@ -16,6 +18,7 @@ another site's is refused.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import posixpath
 import re
@@ -134,6 +137,8 @@ class LoginApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if path in STATIC_PATHS or (path == LOGIN_PATH and method in {"GET", "HEAD"}):
+            self._fold_if_flooding(scope)
         if path in STATIC_PATHS:
             if method not in {"GET", "HEAD"}:
                 await send_refusal(scope, send, Refusal("method_not_allowed"))
@@ -152,6 +157,14 @@ class LoginApp:
             await self._logout(scope, receive, send)
         else:
             await send_refusal(scope, send, Refusal("method_not_allowed"))
+
+    def _fold_if_flooding(self, scope: Scope) -> None:
+        """Page views of an address already past its limit of refusals go into its flood
+        summary instead of a record each (they are answered as usual). Below the limit they
+        are recorded and not counted, so viewing the page never locks anyone out."""
+        context = scope["guard"]
+        if self.limiter is not None and self.limiter.blocked(context.client) > 0:
+            context.unrecorded = not self.limiter.refused(context.client)
 
     # -- static files and pages ------------------------------------------------------------
 
@@ -194,6 +207,8 @@ class LoginApp:
         if refusal is not None:
             scope["guard"].refusal = refusal
             headers.append((b"x-guard-reason", refusal.reason.encode()))
+            if refusal.retry_after > 0:
+                headers.append((b"retry-after", str(refusal.retry_after).encode()))
         await send_body(scope, send, status, b"text/html; charset=utf-8", body, headers)
 
     async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
@@ -220,10 +235,15 @@ class LoginApp:
         async def again(
             refusal: Refusal, message: str, extra: Sequence[tuple[bytes, bytes]] = ()
         ) -> None:
+            if username and not any(key == "login_name" for key, _ in refusal.audit):
+                # The outcome record names whose login failed (by the audit trail's naming
+                # rule: a name that looks like a secret is fingerprinted); never the password.
+                refusal = dataclasses.replace(
+                    refusal, audit=(*refusal.audit, ("login_name", username))
+                )
             await self._login_page(
                 scope, send, refusal.status, target, refusal, message, username, token_failed, extra
             )
-            self._audit_failure(scope, username, refusal)
 
         if not self.csrf.check(scope["headers"], form.get("csrf_token", "")):
             refusal = Refusal("csrf_token_invalid")
@@ -237,7 +257,8 @@ class LoginApp:
             refusal = Refusal("invalid_credentials", "Enter a user name and a password.")
             await again(refusal, "Enter a user name and a password.")
             return
-        result = await self._authenticate(Credentials("basic", password, username))
+        credentials = Credentials("basic", password, username, context.client)
+        result = await self._authenticate(credentials)
         if isinstance(result, Refusal):
             await again(result, _message(result))
             return
@@ -278,16 +299,6 @@ class LoginApp:
             self.sessions.revoke(old, "login")
         session_id, _ = self.sessions.create(principal, client=scope["guard"].client)
         return session_id
-
-    def _audit_failure(self, scope: Scope, username: str, refusal: Refusal) -> None:
-        """A failed login, without the password. One of a flood (the address is past its
-        limit) is left to the flood summary, like its outcome record."""
-        context = scope["guard"]
-        if self.audit is None or context.unrecorded:
-            return
-        self.audit({"event": "login_failed", "username": username[:256],
-                    "reason": refusal.reason, "client": context.client,
-                    "request_id": context.request_id})  # fmt: skip
 
     def _same_origin(self, scope: Scope) -> bool:
         """Whether a POST comes from a page of this site: its Origin, else Sec-Fetch-Site.
