@@ -8,6 +8,7 @@ tried end to end, and failed logins counted per address until 429."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -353,3 +354,70 @@ def test_failed_logins_count_per_address_until_429(external_mlflow: Mlflow, tmp_
             assert SESSION_COOKIE not in blocked.cookies
     finally:
         gateway.stop()
+
+
+def test_csrf_fixation_logout_and_the_audit_trail_end_to_end(token_gateway: Gateway) -> None:
+    url = token_gateway.url
+    wrong = "mlg_" + "0" * 43
+    with httpx.Client(base_url=url, timeout=10, headers={"origin": url}) as client:
+        # The CSRF token: missing, then reused after it was spent on a failed login.
+        assert client.post("/guard/login", data={"username": "admin"}).status_code == 403
+        token = login_form(client)
+        spent = dict(client.cookies)
+        form = {"username": "admin", "password": wrong, "csrf_token": token}
+        assert client.post("/guard/login", data=form).status_code == 401
+        replay = httpx.post(
+            url + "/guard/login", cookies=spent, headers={"origin": url}, timeout=10,
+            data={"username": "admin", "password": token_gateway.token, "csrf_token": token},
+        )  # fmt: skip
+        assert replay.status_code == 403
+        assert replay.headers["x-guard-reason"] == "csrf_token_invalid"
+
+        # Fixation: a planted cookie is not the session; the first login's cookie is not the
+        # second's, and the first session ends with the second login.
+        client.cookies.set(SESSION_COOKIE, "planted")
+        form = {"username": "admin", "password": token_gateway.token}
+        first = client.post("/guard/login", data=form | {"csrf_token": login_form(client)})
+        assert first.status_code == 303
+        one = first.cookies[SESSION_COOKIE]
+        assert one != "planted"
+        client.cookies.clear()
+        client.cookies.set(SESSION_COOKIE, one)
+        second = client.post("/guard/login", data=form | {"csrf_token": login_form(client)})
+        two = second.cookies[SESSION_COOKIE]
+        assert two != one
+
+        def search(cookie: str) -> int:
+            return httpx.get(
+                url + "/ajax-api/2.0/mlflow/experiments/search", params={"max_results": "1"},
+                cookies={SESSION_COOKIE: cookie}, timeout=10,
+            ).status_code  # fmt: skip
+
+        assert search(one) == 401 and search(two) == 200
+        # Logout with the page's token; the cookie is dead afterwards.
+        client.cookies.clear()
+        client.cookies.set(SESSION_COOKIE, two)
+        page = client.get("/guard/logout")
+        logout_token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page.text)
+        assert logout_token
+        done = client.post("/guard/logout", data={"csrf_token": logout_token.group(1)})
+        assert done.status_code == 303 and done.headers["location"] == "/guard/login"
+        assert search(two) == 401
+
+    # The audit trail: a login event and a logout event, the successful POST's outcome names
+    # who logged in, the failed one names the user name tried, and no secret is anywhere.
+    deadline = time.monotonic() + 20  # records are shipped from the spool in the background
+    while True:
+        exported = token_gateway.cli("audit", "export", "--format", "jsonl")
+        assert exported.returncode == 0, exported.stderr
+        records = [json.loads(line) for line in exported.stdout.splitlines() if line.strip()]
+        events = [r.get("event") for r in records]
+        if "logout" in events or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "login" in events and "logout" in events
+    logins = [r for r in records if r.get("path") == "/guard/login" and r.get("method") == "POST"]
+    assert any(r.get("status") == 303 and r.get("principal") == "token:admin" for r in logins)
+    failed = [r for r in logins if r.get("status") == 401]
+    assert failed and all(r.get("login_name") == "admin" for r in failed)
+    assert token_gateway.token not in exported.stdout and wrong not in exported.stdout
