@@ -313,6 +313,9 @@ def test_the_page_through_the_whole_stack(token_gateway: Gateway) -> None:
             assert static.status_code == 200 and static.headers["content-type"].startswith(kind)
             assert static.headers["x-content-type-options"] == "nosniff"
         assert client.get("/guard/login", headers={"host": "evil.example"}).status_code == 400
+        # Only the exact paths are open: their neighbours stay behind authentication.
+        for path in ("/guard/login/", "/guard/static/other.js", "/guard/static/", "/guard/Login"):
+            assert client.get(path).status_code == 401, path
         # Without credentials the API still gets 401 with its challenges, not the page.
         api = client.get("/api/2.0/mlflow/experiments/search", params={"max_results": "1"})
         assert api.status_code == 401
