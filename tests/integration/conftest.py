@@ -147,9 +147,11 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """One headless Chromium for the session; each test opens its own context (cookie jar).
+    """One headless Chromium per test module (launching takes ~0.3 s); each test opens its own
+    context (cookie jar). Not per session: while Playwright's sync API is open, the main thread
+    has a running event loop, so every later ``asyncio.run`` in the session would fail.
     Missing, it skips, which the browser marker turns into a failure (tests/conftest.py)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium)")
