@@ -37,7 +37,6 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import anyio.to_thread
 import sqlalchemy as sa
@@ -80,7 +79,7 @@ from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import IdentityProvider
 from guard.identity.bindings import IdentityBindings
 from guard.identity.blocks import BlockedSubjects
-from guard.identity.browser import BrowserSessions, GroupRefresher
+from guard.identity.browser import BrowserSessions
 from guard.identity.csrf import LoginCsrf, LogoutCsrf
 from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.login import PATHS as LOGIN_PATHS
@@ -431,11 +430,7 @@ def build_gateway(
     browsers = BrowserSessions(
         session_store, session_cookie, own_origin=settings.public_url,
         allowed_origins=g.cors_allowed_origins,
-        # LdapProvider.refresh and ldap.group_refresh land with the directory group refresh.
-        directory=cast(
-            "GroupRefresher | None", ldap_provider if hasattr(ldap_provider, "refresh") else None
-        ),
-        group_refresh=getattr(settings.ldap, "group_refresh", 900.0),
+        directory=ldap_provider, group_refresh=settings.ldap.group_refresh,
         tokens=store, token_cache_ttl=settings.tokens.cache_ttl,
         on_event=trail.event if trail is not None else None,
     )  # fmt: skip
