@@ -23,7 +23,8 @@ from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal
 from guard.identity.csrf import CSRF_COOKIE, LoginCsrf, LogoutCsrf
-from guard.identity.login import LoginApp, validate_next
+from guard.identity.forms import validate_next
+from guard.identity.login import LoginApp
 from guard.identity.sessions import SessionCookie, SessionStore
 from guard.store.db import build_engine, migrate
 
