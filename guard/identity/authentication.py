@@ -132,9 +132,7 @@ class AuthenticationMiddleware:
         wait = self.limiter.blocked(scope["guard"].client) if self.limiter is not None else 0.0
         if wait > 0:
             retry = [(b"retry-after", str(max(1, round(wait))).encode()), *extra]
-            # What the audit record should know of the login (its name) is kept.
-            too_many = Refusal("too_many_failures", audit=refusal.audit)
-            await send_refusal(scope, send, too_many, retry)
+            await send_refusal(scope, send, Refusal("too_many_failures"), retry)
             return
         sessions = self.sessions
         if sessions is None:
