@@ -4,8 +4,9 @@ identity that first used them (``bindings``), credential failures counted per us
 replicas (``throttle``) and the authentication middleware that asks the
 providers and puts the principal into the request context (``authentication``); browser
 sessions (``sessions``: the table and the cookie; ``browser``: the cookie as credentials, CSRF
-for cookie writes, navigations sent to the login page) and user blocks (``blocks``). OIDC lands
-here next, one file per provider.
+for cookie writes, navigations sent to the login page), user blocks (``blocks``) and the login
+pages (``login``: their handlers; ``forms``: ``next`` and the posted form; ``csrf``: the forms'
+tokens; ``pages``: templates and static files). OIDC lands here next, one file per provider.
 
 It may import ``guard.errors``, the edge (the request context, the failure rate limiter) and the
 store, and must not import authz, audit, upstream, admin, cli, settings or app: what a caller may
