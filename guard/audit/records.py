@@ -90,12 +90,14 @@ class Redactor:
 
     def credential(self, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
         """What identifies a presented credential: the Basic user name (if it looks like one)
-        and a fingerprint of the secret. Only for requests whose login failed."""
+        and a fingerprint of a token (bearer, or a gateway token as Basic password). Only for
+        requests whose login failed. A person's password is never fingerprinted: failed
+        passwords are often near misses of the real one."""
         parsed = parse_authorization(headers)
         if not isinstance(parsed, Credentials):
             return {}
         shown: dict[str, object] = {"scheme": parsed.scheme}
-        if parsed.secret:
+        if parsed.secret and (parsed.scheme == "bearer" or parsed.secret.startswith("mlg_")):
             shown["secret"] = self.fingerprint(parsed.secret)
         if name := parsed.username:
             shown["username"] = self.name(name)

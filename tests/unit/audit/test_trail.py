@@ -437,6 +437,25 @@ def test_more_secrets_stay_out_of_the_trail() -> None:
     assert r.value("source", "runs:/abc/model") == "runs:/abc/model"
 
 
+def test_a_persons_password_is_never_fingerprinted_a_token_is() -> None:
+    import base64
+
+    from guard.audit.records import Redactor
+
+    r = Redactor(b"k" * 32)
+
+    def basic(user: str, password: str) -> list[tuple[bytes, bytes]]:
+        raw = base64.b64encode(f"{user}:{password}".encode())
+        return [(b"authorization", b"Basic " + raw)]
+
+    person = r.credential(basic("alice", "Winter2026!"))
+    assert person == {"scheme": "basic", "username": "alice"}
+    token = r.credential(basic("ci", ALICE))
+    assert token["secret"] == r.fingerprint(ALICE)
+    bearer_ = r.credential([(b"authorization", b"Bearer not-a-token")])
+    assert bearer_["secret"] == r.fingerprint("not-a-token")
+
+
 def test_a_token_given_as_the_user_name_is_not_recorded(
     running: tuple[Gateway, str, FakeMlflow],
 ) -> None:

@@ -112,7 +112,8 @@ def test_secrets_without_the_prefix_never_reach_the_token_store_and_are_failed_l
         text = json.dumps(record)
         assert "hunter2" not in text and ADMIN[4:] not in text
     assert records[0]["credential"]["username"] == "alice"
-    assert records[0]["credential"]["secret"].startswith("hmac:")
+    assert "secret" not in records[0]["credential"]  # a person's password: not even hashed
+    assert records[6]["credential"]["secret"].startswith("hmac:")  # a bearer is
     assert records[5]["credential"]["username"].startswith("hmac:")  # the token, as a name
     assert "secret" not in records[4]["credential"]  # an empty password has no fingerprint
 
