@@ -70,8 +70,9 @@ class AuthenticationMiddleware:
             await self._unauthorized(scope, send, credentials)
             return
         client = scope["guard"].client  # for the per-user login throttle's rows
+        limited = self.limiter is not None and self.limiter.blocked(client) > 0
         credentials = Credentials(
-            credentials.scheme, credentials.secret, credentials.username, client
+            credentials.scheme, credentials.secret, credentials.username, client, limited
         )
         for provider in self.providers:
             result = await provider.authenticate(credentials)

@@ -48,6 +48,9 @@ class Credentials:
     secret: str  # the bearer token, or the Basic password
     username: str = ""  # Basic only
     client: str = ""  # the caller's address (guard.edge.context), for the login throttle
+    # The address is past its limit of failures: answer from what is cached, never ask a
+    # directory (a password spray from one address must not reach it).
+    cached_only: bool = False
 
 
 def parse_authorization(headers: list[tuple[bytes, bytes]]) -> Credentials | Refusal | None:

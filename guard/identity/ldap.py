@@ -677,6 +677,8 @@ class LdapProvider:
         cached = self._cache.get(key)
         if cached is not None and now < cached[1]:
             return cached[0]
+        if credentials.cached_only:  # the address is past its limit: 429, no bind
+            return Refusal("invalid_credentials")
         # One directory round trip for a burst of identical logins: later ones wait for it.
         pending = self._pending.get(key)
         if pending is None:

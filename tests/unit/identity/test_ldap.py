@@ -387,6 +387,32 @@ def test_a_login_is_cached(running: tuple[Gateway, str]) -> None:
     assert gateway.ldap_provider.directory.binds == binds + 2
 
 
+def test_an_address_past_its_limit_reaches_the_directory_no_more(
+    slapd: Slapd, upstream: str, tmp_path: Path
+) -> None:
+    """A password spray from one address: once the address is past failed_login_limit, a login
+    that is not cached is answered 429 without a bind; one already cached still works (many
+    people may share an address)."""
+    settings = gateway_settings(
+        slapd, tmp_path, **{"upstream.url": upstream, "gateway.failed_login_limit": "3"}
+    )
+    for gateway, url in run_gateway(settings):
+        assert gateway.ldap_provider is not None
+        assert me(url, basic("dave", "dave-password")).status_code == 200  # cached now
+        for n in range(3):
+            assert me(url, basic("bob", f"wrong-{n}")).status_code == 401
+        binds = gateway.ldap_provider.directory.binds
+        for user in ("bob", "carol", "erin", "bob"):
+            sprayed = me(url, basic(user, "Winter2026!"))
+            assert (sprayed.status_code, sprayed.headers["x-guard-reason"]) == (
+                429, "too_many_failures",
+            )  # fmt: skip
+        right = me(url, basic("carol", "carol-password"))  # right, but not cached: no bind
+        assert right.status_code == 429
+        assert gateway.ldap_provider.directory.binds == binds
+        assert me(url, basic("dave", "dave-password")).status_code == 200
+
+
 def test_name_forms_through_the_gateway(slapd: Slapd, upstream: str, tmp_path: Path) -> None:
     settings = gateway_settings(
         slapd, tmp_path, **{"upstream.url": upstream, "ldap.name_forms": ["domain", "upn"]}
