@@ -11,8 +11,10 @@ say whether the user exists; its 401 is counted per client address like any refu
 past ``gateway.failed_login_limit`` gets 429 without the directory being asked (its page views then
 go into the flood summary too). The outcome record of a failed login names the user name tried
 (``login_name``, never the password); a login and a logout are also audit events. CSRF: see
-``guard.identity.csrf``; besides the token, a POST whose ``Origin`` (or ``Sec-Fetch-Site``) is
-another site's is refused.
+``guard.identity.csrf``; every page view is a new login attempt with its own cookie, so forms in
+several tabs each work, and a POST spends its attempt (success clears its cookie, a failure shows
+the page with a new attempt). Besides the token, a POST whose ``Origin`` (or ``Sec-Fetch-Site``)
+is not one of the gateway's own origins is refused.
 """
 
 from __future__ import annotations
@@ -144,11 +146,14 @@ class LoginApp:
         username: str = "",
         token_failed: bool = False,
         extra: Sequence[tuple[bytes, bytes]] = (),
+        spent: str = "",
     ) -> None:
-        set_cookie, field = self.csrf.issue()
+        """The page with a new login attempt (its own CSRF cookie); the request's stale
+        attempts and the one it ``spent`` are cleared."""
+        attempt = self.csrf.issue(scope["headers"], spent=spent)
         body = pages.render_login(
             pages.LoginForm(
-                csrf_token=field,
+                csrf_token=attempt.field,
                 next=target,
                 directory=self.directory,
                 error=message,
@@ -156,7 +161,7 @@ class LoginApp:
                 token_failed=token_failed,
             )
         )
-        headers = [(CSP, pages.PAGE_CSP), set_cookie, *extra]
+        headers = [(CSP, pages.PAGE_CSP), *attempt.headers, *extra]
         if refusal is not None:
             scope["guard"].refusal = refusal
             headers.append((b"x-guard-reason", refusal.reason.encode()))
@@ -164,22 +169,20 @@ class LoginApp:
                 headers.append((b"retry-after", str(refusal.retry_after).encode()))
         await send_body(scope, send, status, b"text/html; charset=utf-8", body, headers)
 
-    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
-        """A malformed or cross-site POST: the error in MLflow's shape (or the HTML error page),
-        and the login form's CSRF cookie cleared."""
-        await send_refusal(scope, send, refusal, [self.csrf.clear()])
-
     # -- login -------------------------------------------------------------------------------
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         context = scope["guard"]
+        # A malformed or cross-site POST gets the error in MLflow's shape (or the HTML error
+        # page) and clears no attempt: it may not be the tab that holds one.
         if not self._same_origin(scope):
-            await self._refuse(scope, send, Refusal("csrf_failed"))
+            await send_refusal(scope, send, Refusal("csrf_failed"))
             return
         form = await read_form(scope, receive, LOGIN_FIELDS)
         if isinstance(form, Refusal):
-            await self._refuse(scope, send, form)
+            await send_refusal(scope, send, form)
             return
+        field = form.get("csrf_token", "")
         target = validate_next(form.get("next"))
         username = form.get("username", "")
         password = form.get("password", "")
@@ -195,10 +198,11 @@ class LoginApp:
                     refusal, audit=(*refusal.audit, ("login_name", username))
                 )
             await self._login_page(
-                scope, send, refusal.status, target, refusal, message, username, token_failed, extra
-            )
+                scope, send, refusal.status, target, refusal, message, username, token_failed,
+                extra, spent=field,
+            )  # fmt: skip
 
-        if not self.csrf.check(scope["headers"], form.get("csrf_token", "")):
+        if self.csrf.check(scope["headers"], field) is None:
             refusal = Refusal("csrf_token_invalid")
             await again(refusal, MESSAGES["csrf_token_invalid"])
             return
@@ -234,8 +238,9 @@ class LoginApp:
         headers = [
             (b"location", target.encode("ascii")),
             self.cookie.set(session_id),
-            self.csrf.clear(),
         ]
+        if (spent := self.csrf.clear(field)) is not None:
+            headers.append(spent)
         await send_body(scope, send, 303, b"text/plain; charset=utf-8", b"", headers)
 
     async def _authenticate(self, credentials: Credentials) -> Principal | Refusal:

@@ -1,7 +1,8 @@
 """The login and logout pages (guard.identity.login) with a real session table (SQLite) and
 fake identity providers: the page, its static files, ``next`` validation, the CSRF token (missing,
-mismatched, reused, expired, forged), login CSRF by Origin, fixation, logout, and every malformed
-form."""
+mismatched, reused, expired, forged), one login attempt per tab (several forms at once, each
+once, the pile-up bounded, the payload OpenID Connect keeps), login CSRF by Origin, fixation,
+logout, and every malformed form."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from guard.edge.context import RequestContextMiddleware
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal
 from guard.identity.base import Credentials, Principal
-from guard.identity.csrf import CSRF_COOKIE, LoginCsrf, LogoutCsrf
+from guard.identity.csrf import CSRF_COOKIE, MAX_ATTEMPTS, Issued, LoginCsrf, LogoutCsrf
 from guard.identity.forms import validate_next
 from guard.identity.login import LoginApp
 from guard.identity.sessions import SessionCookie, SessionStore
@@ -169,6 +170,11 @@ class Setup:
         return self.client.post("/guard/login", data=form, headers={"origin": ORIGIN})
 
 
+def attempt_cookie(token: str) -> str:
+    """The name of the cookie of the login attempt a csrf_token field names."""
+    return f"{CSRF_COOKIE}_{token.partition('.')[0]}"
+
+
 def field_value(html: str, name: str) -> str:
     match = re.search(rf'name="{name}" value="([^"]*)"', html)
     assert match, html
@@ -264,11 +270,13 @@ def test_the_page_has_labelled_controls_and_no_inline_script(
 def test_the_csrf_cookie_is_short_lived_httponly_and_strict(setup: Setup) -> None:
     response = setup.client.get("/guard/login")
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"{CSRF_COOKIE}=")
+    token = field_value(response.text, "csrf_token")
+    assert re.fullmatch(r"[0-9a-f]{16}\.[0-9a-f]{64}", token)
+    assert cookie.startswith(f"{attempt_cookie(token)}=")
     for attribute in ("Path=/", "Max-Age=600", "HttpOnly", "SameSite=Strict"):
         assert attribute in cookie
     assert "Secure" not in cookie
-    assert LoginCsrf(KEY, secure=True).name == f"__Host-{CSRF_COOKIE}"
+    assert LoginCsrf(KEY, secure=True).prefix == f"__Host-{CSRF_COOKIE}_"
 
 
 def test_next_is_validated_into_the_form(setup: Setup) -> None:
@@ -312,7 +320,7 @@ def test_a_token_login_sets_a_new_session_and_lands_on_next(setup: Setup) -> Non
     cookies = response.headers.get_list("set-cookie")
     session = next(c for c in cookies if c.startswith("mlflow_guard_session="))
     assert "HttpOnly" in session and "SameSite=Lax" in session
-    assert any(c.startswith(f"{CSRF_COOKIE}=;") and "Max-Age=0" in c for c in cookies)
+    assert any(c.startswith(f"{attempt_cookie(token)}=;") and "Max-Age=0" in c for c in cookies)
     session_id = setup.cookie.decode(session.split(";")[0].split("=", 1)[1])
     assert session_id is not None
     row = setup.sessions.get(session_id)
@@ -333,9 +341,8 @@ def test_a_failed_login_says_nothing_about_the_user(setup: Setup) -> None:
         assert "The user name or password is not correct." in response.text
         assert field_value(response.text, "next") == "/#/models"  # kept for the next try
         texts.append(response.text.replace(name, "NAME"))
-    assert re.sub(r'value="[0-9a-f]{64}"', "", texts[0]) == re.sub(
-        r'value="[0-9a-f]{64}"', "", texts[1]
-    )
+    token = r'value="[0-9a-f]{16}\.[0-9a-f]{64}"'
+    assert re.sub(token, "", texts[0]) == re.sub(token, "", texts[1])
     assert setup.events == []  # the outcome records tell of failures:
     first, second = (c.refusal for c in setup.completed if c.refusal is not None)
     assert dict(first.audit)["login_name"] == "ci" and dict(second.audit)["login_name"] == "nobody"
@@ -425,10 +432,12 @@ def test_csrf_missing_field_or_cookie(setup: Setup) -> None:
 
 
 def test_csrf_mismatched(setup: Setup) -> None:
-    first = setup.page()
-    setup.page()  # a second page replaces the cookie: the first form's field no longer fits
-    assert csrf_refused(setup.login(first))
+    first, second = setup.page(), setup.page()
+    # One attempt's id with the other's HMAC: each cookie is there, neither fits.
+    assert csrf_refused(setup.login(first.split(".")[0] + "." + second.split(".")[1]))
+    assert csrf_refused(setup.login(second.split(".")[0] + "." + first.split(".")[1]))
     assert csrf_refused(setup.login("0" * 64))
+    assert setup.provider.calls == []
 
 
 def test_csrf_reused(setup: Setup) -> None:
@@ -450,18 +459,26 @@ def test_csrf_expired(setup: Setup) -> None:
 
 def test_csrf_forged_cookie(setup: Setup) -> None:
     token = setup.page()
-    setup.client.cookies.set(CSRF_COOKIE, "forged.value.sig", domain=JAR_DOMAIN)
+    setup.client.cookies.set(attempt_cookie(token), "forged.value.sig", domain=JAR_DOMAIN)
     assert csrf_refused(setup.login(token))
+    # A cookie signed with another key for the same attempt does not fit either.
+    other = LoginCsrf(b"x" * 32, secure=False)
+    setup.client.cookies.clear()
+    issued = other.issue([])
+    name, _, rest = issued.headers[0][1].decode().partition("=")
+    setup.client.cookies.set(name, rest.split(";")[0], domain=JAR_DOMAIN)
+    assert csrf_refused(setup.login(issued.field))
 
 
 def test_csrf_duplicate_cookie(setup: Setup) -> None:
     token = setup.page()
-    value = setup.client.cookies[CSRF_COOKIE]
+    name = attempt_cookie(token)
+    value = setup.client.cookies[name]
     setup.client.cookies.clear()
     response = setup.client.post(
         "/guard/login",
         data={"username": "ci", "password": TOKEN, "csrf_token": token},
-        headers={"origin": ORIGIN, "cookie": f"{CSRF_COOKIE}={value}; {CSRF_COOKIE}={value}"},
+        headers={"origin": ORIGIN, "cookie": f"{name}={value}; {name}={value}"},
     )
     assert csrf_refused(response)
 
@@ -511,6 +528,124 @@ def test_fixation_the_cookie_before_login_is_not_the_one_after(setup: Setup) -> 
     assert setup.client.cookies["mlflow_guard_session"] != "planted"
 
 
+# -- one attempt per tab ---------------------------------------------------------------------
+
+
+def attempt_names(setup: Setup) -> set[str]:
+    return {name for name in setup.client.cookies if name.startswith(f"{CSRF_COOKIE}_")}
+
+
+def put_back(setup: Setup, jar: dict[str, str], token: str) -> None:
+    setup.client.cookies.set(attempt_cookie(token), jar[attempt_cookie(token)], domain=JAR_DOMAIN)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_two_tabs_each_log_in_once_in_either_order(setup: Setup, order: tuple[int, int]) -> None:
+    tokens = [setup.page(), setup.page()]  # two tabs, one cookie jar
+    jar = dict(setup.client.cookies)
+    assert attempt_names(setup) == {attempt_cookie(t) for t in tokens}
+    for i in order:
+        response = setup.login(tokens[i])
+        assert response.status_code == 303, response.text
+        assert attempt_cookie(tokens[i]) not in setup.client.cookies  # spent, so cleared
+    assert attempt_names(setup) == set()
+    for i in order:  # each attempt once, even with its cookie put back
+        put_back(setup, jar, tokens[i])
+        assert csrf_refused(setup.login(tokens[i]))
+    assert len(setup.provider.calls) == 2
+
+
+def test_a_failed_login_spends_its_attempt_and_the_page_gives_a_new_one(setup: Setup) -> None:
+    first, other = setup.page(), setup.page()
+    failed = setup.login(first, password="mlg_" + "b" * 40)
+    assert failed.status_code == 401
+    again = field_value(failed.text, "csrf_token")
+    assert again not in {first, other}
+    assert attempt_names(setup) == {attempt_cookie(other), attempt_cookie(again)}
+    assert csrf_refused(setup.login(first))
+    assert setup.login(again).status_code == 303
+    assert setup.login(other).status_code == 303  # the other tab's attempt was left alone
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "",
+        "0" * 64,  # the old form: no attempt
+        "0123456789abcdef." + "0" * 64,  # well-formed, but no cookie of that attempt
+        "0123456789ABCDEF." + "0" * 64,
+        "0123456789abcde." + "0" * 64,
+        "0123456789abcdef0." + "0" * 64,
+        "0123456789abcdef." + "0" * 63,
+        "0123456789abcdef.." + "0" * 64,
+        "../../x." + "0" * 64,
+        "0123456789abcdef;x=1." + "0" * 64,
+    ],
+)
+def test_attempt_fields_that_name_no_attempt_of_ours(setup: Setup, field: str) -> None:
+    setup.page()
+    assert csrf_refused(setup.login(field))
+    assert setup.provider.calls == []
+
+
+def test_one_attempts_cookie_under_another_attempts_name_is_refused(setup: Setup) -> None:
+    first, second = setup.page(), setup.page()
+    value = setup.client.cookies[attempt_cookie(first)]
+    setup.client.cookies.set(attempt_cookie(second), value, domain=JAR_DOMAIN)
+    # The cookie names the attempt it was issued for: moved, it fits no field.
+    assert csrf_refused(setup.login(second.split(".")[0] + "." + first.split(".")[1]))
+    assert csrf_refused(setup.login(second))
+
+
+def test_the_pile_up_of_attempts_is_bounded(setup: Setup) -> None:
+    tokens = []
+    for _ in range(MAX_ATTEMPTS + 4):  # tabs opened and never used
+        tokens.append(setup.page())
+        setup.now[0] += 1
+        assert len(attempt_names(setup)) <= MAX_ATTEMPTS
+    assert attempt_names(setup) == {attempt_cookie(t) for t in tokens[-MAX_ATTEMPTS:]}
+    # Not ours (no attempt id) or forged under our pattern: the first is left, the second goes.
+    setup.client.cookies.set(f"{CSRF_COOKIE}_other", "x", domain=JAR_DOMAIN)
+    setup.client.cookies.set(f"{CSRF_COOKIE}_{'f' * 16}", "forged", domain=JAR_DOMAIN)
+    newest = setup.page()
+    assert f"{CSRF_COOKIE}_other" in setup.client.cookies
+    assert f"{CSRF_COOKIE}_{'f' * 16}" not in setup.client.cookies
+    assert attempt_cookie(newest) in setup.client.cookies
+    assert len(attempt_names(setup) - {f"{CSRF_COOKIE}_other"}) == MAX_ATTEMPTS
+    # Expired ones are cleared by the next page.
+    setup.now[0] += 601
+    latest = setup.page()
+    assert attempt_names(setup) - {f"{CSRF_COOKIE}_other"} == {attempt_cookie(latest)}
+    assert setup.login(latest).status_code == 303
+
+
+def cookie_of(issued: Issued) -> tuple[bytes, bytes]:
+    """The Cookie header a browser sends back for an attempt's Set-Cookie."""
+    return (b"cookie", issued.headers[0][1].split(b";")[0])
+
+
+def test_an_attempt_carries_a_payload_once_for_openid_connect() -> None:
+    oidc = LoginCsrf(KEY, secure=True, name="mlflow_guard_oidc", purpose="oidc", same_site="Lax")
+    payload = {"nonce": "n" * 43, "verifier": "v" * 64, "next": "/#/models"}
+    issued = oidc.issue([], payload)
+    set_cookie = issued.headers[0][1].decode()
+    assert set_cookie.startswith(f"__Host-mlflow_guard_oidc_{issued.field.split('.')[0]}=")
+    assert "SameSite=Lax" in set_cookie and "Secure" in set_cookie
+    assert oidc.check([cookie_of(issued)], issued.field) == payload
+    assert oidc.check([cookie_of(issued)], issued.field) is None  # a replayed callback
+    # Another purpose's key never reads it; the login form's attempts are not the callback's.
+    login = LoginCsrf(KEY, secure=True)
+    other = oidc.issue([], payload)
+    assert login.check([cookie_of(other)], other.field) is None
+    assert oidc.check([cookie_of(other)], "a" * 200) is None  # over-long
+    # Over TLS only the __Host- name is read.
+    plain = (b"cookie", cookie_of(other)[1].removeprefix(b"__Host-"))
+    assert oidc.check([plain], other.field) is None
+    assert oidc.check([cookie_of(other)], other.field) == payload
+    with pytest.raises(ValueError, match="too large"):
+        oidc.issue([], {"x": "y" * 4000})
+
+
 # -- malformed forms -----------------------------------------------------------------------
 
 
@@ -550,7 +685,7 @@ def test_malformed_forms_are_refused(
     assert response.status_code == status, response.text
     assert response.headers["x-guard-reason"] == reason
     assert response.json()["reason"] == reason  # MLflow's error shape for a non-browser
-    assert any("Max-Age=0" in c for c in response.headers.get_list("set-cookie"))
+    assert "set-cookie" not in response.headers  # no attempt is spent: it may be another tab's
     assert setup.provider.calls == []
 
 
