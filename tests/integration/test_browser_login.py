@@ -2,7 +2,8 @@
 gateway in front of the real MLflow, with the real slapd for the directory form: a deep link to
 MLflow's UI is sent to the login page, the login lands exactly on it, the UI lists and creates
 experiments (a write through the cookie CSRF check with the browser's own Origin), logout ends
-the session for good, and a cross-site form POST with a valid session is refused. Then the same
+the session for good, login pages in two tabs both log in, and a cross-site form POST with a
+valid session is refused. Then the same
 gateway over plain HTTP (httpx): the page's headers through the whole stack, an open redirect
 tried end to end, and failed logins counted per address until 429."""
 
@@ -211,6 +212,25 @@ def test_the_default_install_logs_in_with_a_gateway_token(
     assert cookie["path"] == "/"
 
 
+def test_login_pages_in_two_tabs_both_log_in(token_gateway: Gateway, page: Page) -> None:
+    """Each page view is its own login attempt (its own CSRF cookie): the second tab's page
+    does not spoil the first tab's form."""
+    url = token_gateway.url
+    first, second = page, page.context.new_page()
+    for tab, link in ((first, "/#/models"), (second, "/#/experiments")):
+        tab.goto(url + link)
+        tab.wait_for_url(re.compile(r".*/guard/login\?next=.*"))
+    attempts = [c for c in page.context.cookies() if c["name"].startswith("mlflow_guard_csrf_")]
+    assert len(attempts) == 2
+    for tab, link in ((first, "/#/models"), (second, "/#/experiments")):  # the FIRST tab first
+        tab.get_by_label("Token name").fill("admin")
+        tab.get_by_label("Token (mlg_…)").fill(token_gateway.token)
+        tab.get_by_role("button", name="Log in with token").click()
+        tab.wait_for_url(url + link)
+        assert tab.url == url + link
+    assert not [c for c in page.context.cookies() if c["name"].startswith("mlflow_guard_csrf")]
+
+
 class _Attacker(BaseHTTPRequestHandler):
     """Another origin (another port on 127.0.0.1: cookies ignore ports, so the browser does
     send the gateway's SameSite=Lax cookie with this same-site POST) serving pages that submit
@@ -294,7 +314,7 @@ def test_a_cross_site_form_post_with_a_valid_session_is_refused(
 def login_form(client: httpx.Client, next_: str = "/") -> str:
     page = client.get("/guard/login", params={"next": next_})
     assert page.status_code == 200
-    match = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page.text)
+    match = re.search(r'name="csrf_token" value="([0-9a-f]{16}\.[0-9a-f]{64})"', page.text)
     assert match
     return match.group(1)
 
