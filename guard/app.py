@@ -428,7 +428,7 @@ def build_gateway(
     )  # fmt: skip
     blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
     browsers = BrowserSessions(
-        session_store, session_cookie, own_origin=settings.public_url,
+        session_store, session_cookie, own_origins=settings.own_origins,
         allowed_origins=g.cors_allowed_origins,
         directory=ldap_provider, group_refresh=settings.ldap.group_refresh,
         tokens=store, token_cache_ttl=settings.tokens.cache_ttl,
@@ -445,7 +445,7 @@ def build_gateway(
     login = LoginApp(
         providers=providers, sessions=session_store, cookie=session_cookie,
         csrf=LoginCsrf(store.key, secure=session_cookie.secure), logout_csrf=LogoutCsrf(store.key),
-        origins=frozenset({settings.public_url}), directory=ldap_provider is not None,
+        origins=frozenset(settings.own_origins), directory=ldap_provider is not None,
         blocked=blocked, limiter=limiter, audit=trail.event if trail is not None else None,
     )  # fmt: skip
     api: ASGIApp = PolicyApi(

@@ -17,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from guard.edge.cors import parse_origin
-from guard.edge.hosts import parse_host_pattern
+from guard.edge.hosts import default_allowed_hosts, parse_host_pattern
 
 Validator = Callable[[Any], str | None]
 
@@ -179,7 +179,9 @@ class GatewaySettings:
         "",
         "The origin people and identity providers use (https://mlflow.example.com): the CSRF "
         "origin check, the session cookie's Secure flag and __Host- prefix (https) and redirect "
-        "URIs come from it, never from a request's Host. Empty: http://host:port.",
+        "URIs come from it, never from a request's Host. Empty: http://host:port, and the CSRF "
+        "origin check accepts http://localhost, 127.0.0.1, [::1] and the bind address on that "
+        "port.",
         check=_public_url,
     )
     shutdown_timeout: float = option(
@@ -660,6 +662,16 @@ class Settings:
         host = self.gateway.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.gateway.port}"
+
+    @property
+    def own_origins(self) -> tuple[str, ...]:
+        """The origins of the gateway's own pages, for the CSRF origin checks: exactly
+        gateway.public_url when it is set; else http://H:port for each host answered by default
+        (localhost, 127.0.0.1, [::1], the bind address), since a person may type any of them."""
+        if self.gateway.public_url:
+            return (self.public_url,)
+        port = self.gateway.port
+        return tuple(f"http://{host}:{port}" for host in default_allowed_hosts(self.gateway.host))
 
     @property
     def embedded(self) -> bool:

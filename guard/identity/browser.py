@@ -109,7 +109,7 @@ class BrowserSessions:
         store: SessionStore,
         cookie: SessionCookie,
         *,
-        own_origin: str,
+        own_origins: Iterable[str],
         allowed_origins: Iterable[str] = (),
         login_path: str | None = "/guard/login",
         directory: GroupRefresher | None = None,
@@ -121,7 +121,7 @@ class BrowserSessions:
     ) -> None:
         self.store = store
         self.cookie = cookie
-        self.origins = frozenset({parse_origin(own_origin), *map(parse_origin, allowed_origins)})
+        self.origins = frozenset(map(parse_origin, (*own_origins, *allowed_origins)))
         self.login_path = login_path
         self.directory = directory
         self.group_refresh = dt.timedelta(seconds=group_refresh)
@@ -143,7 +143,8 @@ class BrowserSessions:
 
     def csrf_refusal(self, scope: Scope) -> Refusal | None:
         """Why a cookie-authenticated request may not be served, or None. Every method but GET,
-        HEAD and OPTIONS needs ``Origin`` to be ours or an allowed origin; without ``Origin``,
+        HEAD and OPTIONS needs ``Origin`` to be one of ours (``Settings.own_origins``) or an
+        allowed origin; without ``Origin``,
         ``Sec-Fetch-Site: same-origin``; with neither, it is refused."""
         if scope["method"] in SAFE_METHODS:
             return None

@@ -187,3 +187,29 @@ def test_readme_documents_every_option() -> None:
     assert missing == []
     missing_env = [o.env for o in options() if o.env not in readme]
     assert missing_env == []
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, ("http://localhost:5000", "http://127.0.0.1:5000", "http://[::1]:5000")),
+        ({"gateway.port": 8080}, ("http://localhost:8080", "http://127.0.0.1:8080",
+                                  "http://[::1]:8080")),
+        ({"gateway.host": "10.1.2.3"}, ("http://localhost:5000", "http://127.0.0.1:5000",
+                                        "http://[::1]:5000", "http://10.1.2.3:5000")),
+        ({"gateway.host": "fd00::7"}, ("http://localhost:5000", "http://127.0.0.1:5000",
+                                       "http://[::1]:5000", "http://[fd00::7]:5000")),
+        # A wildcard bind is no address anyone types.
+        ({"gateway.host": "0.0.0.0"}, ("http://localhost:5000", "http://127.0.0.1:5000",
+                                       "http://[::1]:5000")),
+        ({"gateway.host": "::"}, ("http://localhost:5000", "http://127.0.0.1:5000",
+                                  "http://[::1]:5000")),
+        # Set: exactly that origin, nothing on loopback besides.
+        ({"gateway.public_url": "https://mlflow.example.com/"}, ("https://mlflow.example.com",)),
+        ({"gateway.public_url": "http://127.0.0.1:5000"}, ("http://127.0.0.1:5000",)),
+    ],
+)  # fmt: skip
+def test_own_origins(values: dict[str, object], expected: tuple[str, ...]) -> None:
+    loaded = load_settings(values, {}, None)
+    assert loaded.problems == []
+    assert loaded.settings.own_origins == expected

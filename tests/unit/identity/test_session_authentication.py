@@ -124,7 +124,7 @@ def make(engine: Engine, *, secure: bool = True) -> Setup:
     cookie = SessionCookie(KEY, name="sess", secure=secure, max_age=43200)
     directory, tokens, events = Directory(), Tokens(), []
     sessions = BrowserSessions(
-        store, cookie, own_origin=OWN, allowed_origins=[ALLOWED], directory=directory,
+        store, cookie, own_origins=[OWN], allowed_origins=[ALLOWED], directory=directory,
         group_refresh=900, tokens=tokens, token_cache_ttl=5, on_event=events.append,
         clock=lambda: clock.mono,
     )  # fmt: skip
