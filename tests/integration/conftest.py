@@ -81,9 +81,9 @@ class Gateway:
 
 
 def start_gateway(
-    data_dir: Path, *args: str, token: str | None = None, **env_extra: str
+    data_dir: Path, *args: str, token: str | None = None, port: int | None = None, **env_extra: str
 ) -> Gateway:
-    port = free_port()
+    port = port or free_port()
     token = token or "mlg_" + os.urandom(32).hex()
     settings = {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": token, "MLFLOW_GUARD_TOKENS_CACHE_TTL": "0.5s"}
     env = clean_env(**(settings | env_extra))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.conftest import Gateway, Mlflow, start_gateway
 from tests.slapd import PEOPLE, Slapd
 
@@ -351,6 +352,54 @@ def test_an_open_redirect_lands_on_slash_end_to_end(token_gateway: Gateway) -> N
             response = client.post("/guard/login", data=form)
             assert response.status_code == 303, response.text
             assert response.headers["location"] == "/", target
+
+
+def loopback_login_and_write(gateway: Gateway, origin: str) -> tuple[int, int]:
+    """A token login and then a cookie-authenticated write, both sent by a page of ``origin``
+    (the Host says the same name): the two statuses."""
+    host = origin.removeprefix("http://")
+    headers = {"origin": origin, "host": host}
+    with httpx.Client(base_url=gateway.url, timeout=10, headers=headers) as client:
+        form = {"username": "admin", "password": gateway.token, "csrf_token": login_form(client)}
+        login = client.post("/guard/login", data=form)
+        if login.status_code != 303:
+            return login.status_code, 0
+        name = f"loopback-{uuid.uuid4().hex[:8]}"
+        write = client.post("/ajax-api/2.0/mlflow/experiments/create", json={"name": name})
+        return login.status_code, write.status_code
+
+
+def test_loopback_origins_are_own_origins_while_public_url_is_unset(
+    token_gateway: Gateway, external_mlflow: Mlflow, tmp_path: Path
+) -> None:
+    # public_url unset, bound to 127.0.0.1: a person may type any loopback name.
+    port = token_gateway.port
+    for name in ("localhost", "127.0.0.1", "[::1]"):
+        assert loopback_login_and_write(token_gateway, f"http://{name}:{port}") == (303, 200)
+    assert loopback_login_and_write(token_gateway, f"http://localhost:{port + 1}")[0] == 403
+    # public_url set: that origin only.
+    port = free_port()
+    pinned = start_gateway(
+        tmp_path / "pinned", "--upstream-url", external_mlflow.url, port=port,
+        MLFLOW_GUARD_GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}",
+    )  # fmt: skip
+    try:
+        assert loopback_login_and_write(pinned, f"http://127.0.0.1:{port}") == (303, 200)
+        assert loopback_login_and_write(pinned, f"http://localhost:{port}") == (403, 0)
+        # A session from the pinned origin still may not write from another loopback name.
+        origin = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=pinned.url, timeout=10, headers={"origin": origin}) as client:
+            form = {"username": "admin", "password": pinned.token,
+                    "csrf_token": login_form(client)}  # fmt: skip
+            assert client.post("/guard/login", data=form).status_code == 303
+            write = client.post(
+                "/ajax-api/2.0/mlflow/experiments/create",
+                json={"name": f"loopback-{uuid.uuid4().hex[:8]}"},
+                headers={"origin": f"http://localhost:{port}", "host": f"localhost:{port}"},
+            )
+            assert write.status_code == 403 and write.headers["x-guard-reason"] == "csrf_failed"
+    finally:
+        pinned.stop()
 
 
 def test_failed_logins_count_per_address_until_429(external_mlflow: Mlflow, tmp_path: Path) -> None:
