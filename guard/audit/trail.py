@@ -120,13 +120,19 @@ COUNTED: Final = "guard.counted"  # scope key: the limiter has counted this requ
 
 def counts_as_failure(scope: Scope, status: int) -> bool:
     """A refusal (or preflight) of a caller who did not log in: what the failure limiter counts.
-    A 5xx is the gateway failing (the token store down, MLflow gone), not a failed login."""
+    That includes a refusal answered as a redirect (a browser navigation without a session,
+    sent 303 to the login page: anyone can send those by the thousand). A 5xx is the gateway
+    failing (the token store down, MLflow gone), not a failed login."""
     context = scope.get("guard")
     return (
         context is not None
         and context.principal is None
         and status < 500
-        and (status >= 400 or scope.get("method") == "OPTIONS")
+        and (
+            status >= 400
+            or scope.get("method") == "OPTIONS"
+            or (status == 303 and context.refusal is not None)
+        )
     )
 
 

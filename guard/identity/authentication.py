@@ -14,7 +14,9 @@ refused with 403 ``user_blocked`` whatever provider accepted them.
 
 No credentials, or credentials nobody accepts, get:
 
-- a browser navigation (GET/HEAD for a page): 303 to the login page with ``next``;
+- a browser navigation (GET/HEAD for a page): 303 to the login page with ``next``, counted
+  toward the address's flood limit like a refusal but never answered 429 (past the limit the
+  login page is still served, and its POST gets the 429);
 - everyone else: 401 with a Bearer challenge, plus a Basic one for API clients only. A request
   with the session cookie or browser fetch metadata (``Sec-Fetch-*``) gets no Basic challenge,
   because a browser that cached Basic credentials sends them forever and can never log out.
@@ -127,19 +129,13 @@ class AuthenticationMiddleware:
         refusal: Refusal,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """429 for an address past its limit of failures; 303 to the login page for a browser
-        navigation; else 401 with the challenges this caller may be sent."""
+        """303 to the login page for a browser navigation, even from an address past its limit
+        (a person reloading a page must reach the login page; the redirect is counted like a
+        refusal all the same); else 429 for an address past its limit of failures; else 401
+        with the challenges this caller may be sent."""
         extra = extra or []
-        wait = self.limiter.blocked(scope["guard"].client) if self.limiter is not None else 0.0
-        if wait > 0:
-            retry = [(b"retry-after", str(max(1, round(wait))).encode()), *extra]
-            await send_refusal(scope, send, Refusal("too_many_failures"), retry)
-            return
         sessions = self.sessions
-        if sessions is None:
-            await send_refusal(scope, send, refusal, self.challenges + extra)
-            return
-        login = sessions.login_path
+        login = sessions.login_path if sessions is not None else None
         if login is not None and scope["path"] != login and is_navigation(scope):
             scope["guard"].refusal = refusal  # recorded as the refusal it is, answered as a way on
             headers = [
@@ -151,6 +147,14 @@ class AuthenticationMiddleware:
             ]
             await send({"type": "http.response.start", "status": 303, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
+            return
+        wait = self.limiter.blocked(scope["guard"].client) if self.limiter is not None else 0.0
+        if wait > 0:
+            retry = [(b"retry-after", str(max(1, round(wait))).encode()), *extra]
+            await send_refusal(scope, send, Refusal("too_many_failures"), retry)
+            return
+        if sessions is None:
+            await send_refusal(scope, send, refusal, self.challenges + extra)
             return
         challenges = self.bearer if sessions.is_browser(scope) else self.challenges
         await send_refusal(scope, send, refusal, challenges + extra)

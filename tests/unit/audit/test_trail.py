@@ -406,6 +406,50 @@ def test_a_flood_of_bad_logins_is_limited_and_summarized(tmp_path: Path) -> None
     assert summary["refused"] == 8 and summary["unrecorded"] == 5
 
 
+def test_a_flood_of_anonymous_page_loads_is_redirected_and_summarized(tmp_path: Path) -> None:
+    """A browser navigation without a session is answered 303 to the login page, and counted
+    like a refusal: past the limit, only in the flood summary. It is never answered 429 (the
+    person must reach the login page); the login page itself is still served."""
+    fake = FakeMlflow()
+    with ServerThread(fake, lifespan="off") as upstream:
+        settings = load_settings(
+            {"upstream.url": upstream.url, "storage.data_dir": str(tmp_path),
+             "gateway.failed_login_limit": "3", "gateway.failed_login_interval": "1s"}, {}, None,
+        ).settings  # fmt: skip
+        gateway = build_gateway(
+            settings, {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": ADMIN, "MLFLOW_GUARD_SECRET_KEY": KEY}
+        )
+        with ServerThread(gateway) as server:
+            navigate = {"accept": "text/html", "sec-fetch-mode": "navigate",
+                        "sec-fetch-dest": "document", "user-agent": "pytest-audit/1"}  # fmt: skip
+            answers = [httpx.get(server.url + "/#/models", headers=navigate) for _ in range(8)]
+            assert [a.status_code for a in answers] == [303] * 8
+            assert {a.headers["location"] for a in answers} == {"/guard/login?next=%2F"}
+            assert {a.headers["x-guard-reason"] for a in answers} == {"unauthenticated"}
+            login = httpx.get(server.url + "/guard/login", headers=navigate)
+            assert login.status_code == 200  # past the limit, the page is still there
+            api = httpx.get(server.url + "/version")  # anything but a page load: 429
+            assert api.status_code == 429
+            time.sleep(1.2)  # the window ends; the next request writes its summary
+            last = httpx.get(server.url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
+            wait_stored(gateway, last, kinds=2)
+            deadline = time.monotonic() + 10
+            while not (summaries := [
+                e for e in stored(gateway, kind="event") if e["event"] == "unauthenticated_refusals"
+            ]):  # fmt: skip
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    recorded = [a for a in answers if stored(gateway, request_id=a.headers["x-request-id"])]
+    assert len(recorded) == 3  # the first three on their own, the rest only counted
+    for answer in recorded:
+        (record,) = stored(gateway, request_id=answer.headers["x-request-id"])
+        assert record["status"] == 303 and record["reason"] == "unauthenticated"
+    (summary,) = summaries
+    assert summary["client"] == "127.0.0.1"
+    # 8 redirects, the login page view and the API call past the limit; all but 3 unrecorded.
+    assert summary["refused"] == 10 and summary["unrecorded"] == 7
+
+
 def test_the_limiter_is_bounded() -> None:
     from guard.edge.ratelimit import FailureLimiter
 

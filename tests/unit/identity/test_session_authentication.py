@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from guard.edge.context import RequestContextMiddleware
+from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal
 from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import Credentials, Principal
@@ -287,6 +288,34 @@ def test_challenges(
     result = setup.call(method, path, headers)
     assert result.status == 401
     assert result.all("www-authenticate") == challenges
+
+
+def test_past_the_address_limit_navigations_still_go_to_login(engine: Engine) -> None:
+    setup = make(engine)
+    limiter = FailureLimiter(2, 60)
+    setup.app = RequestContextMiddleware(
+        AuthenticationMiddleware(
+            setup.inner, providers=[Fixed()], realm="r", sessions=setup.sessions, limiter=limiter
+        )
+    )
+    for _ in range(3):
+        limiter.refused("203.0.113.7")  # the address the test calls come from
+    assert limiter.blocked("203.0.113.7") > 0
+    # A person reloading a page reaches the login page (the redirect is counted as a refusal
+    # by the audit trail's flood counting, see tests/unit/audit/test_trail.py)...
+    for headers in ([("accept", "text/html")], [("sec-fetch-mode", "navigate")]):
+        result = setup.call("GET", "/", headers)
+        assert result.status == 303 and result.reason == "unauthenticated"
+        assert result.header("location") == "/guard/login?next=%2F"
+    # ...everything else from that address gets 429.
+    for method, path, headers in (
+        ("GET", "/api/2.0/mlflow/experiments/search", []),
+        ("GET", "/ajax-api/2.0/x", [("sec-fetch-site", "same-origin")]),
+        ("POST", "/", [("sec-fetch-mode", "navigate")]),
+        ("GET", "/api/2.0/mlflow/experiments/search", [("authorization", "Bearer bad")]),
+    ):
+        result = setup.call(method, path, headers)
+        assert (result.status, result.reason) == (429, "too_many_failures"), (method, path)
 
 
 def test_without_sessions_nothing_changes() -> None:
