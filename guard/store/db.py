@@ -55,6 +55,8 @@ tokens = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
     sa.Column("last_used_at", UTCDateTime, nullable=True),
+    # A personal token acts as this person (``user:alice``); NULL for a service token.
+    sa.Column("owner", sa.String(256), nullable=True),
     # A name is unique among live tokens; a revoked token's name may be reused.
     sa.Index(
         "guard_tokens_live_name",
@@ -145,6 +147,8 @@ identities = sa.Table(
     sa.Column("stable_id", sa.String(512), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    # The source-qualified groups of the last login (JSON list), which personal tokens carry.
+    sa.Column("groups", sa.Text, nullable=True),
 )
 
 # Browser sessions (guard.identity.sessions), keyed by an HMAC of the random id the cookie holds:
@@ -170,6 +174,18 @@ sessions = sa.Table(
     sa.Column("groups_checked_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
     sa.Column("revoked_by", sa.String(256), nullable=True),
+    # The identity provider's tokens (refresh, access), encrypted; never in the cookie.
+    sa.Column("provider_tokens", sa.Text, nullable=True),
+)
+
+# OpenID Connect back-channel logout tokens already used (``jti``), so none is accepted twice on
+# any replica; rows are kept until the token would have expired.
+oidc_logout_jtis = sa.Table(
+    "guard_oidc_logout_jti",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),  # HMAC of issuer and jti
+    sa.Column("issuer", sa.String(512), nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False, index=True),
 )
 
 # People stopped everywhere at once (``mlflow-guard user block``): sessions, directory logins
