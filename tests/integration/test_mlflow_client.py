@@ -157,11 +157,18 @@ def test_expired_token_is_refused(gateway: Gateway, monkeypatch: pytest.MonkeyPa
     assert "expired" in info.value.message
 
 
-def test_browser_reaches_the_ui_through_the_basic_prompt(gateway: Gateway) -> None:
+def test_a_browser_is_sent_to_the_login_page_and_basic_still_reaches_the_ui(
+    gateway: Gateway,
+) -> None:
     page = httpx.get(gateway.url + "/", headers={"Accept": "text/html"})
-    assert page.status_code == 401
-    assert page.headers.get_list("www-authenticate")[0].startswith('Basic realm="mlflow-guard"')
-    assert page.headers["content-type"].startswith("text/html")
+    assert page.status_code == 303
+    assert page.headers["location"] == "/guard/login?next=%2F"
+    assert "www-authenticate" not in page.headers
+    login = httpx.get(gateway.url + page.headers["location"], headers={"Accept": "text/html"})
+    assert login.status_code == 200 and login.headers["content-type"].startswith("text/html")
+    api = httpx.get(gateway.url + "/api/2.0/mlflow/experiments/search?max_results=1")
+    assert api.status_code == 401
+    assert api.headers.get_list("www-authenticate")[0].startswith('Basic realm="mlflow-guard"')
     page = httpx.get(gateway.url + "/", auth=("admin", gateway.token))
     assert page.status_code == 200
     assert "<title>MLflow</title>" in page.text
