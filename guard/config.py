@@ -2,22 +2,24 @@
 
 Where a value comes from, highest first: a command-line flag, the environment
 (``MLFLOW_GUARD_<SECTION>_<KEY>``), the TOML file (``--config``, else ``MLFLOW_GUARD_CONFIG``,
-else ``./mlflow-guard.toml`` if it exists), the built-in default. The schema it fills is
-``guard.settings``.
+else ``./mlflow-guard.toml`` if it exists), the built-in default. An array of tables such as
+``[[oidc.bearer]]`` is one variable in the environment, a JSON list of objects that replaces the
+file's whole list. The schema it fills is ``guard.settings``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, get_origin, get_type_hints
+from typing import Any, Final, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
-from guard.settings import Settings, Validator, parse_duration, parse_size
+from guard.settings import Settings, Validator, is_loopback_host, parse_duration, parse_size
 
 ENV_PREFIX: Final = "MLFLOW_GUARD_"
 DEFAULT_CONFIG_FILE: Final = "mlflow-guard.toml"
@@ -49,27 +51,34 @@ class Option:
         return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
 
 
+def _fields(section: str, schema: Any) -> list[Option]:
+    hints = get_type_hints(schema)
+    return [
+        Option(
+            section,
+            f.name,
+            hints[f.name],
+            f.default,
+            f.metadata["doc"],
+            f.metadata["flag"],
+            f.metadata["kind"],
+            f.metadata["check"],
+        )
+        for f in dataclasses.fields(schema)
+    ]
+
+
 def options() -> list[Option]:
-    """Every setting, in schema order."""
+    """Every setting, in schema order (an array of tables is one option of kind ``tables``)."""
     result = []
     for section in dataclasses.fields(Settings):
-        section_type = get_type_hints(Settings)[section.name]
-        hints = get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            meta = f.metadata
-            result.append(
-                Option(
-                    section.name,
-                    f.name,
-                    hints[f.name],
-                    f.default,
-                    meta["doc"],
-                    meta["flag"],
-                    meta["kind"],
-                    meta["check"],
-                )
-            )
+        result.extend(_fields(section.name, get_type_hints(Settings)[section.name]))
     return result
+
+
+def table_fields(opt: Option) -> list[Option]:
+    """The keys of each table of an array-of-tables option, named ``section.key[].field``."""
+    return _fields(f"{opt.name}[]", get_args(opt.type)[0])
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,47 @@ def _convert(opt: Option, raw: object) -> object:
     if not isinstance(raw, str):
         raise ValueError(f"expected a string, got {raw!r}")
     return raw
+
+
+def _tables(
+    opt: Option, raw: object, source: str, from_env: bool
+) -> tuple[tuple[object, ...], list[str]]:
+    """An array of tables from the file (a list of tables) or the environment (a JSON list of
+    objects); each problem names its entry: ``oidc.bearer[1].issuer: ...``."""
+    how = f"[[{opt.name}]] tables in the file, a JSON list of objects in {opt.env}"
+    if from_env and isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return (), [f"{opt.name}: not valid JSON: {exc} (write {how}) (from {source})"]
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+        return (), [f"{opt.name}: expected a list of tables ({how}) (from {source})"]
+    fields = table_fields(opt)
+    names = {sub.key for sub in fields}
+    schema = get_args(opt.type)[0]
+    entries: list[object] = []
+    problems: list[str] = []
+    for index, entry in enumerate(raw):
+        prefix = f"{opt.name}[{index}]"
+        problems.extend(
+            f"{prefix}.{key}: unknown setting (known: {', '.join(sorted(names))}) (from {source})"
+            for key in entry
+            if key not in names
+        )
+        values: dict[str, object] = {}
+        for sub in fields:
+            value = sub.default
+            if sub.key in entry:
+                try:
+                    value = _convert(sub, entry[sub.key])
+                except ValueError as exc:
+                    problems.append(f"{prefix}.{sub.key}: {exc} (from {source})")
+                    value = sub.default
+            if sub.check is not None and (message := sub.check(value)):
+                problems.append(f"{prefix}.{sub.key}: {message} (from {source})")
+            values[sub.key] = value
+        entries.append(schema(**values))
+    return tuple(entries), problems
 
 
 def find_config_file(flag: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -179,7 +229,11 @@ def load_settings(
         if isinstance(table, dict) and opt.key in table:
             candidates.append((f"file {path}", table[opt.key]))
         value, source = opt.default, "default"
-        if candidates:
+        if candidates and opt.kind == "tables":
+            source, raw = candidates[0]
+            value, table_problems = _tables(opt, raw, source, source.startswith("env "))
+            problems.extend(table_problems)
+        elif candidates:
             source, raw = candidates[0]
             try:
                 value = _convert(opt, raw)
@@ -195,6 +249,7 @@ def load_settings(
     settings = Settings(**{s: hints[s](**kv) for s, kv in values.items()})
     problems.extend(_cross_checks(settings))
     problems.extend(_ldap_checks(settings))
+    problems.extend(_oidc_checks(settings))
     return Loaded(settings, problems, sources, path)
 
 
@@ -239,6 +294,55 @@ def _ldap_checks(settings: Settings) -> list[str]:
         if url.lower().startswith("ldap://") and not c.start_tls and not loopback:
             problems.append(
                 f"ldap.urls: {url} would send passwords in clear (use ldaps:// or start_tls)"
+            )
+    return problems
+
+
+def _oidc_checks(settings: Settings) -> list[str]:
+    """[oidc] and [[oidc.bearer]] options that only make sense together."""
+    c = settings.oidc
+    problems = []
+    if c.issuer:
+        if not c.client_id:
+            problems.append("oidc.client_id: required with oidc.issuer (the gateway's client id)")
+        if bool(c.client_secret) == bool(c.client_secret_file):
+            problems.append(
+                "oidc.client_secret: set it (MLFLOW_GUARD_OIDC_CLIENT_SECRET) or "
+                "oidc.client_secret_file, exactly one of them (the gateway is a confidential "
+                "client)"
+            )
+        elif c.client_secret_file and not Path(c.client_secret_file).is_file():
+            problems.append(f"oidc.client_secret_file: {c.client_secret_file} does not exist")
+        unset = not c.redirect_uri and not settings.gateway.public_url
+        if unset and not is_loopback_host(settings.gateway.host):
+            problems.append(
+                "oidc.redirect_uri: set gateway.public_url (or oidc.redirect_uri): the "
+                f"provider cannot send browsers back to {settings.public_url}"
+            )
+    aliases = {c.alias: "oidc.alias"}
+    if c.alias == "ldap":
+        problems.append("oidc.alias: ldap names the directory's groups (choose another)")
+    issuers: dict[str, str] = {}
+    for index, bearer in enumerate(c.bearer):
+        name = f"oidc.bearer[{index}]"
+        if bearer.alias == "ldap":
+            problems.append(f"{name}.alias: ldap names the directory's groups (choose another)")
+        elif bearer.alias and bearer.alias in aliases:
+            problems.append(
+                f"{name}.alias: {bearer.alias!r} is already used by {aliases[bearer.alias]} "
+                "(each issuer needs its own alias)"
+            )
+        aliases.setdefault(bearer.alias, f"{name}.alias")
+        if bearer.issuer and bearer.issuer in issuers:
+            problems.append(
+                f"{name}.issuer: already trusted by {issuers[bearer.issuer]} (one table per issuer)"
+            )
+        issuers.setdefault(bearer.issuer, name)
+        if c.client_id and bearer.audience == c.client_id:
+            problems.append(
+                f"{name}.audience: equal to oidc.client_id, so ID tokens would work as API "
+                "credentials (use the audience of the provider's access tokens, e.g. "
+                "urn:mlflow-guard)"
             )
     return problems
 

@@ -626,6 +626,229 @@ class SessionSettings:
     )
 
 
+_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                      "ES512", "EdDSA")  # fmt: skip
+_LOOPBACK_NAMES: Final = frozenset({"localhost"})
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: where plain http is allowed for an identity provider."""
+    if not host:
+        return False
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _issuer(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return f"{value!r} is not a URL (write e.g. https://login.example.com/realms/main)"
+    if parts.scheme not in {"http", "https"} or not host:
+        return f"{value!r} is not an https URL (write e.g. https://login.example.com/realms/main)"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return f"{value!r} must have no query, fragment or credentials"
+    if parts.scheme == "http" and not is_loopback_host(host):
+        return f"{value!r} must be https (plain http only on loopback)"
+    return None
+
+
+def _required_issuer(value: str) -> str | None:
+    return (
+        "required (the issuer URL, exactly as in its tokens' iss)" if not value else _issuer(value)
+    )
+
+
+def _required(value: str) -> str | None:
+    return None if value else "required"
+
+
+def _alias(value: str) -> str | None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
+        return "must be 1-32 lowercase letters, digits or '-', starting with a letter or digit"
+    return None
+
+
+def _algorithms(values: tuple[str, ...]) -> str | None:
+    if not values:
+        return f"must name at least one of {', '.join(_ALGORITHMS)}"
+    wrong = [v for v in values if v not in _ALGORITHMS]
+    if wrong:
+        return (
+            f"{', '.join(wrong)}: not allowed (none and HMAC are never accepted; use "
+            f"{', '.join(_ALGORITHMS)})"
+        )
+    return None
+
+
+def _scopes(values: tuple[str, ...]) -> str | None:
+    if "openid" not in values:
+        return "must contain openid"
+    if any(not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", v) for v in values):
+        return "each scope is one token of printable characters (no spaces, quotes or '\\')"
+    return None
+
+
+def _redirect_uri(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return f"{value!r} is not a URL"
+    if parts.scheme not in {"http", "https"} or not host:
+        return f"{value!r} is not an http(s) URL"
+    if parts.path != "/guard/oidc/callback" or parts.query or parts.fragment or parts.username:
+        return (
+            f"{value!r} must be scheme://host[:port]/guard/oidc/callback (the gateway's "
+            "callback; no query, fragment or credentials)"
+        )
+    return None
+
+
+def _leeway(value: float) -> str | None:
+    if value < 0:
+        return "must not be negative"
+    return None if value <= 300 else "must be at most 5m (it only absorbs clock skew)"
+
+
+_ALGORITHMS_DOC: Final = (
+    "JWT signature algorithms accepted (from RS256/384/512, PS256/384/512, ES256/384/512, "
+    "EdDSA); none and HMAC (HS*) are always refused."
+)
+
+
+@dataclass(frozen=True)
+class OidcBearerSettings:
+    """One trusted issuer of machine tokens: a ``[[oidc.bearer]]`` table."""
+
+    alias: str = option(
+        "",
+        "Required. Names this issuer in subjects: client:<alias>/<subject> and "
+        "group:<alias>/<name>; lowercase letters, digits and '-', unique, never ldap.",
+        check=lambda value: _required(value) or _alias(value),
+    )
+    issuer: str = option(
+        "",
+        "Required. The issuer URL, exactly as in its tokens' iss (https except on loopback); "
+        "its keys come only from the jwks_uri its discovery document names.",
+        check=_required_issuer,
+    )
+    audience: str = option(
+        "",
+        "Required. The aud a token must carry for this gateway (e.g. urn:mlflow-guard); never "
+        "oidc.client_id, so ID tokens are not API credentials.",
+        check=_required,
+    )
+    subject_claim: str = option(
+        "",
+        "Claim naming the machine: client:<alias>/<value>. Empty: client_id, else azp, else sub.",
+    )
+    groups_claim: str = option(
+        "",
+        "Claim holding the machine's groups (a list of names), each group:<alias>/<name>; empty "
+        "means none.",
+    )
+    allowed_algorithms: tuple[str, ...] = option(
+        ("RS256", "PS256", "ES256"), _ALGORITHMS_DOC, check=_algorithms
+    )
+
+
+@dataclass(frozen=True)
+class OidcSettings:
+    issuer: str = option(
+        "",
+        "OpenID Connect provider for browser single sign-on, exactly as in its tokens' iss "
+        "(https except on loopback); its discovery document is read from "
+        "<issuer>/.well-known/openid-configuration. SSO is on when this is set.",
+        check=_issuer,
+    )
+    alias: str = option(
+        "oidc",
+        "Names the provider in subjects: its groups become group:<alias>/<name>; lowercase "
+        "letters, digits and '-', never ldap.",
+        check=_alias,
+    )
+    client_id: str = option("", "The gateway's client id at the provider (required for SSO).")
+    client_secret: str = option(
+        "",
+        "The gateway's client secret; prefer the environment variable or client_secret_file "
+        "over writing it into the file.",
+    )
+    client_secret_file: str = option(
+        "", "File holding the client secret (one line; trailing newline ignored)."
+    )
+    redirect_uri: str = option(
+        "",
+        "The callback URI registered at the provider, compared exactly; empty means "
+        "gateway.public_url + /guard/oidc/callback.",
+        check=_redirect_uri,
+    )
+    scopes: tuple[str, ...] = option(
+        ("openid", "profile", "email"),
+        "Scopes asked for at login; must contain openid. Nothing is added for groups_claim: "
+        "add the scope your provider needs to send groups (often groups).",
+        check=_scopes,
+    )
+    username_claim: str = option(
+        "preferred_username",
+        "ID token claim naming the person: user:<value>. Without it: email when email_verified "
+        "is true, else sub. The name is bound to the provider's (issuer, sub) at first login.",
+        check=_required,
+    )
+    groups_claim: str = option(
+        "",
+        "ID token claim holding the person's groups (a list of names), each "
+        "group:<alias>/<name>; empty means no groups from the provider.",
+    )
+    allowed_algorithms: tuple[str, ...] = option(
+        ("RS256", "PS256", "ES256"), _ALGORITHMS_DOC, check=_algorithms
+    )
+    end_provider_session: bool = option(
+        True,
+        "Logout also ends the provider's session when it has an end_session_endpoint.",
+    )
+    timeout: float = option(
+        10.0,
+        "Seconds one call to an identity provider (discovery, keys, token endpoint) may take; "
+        "SSO and bearer issuers alike.",
+        kind="duration",
+        check=_positive,
+    )
+    jwks_refresh_interval: float = option(
+        60.0,
+        "Least seconds between two fetches of an issuer's keys for a token whose kid is "
+        "unknown (key rotation); tokens with other unknown kids are refused meanwhile.",
+        kind="duration",
+        check=_positive,
+    )
+    leeway: float = option(
+        60.0,
+        "Seconds of clock skew allowed when checking exp, nbf and iat of provider tokens "
+        "(at most 5m).",
+        kind="duration",
+        check=_leeway,
+    )
+    bearer: tuple[OidcBearerSettings, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Trusted issuers of machine tokens (Authorization: Bearer <JWT>), one "
+            "[[oidc.bearer]] table each; in the environment, a JSON list of objects.",
+            "flag": None,
+            "kind": "tables",
+            "check": None,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -637,6 +860,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     ldap: LdapSettings = field(default_factory=LdapSettings)
     sessions: SessionSettings = field(default_factory=SessionSettings)
+    oidc: OidcSettings = field(default_factory=OidcSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -672,6 +896,12 @@ class Settings:
             return (self.public_url,)
         port = self.gateway.port
         return tuple(f"http://{host}:{port}" for host in default_allowed_hosts(self.gateway.host))
+
+    @property
+    def oidc_redirect_uri(self) -> str:
+        """Where the provider sends the browser back: oidc.redirect_uri, else public_url +
+        /guard/oidc/callback."""
+        return self.oidc.redirect_uri or f"{self.public_url}/guard/oidc/callback"
 
     @property
     def embedded(self) -> bool:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 
 from guard.cli.common import EXIT_CONFIG, EXIT_STARTUP, add_storage_flags, when
-from guard.config import Loaded, options
+from guard.config import Loaded, options, table_fields
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +66,15 @@ def check_config(loaded: Loaded) -> int:
     print(f"configuration OK (file: {loaded.config_file or 'none'})")
     for opt in options():
         value = getattr(getattr(settings, opt.section), opt.key)
-        shown = "<set, not shown>" if opt.key.endswith("password") and value else repr(value)
+        secret = opt.key.endswith(("password", "secret"))
+        shown = "<set, not shown>" if secret and value else repr(value)
+        if opt.kind == "tables":
+            shown = f"{len(value)} table(s)"
         print(f"  {opt.name} = {shown}  [{loaded.sources[opt.name]}]")
+        if opt.kind == "tables":
+            for index, entry in enumerate(value):
+                for sub in table_fields(opt):
+                    print(f"    {opt.name}[{index}].{sub.key} = {getattr(entry, sub.key)!r}")
     return 0
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.config import load_settings, options
+from guard.config import Loaded, load_settings, options, table_fields
 from guard.settings import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,6 +159,16 @@ def test_type_errors_in_the_file(tmp_path: Path) -> None:
     assert any(p.startswith("mlflow.serve_artifacts: expected true or false") for p in problems)
 
 
+def _load_text(text: str) -> Loaded:
+    path = ROOT / "config" / "mlflow-guard.toml"
+    tmp = path.with_name(".uncommented-test.toml")
+    try:
+        tmp.write_text(text)
+        return load_settings({}, {}, str(tmp))
+    finally:
+        tmp.unlink()
+
+
 def test_example_config_lists_every_option_and_parses() -> None:
     text = (ROOT / "config" / "mlflow-guard.toml").read_text()
     uncommented = "\n".join(
@@ -168,17 +178,39 @@ def test_example_config_lists_every_option_and_parses() -> None:
     )
     parsed = tomllib.loads(uncommented)
     listed = {(s, k) for s, table in parsed.items() for k in table}
-    assert listed == {(o.section, o.key) for o in options()}
+    assert listed == {(o.section, o.key) for o in options() if o.kind != "tables"}
     # The example, uncommented, is a valid configuration equal to the defaults.
-    path = ROOT / "config" / "mlflow-guard.toml"
-    tmp = path.with_name(".uncommented-test.toml")
-    try:
-        tmp.write_text(uncommented)
-        loaded = load_settings({}, {}, str(tmp))
-    finally:
-        tmp.unlink()
+    loaded = _load_text(uncommented)
     assert loaded.problems == []
     assert loaded.settings == load_settings({}, {}, None).settings
+
+
+def test_example_config_has_an_example_of_each_array_of_tables() -> None:
+    """An array of tables has no default to show: its example is written with "## " and,
+    uncommented as well, lists every key of one table and is valid."""
+    text = (ROOT / "config" / "mlflow-guard.toml").read_text()
+    uncommented = "\n".join(
+        line[3:] if line.startswith("## ") else line[2:] if line.startswith("# ") else line
+        for line in text.splitlines()
+        if (line.startswith("## ") and (" = " in line or line.startswith("## [[")))
+        or (line.startswith("# ") and " = " in line)
+        or not line.startswith("#")
+    )
+    parsed = tomllib.loads(uncommented)
+    for opt in (o for o in options() if o.kind == "tables"):
+        tables = parsed[opt.section][opt.key]
+        assert [set(t) for t in tables] == [{sub.key for sub in table_fields(opt)}]
+    loaded = _load_text(uncommented)
+    assert loaded.problems == []
+    assert loaded.settings.oidc.bearer[0].alias == "ci"
+
+
+def test_readme_documents_every_table_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    tables = [o for o in options() if o.kind == "tables"]
+    assert tables
+    missing = [s.name for o in tables for s in table_fields(o) if f"`{s.name}`" not in readme]
+    assert missing == []
 
 
 def test_readme_documents_every_option() -> None:
