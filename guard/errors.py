@@ -43,6 +43,14 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "too_many_parameters": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The query string has too many parameters."
     ),
+    "oidc_state_invalid": ReasonInfo(
+        400,
+        "BAD_REQUEST",
+        "The single sign-on attempt is unknown, expired or already used: start the login again.",
+    ),
+    "logout_token_invalid": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "The back-channel logout token is not valid."
+    ),
     # 401: who are you?
     "invalid_request_body": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The request body cannot be read unambiguously."
@@ -68,6 +76,12 @@ REASONS: Final[dict[str, ReasonInfo]] = {
         "UNAUTHENTICATED",
         "Too many failed logins for this user name: the gateway does not check it for a while "
         "(the directory account itself is not locked).",
+    ),
+    "oidc_provider_error": ReasonInfo(
+        401, "UNAUTHENTICATED", "The identity provider did not log you in."
+    ),
+    "oidc_response_invalid": ReasonInfo(
+        401, "UNAUTHENTICATED", "The identity provider's answer could not be verified."
     ),
     # 403: you may not.
     "route_not_classified": ReasonInfo(
