@@ -385,6 +385,13 @@ class TokenSettings:
         "effect on every replica within this time. 0 asks every time.",
         kind="duration",
     )
+    personal_max_expiry: float = option(
+        90 * 86400.0,
+        "Longest lifetime of a personal token (one a person creates for themselves at "
+        "/guard/tokens); a longer expiry asked for is refused.",
+        kind="duration",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True)
