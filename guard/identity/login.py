@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -36,7 +36,7 @@ from guard.identity import pages
 from guard.identity.base import Credentials, IdentityProvider, Principal
 from guard.identity.csrf import LoginCsrf, LogoutCsrf
 from guard.identity.forms import query_text, read_form, validate_next
-from guard.identity.sessions import SessionCookie, SessionStore
+from guard.identity.sessions import Session, SessionCookie, SessionStore
 
 logger = logging.getLogger("guard.login")
 
@@ -60,6 +60,9 @@ MESSAGES: Final = {
 }
 
 Audit = Callable[[dict[str, Any]], None]
+# Where a logout sends the browser after ending an OpenID Connect session: the provider's
+# end_session_endpoint (guard.identity.sso), or None for the login page.
+ProviderLogout = Callable[[Session], Awaitable[str | None]]
 
 
 class LoginApp:
@@ -78,8 +81,12 @@ class LoginApp:
         blocked: Container[str] = frozenset(),
         limiter: FailureLimiter | None = None,
         audit: Audit | None = None,
+        sso: bool = False,
+        provider_logout: ProviderLogout | None = None,
     ) -> None:
         self.providers = tuple(providers)
+        self.sso = sso  # show the single sign-on button
+        self.provider_logout = provider_logout
         self.sessions = sessions
         self.cookie = cookie
         self.csrf = csrf
@@ -159,6 +166,7 @@ class LoginApp:
                 error=message,
                 username=username,
                 token_failed=token_failed,
+                sso=self.sso,
             )
         )
         headers = [(CSP, pages.PAGE_CSP), *attempt.headers, *extra]
@@ -322,10 +330,15 @@ class LoginApp:
                     "session": ended.key[:12], "client": context.client,
                     "request_id": context.request_id,
                 })  # fmt: skip
+            if self.provider_logout is not None and ended.method == "oidc":
+                await self._to_login(scope, send, await self.provider_logout(ended))
+                return
         await self._to_login(scope, send)
 
-    async def _to_login(self, scope: Scope, send: Send) -> None:
-        headers = [(b"location", LOGIN_PATH.encode()), self.cookie.clear()]
+    async def _to_login(self, scope: Scope, send: Send, location: str | None = None) -> None:
+        """303 to the login page (or ``location``: the provider's logout), the cookie cleared."""
+        target = (location or LOGIN_PATH).encode("ascii")
+        headers = [(b"location", target), self.cookie.clear()]
         await send_body(scope, send, 303, b"text/plain; charset=utf-8", b"", headers)
 
 

@@ -15,12 +15,14 @@ from functools import cache
 from importlib import resources
 from string import Template
 from typing import Final
+from urllib.parse import quote
 
 STATIC_PREFIX: Final = "/guard/static/"
 CONTENT_TYPES: Final = {
     "login.css": b"text/css; charset=utf-8",
     "login.js": b"text/javascript; charset=utf-8",
 }
+SSO_LOGIN_PATH: Final = "/guard/oidc/login"
 # The pages' own policy; SecurityHeadersMiddleware adds the gateway's frame-ancestors.
 PAGE_CSP: Final = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -65,6 +67,7 @@ class LoginForm:
     error: str = ""
     username: str = ""  # typed into the form that failed, shown again (never the password)
     token_failed: bool = False  # the token form failed: open it and fill its name
+    sso: bool = False  # OpenID Connect is configured: the single sign-on button
 
 
 def render_login(form: LoginForm) -> bytes:
@@ -74,7 +77,7 @@ def render_login(form: LoginForm) -> bytes:
         username = "" if form.token_failed else form.username
         directory = template("directory-form.html").substitute(common, username=_e(username))
     token_name = form.username if form.token_failed or not form.directory else ""
-    if form.directory:
+    if form.directory or form.sso:  # the token form is the fallback, folded away
         wrapper = {
             "wrapper": "details",
             "open": " open" if form.token_failed else "",
@@ -89,7 +92,12 @@ def render_login(form: LoginForm) -> bytes:
         js_version=version("login.js"),
         error=_e(form.error),
         directory_form=directory,
-        sso="",
+        sso=template("sso-button.html").substitute(
+            sso_href=_e(SSO_LOGIN_PATH + "?next=" + quote(form.next, safe="")),
+            next=_e(form.next),
+        )
+        if form.sso
+        else "",
         token_form=token,
     )
     return page.encode("utf-8")
@@ -98,5 +106,13 @@ def render_login(form: LoginForm) -> bytes:
 def render_logout(name: str, csrf_token: str) -> bytes:
     page = template("logout.html").substitute(
         css_version=version("login.css"), name=_e(name), csrf_token=_e(csrf_token)
+    )
+    return page.encode("utf-8")
+
+
+def render_sso_error(title: str, message: str, retry: str) -> bytes:
+    """The page of a single sign-on that did not log in: what happened and a link to retry."""
+    page = template("sso-error.html").substitute(
+        css_version=version("login.css"), title=_e(title), message=_e(message), retry=_e(retry)
     )
     return page.encode("utf-8")

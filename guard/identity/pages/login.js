@@ -13,4 +13,12 @@
       fields[i].value = fields[i].value + hash;
     }
   }
+  // The single sign-on button is a link: its next travels in the query, percent-encoded.
+  var sso = document.getElementById("sso-login");
+  if (sso) {
+    var next = sso.getAttribute("data-next") || "/";
+    if (next.indexOf("#") === -1) {
+      sso.setAttribute("href", "/guard/oidc/login?next=" + encodeURIComponent(next + hash));
+    }
+  }
 })();
