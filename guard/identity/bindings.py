@@ -131,6 +131,22 @@ class IdentityBindings:
             else Binding(r.subject, r.source, r.stable_id, r.created_at, r.last_seen_at)
         )
 
+    def find(self, source: str, stable_id: str) -> Binding | None:
+        """The name this identity claimed first (the oldest of its bindings), or None: an
+        OpenID Connect account keeps that name when its claims are renamed."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(identities)
+                .where(identities.c.source == source, identities.c.stable_id == stable_id)
+                .order_by(identities.c.created_at, identities.c.subject)
+                .limit(1)
+            ).first()
+        return (
+            None
+            if r is None
+            else Binding(r.subject, r.source, r.stable_id, r.created_at, r.last_seen_at)
+        )
+
     def unlink(self, subject: str) -> bool:
         """Free the name (the next login claims it); False when it was not bound."""
         self.forget(subject)

@@ -20,7 +20,10 @@ from guard.errors import Refusal
 MAX_NEXT: Final = 2048
 MAX_FORM_BODY: Final = 8192
 FORM_TIMEOUT: Final = 10.0
-FIELD_LIMITS: Final = {"username": 256, "password": 1024, "csrf_token": 128, "next": MAX_NEXT}
+FIELD_LIMITS: Final = {
+    "username": 256, "password": 1024, "csrf_token": 128, "next": MAX_NEXT,
+    "logout_token": MAX_FORM_BODY,  # OpenID Connect back-channel logout: a signed JWT
+}  # fmt: skip
 FORM_TYPE: Final = "application/x-www-form-urlencoded"
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _PATH_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f\\]")

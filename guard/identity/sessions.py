@@ -125,8 +125,10 @@ class SessionStore:
         issuer: str | None = None,
         oidc_sub: str | None = None,
         oidc_sid: str | None = None,
+        provider_tokens: str | None = None,
     ) -> tuple[str, Session]:
-        """A new session for ``principal``: its id (for the cookie only) and its row."""
+        """A new session for ``principal``: its id (for the cookie only) and its row.
+        ``provider_tokens`` (OpenID Connect) is stored as given: encrypt it first."""
         session_id = secrets.token_urlsafe(_ID_BYTES)
         now = self.clock()
         method = principal.method.removeprefix("session:")
@@ -148,7 +150,11 @@ class SessionStore:
             oidc_sid=oidc_sid,
         )
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(sessions_table).values(**_columns(session)))
+            conn.execute(
+                sa.insert(sessions_table).values(
+                    **_columns(session), provider_tokens=provider_tokens
+                )
+            )
         return session_id, session
 
     def get(self, session_id: str) -> Session | None:
@@ -194,6 +200,51 @@ class SessionStore:
                 .values(revoked_at=now, revoked_by=by[:256])
             )
         return dataclasses.replace(_session(row), revoked_at=now, revoked_by=by[:256])
+
+    def take_provider_tokens(self, key: str) -> str | None:
+        """The identity provider's tokens stored with the session (encrypted), removed from the
+        row as they are read: a logout uses them once."""
+        with self.engine.begin() as conn:
+            value = conn.execute(
+                sa.select(sessions_table.c.provider_tokens).where(sessions_table.c.key == key)
+            ).scalar()
+            if value is not None:
+                conn.execute(
+                    sa.update(sessions_table)
+                    .where(sessions_table.c.key == key)
+                    .values(provider_tokens=None)
+                )
+        return None if value is None else str(value)
+
+    def revoke_provider_session(
+        self, issuer: str, *, sid: str | None, sub: str | None, by: str
+    ) -> list[Session]:
+        """End the active sessions an OpenID Connect provider's logout names: those of
+        ``issuer`` with that ``sid`` (and ``sub`` when both are given), else every one of
+        ``sub``; the sessions as they were. Their provider tokens go with them."""
+        if sid is None and sub is None:
+            return []
+        now = self.clock()
+        where = [
+            sessions_table.c.issuer == issuer,
+            sessions_table.c.revoked_at.is_(None),
+            sessions_table.c.expires_at > now,
+        ]
+        if sid is not None:
+            where.append(sessions_table.c.oidc_sid == sid)
+        if sub is not None:
+            where.append(sessions_table.c.oidc_sub == sub)
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(sessions_table).where(*where)).all()
+            if not rows:
+                return []
+            keys = [row.key for row in rows]
+            conn.execute(
+                sa.update(sessions_table)
+                .where(sessions_table.c.key.in_(keys), sessions_table.c.revoked_at.is_(None))
+                .values(revoked_at=now, revoked_by=by[:256], provider_tokens=None)
+            )
+        return [dataclasses.replace(_session(r), revoked_at=now, revoked_by=by[:256]) for r in rows]
 
     def revoke_subject(self, subject: str, by: str) -> int:
         """End every session of ``subject``; how many were still active."""
