@@ -142,6 +142,10 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "method_not_allowed": ReasonInfo(
         405, "BAD_REQUEST", "This method is not allowed on this route."
     ),
+    # 409: a name already taken.
+    "token_exists": ReasonInfo(
+        409, "INVALID_PARAMETER_VALUE", "A live token of that name exists; pick another name."
+    ),
     "body_too_large": ReasonInfo(413, "RESOURCE_EXHAUSTED", "The request body is too large."),
     "header_timeout": ReasonInfo(
         408, "DEADLINE_EXCEEDED", "The request headers did not arrive in time."
