@@ -66,7 +66,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/mypy
 
-test: $(STAMP) system-packages lint
+# The tests' OpenID Connect provider: oidc-provider, pinned by tests/idp/package-lock.json and
+# installed with `npm ci` into tests/idp/node_modules (git-ignored). npm comes with the machine's
+# Node.js; Debian's nodejs and npm are installed only when npm is missing, since they would
+# replace a newer Node.
+IDP_STAMP := tests/idp/node_modules/.installed
+$(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
+	@command -v npm >/dev/null || { echo "installing Debian packages the tests start: nodejs npm"; \
+	  $(APT) update -q && $(APT) install -y -q nodejs npm; }
+	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(STAMP) system-packages $(IDP_STAMP) lint
 	$(BIN)/pytest
 
 # bench.ldap starts the tests' throwaway slapd, hence system-packages.
@@ -77,4 +88,4 @@ bench: $(STAMP) system-packages
 	$(BIN)/python -m bench.ldap
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/idp/node_modules

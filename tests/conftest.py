@@ -1,7 +1,8 @@
-"""Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, a throwaway slapd, free ports.
+"""Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, a throwaway slapd, a
+throwaway OpenID Connect provider, free ports.
 
-A PostgreSQL, LDAP or browser test that is skipped fails the run: silently not testing a real
-component is not a pass.
+A PostgreSQL, LDAP, OIDC or browser test that is skipped fails the run: silently not testing a
+real component is not a pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from tests.idp import OidcProvider
     from tests.slapd import Slapd
 
 
@@ -42,6 +44,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     elif report.skipped and "ldap" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"LDAP test was skipped, which counts as a failure: {report.longrepr}"
+    elif report.skipped and (
+        "oidc" in item.keywords or "oidc_provider" in getattr(item, "fixturenames", ())
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"OIDC test was skipped, which counts as a failure: {report.longrepr}"
     elif report.skipped and "browser" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"Browser test was skipped, which counts as a failure: {report.longrepr}"
@@ -115,6 +122,21 @@ def slapd() -> Iterator[Slapd]:
     from tests.slapd import Slapd
 
     server = Slapd(free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def oidc_provider() -> Iterator[OidcProvider]:
+    """The throwaway OpenID Connect provider (tests/idp.py, ``node tests/idp/server.mjs``),
+    started once per session; issuer ``http://localhost:PORT``. Tests register their own
+    clients; ``reset()`` undoes key and failure changes."""
+    from tests.idp import OidcProvider
+
+    server = OidcProvider(free_port())
     try:
         server.start()
         yield server
