@@ -9,15 +9,20 @@ identity is refused with ``identity_conflict`` until an administrator frees the 
 with the same name, never takes over another's grants. Service tokens (``token:``) are not
 bound. Bindings this process has confirmed are cached for ``ttl`` seconds, so a burst of logins
 costs no database round trip; a change made elsewhere is seen once that entry expires.
+
+A login also stores the person's source-qualified groups (``claim(..., groups=...)``, or
+``record_groups``): personal tokens act with the groups of their owner's last login. Freeing or
+re-binding a name revokes its personal tokens: they were made by the identity that held it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from guard.store.db import identities
+from guard.store.db import tokens as tokens_table
 
 LAST_SEEN_EVERY: Final = dt.timedelta(minutes=1)  # last_seen is written at most this often
 
@@ -59,22 +65,30 @@ class IdentityBindings:
         self.size = size
         self.clock = clock
         self.now = now
-        self._cache: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        # subject -> (source, stable id, cached until, the groups stored as JSON)
+        self._cache: OrderedDict[str, tuple[str, str, float, str | None]] = OrderedDict()
         self._lock = threading.Lock()
         self.queries = 0  # database round trips made by claim(), for tests
 
-    def claim(self, subject: str, source: str, stable_id: str) -> Binding | None:
-        """None when ``subject`` is (now) bound to this identity; else the other binding."""
+    def claim(
+        self, subject: str, source: str, stable_id: str, groups: Iterable[str] | None = None
+    ) -> Binding | None:
+        """None when ``subject`` is (now) bound to this identity; else the other binding.
+        With ``groups`` (the login's source-qualified groups) they are stored with the
+        binding, for the personal tokens of ``subject``."""
+        stored = None if groups is None else _groups_json(groups)
         with self._lock:
             cached = self._cache.get(subject)
             if (
                 cached is not None
                 and cached[:2] == (source, stable_id)
                 and self.clock() < cached[2]
+                and (stored is None or cached[3] == stored)
             ):
                 return None
         self.queries += 1
         now = self.now()
+        current = stored  # what the row holds once this claim is done
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(identities).where(identities.c.subject == subject)).first()
             if row is None:
@@ -83,7 +97,7 @@ class IdentityBindings:
                         conn.execute(
                             identities.insert().values(
                                 subject=subject, source=source, stable_id=stable_id,
-                                created_at=now, last_seen_at=now,
+                                created_at=now, last_seen_at=now, groups=stored,
                             )
                         )  # fmt: skip
                 except sa.exc.IntegrityError:  # another login claimed it first
@@ -95,19 +109,41 @@ class IdentityBindings:
                     return Binding(
                         row.subject, row.source, row.stable_id, row.created_at, row.last_seen_at
                     )
+                current = row.groups
+                changes: dict[str, object] = {}
                 if now - row.last_seen_at >= LAST_SEEN_EVERY:
-                    conn.execute(
-                        identities.update()
-                        .where(identities.c.subject == subject)
-                        .values(last_seen_at=now)
-                    )
+                    changes["last_seen_at"] = now
+                if stored is not None and row.groups != stored:
+                    changes["groups"] = current = stored
+                if changes:
+                    where = identities.c.subject == subject
+                    conn.execute(identities.update().where(where).values(**changes))
         if self.ttl > 0:
             with self._lock:
-                self._cache[subject] = (source, stable_id, self.clock() + self.ttl)
+                self._cache[subject] = (source, stable_id, self.clock() + self.ttl, current)
                 self._cache.move_to_end(subject)
                 while len(self._cache) > self.size:
                     self._cache.popitem(last=False)
         return None
+
+    def record_groups(self, subject: str, groups: Iterable[str]) -> bool:
+        """Store the groups of ``subject``'s login (already bound: call after ``claim``);
+        False when the name is bound to nobody."""
+        stored = _groups_json(groups)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                identities.update().where(identities.c.subject == subject).values(groups=stored)
+            )
+        self.forget(subject)
+        return bool(result.rowcount)
+
+    def groups(self, subject: str) -> tuple[str, ...]:
+        """The groups stored by ``subject``'s last login (none when it never logged in)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(identities.c.groups).where(identities.c.subject == subject)
+            ).scalar()
+        return tuple(json.loads(value)) if isinstance(value, str) else ()
 
     def forget(self, subject: str) -> None:
         with self._lock:
@@ -152,6 +188,7 @@ class IdentityBindings:
         self.forget(subject)
         with self.engine.begin() as conn:
             deleted = conn.execute(identities.delete().where(identities.c.subject == subject))
+            _revoke_personal_tokens(conn, subject, self.now())
         return deleted.rowcount > 0
 
     def link(self, subject: str, source: str, stable_id: str) -> Binding | None:
@@ -169,4 +206,21 @@ class IdentityBindings:
                     created_at=now, last_seen_at=now,
                 )
             )  # fmt: skip
+            if previous is not None and (previous.source, previous.stable_id) != (
+                source, stable_id
+            ):  # fmt: skip
+                _revoke_personal_tokens(conn, subject, now)
         return previous
+
+
+def _groups_json(groups: Iterable[str]) -> str:
+    return json.dumps(sorted(set(groups)))
+
+
+def _revoke_personal_tokens(conn: sa.Connection, subject: str, now: dt.datetime) -> None:
+    """The name changes hands: the tokens its former identity made stop acting as it."""
+    conn.execute(
+        tokens_table.update()
+        .where(tokens_table.c.owner == subject, tokens_table.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )

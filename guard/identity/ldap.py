@@ -753,8 +753,12 @@ class LdapProvider:
             return None, None, str(self.directory.refused.info)
         if not user.stable_id or self.bindings is None:
             return user, None, ""
-        subject = f"user:{subject_name(user.name)}"
-        return user, self.bindings.claim(subject, SOURCE, user.stable_id), ""
+        # The groups go with the claim: personal tokens act with those of the last login.
+        principal = self.principal(user)
+        claimed = self.bindings.claim(
+            str(principal.subject), SOURCE, user.stable_id, groups=principal.groups
+        )
+        return user, claimed, ""
 
     async def refresh(self, name: str, stable_id: str) -> Principal | Refusal | None:
         """The groups of a session's user read again (at most every ``group_refresh``):

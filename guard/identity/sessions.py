@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 
 from guard.identity.base import DirectorySubject, Principal
 from guard.store.db import sessions as sessions_table
+from guard.store.db import tokens as tokens_table
 from guard.store.db import user_blocks
 
 TOUCH_INTERVAL: Final = dt.timedelta(minutes=1)
@@ -308,15 +309,17 @@ class SessionStore:
 
 
 class UserBlocks:
-    """``mlflow-guard user block|unblock``: a blocked subject's sessions end at once and it
-    cannot log in anywhere until unblocked."""
+    """``mlflow-guard user block|unblock``: a blocked subject's sessions end at once, its
+    personal tokens are revoked (for good: an unblock does not bring them back, as it does not
+    bring back sessions), and it cannot log in anywhere until unblocked."""
 
     def __init__(self, engine: Engine, clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.engine = engine
         self.clock = clock
 
     def block(self, subject: str, by: str, reason: str = "") -> bool:
-        """Block ``subject`` and end its sessions; False if it was already blocked."""
+        """Block ``subject``, end its sessions and revoke its personal tokens; False if it was
+        already blocked."""
         now = self.clock()
         try:
             with self.engine.begin() as conn:
@@ -343,6 +346,11 @@ class UserBlocks:
             sa.update(sessions_table)
             .where(sessions_table.c.subject == subject, sessions_table.c.revoked_at.is_(None))
             .values(revoked_at=now, revoked_by=by[:256])
+        )
+        conn.execute(
+            sa.update(tokens_table)
+            .where(tokens_table.c.owner == subject, tokens_table.c.revoked_at.is_(None))
+            .values(revoked_at=now)
         )
 
     def unblock(self, subject: str) -> bool:

@@ -1,10 +1,16 @@
-"""Service tokens: for CI jobs and for people until SSO exists.
+"""Gateway tokens: service tokens for CI jobs, and personal tokens people make for themselves.
 
 A token is ``mlg_`` plus 32 random bytes (base64url). The database keeps only its
 HMAC-SHA256 under the gateway's secret key: tokens carry 256 bits of entropy, so a slow password
 hash would add cost per request and no safety, while the key keeps a stolen database useless.
 The MLflow client sends a token as ``Authorization: Bearer`` (``MLFLOW_TRACKING_TOKEN``) or as
 the Basic password with the token's name as user name (``MLFLOW_TRACKING_USERNAME/PASSWORD``).
+
+A personal token (``owner`` set) acts as its owner, a person (``user:alice``), with the groups
+of the owner's last login (``guard_identity.groups``; none for a person who never logged in) and
+no grant of its own: its rights are the owner's, at most. Its name is ``<owner's name>/<label>``
+(``alice/laptop``), so it never meets a service token's name (those have no ``/``) nor another
+person's token; a Basic login with it must name the owner (``alice``), not the token.
 
 The prefix is how a token is recognized everywhere: a secret without it is not a token, so the
 provider answers "not mine" (a Basic password then goes to the directory, never to the token
@@ -17,6 +23,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -31,7 +38,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from guard.errors import Refusal
-from guard.identity.base import Credentials, Principal
+from guard.identity.base import Credentials, DirectorySubject, Principal
+from guard.store.db import identities
 from guard.store.db import tokens as tokens_table
 
 logger = logging.getLogger("guard.tokens")
@@ -39,6 +47,10 @@ logger = logging.getLogger("guard.tokens")
 TOKEN_PREFIX: Final = "mlg_"  # noqa: S105 - a public marker, not a secret
 BOOTSTRAP_NAME: Final = "admin"
 NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+LABEL_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # a personal token's own part
+PERSONAL_ROLE: Final = "personal"  # the role column of a personal token: it grants nothing
+MAX_NAME: Final = 64  # the name column's width (owner's name, "/", label)
+OWNER_PREFIX: Final = "user:"
 # A token: the prefix, then at least 32 characters (128 bits as hex; generated ones have 43).
 _SECRET_PATTERN: Final = re.compile(r"mlg_[A-Za-z0-9._~+/=-]{32,252}")
 SECRET_FORM: Final = "mlg_ followed by 32-252 characters of A-Z a-z 0-9 . _ ~ + / = -"  # noqa: S105
@@ -69,6 +81,13 @@ class TokenRecord:
     expires_at: dt.datetime
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+    owner: str | None = None  # ``user:<name>`` for a personal token
+    groups: tuple[str, ...] = ()  # a personal token: the groups of the owner's last login
+
+    @property
+    def label(self) -> str:
+        """A personal token's own part of its name (``laptop`` of ``alice/laptop``)."""
+        return self.name.rpartition("/")[2]
 
     def state(self, now: dt.datetime) -> str:
         if self.revoked_at is not None:
@@ -83,6 +102,26 @@ def validate_name(name: str) -> None:
             f"token name {name!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit)"
         )
+
+
+def personal_name(owner: str, label: str) -> str:
+    """The name of ``owner``'s personal token ``label``: ``alice/laptop``. Raises TokenError
+    when the owner is not a person or the label or the whole name cannot be used."""
+    owner_name = owner.removeprefix(OWNER_PREFIX)
+    if not owner.startswith(OWNER_PREFIX) or not owner_name or "/" in owner_name:
+        raise TokenError(f"{owner!r} is not a person (user:<name>): only people own tokens")
+    if not LABEL_PATTERN.fullmatch(label):
+        raise TokenError(
+            f"token name {label!r} is invalid (use 1-64 of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit)"
+        )
+    name = f"{owner_name}/{label}"
+    if len(name) > MAX_NAME:
+        raise TokenError(
+            f"token name {label!r} is too long for {owner_name!r} (the user name, '/' and "
+            f"the token name together are at most {MAX_NAME} characters)"
+        )
+    return name
 
 
 def new_secret() -> str:
@@ -129,8 +168,19 @@ class TokenStore:
     def create(
         self, name: str, role: str, lifetime: float, secret: str | None = None
     ) -> tuple[TokenRecord, str]:
-        """Create a token; returns its record and the secret (shown once, never stored)."""
+        """Create a service token; returns its record and the secret (shown once, never
+        stored)."""
         validate_name(name)
+        return self._insert(name, role, lifetime, secret, None)
+
+    def create_personal(self, owner: str, label: str, lifetime: float) -> tuple[TokenRecord, str]:
+        """Create ``owner``'s personal token ``label`` (named ``<owner's name>/<label>``);
+        its record and its secret (shown once). Who may ask is the caller's question."""
+        return self._insert(personal_name(owner, label), PERSONAL_ROLE, lifetime, None, owner)
+
+    def _insert(
+        self, name: str, role: str, lifetime: float, secret: str | None, owner: str | None
+    ) -> tuple[TokenRecord, str]:
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", role):
             raise TokenError(f"{role!r} is not a role name")
         if not lifetime > 0:
@@ -141,7 +191,7 @@ class TokenStore:
             raise TokenError(f"the supplied token {problem}")
         now = self.clock()
         expires_at = now + dt.timedelta(seconds=lifetime)
-        row = {"name": name, "role": role, "digest": self.digest(secret)}
+        row = {"name": name, "role": role, "digest": self.digest(secret), "owner": owner}
         try:
             with self.engine.begin() as conn:
                 insert = tokens_table.insert().values(**row, created_at=now, expires_at=expires_at)
@@ -151,7 +201,8 @@ class TokenStore:
                 f"a live token named {name!r} already exists (revoke it first or pick another name)"
             ) from None
         assert token_id is not None  # noqa: S101 - an insert always has a key
-        return TokenRecord(token_id[0], name, role, now, expires_at, None, None), secret
+        record = TokenRecord(token_id[0], name, role, now, expires_at, None, None, owner)
+        return record, secret
 
     def bootstrap(self, lifetime: float, secret: str | None) -> str | None:
         """Create the first admin token if no token was ever made; its secret, else None."""
@@ -163,16 +214,22 @@ class TokenStore:
         except TokenExists:
             return None  # another replica bootstrapped at the same moment
 
-    def list(self, include_revoked: bool = False) -> list[TokenRecord]:
+    def list(self, include_revoked: bool = False, owner: str | None = None) -> list[TokenRecord]:
+        """Tokens, oldest first: every one, or only ``owner``'s personal tokens."""
         query = sa.select(tokens_table).order_by(tokens_table.c.created_at, tokens_table.c.id)
         if not include_revoked:
             query = query.where(tokens_table.c.revoked_at.is_(None))
+        if owner is not None:
+            query = query.where(tokens_table.c.owner == owner)
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
-    def revoke(self, name: str) -> TokenRecord:
+    def revoke(self, name: str, owner: str | None = None) -> TokenRecord:
+        """Revoke the live token ``name`` (only if ``owner`` owns it, when given)."""
         now = self.clock()
         live = sa.and_(tokens_table.c.name == name, tokens_table.c.revoked_at.is_(None))
+        if owner is not None:
+            live = sa.and_(live, tokens_table.c.owner == owner)
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(tokens_table).where(live)).first()
             if row is None:
@@ -183,12 +240,11 @@ class TokenStore:
         return _record(row)
 
     def lookup(self, secret: str) -> TokenRecord | None:
-        """The token whose secret this is, revoked and expired ones included."""
+        """The token whose secret this is, revoked and expired ones included (a personal
+        token with its owner's groups, read in the same query)."""
         digest = self.digest(secret)
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(tokens_table).where(tokens_table.c.digest == digest)
-            ).first()
+            row = conn.execute(_with_groups().where(tokens_table.c.digest == digest)).first()
         # The lookup is by an HMAC the caller cannot steer; compare anyway, in constant time.
         if row is None or not hmac.compare_digest(row.digest, digest):
             return None
@@ -197,7 +253,7 @@ class TokenStore:
     def by_id(self, token_id: int) -> TokenRecord | None:
         """The token with this id (a session that began with it asks whether it still holds)."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).first()
+            row = conn.execute(_with_groups().where(tokens_table.c.id == token_id)).first()
         return None if row is None else _record(row)
 
     def touch(self, token_id: int, when: dt.datetime) -> None:
@@ -207,8 +263,16 @@ class TokenStore:
             )
 
 
+def _with_groups() -> sa.Select[tuple[object, ...]]:
+    """Token rows with the groups of their owner's last login (NULL for service tokens)."""
+    return sa.select(tokens_table, identities.c.groups.label("owner_groups")).outerjoin(
+        identities, identities.c.subject == tokens_table.c.owner
+    )
+
+
 def _record(row: sa.Row[tuple[object, ...]]) -> TokenRecord:
     m = row._mapping
+    groups = m.get("owner_groups")
     return TokenRecord(
         m["id"],
         m["name"],
@@ -217,6 +281,40 @@ def _record(row: sa.Row[tuple[object, ...]]) -> TokenRecord:
         m["expires_at"],
         m["revoked_at"],
         m["last_used_at"],
+        m["owner"],
+        _groups(groups) if m["owner"] is not None else (),
+    )
+
+
+def _groups(value: object) -> tuple[str, ...]:
+    """The stored groups of a login: only source-qualified ones (``group:<source>/<name>``),
+    so a stored value can never stand for a policy-defined group."""
+    if not isinstance(value, str) or not value:
+        return ()
+    try:
+        found = json.loads(value)
+    except ValueError:
+        return ()
+    if not isinstance(found, list):
+        return ()
+    return tuple(
+        sorted({g for g in found if isinstance(g, str) and g.startswith("group:") and "/" in g})
+    )
+
+
+def personal_principal(record: TokenRecord) -> Principal:
+    """What a personal token acts as: its owner, with the groups of the owner's last login and
+    no role of its own (``method`` is ``token``, ``identity`` the token's id)."""
+    assert record.owner is not None  # noqa: S101 - only personal tokens come here
+    groups = record.groups
+    return Principal(
+        subject=DirectorySubject(record.owner, groups) if groups else record.owner,
+        name=record.owner.removeprefix(OWNER_PREFIX),
+        method="token",
+        roles=(),
+        expires_at=record.expires_at,
+        groups=groups,
+        identity=f"token:{record.id}",
     )
 
 
@@ -255,8 +353,10 @@ class TokenProvider:
             return Refusal("identity_unavailable", "The token store cannot be reached.")
         if record is None:
             return Refusal("invalid_credentials")
+        # Basic names the token (a service token) or its owner (a personal token).
+        expected = record.name if record.owner is None else record.owner.removeprefix(OWNER_PREFIX)
         if credentials.scheme == "basic" and not hmac.compare_digest(
-            credentials.username.encode(), record.name.encode()
+            credentials.username.encode(), expected.encode()
         ):
             return Refusal("invalid_credentials")
         now = self.store.clock()
@@ -265,6 +365,8 @@ class TokenProvider:
         if now >= record.expires_at:
             return Refusal("token_expired")
         self._note_use(record, now)
+        if record.owner is not None:
+            return personal_principal(record)
         return Principal(
             subject=f"token:{record.name}",
             name=record.name,
