@@ -6,7 +6,9 @@ What it offers (see ``OidcProvider``):
 
 * Authorization code flow with PKCE required (S256 only), the RFC 9207 ``iss`` parameter on the
   callback, ``response_type=code`` only, no consent page (first-party: the requested scopes are
-  granted at login), refresh tokens for every client allowed the ``refresh_token`` grant.
+  granted at login), refresh tokens for every client allowed the ``refresh_token`` grant,
+  rotated at every refresh; a used refresh token presented again revokes the whole grant
+  (reuse detection: ``invalid_grant``, "refresh token already used").
 * Claims: ``openid`` -> sub; ``profile`` -> preferred_username, name; ``email`` -> email,
   email_verified; ``groups`` -> groups. All of them are in the ID token too (not only /me), so
   ask for the ``groups`` scope to get groups (``oidc.scopes`` does not by default).

@@ -135,6 +135,10 @@ const configuration = {
   },
   // Refresh tokens whenever the client may use them (no offline_access dance).
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // Every refresh rotates the refresh token, and a used one presented again revokes the whole
+  // grant (reuse detection, as Keycloak, Okta and Auth0 do): two replicas refreshing the same
+  // session at once log the person out.
+  rotateRefreshToken: true,
   async extraTokenClaims(ctx, token) {
     if (token.kind !== 'ClientCredentials') return undefined;
     const client = await ctx.oidc.provider.Client.find(token.clientId);

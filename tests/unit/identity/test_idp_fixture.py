@@ -204,6 +204,27 @@ def test_registered_client_logs_in_with_pkce(idp: OidcProvider) -> None:
         assert parse_qs(urlsplit(callback).query)["error"] == ["invalid_request"]
 
 
+def test_refresh_tokens_rotate_and_reuse_revokes_the_grant(idp: OidcProvider) -> None:
+    rp = f"http://127.0.0.1:{free_port()}"
+    client_id, secret = idp.register_client([f"{rp}/guard/oidc/callback"])
+    with httpx.Client(follow_redirects=False, trust_env=False) as browser:
+        first = code_flow(idp, browser, client_id, secret, rp, "bob")["refresh_token"]
+
+    def refresh(token: str) -> httpx.Response:
+        return idp.http.post(
+            "/token", data={"grant_type": "refresh_token", "refresh_token": token},
+            auth=(client_id, secret),
+        )  # fmt: skip
+
+    answer = refresh(first)
+    assert answer.status_code == 200, answer.text
+    second = answer.json()["refresh_token"]
+    assert second != first and "id_token" in answer.json()
+    reused = refresh(first)
+    assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
+    assert refresh(second).json()["error"] == "invalid_grant"  # the grant is gone
+
+
 def test_accounts_and_claim_changes(idp: OidcProvider) -> None:
     rp = f"http://127.0.0.1:{free_port()}"
     client_id, secret = idp.register_client([f"{rp}/guard/oidc/callback"])
