@@ -63,7 +63,7 @@ from urllib.parse import quote_plus, urlsplit
 import aiohttp
 from authlib.oidc.core import CodeIDToken
 from joserfc import jws
-from joserfc.errors import JoseError
+from joserfc.errors import ClaimError, JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
 from joserfc.jwt import JWTClaimsRegistry
 
@@ -307,7 +307,9 @@ def _typ(header: Mapping[str, Any]) -> str | None:
 
 
 def _claim_error(exc: JoseError) -> str:
-    return f"{exc.error}: {exc.description}"[:200] if exc.description else exc.error
+    """joserfc's complaint with the claim it is about: ``invalid_claim nbf: ...``."""
+    claim = f" {exc.claim}" if isinstance(exc, ClaimError) else ""
+    return f"{exc.error}{claim}: {exc.description}"[:200]
 
 
 # -- the issuer ----------------------------------------------------------------------------------
