@@ -18,13 +18,13 @@ from typing import Final, Literal
 from guard.patterns import resource_kind
 
 ACTIONS: Final = ("read", "create", "update", "delete", "manage", "promote")
-SUBJECT_KINDS: Final = ("user", "group", "token")
+SUBJECT_KINDS: Final = ("user", "group", "token", "client")
 RESOURCE_KINDS: Final = ("experiment", "model", "server", "guard")
 # casbin's role manager follows at most 9 links (its max_hierarchy_level of 10 counts the start);
 # the index follows the same number, so both answer alike even for absurdly deep nesting.
 MAX_LINKS: Final = 9
 
-_SUBJECT: Final = re.compile(r"(user|group|token):[^\s,\"']+")
+_SUBJECT: Final = re.compile(r"(user|group|token|client):[^\s,\"']+")
 _ROLE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # Names may hold inner spaces ("experiment:My Experiment"); commas and quotes would break
 # casbin's row format, and leading or trailing blanks are lost by it.
@@ -212,7 +212,8 @@ def parse_row(row: Sequence[str]) -> Rule:
 def _check_subject(subject: str) -> None:
     if not _SUBJECT.fullmatch(subject):
         raise ValueError(
-            f"{subject!r} is not a subject (write user:NAME, group:NAME or token:NAME)"
+            f"{subject!r} is not a subject (write user:NAME, group:NAME, token:NAME or "
+            "client:ISSUER/NAME)"
         )
 
 

@@ -18,6 +18,11 @@ def test_default_policy_is_valid_and_round_trips() -> None:
         (["p", "group:risk", "promoter", "model:fraud-*", "deny"],
          Grant("group:risk", "promoter", "model:fraud-*", "deny")),
         (["g", "user:alice", "group:risk"], Membership("user:alice", "group:risk")),
+        # A machine with an identity provider's token (guard.identity.bearer).
+        (["p", "client:ci/mlflow-robot", "promoter", "model:fraud"],
+         Grant("client:ci/mlflow-robot", "promoter", "model:fraud")),
+        (["g", "client:ci/mlflow-robot", "group:risk"],
+         Membership("client:ci/mlflow-robot", "group:risk")),
         (["g2", "lead", "editor"], RoleRule("lead", "editor")),
     ],
 )  # fmt: skip
@@ -32,6 +37,9 @@ def test_parse_row(row: list[str], expected: object) -> None:
         (["p", "role:admin", "editor", "experiment:x"], "not a subject"),
         (["p", "user:", "editor", "experiment:x"], "not a subject"),
         (["p", "user:a b", "editor", "experiment:x"], "not a subject"),
+        (["p", "client:", "editor", "experiment:x"], "not a subject"),
+        (["p", "clients:ci/x", "editor", "experiment:x"], "not a subject"),
+        (["g", "group:a", "client:ci/x"], "not a group"),
         (["p", "user:a", "Editor", "experiment:x"], "not a role name"),
         (["p", "user:a", "editor", "experiment:a b "], "not a resource pattern"),
         (["p", "user:a", "editor", "experiment:a\nb"], "not a resource pattern"),
