@@ -31,6 +31,13 @@ Endpoints (JSON in MLflow's error shape on refusal)::
     GET  /guard/api/sessions[?user=NAME&all=true]   browser sessions (policy administrators)
     DELETE /guard/api/sessions/KEY              end one session (KEY: 8+ hex characters of it)
     DELETE /guard/api/sessions?user=NAME        end every session of a person
+    GET  /guard/api/tokens[?user=NAME|all=true]  own personal tokens (administrators: anyone's)
+    POST /guard/api/tokens                      {"name": LABEL, "expires": "30d"}: a personal
+                                                token of the caller, its secret shown once
+    DELETE /guard/api/tokens/NAME               revoke an own token (LABEL or USER/LABEL);
+                                                administrators any token by its full name
+
+Personal tokens follow ``guard.admin.personal`` (the ``/guard/tokens`` page uses the same).
 
 A ROW is a policy row as a list of strings: ``["p", "user:bob", "viewer", "experiment:x"]``.
 """
@@ -51,6 +58,7 @@ from starlette.types import Receive, Scope, Send
 
 from guard.admin.delegation import POLICY, delegation_refusal, may
 from guard.admin.governance import Governance
+from guard.admin.personal import PersonalTokenError, PersonalTokens, token_json
 from guard.audit.commands import parse_when
 from guard.audit.store import AuditStore, Filters
 from guard.authz.policy import ACTIONS, PolicyError, PolicySet, Rule, parse_row
@@ -126,8 +134,10 @@ class PolicyApi:
         intent: Callable[[Scope], Awaitable[Refusal | None]] | None = None,
         deadlines: BodyDeadlines = BodyDeadlines(),  # noqa: B008 - frozen, shared
         sessions: SessionStore | None = None,
+        personal: PersonalTokens | None = None,
     ) -> None:
         self.sessions = sessions
+        self.personal = personal
         self.policies = policies
         self.governance = governance
         self.max_body_size = max_body_size
@@ -147,6 +157,9 @@ class PolicyApi:
             ("GET", "/sessions"): self.list_sessions,
             ("DELETE", "/sessions"): self.revoke_sessions,
             ("DELETE", "/sessions/{key}"): self.revoke_sessions,
+            ("GET", "/tokens"): self.list_tokens,
+            ("POST", "/tokens"): self.create_token,
+            ("DELETE", "/tokens/{name}"): self.revoke_token,
         }
         self.paths = {path for _, path in self.routes}
 
@@ -154,6 +167,8 @@ class PolicyApi:
         path = scope["path"].removeprefix(PREFIX)
         if path.startswith("/sessions/"):
             path = "/sessions/{key}"
+        elif path.startswith("/tokens/"):
+            path = "/tokens/{name}"
         handler = self.routes.get((scope["method"], path))
         if handler is None:
             reason = "method_not_allowed" if path in self.paths else "not_found"
@@ -161,7 +176,7 @@ class PolicyApi:
             return
         try:
             status, payload = await handler(scope, receive)
-        except ApiError as exc:
+        except (ApiError, PersonalTokenError) as exc:
             await send_refusal(scope, send, exc.refusal)
             return
         except RequestDataError as exc:
@@ -464,7 +479,61 @@ class PolicyApi:
         logger.info("%d sessions of %s revoked by %s", count, subject, principal)
         return 200, {"revoked": count, "subject": subject}
 
+    async def list_tokens(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """The caller's live tokens; ``user=NAME`` or ``all=true`` for administrators."""
+        personal = self._personal()
+        query = _query(scope, {"user", "all"})
+        if query.get("all", "false") not in ("true", "false") or len(query) > 1:
+            raise ApiError(Refusal("invalid_request_body", "Give user=NAME or all=true."))
+        user = "*" if query.get("all") == "true" else None
+        if "user" in query:
+            user = _person(query["user"])
+        records = await personal.list(scope, user)
+        return 200, {"tokens": [token_json(r) for r in records]}
+
+    async def create_token(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        """A personal token of the caller (see ``guard.admin.personal``): 201 with the secret,
+        which is shown this once."""
+        personal = self._personal()
+        _query(scope, set())
+        # Who may is judged before the body is read: a token is refused without it.
+        if (refusal := personal.creation_refusal(scope["guard"].principal)) is not None:
+            raise ApiError(refusal)
+        document = parse_json_body(await self._body(scope, receive, b"application/json")) or {}
+        if unknown := set(document) - {"name", "expires"}:
+            raise ApiError(Refusal("invalid_request_body", f"Unknown keys {sorted(unknown)}."))
+        label, expires = document.get("name"), document.get("expires")
+        if not isinstance(label, str) or not isinstance(expires, str | None):
+            raise ApiError(
+                Refusal("invalid_request_body", "Give 'name' (and 'expires', e.g. \"30d\").")
+            )
+        record, secret = await personal.create(scope, label, expires)
+        logger.info("personal token %s created by its owner", record.name)
+        user = (record.owner or "").removeprefix("user:")
+        return 201, {
+            "token": token_json(record),
+            "secret": secret,
+            "usage": {
+                "MLFLOW_TRACKING_TOKEN": "the secret",
+                "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": "the secret",
+            },
+        }
+
+    async def revoke_token(self, scope: Scope, receive: Receive) -> tuple[int, Payload]:
+        personal = self._personal()
+        _query(scope, set())
+        name = scope["path"].removeprefix(PREFIX + "/tokens/")
+        record = await personal.revoke(scope, name)
+        logger.info("token %s revoked by %s", record.name, scope["guard"].principal.subject)
+        return 200, {"revoked": record.name, "owner": record.owner}
+
     # -- helpers ---------------------------------------------------------------------------
+
+    def _personal(self) -> PersonalTokens:
+        if self.personal is None:
+            raise ApiError(Refusal("not_found", "Personal tokens are not served by this gateway."))
+        return self.personal
 
     async def _session_admin(self, scope: Scope) -> SessionStore:
         """The session store, for policy administrators only."""

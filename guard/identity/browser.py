@@ -12,7 +12,8 @@ session's login:
   groups and is asked again for that session a minute later, never on every request.
 - ``token`` sessions last only while their token does: a revoked or expired token ends them
   (``gateway:token-ended``). Token rows are cached for ``tokens.cache_ttl``, as the token
-  provider caches them.
+  provider caches them. A session begun with a personal token carries the groups the token
+  carries now (its owner's last login), as the token itself would.
 
 Cookie-authenticated writes must come from the gateway's own pages (``csrf_refusal``): the
 cookie is ambient, so any site could otherwise make the browser send it. Requests with an
@@ -173,12 +174,14 @@ class BrowserSessions:
         if session is None:
             return None
         if session.method == "token" and self.tokens is not None:
-            ended = await self._token_ended(session)
-            if isinstance(ended, Refusal):
-                return ended
-            if ended:
+            record = await self._token(session)
+            if isinstance(record, Refusal):
+                return record
+            if record is None or record.state(self.store.clock()) != "active":
                 await self._end(session, "gateway:token-ended", "its token was revoked or expired")
                 return None
+            if record.owner is not None:  # a personal token: its owner's groups as of now
+                session = dataclasses.replace(session, groups=record.groups)
         elif session.method == "ldap" and self._groups_due(session):
             refreshed = await self._refresh_groups(session)
             if refreshed is None:
@@ -188,10 +191,11 @@ class BrowserSessions:
 
     # -- token sessions --------------------------------------------------------------------
 
-    async def _token_ended(self, session: Session) -> bool | Refusal:
+    async def _token(self, session: Session) -> TokenRecord | Refusal | None:
+        """The session's token as stored (cached), or None when there is none."""
         kind, _, number = session.identity.partition(":")
         if kind != "token" or not number.isdigit():
-            return True  # not a token we could ever check: the session cannot stand
+            return None  # not a token we could ever check: the session cannot stand
         token_id = int(number)
         cached = self._token_cache.get(token_id)
         if cached is not None and self.clock() - cached[1] < self.token_cache_ttl:
@@ -204,7 +208,7 @@ class BrowserSessions:
                 logger.warning("token lookup failed: database unavailable (%s)", exc)
                 return Refusal("identity_unavailable", "The token store cannot be reached.")
             _remember(self._token_cache, token_id, (record, self.clock()))
-        return record is None or record.state(self.store.clock()) != "active"
+        return record
 
     # -- directory sessions ----------------------------------------------------------------
 
