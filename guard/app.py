@@ -45,9 +45,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.admin.api import PolicyApi
 from guard.admin.governance import Governance
-from guard.admin.personal import PersonalTokens
-from guard.admin.tokenpage import PATH as TOKEN_PAGE
-from guard.admin.tokenpage import TokenPage, TokenPageCsrf
 from guard.audit.trail import (
     COUNTED,
     AuditTrail,
@@ -80,6 +77,7 @@ from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import IdentityProvider
+from guard.identity.bearer import BearerIssuer, BearerProvider
 from guard.identity.bindings import IdentityBindings
 from guard.identity.blocks import BlockedSubjects
 from guard.identity.browser import BrowserSessions
@@ -87,6 +85,7 @@ from guard.identity.csrf import LoginCsrf, LogoutCsrf
 from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.login import PATHS as LOGIN_PATHS
 from guard.identity.login import LoginApp
+from guard.identity.oidc import Issuer, ProviderHttp
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
 from guard.identity.throttle import Lock, LoginThrottle
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
@@ -127,6 +126,7 @@ class Gateway:
     on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
     ldap_provider: LdapProvider | None = None
     blocked: BlockedSubjects | None = None  # user blocks followed; ended sessions pruned
+    provider_http: ProviderHttp | None = None  # OpenID Connect providers' HTTP session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -173,6 +173,8 @@ class Gateway:
         await self.token_provider.drain()
         if self.ldap_provider is not None:
             await anyio.to_thread.run_sync(self.ldap_provider.close)
+        if self.provider_http is not None:
+            await self.provider_http.close()
         if self.trail is not None:
             await self.trail.stop()
         self.engine.dispose()
@@ -220,19 +222,14 @@ class GuardRoutes:
 
 
 class GuardFallback:
-    """What is under /guard/ but neither a probe nor the policy API: the pages that need a
-    login (``/guard/tokens``), else 405 for another method on a probe, 404 for the rest.
-    Mounted behind authentication, so strangers learn nothing (401) and the refusal is
-    recorded with who asked."""
+    """What is under /guard/ but neither a probe nor the policy API: 405 for another method on
+    a probe, 404 for the rest. Mounted behind authentication, so strangers learn nothing (401)
+    and the refusal is recorded with who asked."""
 
-    def __init__(self, probes: frozenset[str], pages: Mapping[str, ASGIApp] | None = None) -> None:
+    def __init__(self, probes: frozenset[str]) -> None:
         self.probes = probes
-        self.pages = dict(pages or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (page := self.pages.get(scope["path"])) is not None:
-            await page(scope, receive, send)
-            return
         reason = "method_not_allowed" if scope["path"] in self.probes else "not_found"
         await send_refusal(scope, send, Refusal(reason))
 
@@ -317,6 +314,9 @@ def build_gateway(
     providers: list[IdentityProvider] = [token_provider]  # tokens first: mlg_ secrets are theirs
     if ldap_provider is not None:
         providers.append(ldap_provider)
+    provider_http = ProviderHttp()  # one HTTP session for every OpenID Connect provider
+    if (bearer := build_bearer_provider(settings, provider_http)) is not None:
+        providers.append(bearer)  # JWTs of trusted issuers (never mlg_: tokens are asked first)
     supervisor = None
     if settings.embedded:
         m = settings.mlflow
@@ -435,13 +435,6 @@ def build_gateway(
         max_age=round(settings.sessions.absolute_timeout),
     )  # fmt: skip
     blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
-    personal = PersonalTokens(
-        governance=Governance(store, policies.store), policies=policies,
-        max_expiry=settings.tokens.personal_max_expiry,
-        default_expiry=settings.tokens.default_expiry, blocked=blocked,
-        event=trail.event if trail is not None else None,
-        intent=trail.intent if trail is not None else None,
-    )  # fmt: skip
     browsers = BrowserSessions(
         session_store, session_cookie, own_origins=settings.own_origins,
         allowed_origins=g.cors_allowed_origins,
@@ -471,9 +464,7 @@ def build_gateway(
         intent=trail.intent if trail is not None else None,
         deadlines=deadlines,
         sessions=session_store,
-        personal=personal,
     )
-    token_page = TokenPage(personal=personal, cookie=session_cookie, csrf=TokenPageCsrf(store.key))
     metrics = Metrics(trail)
 
     async def scrape() -> tuple[int, dict[str, object] | bytes]:
@@ -500,7 +491,7 @@ def build_gateway(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
         authenticated(api),
         protected,
-        authenticated(GuardFallback(PROBES, {TOKEN_PAGE: token_page})),
+        authenticated(GuardFallback(PROBES)),
         login,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
@@ -534,7 +525,26 @@ def build_gateway(
         on_bootstrap=on_bootstrap or (lambda secret: None),
         ldap_provider=ldap_provider,
         blocked=blocked,
+        provider_http=provider_http,
     )
+
+
+def build_bearer_provider(settings: Settings, http: ProviderHttp) -> BearerProvider | None:
+    """Machine logins with identity-provider JWTs: one trusted issuer per ``[[oidc.bearer]]``
+    table, or None when there is none."""
+    o = settings.oidc
+    if not o.bearer:
+        return None
+    return BearerProvider([
+        BearerIssuer(
+            alias=b.alias,
+            issuer=Issuer(b.issuer, http=http, timeout=o.timeout,
+                          jwks_refresh_interval=o.jwks_refresh_interval),
+            audience=b.audience, subject_claim=b.subject_claim, groups_claim=b.groups_claim,
+            algorithms=tuple(b.allowed_algorithms), leeway=o.leeway,
+        )
+        for b in o.bearer
+    ])  # fmt: skip
 
 
 def build_ldap_provider(
