@@ -45,6 +45,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.admin.api import PolicyApi
 from guard.admin.governance import Governance
+from guard.admin.personal import PersonalTokens
+from guard.admin.tokenpage import PATH as TOKEN_PAGE
+from guard.admin.tokenpage import TokenPage, TokenPageCsrf
 from guard.audit.trail import (
     COUNTED,
     AuditTrail,
@@ -222,14 +225,19 @@ class GuardRoutes:
 
 
 class GuardFallback:
-    """What is under /guard/ but neither a probe nor the policy API: 405 for another method on
-    a probe, 404 for the rest. Mounted behind authentication, so strangers learn nothing (401)
-    and the refusal is recorded with who asked."""
+    """What is under /guard/ but neither a probe nor the policy API: the pages that need a
+    login (``/guard/tokens``), else 405 for another method on a probe, 404 for the rest.
+    Mounted behind authentication, so strangers learn nothing (401) and the refusal is
+    recorded with who asked."""
 
-    def __init__(self, probes: frozenset[str]) -> None:
+    def __init__(self, probes: frozenset[str], pages: Mapping[str, ASGIApp] | None = None) -> None:
         self.probes = probes
+        self.pages = dict(pages or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (page := self.pages.get(scope["path"])) is not None:
+            await page(scope, receive, send)
+            return
         reason = "method_not_allowed" if scope["path"] in self.probes else "not_found"
         await send_refusal(scope, send, Refusal(reason))
 
@@ -435,6 +443,13 @@ def build_gateway(
         max_age=round(settings.sessions.absolute_timeout),
     )  # fmt: skip
     blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
+    personal = PersonalTokens(
+        governance=Governance(store, policies.store), policies=policies,
+        max_expiry=settings.tokens.personal_max_expiry,
+        default_expiry=settings.tokens.default_expiry, blocked=blocked,
+        event=trail.event if trail is not None else None,
+        intent=trail.intent if trail is not None else None,
+    )  # fmt: skip
     browsers = BrowserSessions(
         session_store, session_cookie, own_origins=settings.own_origins,
         allowed_origins=g.cors_allowed_origins,
@@ -464,7 +479,9 @@ def build_gateway(
         intent=trail.intent if trail is not None else None,
         deadlines=deadlines,
         sessions=session_store,
+        personal=personal,
     )
+    token_page = TokenPage(personal=personal, cookie=session_cookie, csrf=TokenPageCsrf(store.key))
     metrics = Metrics(trail)
 
     async def scrape() -> tuple[int, dict[str, object] | bytes]:
@@ -491,7 +508,7 @@ def build_gateway(
         GuardRoutes({"/guard/health": health, "/guard/ready": ready, "/guard/metrics": scrape}),
         authenticated(api),
         protected,
-        authenticated(GuardFallback(PROBES)),
+        authenticated(GuardFallback(PROBES, {TOKEN_PAGE: token_page})),
         login,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
