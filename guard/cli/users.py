@@ -5,8 +5,9 @@ entry's stable id); a login from another identity is refused with ``identity_con
 administrator frees the name (``unlink``: the next login claims it) or binds it (``link``).
 Service tokens (``token:``) are never bound. Every change is recorded in the audit trail.
 
-``block NAME`` stops a person everywhere at once, for offboarding: their sessions end in the
-same transaction (on every replica at their next request), and directory logins are refused
+``block NAME`` stops a person everywhere at once, for offboarding: their sessions end and their
+personal tokens are revoked in the same transaction (on every replica at their next request;
+a token within ``tokens.cache_ttl``), and directory logins are refused
 with ``user_blocked`` within ``authz.poll_interval`` on every replica. ``unblock`` lifts it
 (ended sessions stay ended); ``blocked`` lists who is blocked, since when, by whom and why.
 """
@@ -130,7 +131,8 @@ def _block_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
             new = blocks.block(subject, cli_actor(), args.reason)
             record_change(loaded, governance, "user_blocked", **asked, already=not new)
             print(
-                f"Blocked {subject}: its sessions ended; its logins are refused on every replica "
+                f"Blocked {subject}: its sessions ended and its personal tokens are revoked; its "
+                "logins are refused on every replica "
                 f"within {loaded.settings.authz.poll_interval:g} s."
                 if new
                 else f"{subject} was already blocked; any session it still had is ended."

@@ -94,6 +94,7 @@ def test_token_lifecycle(env: Path, capsys) -> None:  # type: ignore[no-untyped-
     assert table.splitlines()[0].split() == [
         "NAME",
         "ROLE",
+        "OWNER",
         "STATE",
         "CREATED",
         "EXPIRES",
