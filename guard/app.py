@@ -90,6 +90,9 @@ from guard.identity.login import PATHS as LOGIN_PATHS
 from guard.identity.login import LoginApp
 from guard.identity.oidc import Issuer, ProviderHttp
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
+from guard.identity.sso import LOGIN_PAGE as SSO_RETURN_PAGE
+from guard.identity.sso import PATHS as SSO_PATHS
+from guard.identity.sso import SsoConfig, build_sso, origin_of
 from guard.identity.throttle import Lock, LoginThrottle
 from guard.identity.tokens import TokenError, TokenProvider, TokenStore, validate_bootstrap_token
 from guard.keys import load_secret_key
@@ -255,8 +258,10 @@ class SplitByPrefix:
         protected: ASGIApp,
         fallback: ASGIApp | None = None,
         login: ASGIApp | None = None,
+        sso: ASGIApp | None = None,
     ) -> None:
         self.guard = guard
+        self.sso = sso
         self.api = api
         self.protected = protected
         self.fallback = fallback or guard
@@ -268,6 +273,8 @@ class SplitByPrefix:
             app = self.guard
         elif path in LOGIN_PATHS and self.login is not None:
             app = self.login
+        elif path in SSO_PATHS and self.sso is not None:
+            app = self.sso  # single sign-on; the provider's back-channel logout has no cookie
         elif path.startswith(API_PREFIX):
             app = self.api
         elif path.startswith(GUARD_PREFIX):
@@ -465,11 +472,25 @@ def build_gateway(
         )  # fmt: skip
 
     protected = authenticated(protected)
+    sso = None
+    if (sso_settings := build_sso_config(settings)) is not None:
+        o = settings.oidc
+        issuer = Issuer(
+            sso_settings.issuer, http=provider_http, timeout=o.timeout,
+            jwks_refresh_interval=o.jwks_refresh_interval,
+        )  # fmt: skip
+        sso = build_sso(
+            sso_settings, issuer, engine=engine, secret_key=store.key, sessions=session_store,
+            cookie=session_cookie, bindings=IdentityBindings(engine), blocked=blocked,
+            audit=trail.event if trail is not None else None,
+        )  # fmt: skip
     login = LoginApp(
         providers=providers, sessions=session_store, cookie=session_cookie,
         csrf=LoginCsrf(store.key, secure=session_cookie.secure), logout_csrf=LogoutCsrf(store.key),
         origins=frozenset(settings.own_origins), directory=ldap_provider is not None,
         blocked=blocked, limiter=limiter, audit=trail.event if trail is not None else None,
+        sso=sso is not None, provider_logout=sso.provider_logout if sso is not None else None,
+        provider_origin=origin_of(settings.oidc.issuer) if sso is not None else "",
     )  # fmt: skip
     api: ASGIApp = PolicyApi(
         policies=policies,
@@ -510,6 +531,7 @@ def build_gateway(
         protected,
         authenticated(GuardFallback(PROBES, {TOKEN_PAGE: token_page})),
         login,
+        sso,
     )
     app = CORSMiddleware(app, allowed_origins=g.cors_allowed_origins)
     app = AllowedHostsMiddleware(
@@ -544,6 +566,25 @@ def build_gateway(
         blocked=blocked,
         provider_http=provider_http,
     )
+
+
+def build_sso_config(settings: Settings) -> SsoConfig | None:
+    """The ``[oidc]`` settings resolved for browser single sign-on (the secret read from its
+    file, the redirect URI defaulted), or None when ``oidc.issuer`` is unset."""
+    c = settings.oidc
+    if not c.issuer:
+        return None
+    secret = c.client_secret
+    if c.client_secret_file:
+        secret = Path(c.client_secret_file).read_text().rstrip("\r\n")
+    return SsoConfig(
+        issuer=c.issuer, client_id=c.client_id, client_secret=secret,
+        redirect_uri=settings.oidc_redirect_uri,
+        post_logout_redirect_uri=settings.public_url + SSO_RETURN_PAGE, alias=c.alias,
+        scopes=tuple(c.scopes), username_claim=c.username_claim, groups_claim=c.groups_claim,
+        allowed_algorithms=tuple(c.allowed_algorithms),
+        end_provider_session=c.end_provider_session, leeway=c.leeway,
+    )  # fmt: skip
 
 
 def build_bearer_provider(settings: Settings, http: ProviderHttp) -> BearerProvider | None:

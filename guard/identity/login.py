@@ -83,10 +83,17 @@ class LoginApp:
         audit: Audit | None = None,
         sso: bool = False,
         provider_logout: ProviderLogout | None = None,
+        provider_origin: str = "",
     ) -> None:
         self.providers = tuple(providers)
         self.sso = sso  # show the single sign-on button
         self.provider_logout = provider_logout
+        # The logout form's POST may be redirected to the provider's end_session_endpoint:
+        # CSP's form-action governs that redirect too (Chromium enforces it).
+        self.logout_csp = pages.PAGE_CSP
+        if provider_origin:
+            extended = f"form-action 'self' {provider_origin}".encode("ascii")
+            self.logout_csp = pages.PAGE_CSP.replace(b"form-action 'self'", extended)
         self.sessions = sessions
         self.cookie = cookie
         self.csrf = csrf
@@ -298,7 +305,7 @@ class LoginApp:
             return
         scope["guard"].principal = session.principal()
         body = pages.render_logout(session.name, self.logout_csrf.token(session_id))
-        headers = [(CSP, pages.PAGE_CSP)]
+        headers = [(CSP, self.logout_csp)]
         await send_body(scope, send, 200, b"text/html; charset=utf-8", body, headers)
 
     async def _logout(self, scope: Scope, receive: Receive, send: Send) -> None:
