@@ -487,7 +487,8 @@ class SsoApp:
         stable_id = f"{config.issuer}#{sub}"
         bound = self.bindings.find(config.source, stable_id)
         subject = bound.subject if bound is not None else str(principal.subject)
-        other = self.bindings.claim(subject, config.source, stable_id)
+        # The groups are stored with the binding: the person's personal tokens carry them.
+        other = self.bindings.claim(subject, config.source, stable_id, groups=principal.groups)
         if other is not None:
             logger.warning(
                 "SSO login of %s refused: the name is bound to %s %s, this account is %s %s",

@@ -341,6 +341,8 @@ def test_a_login_creates_a_session_and_lands_on_next(setup: Setup) -> None:
     binding = setup.bindings.get("user:alice")
     assert binding is not None
     assert (binding.source, binding.stable_id) == ("oidc:oidc", f"{ISSUER}#s-alice")
+    # The groups of this login, for the person's personal tokens.
+    assert setup.bindings.groups("user:alice") == ("group:oidc/%2Fteam%2Fsub", "group:oidc/ml")
 
 
 def test_two_tabs_log_in_in_either_order(setup: Setup) -> None:
