@@ -478,3 +478,65 @@ def test_creation_and_revocation_are_audit_events_with_the_owner(database_uri: s
         ("token_revoked", "alice/ci", "user:alice", "user:alice"),
     ]
     engine.dispose()
+
+
+# -- getting around the API -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "reason"),
+    [
+        ("PUT", API, 405, "method_not_allowed"),
+        ("PATCH", API, 405, "method_not_allowed"),
+        ("DELETE", API, 405, "method_not_allowed"),
+        ("GET", API + "/x", 405, "method_not_allowed"),
+        ("POST", API + "/x", 405, "method_not_allowed"),
+        ("PUT", API + "/x", 405, "method_not_allowed"),
+        ("GET", API + "x", 404, "not_found"),
+        ("GET", "/guard/api/Tokens", 404, "not_found"),
+    ],
+)
+def test_other_methods_and_paths(
+    running: Running, http: httpx.Client, method: str, path: str, status: int, reason: str
+) -> None:
+    cookie = running.login(person("alice"))
+    response = http.request(
+        method, running.url + path, headers={"Cookie": cookie, **running.origin}
+    )
+    refused(response, status, reason)
+
+
+def test_requests_that_could_be_read_two_ways_are_refused(
+    running: Running, http: httpx.Client
+) -> None:
+    cookie = running.login(person("alice"))
+    headers = {"Cookie": cookie, **running.origin}
+    url = running.url + API
+    cases = [
+        (dict(content=b'{"name": "a", "name": "b"}'), "application/json", "invalid_request_body"),
+        (dict(content=b'{"name": ["a"]}'), "application/json", "invalid_request_body"),
+        (dict(content=b'{"name": "a", "owner": "user:bob"}'), "application/json",
+         "invalid_request_body"),
+        (dict(content=b"name=a"), "application/x-www-form-urlencoded", "unsupported_media_type"),
+        (dict(content=b'{"name": "a"}'), "text/plain", "unsupported_media_type"),
+    ]  # fmt: skip
+    for kwargs, content_type, reason in cases:
+        response = http.post(url, headers={**headers, "Content-Type": content_type}, **kwargs)
+        assert response.headers["x-guard-reason"] == reason, (kwargs, response.text)
+    refused(http.post(url + "?user=bob", json={"name": "a"}, headers=headers), 400,
+            "invalid_request_body")  # fmt: skip
+    refused(http.get(url + "?user=alice&user=bob", headers=headers), 400, "ambiguous_parameter")
+    refused(http.get(url + "?user=bob&all=true", headers=bearer(ADMIN)), 400,
+            "invalid_request_body")  # fmt: skip
+    made = {r.name for r in running.gateway.tokens.list(include_revoked=True)}
+    assert not {"alice/a", "alice/b", "bob/a"} & made
+
+
+def test_a_double_encoded_name_names_nothing(running: Running, http: httpx.Client) -> None:
+    alice = running.login(person("alice"))
+    assert create(running, http, alice, "enc").status_code == 201
+    bob = {"Cookie": running.login(person("bob")), **running.origin}
+    for name in ("alice%252Fenc", "..%2Falice%2Fenc", "%61lice/enc", "ALICE/enc", "alice/enc/"):
+        response = http.delete(f"{running.url}{API}/{name}", headers=bob)
+        assert response.status_code in (400, 404), (name, response.text)
+    assert "alice/enc" in {r.name for r in running.gateway.tokens.list(owner="user:alice")}
