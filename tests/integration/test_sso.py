@@ -322,6 +322,50 @@ def test_a_replayed_callback_is_refused_end_to_end(
     assert replay.headers["x-guard-reason"] == "oidc_state_invalid"
 
 
+def me(gateway: Gateway, cookie: str) -> dict[str, Any]:
+    response = httpx.get(gateway.url + "/guard/api/me", headers={"cookie": cookie}, timeout=10)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("account", "subject", "groups"),
+    [
+        ("unverified", "user:unverified", ["group:oidc/mlflow-users"]),  # not its email
+        ("verified-email", "user:verified@example.org", ["group:oidc/mlflow-users"]),
+        ("kc", "user:kc", ["group:oidc/%2Forg%2Fml%2Fadmins",
+                           "group:oidc/%2Forg%2Frisk%20team", "group:oidc/mlflow-users"]),
+    ],
+)  # fmt: skip
+def test_claims_map_to_subjects_through_the_real_provider(
+    replicas: Replicas, oidc_provider: OidcProvider, http: httpx.Client, account: str,
+    subject: str, groups: list[str],
+) -> None:  # fmt: skip
+    found = me(replicas.b, cookie_of(sso_login(oidc_provider, http, replicas.a, account)))
+    assert found["subject"] == subject and sorted(found["groups"]) == groups
+
+
+def test_a_renamed_account_keeps_its_name_and_a_newcomer_cannot_take_it(
+    replicas: Replicas, oidc_provider: OidcProvider
+) -> None:
+    account = f"acct-{uuid.uuid4().hex[:6]}"
+    oidc_provider.set_account(account, preferred_username=f"{account}-first", groups=[])
+    with httpx.Client(timeout=30) as browser:
+        first = me(replicas.a, cookie_of(sso_login(oidc_provider, browser, replicas.a, account)))
+    assert first["subject"] == f"user:{account}-first"
+    oidc_provider.set_account(account, preferred_username=f"{account}-second", groups=[])
+    with httpx.Client(timeout=30) as browser:
+        again = me(replicas.a, cookie_of(sso_login(oidc_provider, browser, replicas.a, account)))
+    assert again["subject"] == f"user:{account}-first"  # bound to (issuer, sub) at first login
+    newcomer = f"new-{uuid.uuid4().hex[:6]}"
+    oidc_provider.set_account(newcomer, preferred_username=f"{account}-first", groups=[])
+    with httpx.Client(timeout=30) as browser:
+        refused = sso_login(oidc_provider, browser, replicas.a, newcomer)
+    assert refused.status_code == 403
+    assert refused.headers["x-guard-reason"] == "identity_conflict"
+
+
 # -- back-channel logout tokens, rule by rule ----------------------------------------------
 
 
