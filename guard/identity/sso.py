@@ -341,7 +341,7 @@ class SsoApp:
         path, method = scope["path"], scope["method"]
         if path == LOGIN_PATH and method in {"GET", "HEAD"}:
             await self._login(scope, send)
-        elif path == CALLBACK_PATH and method in {"GET", "HEAD"}:
+        elif path == CALLBACK_PATH and method == "GET":  # HEAD (a prefetch) must not log in
             await self._callback(scope, send)
         elif path == BACKCHANNEL_PATH and method == "POST":
             await self._backchannel(scope, receive, send)

@@ -577,6 +577,9 @@ def test_an_unreachable_provider_is_503_and_sessions_keep_working(setup: Setup) 
 def test_other_methods_are_refused(setup: Setup) -> None:
     assert setup.client.post("/guard/oidc/login").status_code == 405
     assert setup.client.post("/guard/oidc/callback").status_code == 405
+    query = setup.issuer.authorize(setup.start().headers["location"])
+    assert setup.client.head("/guard/oidc/callback", params=query).status_code == 405
+    assert setup.callback(query).status_code == 303  # the HEAD spent nothing
     assert setup.client.get("/guard/oidc/backchannel-logout").status_code == 405
 
 
