@@ -6,7 +6,9 @@ providers and puts the principal into the request context (``authentication``); 
 sessions (``sessions``: the table and the cookie; ``browser``: the cookie as credentials, CSRF
 for cookie writes, navigations sent to the login page), user blocks (``blocks``) and the login
 pages (``login``: their handlers; ``forms``: ``next`` and the posted form; ``csrf``: the forms'
-tokens; ``pages``: templates and static files). OIDC lands here next, one file per provider.
+tokens; ``pages``: templates and static files); OpenID Connect issuers and their token checks
+(``oidc``, the one module using authlib and joserfc) and browser single sign-on with them
+(``sso``: login, callback, back-channel logout).
 
 It may import ``guard.errors``, the edge (the request context, the failure rate limiter) and the
 store, and must not import authz, audit, upstream, admin, cli, settings or app: what a caller may
