@@ -14,7 +14,10 @@ Outermost first, every request passes:
 4. ``CORSMiddleware``            preflights, CORS headers, cross-site write refusal
 5. GET/HEAD on the gateway's probes (``/guard/health``, ``ready``, ``metrics``: no
    credentials); the login pages (``/guard/login``, ``/guard/logout``, ``/guard/static/``,
-   ``guard.identity.login``: no credentials, their own CSRF checks); ``/guard/api/`` (the
+   ``guard.identity.login``: no credentials, their own CSRF checks); with ``oidc.issuer``, the
+   single sign-on routes (``/guard/oidc/login``, ``callback``, ``backchannel-logout``,
+   ``guard.identity.sso``: no credentials; state, PKCE and nonce, or a signed logout token);
+   ``/guard/api/`` (the
    policy API, ``guard.admin.api``) and every other ``/guard/`` path (401, then 404/405)
    behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
