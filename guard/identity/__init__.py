@@ -1,7 +1,7 @@
 """Who is calling: one provider per login method behind the ``IdentityProvider`` protocol
-(``base``), service tokens (``tokens``), LDAP (``ldap``), the binding of user names to the
-identity that first used them (``bindings``), credential failures counted per user name across
-replicas (``throttle``) and the authentication middleware that asks the
+(``base``), gateway tokens, service and personal (``tokens``), LDAP (``ldap``), the binding of
+user names to the identity that first used them (``bindings``), credential failures counted
+per user name across replicas (``throttle``) and the authentication middleware that asks the
 providers and puts the principal into the request context (``authentication``); browser
 sessions (``sessions``: the table and the cookie; ``browser``: the cookie as credentials, CSRF
 for cookie writes, navigations sent to the login page), user blocks (``blocks``) and the login
