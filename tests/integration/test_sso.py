@@ -461,6 +461,16 @@ def test_a_logout_token_with_a_bad_signature_or_alg_none_is_refused(
     assert search(replicas.a, cookie) == 200
 
 
+def test_only_the_sso_routes_are_open_their_neighbours_need_credentials(
+    replicas: Replicas,
+) -> None:
+    for path in ("/guard/oidc/", "/guard/oidc/login/", "/guard/oidc/callbackx",
+                 "/guard/oidc/backchannel-logout/x", "/guard/oidc"):  # fmt: skip
+        answer = httpx.get(replicas.a.url + path, timeout=10)
+        assert answer.status_code == 401, path
+    assert httpx.get(replicas.a.url + "/guard/oidc/login", timeout=10).status_code == 303
+
+
 def test_a_logout_token_without_a_form_body_is_refused(replicas: Replicas) -> None:
     answer = httpx.post(replicas.b.url + "/guard/oidc/backchannel-logout",
                         json={"logout_token": "x.y.z"}, timeout=10)  # fmt: skip
