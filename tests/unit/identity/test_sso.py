@@ -602,6 +602,13 @@ def test_the_login_page_shows_the_sso_button_with_next(setup: Setup) -> None:
     page = login_app(setup).get("/guard/login", params={"next": "/#/models"})
     assert 'id="sso-login"' in page.text
     assert 'href="/guard/oidc/login?next=%2F%23%2Fmodels"' in page.text
+    without = LoginApp(
+        providers=[], sessions=setup.sessions, cookie=setup.app.cookie,
+        csrf=LoginCsrf(KEY, secure=False), logout_csrf=LogoutCsrf(KEY),
+        origins=frozenset({ORIGIN}), directory=False,
+    )  # fmt: skip
+    plain = Client(RequestContextMiddleware(without)).get("/guard/login")
+    assert plain.status_code == 200 and "sso-login" not in plain.text
 
 
 def test_logout_ends_the_provider_session_with_the_id_token_hint(setup: Setup) -> None:
