@@ -149,6 +149,7 @@ identities = sa.Table(
     sa.Column("last_seen_at", UTCDateTime, nullable=False),
     # The source-qualified groups of the last login (JSON list), which personal tokens carry.
     sa.Column("groups", sa.Text, nullable=True),
+    sa.Index("ix_guard_identity_source_id", "source", "stable_id"),
 )
 
 # Browser sessions (guard.identity.sessions), keyed by an HMAC of the random id the cookie holds:

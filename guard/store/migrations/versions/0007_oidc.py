@@ -21,6 +21,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("owner", sa.String(256), nullable=True))
     with op.batch_alter_table("guard_identity") as batch:
         batch.add_column(sa.Column("groups", sa.Text, nullable=True))
+    op.create_index("ix_guard_identity_source_id", "guard_identity", ["source", "stable_id"])
     with op.batch_alter_table("guard_session") as batch:
         batch.add_column(sa.Column("provider_tokens", sa.Text, nullable=True))
     op.create_table(
@@ -36,6 +37,7 @@ def downgrade() -> None:
     op.drop_table("guard_oidc_logout_jti")
     with op.batch_alter_table("guard_session") as batch:
         batch.drop_column("provider_tokens")
+    op.drop_index("ix_guard_identity_source_id", "guard_identity")
     with op.batch_alter_table("guard_identity") as batch:
         batch.drop_column("groups")
     with op.batch_alter_table("guard_tokens") as batch:
