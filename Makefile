@@ -80,12 +80,14 @@ $(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
 test: $(STAMP) system-packages $(IDP_STAMP) lint
 	$(BIN)/pytest
 
-# bench.ldap starts the tests' throwaway slapd, hence system-packages.
-bench: $(STAMP) system-packages
+# bench.ldap starts the tests' throwaway slapd, hence system-packages; bench.oidc the tests'
+# OpenID Connect provider, hence $(IDP_STAMP).
+bench: $(STAMP) system-packages $(IDP_STAMP)
 	$(BIN)/python -m bench.authz
 	$(BIN)/python -m bench.proxy
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.ldap
+	$(BIN)/python -m bench.oidc
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/idp/node_modules
