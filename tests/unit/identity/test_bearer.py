@@ -256,3 +256,32 @@ def test_group_rules() -> None:
     assert group_subjects({"groups": ["a"]}, "", "ci") == ()
     many = {"groups": [f"g{n}" for n in range(1000)]}
     assert len(group_subjects(many, "groups", "ci")) == 256
+
+
+def test_the_app_builds_one_issuer_per_bearer_table() -> None:
+    from guard.app import build_bearer_provider
+    from guard.settings import OidcBearerSettings, OidcSettings, Settings
+
+    http = ProviderHttp()
+    assert build_bearer_provider(Settings(), http) is None
+    tables = (
+        OidcBearerSettings(alias="ci", issuer="https://idp.example.com", audience="urn:a",
+                           groups_claim="groups"),
+        OidcBearerSettings(alias="k8s", issuer="https://kubernetes.default.svc", audience="urn:a",
+                           subject_claim="sub", allowed_algorithms=("ES256",)),
+    )  # fmt: skip
+    settings = Settings(oidc=OidcSettings(bearer=tables, leeway=10, jwks_refresh_interval=120))
+    built = build_bearer_provider(settings, http)
+    assert built is not None
+    entries = built.issuers
+    assert list(entries) == ["https://idp.example.com", "https://kubernetes.default.svc"]
+    k8s = entries["https://kubernetes.default.svc"]
+    assert (k8s.alias, k8s.audience, k8s.subject_claim, k8s.algorithms, k8s.leeway) == (
+        "k8s",
+        "urn:a",
+        "sub",
+        ("ES256",),
+        10,
+    )
+    assert k8s.issuer.jwks_refresh_interval == 120
+    assert entries["https://idp.example.com"].groups_claim == "groups"

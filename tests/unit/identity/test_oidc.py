@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 from joserfc import jwt
-from joserfc.jwk import ECKey, OctKey, RSAKey
+from joserfc.errors import SecurityWarning
+from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from guard.identity.oidc import (
@@ -54,7 +56,9 @@ def b64(data: bytes) -> str:
 def raw_sign(header: dict[str, Any], claims: Any, key: Any) -> str:
     """A compact JWS with exactly this header (no typ added, no header checks): forgeries too."""
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-    alg = JWSRegistry().get_alg(header["alg"])
+    with warnings.catch_warnings():  # EdDSA: "deprecated via RFC 9864"
+        warnings.simplefilter("ignore", SecurityWarning)
+        alg = JWSRegistry(algorithms=[header["alg"]]).get_alg(header["alg"])
     return f"{signing_input}.{b64(alg.sign(signing_input.encode(), key))}"
 
 
@@ -328,6 +332,28 @@ def test_es256_token_with_its_key() -> None:
         ec = ECKey.generate_key("P-256", {"kid": "e1"})
         p.published.append(ec.as_dict(private=False))
         token = p.sign(access(p), {"alg": "ES256", "kid": "e1"}, ec)
+        assert (await verify_access(issuer, token))["sub"] == "mlflow-robot"
+
+    scenario(body)
+
+
+def test_eddsa_token_with_its_key() -> None:
+    async def body(p: Provider, issuer: Issuer, clock: Clock) -> None:
+        ed = OKPKey.generate_key("Ed25519", {"kid": "ed1"})
+        p.published.append(ed.as_dict(private=False))
+        token = p.sign(access(p), {"alg": "EdDSA", "kid": "ed1"}, ed)
+        claims = await issuer.verify_access_token(
+            token, audience=AUDIENCE, algorithms=["EdDSA"], leeway=0
+        )
+        assert claims["sub"] == "mlflow-robot"
+
+    scenario(body)
+
+
+def test_unregistered_header_names_are_ignored() -> None:
+    # RFC 7515 4: header parameters a recipient does not understand are ignored (unless crit).
+    async def body(p: Provider, issuer: Issuer, clock: Clock) -> None:
+        token = p.sign(access(p), {"x5t": "abc", "vendor": "x", "cty": "JWT"})
         assert (await verify_access(issuer, token))["sub"] == "mlflow-robot"
 
     scenario(body)
