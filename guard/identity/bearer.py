@@ -129,7 +129,7 @@ class BearerProvider:
                 token, audience=entry.audience, algorithms=entry.algorithms, leeway=entry.leeway
             )
         except TokenInvalid as exc:
-            logger.info("bearer token from %s refused: %s", entry.alias, exc)
+            logger.debug("bearer token from %s refused: %s", entry.alias, exc)  # audited
             return _refused(str(exc))
         except IssuerUnavailable as exc:
             logger.warning("bearer token from %s not checked: %s", entry.alias, exc)
