@@ -7,7 +7,8 @@ sessions (``sessions``: the table and the cookie; ``browser``: the cookie as cre
 for cookie writes, navigations sent to the login page), user blocks (``blocks``) and the login
 pages (``login``: their handlers; ``forms``: ``next`` and the posted form; ``csrf``: the forms'
 tokens; ``pages``: templates and static files); OpenID Connect issuers and their token checks
-(``oidc``, the one module using authlib and joserfc) and browser single sign-on with them
+(``oidc``, the one module using authlib and joserfc), machines with an issuer's JWT
+(``bearer``) and browser single sign-on with them
 (``sso``: login, callback, back-channel logout).
 
 It may import ``guard.errors``, the edge (the request context, the failure rate limiter) and the
