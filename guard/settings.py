@@ -678,8 +678,9 @@ def _required(value: str) -> str | None:
 
 
 def _alias(value: str) -> str | None:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
-        return "must be 1-32 lowercase letters, digits or '-', starting with a letter or digit"
+    # The policy index honours source-qualified groups only as group:[a-z][a-z0-9-]*/...
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", value):
+        return "must be 1-32 lowercase letters, digits or '-', starting with a letter"
     return None
 
 
