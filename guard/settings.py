@@ -741,7 +741,8 @@ class OidcBearerSettings:
     alias: str = option(
         "",
         "Required. Names this issuer in subjects: client:<alias>/<subject> and "
-        "group:<alias>/<name>; lowercase letters, digits and '-', unique, never ldap.",
+        "group:<alias>/<name>; lowercase letters, digits and '-', starting with a letter, "
+        "unique, never ldap.",
         check=lambda value: _required(value) or _alias(value),
     )
     issuer: str = option(
@@ -782,7 +783,7 @@ class OidcSettings:
     alias: str = option(
         "oidc",
         "Names the provider in subjects: its groups become group:<alias>/<name>; lowercase "
-        "letters, digits and '-', never ldap.",
+        "letters, digits and '-', starting with a letter, never ldap.",
         check=_alias,
     )
     client_id: str = option("", "The gateway's client id at the provider (required for SSO).")

@@ -155,7 +155,9 @@ def test_allowed_algorithms_refuse_none_and_hmac(tmp_path: Path, algorithms: lis
     assert problems[0].startswith("oidc.bearer[0].allowed_algorithms: ")
 
 
-@pytest.mark.parametrize("alias", ["", "Corp", "a/b", "a b", "-x", "x" * 33, "ldap:x", "é", "9corp"])
+@pytest.mark.parametrize(
+    "alias", ["", "Corp", "a/b", "a b", "-x", "x" * 33, "ldap:x", "é", "9corp"]
+)
 def test_alias_spelling(tmp_path: Path, alias: str) -> None:
     problems = problems_of(tmp_path, f'[oidc]\nalias = "{alias}"\n')
     assert len(problems) == 1 and problems[0].startswith("oidc.alias: "), problems
