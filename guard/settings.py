@@ -326,6 +326,11 @@ class UpstreamSettings:
         "Forward to an MLflow release the route table was not verified against (logged loudly).",
         flag="--allow-unverified-mlflow",
     )
+    strict_version: bool = option(
+        False,
+        "Refuse a patch release of a verified minor that is not itself verified (otherwise it is "
+        "served with a loud warning).",
+    )
     keepalive_expiry: float = option(
         4.0,
         "Seconds an idle upstream connection is kept; keep it below MLflow's keep-alive timeout.",
