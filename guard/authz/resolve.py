@@ -399,7 +399,8 @@ def _ids(items: Any, *keys: str) -> list[str] | None:
 def _artifact_experiment(path: str) -> str:
     """The experiment a proxied artifact path lives under: its leading numeric segment."""
     first = path.split("/", 1)[0]
-    # MLflow stores experiment 1's artifacts under "1/", so "01/" is no experiment's folder.
-    if not first.isdigit() or first != str(int(first)):
+    # MLflow stores experiment 1's artifacts under "1/", so "01/" is no experiment's folder;
+    # isdigit() alone admits digits int() refuses (superscripts), hence ASCII only.
+    if not (first.isascii() and first.isdigit()) or first != str(int(first)):
         raise Unresolved(Refusal("resource_unresolved", "The artifact path names no experiment."))
     return str(int(first))
