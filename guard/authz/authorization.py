@@ -15,7 +15,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard.authz import systemtags
+from guard.authz import skills, systemtags
 from guard.authz.answers import forward_model_versions_filtered, forward_scorer_configs_filtered
 from guard.authz.graphql import graphql_plan
 from guard.authz.identifiers import Unresolved, describe, sent
@@ -39,6 +39,7 @@ POLICY_KIND: Final = {
         "experiment",
     ),
     **dict.fromkeys(("registered_model", "model_version"), "model"),
+    "skill": "skill",
     **dict.fromkeys(
         ("server", "webhook", "gateway", "job", "assistant", "workspace", "user_admin"), "server"
     ),
@@ -59,6 +60,11 @@ _MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/d
 
 
 OnCreated = Callable[[str, str], Awaitable[None]]
+
+
+def _creates(route: Route) -> bool:
+    """A route whose creator is granted manage on what it creates (when MLflow confirms it)."""
+    return route.path.endswith(_CREATES) or (route.kind == "skill" and route.action == "create")
 
 
 class AuthorizationMiddleware:
@@ -125,8 +131,9 @@ class AuthorizationMiddleware:
         if refusal is not None:
             await send_refusal(scope, send, refusal)
             return
-        if route.path.endswith(_CREATES) and resources and self.on_created is not None:
-            await self._create(scope, receive, send, resources[0])
+        created = scope.get("guard.created", resources[:1] if _creates(route) else [])
+        if created and self.on_created is not None:
+            await self._create(scope, receive, send, created)
         elif filters := scope.get("guard.graphql_filters"):
             await forward_model_versions_filtered(
                 self.app, scope, receive, send, self.policies.index, filters
@@ -177,8 +184,10 @@ class AuthorizationMiddleware:
             scope["guard.body"] = body
         return None
 
-    async def _create(self, scope: Scope, receive: Receive, send: Send, resource: str) -> None:
-        """Forward a create; once MLflow confirms it, its creator manages the new resource."""
+    async def _create(
+        self, scope: Scope, receive: Receive, send: Send, resources: list[str]
+    ) -> None:
+        """Forward a create; once MLflow confirms it, its creator manages what it made."""
         status = 0
 
         async def watch(message: Message) -> None:
@@ -189,10 +198,11 @@ class AuthorizationMiddleware:
 
         await self.app(scope, receive, watch)
         subject = scope["guard"].principal.subject
-        kind = resource.partition(":")[0]
-        if status == 200 and not self.policies.index.unconditional(subject, kind, "manage"):
-            assert self.on_created is not None  # noqa: S101 - checked by the caller
-            await self.on_created(subject, resource)
+        for resource in resources:
+            kind = resource.partition(":")[0]
+            if status == 200 and not self.policies.index.unconditional(subject, kind, "manage"):
+                assert self.on_created is not None  # noqa: S101 - checked by the caller
+                await self.on_created(subject, resource)
 
     async def _check(self, scope: Scope, route: Route) -> tuple[Refusal | None, list[str]]:
         """A refusal, or None and the resources the request acts on (when they were needed).
@@ -215,11 +225,16 @@ class AuthorizationMiddleware:
             if route.action != "read" and self.promotion.applies(route.path):
                 data = self._data(scope)
                 needs = self.promotion.requirements(route.path, data)
+            elif route.kind == "skill" and route.action != "read":
+                data = self._data(scope)
+                needs = self._skill_needs(route, scope["guard.params"], data)
             actions = {needs.replace_action or route.action, *needs.actions}
             possible = actions | ({"promote"} if needs.version_aliases else set())
+            if skills.registers(route):
+                possible.add("create")  # where the skill does not exist yet
             source_field = next((f for p, f in _SOURCES if route.path.endswith(p)), None)
             if (
-                not route.path.endswith(_CREATES)
+                not _creates(route)
                 and source_field is None
                 and all(index.unconditional(subject, kind, a) for a in possible)
                 # GraphQL reads registered models too
@@ -262,8 +277,11 @@ class AuthorizationMiddleware:
                 resources = await judge.resolve(
                     label, sorted(actions), self.resolver.resources(route, params, data, headers)
                 )
-                judge.require(resources, sorted(actions), label)
-                if route.path.endswith(_CREATES):
+                if skills.registers(route):
+                    scope["guard.created"] = await self._registers(judge, resources, label)
+                else:
+                    judge.require(resources, sorted(actions), label)
+                if _creates(route):
                     await self._unseen_name(judge, resources, label)
             if needs.version_aliases and await self.resolver.model_version_aliases(
                 *needs.version_aliases
@@ -319,10 +337,42 @@ class AuthorizationMiddleware:
                 stored = await self.resolver.stored_model_name(sent)
             elif kind_of == "experiment":
                 stored = await self.resolver.stored_experiment_name(sent)
+            elif kind_of == "skill":  # MLflow's skill names have one spelling only
+                stored = sent if await self.resolver.skill_exists(resource) else None
             else:
                 continue
             if stored is not None:
                 judge.require([f"{kind_of}:{stored}"], ["read"], label, shown_action="create")
+
+    def _skill_needs(self, route: Route, params: dict[str, str], data: RequestData) -> Requirements:
+        """A protected skill alias is the promoter's, as a model's is; a version set to
+        ``status: deleted`` is deleted (MLflow asks MANAGE for it)."""
+        needs = Requirements()
+        if skills.is_alias_write(route):
+            alias = skills.alias(route, params, data)
+            if not isinstance(alias, str) or self.promotion.protects_alias(alias):
+                needs.replace_action = "promote"
+        elif skills.deletes_version(route, data):
+            needs.replace_action = "delete"
+        return needs
+
+    async def _registers(self, judge: Judge, resources: list[str], label: str) -> list[str]:
+        """Registering versions: update on a skill that exists, create on one that does not
+        (MLflow creates it); returns the skills it will create. Whoever may do neither is
+        refused before anything is looked up, in the same words either way."""
+        created = []
+        for resource in resources:
+            index, subject = judge.index, judge.subject
+            if not (
+                index.decide(subject, resource, "update").allowed
+                or index.decide(subject, resource, "create").allowed
+            ):
+                judge.require([resource], ["update"], label)
+            exists = await judge.resolve(label, ["update"], self.resolver.skill_exists(resource))
+            judge.require([resource], ["update" if exists else "create"], label, "update")
+            if not exists:
+                created.append(resource)
+        return created
 
     async def _stored(self, resource: str) -> list[str]:
         kind, _, name = resource.partition(":")

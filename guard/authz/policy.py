@@ -19,7 +19,7 @@ from guard.patterns import resource_kind
 
 ACTIONS: Final = ("read", "create", "update", "delete", "manage", "promote")
 SUBJECT_KINDS: Final = ("user", "group", "token", "client")
-RESOURCE_KINDS: Final = ("experiment", "model", "server", "guard")
+RESOURCE_KINDS: Final = ("experiment", "model", "skill", "server", "guard")
 # casbin's role manager follows at most 9 links (its max_hierarchy_level of 10 counts the start);
 # the index follows the same number, so both answer alike even for absurdly deep nesting.
 MAX_LINKS: Final = 9

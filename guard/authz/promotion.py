@@ -85,6 +85,10 @@ class PromotionRules:
             needs.elsewhere.append((f"experiment:{new_name}", "create"))
         return needs
 
+    def protects_alias(self, alias: str) -> bool:
+        """Whether setting or deleting ``alias`` is the promoter's job (skills use it too)."""
+        return self._matches(alias, self.protected_aliases)
+
     @staticmethod
     def _matches(value: str, patterns: tuple[str, ...]) -> bool:
         return any(resource_match(value, pattern) for pattern in patterns)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
+from guard.authz import skills
 from guard.authz.identifiers import Headers, Unresolved, as_id, field_values, named
 from guard.authz.routes import DATASET_LINKS, Route
 from guard.edge.requestdata import RequestData, canonical_experiment_id
@@ -300,7 +301,9 @@ class Resolver:
         with; a single string per name hides repeats, so no id is read from it."""
         if route.id_from.startswith("artifact_path"):
             path = params.get("artifact_path") or data.single("path") or ""
-            return [await self._experiment(_artifact_experiment(str(path)))]
+            return [await self._artifact(str(path))]
+        if route.kind == "skill":
+            return skills.requested(route, params, data)
         field, values = named(route, params, data, headers)
         if not values:
             raise Unresolved(Refusal("invalid_request_body", f"The request names no {field}."))
@@ -314,7 +317,7 @@ class Resolver:
 
     async def _resolve(self, route: Route, field: str, values: list[Any]) -> list[str]:
         if route.kind == "artifact" and field == "path":  # listing a proxied artifact folder
-            return [await self._experiment(_artifact_experiment(as_id(v))) for v in values]
+            return [await self._artifact(as_id(v)) for v in values]
         if route.kind in MODEL_KINDS and field == "name":
             return [await self.model_resource(as_id(v)) for v in values]
         if field in ("name", "experiment_name") and route.kind == "experiment":
@@ -346,6 +349,23 @@ class Resolver:
                 raise Unresolved(Refusal("resource_unresolved", f"Unknown {field} {value!r}."))
             result.append(await self._experiment(experiment_id))
         return result
+
+    async def _artifact(self, path: str) -> str:
+        """A proxied artifact path's owner: a skill under ``skills/``, else an experiment."""
+        if path.split("/", 1)[0] == "skills":
+            return skills.artifact_skill(path)
+        return await self._experiment(_artifact_experiment(path))
+
+    async def skill_exists(self, resource: str) -> bool:
+        """Whether MLflow holds the skill ``skill:NAME`` / ``skill:@ORG/NAME`` (asked every
+        time: registering a version creates it)."""
+        identity = resource.removeprefix("skill:")
+        status, data = await self._fetch(f"/api/3.0/mlflow/skills/{identity}", {})
+        if status == 404 and (data or {}).get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        if status != 200:  # a 404 without it is no answer about skills (an older server)
+            raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {resource!r}."))
+        return True
 
     async def experiment_resource(self, experiment_id: str) -> str:
         """``experiment:NAME`` for an experiment id (canonical, as MLflow reads it)."""

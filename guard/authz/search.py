@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 from cryptography.fernet import Fernet, InvalidToken
 from starlette.types import Scope, Send
 
+from guard.authz import skills
 from guard.authz.engine import PolicyIndex
 from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
@@ -45,6 +46,7 @@ SEARCHES: Final = {
     "/experiments/search": SearchKind("experiments", "experiment", 1000, 1000),
     "/registered-models/search": SearchKind("registered_models", "model", 100, 1000),
     "/model-versions/search": SearchKind("model_versions", "model", 10000, 10000),
+    "/3.0/mlflow/skills": SearchKind("skills", "skill", 100, 1000),  # GET; MLflow 3.18+
 }
 MAX_PAGE: Final = 50000
 # The gateway pages for the caller; the caller's own paging fields never reach MLflow.
@@ -121,10 +123,9 @@ class SearchFilter:
                 raw = []
             for position in range(skip, len(raw)):
                 item = raw[position]
-                name = item.get("name") if isinstance(item, dict) else None
-                if not isinstance(name, str):
+                if (resource := _resource(search, item)) is None:
                     continue
-                if not index.decide(subject, f"{search.kind}:{name}", "read").allowed:
+                if not index.decide(subject, resource, "read").allowed:
                     continue
                 if len(collected) == limit:
                     return collected, (cursor, position)
@@ -173,6 +174,14 @@ class _UpstreamAnswer(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(status)
         self.status, self.body = status, body
+
+
+def _resource(search: SearchKind, item: Any) -> str | None:
+    """The policy resource of one result: ``KIND:NAME``, a skill ``skill:[@ORG/]NAME``."""
+    if search.kind == "skill":
+        return skills.identity(item)
+    name = item.get("name") if isinstance(item, dict) else None
+    return f"{search.kind}:{name}" if isinstance(name, str) else None
 
 
 def _limit(value: Any, default: int) -> int:
