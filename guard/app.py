@@ -64,8 +64,8 @@ from guard.authz.promotion import PromotionRules
 from guard.authz.resolve import Resolver
 from guard.authz.routes import (
     VERIFIED_MLFLOW_VERSIONS,
+    ReleaseTables,
     RouteClassifierMiddleware,
-    RouteTable,
     load_routes,
 )
 from guard.authz.runtime import PolicyRuntime
@@ -400,7 +400,19 @@ def build_gateway(
         settings.authz.cache_ttl,
         settings.authz.negative_cache_ttl,
     )
-    version = VersionGate(VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow)
+
+    def version_changed(old: str | None, new: str) -> None:
+        """The upstream's release changed (or was first read): its route table is served from
+        the next request on (RouteClassifierMiddleware); recorded in the audit trail."""
+        logger.info("upstream MLflow release: %s -> %s", old or "(unknown)", new)
+        if trail is not None:
+            trail.event({"event": "upstream_version_changed", "from": old, "to": new,
+                         "verified": new in VERIFIED_MLFLOW_VERSIONS})  # fmt: skip
+
+    version = VersionGate(
+        VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow, strict=u.strict_version,
+        on_change=version_changed,
+    )  # fmt: skip
     protected: ASGIApp = ProxyApp(client=upstream, version=version)
     if trail is not None:
         protected = IntentMiddleware(protected, trail=trail)
@@ -442,7 +454,9 @@ def build_gateway(
         max_ids_per_request=settings.authz.max_ids_per_request,
         deadlines=deadlines,
     )
-    protected = RouteClassifierMiddleware(protected, table=RouteTable(load_routes()))
+    protected = RouteClassifierMiddleware(
+        protected, tables=ReleaseTables(load_routes()), gate=version, client=upstream
+    )
     session_store = SessionStore(
         engine, store.key, idle_timeout=settings.sessions.idle_timeout,
         absolute_timeout=settings.sessions.absolute_timeout,

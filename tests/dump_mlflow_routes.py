@@ -2,7 +2,19 @@
 
 Usage (from the repository root, with the project venv)::
 
-    .venv/bin/python tests/dump_mlflow_routes.py    # JSON list on stdout, counts on stderr
+    .venv/bin/python tests/dump_mlflow_routes.py           # JSON list on stdout, counts on stderr
+    .venv/bin/python tests/dump_mlflow_routes.py --pairs   # "METHOD PATH" lines, sorted, distinct
+    .venv/bin/python tests/dump_mlflow_routes.py --fields  # JSON: what each route reads (below)
+
+``--pairs`` is what is checked in as ``tests/mlflow_routes/<release>.txt``.
+
+``--fields`` is what ``make verify-mlflow`` compares between two releases to find fields whose
+reading changed: (1) every protobuf message of ``mlflow.protos`` (the request messages Flask
+handlers parse with ``_get_request_message``), as its fields' ``name number type label``;
+(2) every native FastAPI route's parameters (``query:name``, ``path:name``, ``body:name``, and
+a pydantic body model's field names); (3) per Flask (method, path), the SHA-256 of its view
+function's source, so a handler whose code changed (a new field read from ``request.args`` or
+``_get_validated_flask_request_json``, a changed default) is listed for review.
 
 Importable: ``dump_routes() -> list[dict]``. ``tests/unit/authz/test_routes.py`` runs it and fails
 if any route lacks a row in ``guard/authz/route_table.toml``.
@@ -118,8 +130,105 @@ def dump_routes() -> list[dict[str, str]]:
     return routes
 
 
+def pair_lines(routes: list[dict[str, str]]) -> list[str]:
+    """The distinct "METHOD PATH" lines of a dump, sorted: the checked-in per-release list."""
+    return sorted({f"{r['method']} {r['path']}" for r in routes})
+
+
+def _repeated(field: Any) -> str:
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is None:
+        repeated = getattr(field, "label", 0) == 3  # LABEL_REPEATED
+    return "repeated" if repeated else "single"
+
+
+def _proto_fields() -> dict[str, list[str]]:
+    import importlib
+    import pkgutil
+
+    import mlflow.protos
+
+    found: dict[str, list[str]] = {}
+
+    def walk(message: Any) -> None:
+        found["proto:" + message.full_name] = sorted(
+            f"{f.name} {f.number} {f.type} {_repeated(f)}" for f in message.fields
+        )
+        for nested in message.nested_types:
+            walk(nested)
+
+    for module in pkgutil.iter_modules(mlflow.protos.__path__):
+        if not module.name.endswith("_pb2"):
+            continue
+        try:
+            loaded = importlib.import_module(f"mlflow.protos.{module.name}")
+        except ImportError:
+            continue
+        for message in loaded.DESCRIPTOR.message_types_by_name.values():
+            walk(message)
+    return found
+
+
+def _fastapi_params() -> dict[str, list[str]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.routing import APIRoute
+        from mlflow.server.fastapi_app import app
+    from fastapi.routing import iter_route_contexts
+
+    found: dict[str, list[str]] = {}
+    for context in iter_route_contexts(app.router.routes):
+        route = context.original_route
+        if not isinstance(route, APIRoute):
+            continue
+        dependant = route.dependant
+        params = [f"query:{p.name}" for p in dependant.query_params]
+        params += [f"path:{p.name}" for p in dependant.path_params]
+        params += [f"header:{p.name}" for p in dependant.header_params]
+        for body in dependant.body_params:
+            params.append(f"body:{body.name}")
+            model_fields = getattr(getattr(body, "type_", None), "model_fields", None) or {}
+            params += [f"body:{body.name}.{name}" for name in model_fields]
+        for method in sorted(set(context.methods or ()) - IGNORED_METHODS):
+            found[f"fastapi:{method} {context.path}"] = sorted(params)
+    return found
+
+
+def _flask_handlers() -> dict[str, list[str]]:
+    import hashlib
+    import inspect
+
+    from mlflow.server import app as flask_app
+
+    found: dict[str, list[str]] = {}
+    for rule in flask_app.url_map.iter_rules():
+        view = flask_app.view_functions.get(rule.endpoint)
+        view = inspect.unwrap(view) if view is not None else None
+        try:
+            source = inspect.getsource(view) if view is not None else ""
+        except (OSError, TypeError):
+            source = repr(view)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        for method in sorted((rule.methods or set()) - IGNORED_METHODS):
+            found.setdefault(f"handler:{method} {rule.rule}", []).append(digest)
+    return found
+
+
+def dump_fields() -> dict[str, list[str]]:
+    """What each route reads, for comparing two releases (see the module docstring)."""
+    _default_environment()
+    return _proto_fields() | _fastapi_params() | _flask_handlers()
+
+
 def main() -> int:
+    if "--fields" in sys.argv[1:]:
+        json.dump(dump_fields(), sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
     routes = dump_routes()
+    if "--pairs" in sys.argv[1:]:
+        sys.stdout.write("".join(line + "\n" for line in pair_lines(routes)))
+        return 0
     json.dump(routes, sys.stdout, indent=1)
     sys.stdout.write("\n")
     by_source = Counter(r["source"] for r in routes)

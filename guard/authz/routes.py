@@ -9,6 +9,7 @@ matches no row is refused with ``route_not_classified`` and never reaches MLflow
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.authz.policy import ACTIONS
 from guard.errors import Refusal, send_refusal
+from guard.upstream.client import UpstreamClient, VersionGate
 
+logger = logging.getLogger("guard.authz")
 KINDS: Final = frozenset(
     {
         "experiment", "run", "logged_model", "registered_model", "model_version", "trace",
@@ -28,13 +31,14 @@ KINDS: Final = frozenset(
         "assistant", "workspace", "user_admin", "server",
     }
 )  # fmt: skip
-# The MLflow releases whose routes the table was checked against (tests/unit/authz/test_routes.py).
-VERIFIED_MLFLOW_VERSIONS: Final = frozenset({"3.17.2"})
+# The MLflow releases whose routes the table was checked against, each with its (method, path)
+# list in tests/mlflow_routes/<release>.txt (tests/unit/authz/test_routes.py).
+VERIFIED_MLFLOW_VERSIONS: Final = frozenset({"3.17.2", "3.18.0"})
 # Dataset rows whose body also names the experiments being linked or unlinked (their notes).
 DATASET_LINKS: Final = ("/add-experiments", "/remove-experiments")
 _KEYS: Final = frozenset(
     {"method", "path", "kind", "id_from", "action", "open", "refuse", "why", "note", "body",
-     "get_body"}
+     "get_body", "since", "until"}
 )  # fmt: skip
 _PARAM: Final = re.compile(r"<(?:(path):)?(\w+)>|\{(\w+)(?::(path))?\}")
 
@@ -55,6 +59,12 @@ class Route:
     # A GET whose MLflow handler reads a JSON body when the query string is empty: only such
     # a GET may carry a body through the gateway (guard/edge/bodies.py).
     get_body: bool = False
+    # The releases the row applies to: since <= release < until (either may be absent).
+    since: tuple[int, ...] = ()
+    until: tuple[int, ...] | None = None
+
+    def applies_to(self, release: tuple[int, ...]) -> bool:
+        return self.since <= release and (self.until is None or release < self.until)
 
     @property
     def id_lists(self) -> tuple[str, tuple[str, ...]]:
@@ -82,6 +92,26 @@ def _id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
     if "." in key:
         return source, (key.split("[]", 1)[0],)
     return source, tuple(key.removesuffix("[]").split("|"))
+
+
+def release_key(version: str) -> tuple[int, ...]:
+    """``"3.18.0"`` -> (3, 18, 0): the leading dotted numbers (``3.18.1.dev0`` -> (3, 18, 1))."""
+    parts = []
+    for part in version.strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def _release_field(row: dict[str, object], key: str, problems: list[str], where: str) -> object:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(release_key(value)) != 3 or value.count(".") != 2:
+        problems.append(f'{where}: {key} must be a release like "3.18.0"')
+        return None
+    return release_key(value)
 
 
 def _compile(template: str) -> tuple[re.Pattern[str], int]:
@@ -127,20 +157,38 @@ def load_routes(text: str | None = None) -> tuple[Route, ...]:
         elif row.get("get_body") and (method != "GET" or row.get("refuse")):
             problems.append(f"{where}: get_body marks forwarded GET rows only")
         pattern, literal = _compile(path)
+        since = _release_field(row, "since", problems, where)
+        until = _release_field(row, "until", problems, where)
+        if since is not None and until is not None and not since < until:  # type: ignore[operator]
+            problems.append(f"{where}: since must come before until")
         routes.append(
             Route(method, path, row.get("kind", ""), row.get("id_from", "none"),
                   row.get("action", ""), bool(row.get("open")), bool(row.get("refuse")),
                   row.get("body", "buffer"), row.get("why", ""), pattern, literal,
-                  row.get("get_body") is True)
+                  row.get("get_body") is True, since or (), until)  # type: ignore[arg-type]
         )  # fmt: skip
-    seen = set()
+    seen: dict[tuple[str, str], list[Route]] = {}
     for route in routes:
-        if (route.method, route.path) in seen:
-            problems.append(f"{route.method} {route.path}: more than one row")
-        seen.add((route.method, route.path))
+        for other in seen.setdefault((route.method, route.path), []):
+            if _overlap(route, other):
+                problems.append(
+                    f"{route.method} {route.path}: more than one row for a release "
+                    "(rows of one pair need since/until ranges that do not overlap)"
+                )
+        seen[(route.method, route.path)].append(route)
     if problems:
         raise ValueError("route table: " + "; ".join(problems))
     return tuple(routes)
+
+
+def _overlap(a: Route, b: Route) -> bool:
+    return (b.until is None or a.since < b.until) and (a.until is None or b.since < a.until)
+
+
+def routes_for(routes: tuple[Route, ...], version: str) -> tuple[Route, ...]:
+    """The rows that apply to one MLflow release."""
+    release = release_key(version)
+    return tuple(route for route in routes if route.applies_to(release))
 
 
 def validate_path(path: str) -> bool:
@@ -191,19 +239,78 @@ class RouteTable:
         return None
 
 
-class RouteClassifierMiddleware:
-    """Refuse non-canonical requests and routes the table refuses or lacks; tag the rest."""
+class ReleaseTables:
+    """One RouteTable per MLflow release, and the one in use: the upstream's.
 
-    def __init__(self, app: ASGIApp, *, table: RouteTable) -> None:
+    ``current`` is replaced whole by ``select`` (one attribute assignment, so a request sees
+    either the old table or the new one, never a mix). Before the upstream's release is known,
+    the table of every row (``union``) only tells a route no release serves, which is refused
+    without asking MLflow anything.
+    """
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        self.union = RouteTable(routes)
+        self._tables: dict[tuple[int, ...], RouteTable] = {}
+        self.version: str | None = None
+        self.current: RouteTable | None = None
+
+    def table_for(self, version: str) -> RouteTable:
+        release = release_key(version)
+        table = self._tables.get(release)
+        if table is None:
+            table = self._tables[release] = RouteTable(routes_for(self.routes, version))
+        return table
+
+    def select(self, version: str) -> RouteTable:
+        """Serve ``version``'s routes from now on; returns its table."""
+        table = self.table_for(version)
+        self.current, self.version = table, version
+        logger.info("route table: serving MLflow %s's routes (%d rows)", version, len(table.routes))
+        return table
+
+
+class RouteClassifierMiddleware:
+    """Refuse non-canonical requests and routes the table refuses or lacks; tag the rest.
+
+    The table is the upstream's release's: ``gate`` (guard/upstream/client.py VersionGate)
+    knows that release and calls ``tables.select`` when it changes. A route no release serves is
+    refused before the gate is asked; any other waits for the gate's answer (its refusal, e.g.
+    503 upstream_unverified, is sent instead), so a route of a newer release never matches a
+    request to an older server.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tables: ReleaseTables,
+        gate: VersionGate | None = None,
+        client: UpstreamClient | None = None,
+    ) -> None:
         self.app = app
-        self.table = table
+        self.tables = tables
+        self.gate = gate
+        self.client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if not validate_path(path) or not validate_query(scope["query_string"]):
             await send_refusal(scope, send, Refusal("path_not_canonical"))
             return
-        found = self.table.match(scope["method"], path)
+        method = scope["method"]
+        if self.tables.union.match(method, path) is None:
+            await send_refusal(scope, send, Refusal("route_not_classified"))
+            return
+        if self.gate is not None and self.client is not None:
+            if (refusal := await self.gate.check(self.client)) is not None:
+                await send_refusal(scope, send, refusal)
+                return
+            version = self.gate.version
+            if version is not None and version != self.tables.version:
+                self.tables.select(version)  # the release changed: swap in its table
+        table = self.tables.current or self.tables.union  # no gate: tests of the table alone
+        found = table.match(method, path)
         if found is None or found[0].refuse:
             await send_refusal(scope, send, Refusal("route_not_classified"))
             return

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -108,6 +109,8 @@ class UpstreamClient:
         self.limits = limits
         self._slots = asyncio.Semaphore(limits.max_connections)
         self._session: aiohttp.ClientSession | None = None
+        # Connections to MLflow that failed: the version gate reads /version again after one.
+        self.connection_failures = 0
 
     def open(self) -> None:
         """Create the connection pool; call from inside the running event loop."""
@@ -160,6 +163,8 @@ class UpstreamClient:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             slot.release()
+            if isinstance(exc, aiohttp.ClientConnectionError):
+                self.connection_failures += 1
             raise UpstreamError(_refusal_for(exc)) from exc
         except BaseException:
             slot.release()
@@ -172,36 +177,89 @@ class UpstreamClient:
             self._session = None
 
 
+VERSION_RECHECK = 60.0  # seconds between two reads of the upstream's /version
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    return tuple(version.strip().split(".")[:2])
+
+
 class VersionGate:
     """Forward only to an MLflow release the route table was verified against.
 
-    The upstream's ``/version`` is read before the first forwarded request (and again after a
-    failure to read it); an unverified release is refused with ``upstream_unverified`` unless
-    the operator allowed it, which is logged loudly.
+    The upstream's ``/version`` is read before the first forwarded request, again after any
+    failed connection to MLflow (a restart may bring another release) and every
+    ``recheck`` seconds. A verified release is served; an unverified patch release of a
+    verified minor (3.18.1 when 3.18.0 is verified) is served with a loud warning unless
+    ``strict``; any other release is refused with ``upstream_unverified`` unless the operator
+    allowed it, which is logged loudly. ``on_change(old, new)`` is called when the release
+    read differs from the last one (the app logs and audits it; the route classifier serves the
+    new release's table from the next request on).
     """
 
-    def __init__(self, verified: frozenset[str], allow_unverified: bool) -> None:
+    def __init__(
+        self,
+        verified: frozenset[str],
+        allow_unverified: bool,
+        *,
+        strict: bool = False,
+        recheck: float = VERSION_RECHECK,
+        on_change: Callable[[str | None, str], None] | None = None,
+    ) -> None:
         self.verified = verified
         self.allow_unverified = allow_unverified
+        self.strict = strict
+        self.recheck = recheck
+        self.on_change = on_change
         self.version: str | None = None
+        self._read_at = -recheck
+        self._failures_seen = 0
         self._lock = asyncio.Lock()
 
+    def _stale(self, client: UpstreamClient) -> bool:
+        return (
+            self.version is None
+            or client.connection_failures != self._failures_seen
+            or time.monotonic() - self._read_at >= self.recheck
+        )
+
     async def check(self, client: UpstreamClient) -> Refusal | None:
-        if self.version is None:
+        if self._stale(client):
             async with self._lock:
-                if self.version is None:
+                if self._stale(client):
+                    failures = client.connection_failures
                     try:
-                        self.version = await self._read(client)
+                        version = await self._read(client)
                     except UpstreamError as exc:
+                        self._read_at = -self.recheck  # read again on the next request
                         return exc.refusal
-                    self._report()
-        if self.version in self.verified or self.allow_unverified:
+                    self._failures_seen, self._read_at = failures, time.monotonic()
+                    if version != self.version:
+                        old, self.version = self.version, version
+                        self._report()
+                        if self.on_change is not None:
+                            self.on_change(old, version)
+        current = self.version
+        if current is None:  # another request's first read failed meanwhile
+            return Refusal("upstream_unreachable")
+        if self.accepts(current):
             return None
         return Refusal(
             "upstream_unverified",
-            f"MLflow {self.version} is not a verified release "
+            f"MLflow {current} is not a verified release "
             f"({', '.join(sorted(self.verified))}); see --allow-unverified-mlflow.",
         )
+
+    def patch_of_verified(self, version: str) -> bool:
+        """An unverified release of a verified minor (3.18.1 when 3.18.0 is verified)."""
+        return version not in self.verified and _minor(version) in {
+            _minor(v) for v in self.verified
+        }
+
+    def accepts(self, version: str) -> bool:
+        if version in self.verified or self.allow_unverified:
+            return True
+        return self.patch_of_verified(version) and not self.strict
 
     async def _read(self, client: UpstreamClient) -> str:
         response = await client.request("GET", "/version", [("host", client.host_header)], None)
@@ -212,17 +270,25 @@ class VersionGate:
         return body.decode("utf-8", "replace").strip()
 
     def _report(self) -> None:
+        verified = ", ".join(sorted(self.verified))
         if self.version in self.verified:
             logger.info("upstream MLflow %s (verified)", self.version)
+        elif self.version is not None and self.patch_of_verified(self.version) and not self.strict:
+            logger.warning(
+                "UPSTREAM MLFLOW %s IS NOT A VERIFIED RELEASE (verified: %s); forwarding because "
+                "it is a patch release of a verified minor, with that release's route table: "
+                "routes it added or changed may be misclassified (upstream.strict_version = true "
+                "refuses it)", self.version, verified,
+            )  # fmt: skip
         elif self.allow_unverified:
             logger.warning(
                 "UPSTREAM MLFLOW %s IS NOT A VERIFIED RELEASE (verified: %s); forwarding anyway "
                 "because --allow-unverified-mlflow is set: routes it added or changed may be "
-                "misclassified", self.version, ", ".join(sorted(self.verified)),
+                "misclassified", self.version, verified,
             )  # fmt: skip
         else:
             logger.error(
                 "upstream MLflow %s is not a verified release (verified: %s); refusing to "
                 "forward (start with --allow-unverified-mlflow to override)",
-                self.version, ", ".join(sorted(self.verified)),
+                self.version, verified,
             )  # fmt: skip

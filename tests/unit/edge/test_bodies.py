@@ -25,7 +25,13 @@ from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
 from guard.authz.graphql import graphql_plan
-from guard.authz.routes import Route, RouteClassifierMiddleware, RouteTable, load_routes
+from guard.authz.routes import (
+    ReleaseTables,
+    Route,
+    RouteClassifierMiddleware,
+    RouteTable,
+    load_routes,
+)
 from guard.config import load_settings
 from guard.edge.bodies import BodyMiddleware
 from guard.edge.requestdata import RequestDataError
@@ -60,7 +66,7 @@ def fill(template: str) -> str:
 def stack(max_ids: int = 1000) -> tuple[RouteClassifierMiddleware, Recorder]:
     recorder = Recorder()
     body = BodyMiddleware(recorder, max_body_size=1 << 24, max_ids_per_request=max_ids)
-    return RouteClassifierMiddleware(body, table=TABLE), recorder
+    return RouteClassifierMiddleware(body, tables=ReleaseTables(ROUTES)), recorder
 
 
 def send(
