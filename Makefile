@@ -22,7 +22,7 @@ TEST_PACKAGES := postgresql slapd ldap-utils chromium
 missing = $$(echo $$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
 	grep -q 'ok installed' || echo $$p; done))
 
-.PHONY: serve test lint bench build-packages system-packages clean
+.PHONY: serve test lint bench build-packages system-packages clean verify-mlflow mlflow-deps
 
 # build-packages is order-only: it runs first every time (a quick dpkg check) but does not by
 # itself make the virtualenv out of date.
@@ -77,8 +77,40 @@ $(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
 	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: $(STAMP) system-packages $(IDP_STAMP) lint
+# A second MLflow for the tests, beside the main venv's 3.17.2: mlflow 3.18.0 wants
+# mlflow-tracing==3.18.0, which this project's package index does not carry yet, so its venv is
+# the 3.17.2 dependency set (one committed file), mlflow-skinny 3.18.0, then mlflow 3.18.0
+# without its dependencies. tests/integration/conftest.py starts its `mlflow server` from here.
+MLFLOW_DEPS := tests/mlflow_routes/deps-3.17.2.txt
+MLFLOW_NEXT := 3.18.0
+NEXT_VENV := .venv-mlflow-3.18
+NEXT_STAMP := $(NEXT_VENV)/.installed
+# $(1): venv directory, $(2): MLflow release.
+mlflow_venv = rm -rf $(1) && $(PYTHON) -m venv $(1) && \
+	$(1)/bin/pip install --quiet --disable-pip-version-check -r $(MLFLOW_DEPS) mlflow-skinny==$(2) && \
+	$(1)/bin/pip install --quiet --disable-pip-version-check --no-deps mlflow==$(2)
+
+$(NEXT_STAMP): $(MLFLOW_DEPS)
+	$(call mlflow_venv,$(NEXT_VENV),$(MLFLOW_NEXT))
+	touch $@
+
+test: $(STAMP) $(NEXT_STAMP) system-packages $(IDP_STAMP) lint
 	$(BIN)/pytest
+
+# The first step when MLflow releases: `make verify-mlflow VERSION=3.19.0` installs it in a
+# throwaway venv (same recipe as above), dumps its routes and prints every pair the route table
+# lacks for it, every pair that disappeared and every field whose reading changed
+# (tests/verify_mlflow.py says what is compared); WRITE=1 also writes its checked-in list
+# tests/mlflow_routes/$(VERSION).txt. README: "A new MLflow release".
+verify-mlflow: $(STAMP)
+	@test -n "$(VERSION)" || { echo "usage: make verify-mlflow VERSION=x.y.z"; exit 2; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(call mlflow_venv,$$tmp/venv,$(VERSION)) && \
+	  $(BIN)/python tests/verify_mlflow.py --python $$tmp/venv/bin/python $(if $(WRITE),--write-list)
+
+# Regenerate the MLflow dependency set from the main venv's pins (after its MLflow moved).
+mlflow-deps: $(STAMP)
+	$(BIN)/python tests/mlflow_deps.py > $(MLFLOW_DEPS).new && mv $(MLFLOW_DEPS).new $(MLFLOW_DEPS)
 
 # bench.ldap starts the tests' throwaway slapd, hence system-packages; bench.oidc the tests'
 # OpenID Connect provider, hence $(IDP_STAMP).
@@ -90,4 +122,4 @@ bench: $(STAMP) system-packages $(IDP_STAMP)
 	$(BIN)/python -m bench.oidc
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/idp/node_modules
+	rm -rf $(VENV) $(NEXT_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/idp/node_modules

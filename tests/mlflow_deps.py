@@ -1,0 +1,46 @@
+"""Print MLflow's dependency set as installed in this venv (tests/mlflow_routes/deps-3.17.2.txt).
+
+The closure of the installed mlflow's requirements, pinned to the installed versions, mlflow
+and mlflow-skinny left out: the base of a venv for another MLflow release (Makefile
+``mlflow_venv``). ``make mlflow-deps`` writes it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+HEADER = Path(__file__).with_name("mlflow_routes").joinpath("deps-3.17.2.txt")
+
+
+def closure(root: str = "mlflow") -> dict[str, str]:
+    pins: dict[str, str] = {}
+    todo = [root]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in pins:
+            continue
+        dist = metadata.distribution(name)
+        pins[name] = dist.version
+        for text in dist.requires or ():
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return pins
+
+
+def main() -> int:
+    header = [line for line in HEADER.read_text().splitlines() if line.startswith("#")]
+    pins = closure()
+    lines = [f"{name}=={version}" for name, version in sorted(pins.items())
+             if name not in ("mlflow", "mlflow-skinny")]  # fmt: skip
+    sys.stdout.write("\n".join([*header, *lines]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
