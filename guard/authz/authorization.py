@@ -273,7 +273,11 @@ class AuthorizationMiddleware:
             else:
                 data = data or self._data(scope)
                 params = scope["guard.params"]
-                label = sent(route, params, data, headers)
+                label = (
+                    skills.label(route, params, data)
+                    if route.kind == "skill"
+                    else sent(route, params, data, headers)
+                )
                 resources = await judge.resolve(
                     label, sorted(actions), self.resolver.resources(route, params, data, headers)
                 )

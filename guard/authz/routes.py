@@ -28,7 +28,7 @@ KINDS: Final = frozenset(
     {
         "experiment", "run", "logged_model", "registered_model", "model_version", "trace",
         "dataset", "artifact", "scorer", "prompt_optimization", "webhook", "gateway", "job",
-        "assistant", "workspace", "user_admin", "server",
+        "assistant", "workspace", "user_admin", "server", "skill",
     }
 )  # fmt: skip
 # The MLflow releases whose routes the table was checked against, each with its (method, path)
@@ -41,6 +41,11 @@ _KEYS: Final = frozenset(
      "get_body", "since", "until"}
 )  # fmt: skip
 _PARAM: Final = re.compile(r"<(?:(path):)?(\w+)>|\{(\w+)(?::(path))?\}")
+# A skill's {name} never starts with '@' (MLflow's SkillNamePath): Starlette takes the first
+# registered route whose path matches and MLflow then refuses such a name with 400, so
+# /skills/@org/x is never the org-less {name}/x and /skills/@org is no skill the gateway names.
+_SKILLS: Final = "/3.0/mlflow/skills/"
+_SKILL_NAME: Final = "[^@/][^/]*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,12 @@ def _compile(template: str) -> tuple[re.Pattern[str], int]:
         literal += len(text)
         is_path = bool(match.group(1) or match.group(4))
         name = match.group(2) or match.group(3)
-        parts.append(f"(?P<{name}>.+)" if is_path else f"(?P<{name}>[^/]+)")
+        if is_path:
+            parts.append(f"(?P<{name}>.+)")
+        elif name == "name" and _SKILLS in template:
+            parts.append(f"(?P<{name}>{_SKILL_NAME})")
+        else:
+            parts.append(f"(?P<{name}>[^/]+)")
         end = match.end()
     parts.append(re.escape(template[end:]))
     literal += len(template) - end

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from guard.authz.identifiers import Unresolved, as_id, field_values
+from guard.authz.identifiers import Unresolved, as_id, describe, field_values
 from guard.authz.routes import Route
 from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal
@@ -71,6 +71,19 @@ def requested(route: Route, params: dict[str, str], data: RequestData) -> list[s
     if not all(isinstance(name, str) for name in names):
         raise RequestDataError(Refusal("invalid_request_body", "Every skill needs a name."))
     return list(dict.fromkeys(skill_resource(organization, str(name)) for name in names))
+
+
+def label(route: Route, params: dict[str, str], data: RequestData) -> str:
+    """What the request names, in the caller's words, for a refusal: ``skill '@acme/foo'``."""
+    try:
+        names = [r.removeprefix("skill:") for r in requested(route, params, data)]
+    except (Unresolved, RequestDataError):
+        if "name" in params:
+            organization = params.get("organization")
+            return describe("skill", [f"@{organization}/{params['name']}" if organization
+                                      else params["name"]])  # fmt: skip
+        return "what this request names"
+    return describe("skill", names)
 
 
 def registers(route: Route) -> bool:

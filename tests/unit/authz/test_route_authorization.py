@@ -22,7 +22,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
-from guard.authz.routes import Route, load_routes
+from guard.authz.routes import Route, load_routes, routes_for
 from guard.config import load_settings
 from tests.servers import ServerThread, read_request_body, send_response
 
@@ -236,7 +236,8 @@ def resolvable(route: Route) -> bool:
     return field in RESOLVABLE_FIELDS
 
 
-ROUTES = [r for r in load_routes()]
+# The rows of the release FakeMlflow reports (3.17.2): the gateway serves no other there.
+ROUTES = list(routes_for(load_routes(), "3.17.2"))
 
 
 def expected(route: Route) -> tuple[str | None, str | None]:
