@@ -1,8 +1,8 @@
 """Shared fixtures: a throwaway PostgreSQL cluster, fresh databases, a throwaway slapd, a
 throwaway OpenID Connect provider, free ports.
 
-A PostgreSQL, LDAP, OIDC or browser test that is skipped fails the run: silently not testing a
-real component is not a pass.
+A PostgreSQL, LDAP, OIDC, browser or MLflow-release test that is skipped fails the run:
+silently not testing a real component is not a pass.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     ):
         report.outcome = "failed"
         report.longrepr = f"OIDC test was skipped, which counts as a failure: {report.longrepr}"
+    elif report.skipped and "mlflow_release" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"A test of a real MLflow release was skipped, which counts as a failure: "
+            f"{report.longrepr}"
+        )
     elif report.skipped and "browser" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"Browser test was skipped, which counts as a failure: {report.longrepr}"
