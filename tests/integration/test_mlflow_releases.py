@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,18 @@ def test_the_gateway_serves_the_release_it_finds(release: tuple[str, Mlflow, Gat
     log = gateway.log.read_text()
     assert f"upstream MLflow release: (unknown) -> {name}" in log
     assert "IS NOT A VERIFIED RELEASE" not in log
+    # The change of release (from none) is in the audit trail.
+    events: list[dict[str, object]] = []
+    deadline = time.monotonic() + 15
+    while not events and time.monotonic() < deadline:
+        found = gateway.cli("audit", "export", "--kind", "event", "--format", "jsonl")
+        assert found.returncode == 0, found.stderr
+        records = [json.loads(line) for line in found.stdout.splitlines() if line.strip()]
+        events = [r for r in records if r.get("event") == "upstream_version_changed"]
+        if not events:
+            time.sleep(0.5)
+    assert events, "no upstream_version_changed event in the audit trail"
+    assert {(e["from"], e["to"], e["verified"]) for e in events} == {(None, name, True)}
 
 
 def test_mlflow_client_smoke(
