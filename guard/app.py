@@ -21,7 +21,9 @@ Outermost first, every request passes:
    policy API, ``guard.admin.api``) and every other ``/guard/`` path (401, then 404/405)
    behind the same authentication as below; or:
 6. ``AuthenticationMiddleware``  401 unless a provider accepts the credentials
-7. ``RouteClassifierMiddleware`` 400/403 unless the route table classifies the canonical path
+7. ``RouteClassifierMiddleware`` 400/403 unless the route table of the upstream's MLflow
+                                 release classifies the canonical path; 503 from the version
+                                 gate for an unverified release or an unreachable MLflow
 8. ``BodyMiddleware``            400/408/413: framing checked, non-artifact bodies read whole
                                  in time, bodies only where MLflow reads them, lists of ids
                                  counted; artifact uploads stream under the same deadlines
