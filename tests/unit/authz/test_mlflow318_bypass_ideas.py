@@ -100,6 +100,10 @@ class CollatingMlflow:
                 return 400, {"error_code": "INVALID_PARAMETER_VALUE"}
             if experiment in EXPERIMENTS:
                 return 200, {"experiment": {"name": EXPERIMENTS[experiment]}}
+        elif path == "/api/2.0/mlflow/experiments/get-by-name":
+            found = [(i, n) for i, n in EXPERIMENTS.items() if collated(n) == collated(value)]
+            if found:
+                return 200, {"experiment": {"experiment_id": str(found[0][0]), "name": found[0][1]}}
         elif path == "/api/2.0/mlflow/registered-models/get":
             if (stored := mlflow_model(value)) is not None:
                 return 200, {"registered_model": {"name": stored}}
@@ -325,3 +329,22 @@ def test_registry_name_spellings_are_judged_as_the_stored_name(
         assert (forwarded is not None) is (token == GRANTED), (name, response.text)
         if token == DENIED:
             assert response.headers["x-guard-reason"] == "permission_denied"
+
+
+# Experiment names are stored names too (unique, and as case-blind as registry names on MySQL).
+EXPERIMENT_VARIANTS = ["exp-1", "EXP-1", "Exp-1 ", "\uff45xp-1", "exp\uff0d1", "exp_1", " exp-1"]
+
+
+@pytest.mark.parametrize("token", [GRANTED, DENIED], ids=["granted", "denied"])
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("name", EXPERIMENT_VARIANTS, ids=ascii)
+def test_experiment_name_spellings_are_judged_as_the_stored_name(
+    gateway: str, client: httpx.Client, fake: CollatingMlflow, token: str, prefix: str, name: str
+) -> None:
+    url = f"{gateway}{prefix}/2.0/mlflow/experiments/get-by-name"
+    response, forwarded = call(client, fake, token, "GET", url, params={"experiment_name": name})
+    stored = collated(name) == collated("exp-1")
+    if stored:
+        assert (forwarded is not None) is (token == GRANTED), (name, response.text)
+    elif forwarded is not None:  # MLflow finds no experiment by that name
+        assert token == DENIED, (name, response.text)
