@@ -24,11 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from guard.app import build_gateway
 from guard.config import load_settings
 from guard.upstream.proxy import upstream_request_headers
 from tests.servers import ServerThread
+from tests.unit.authz.test_route_authorization import ALLOWED, FakeMlflow, start_gateway
 from tests.unit.upstream.test_proxy_headers import COMPUTED, ENV, TOKEN, Recorder
 
 INTERNAL = [
@@ -144,3 +146,70 @@ def test_internal_headers_never_reach_mlflow(
     assert not names & {n.lower() for n in INTERNAL}
     assert names <= COMPUTED | {"content-length", "content-type", "accept-encoding"}, names
     assert not any(v == VALUES[name] or CREDENTIAL in v for _, v in seen)
+
+
+# A caller who is no admin makes the gateway ask MLflow things of its own (lookups, filtered
+# search pages); none of those carries a caller's header either.
+
+
+class EverythingRecorder(FakeMlflow):
+    """The route tests' fake MLflow, remembering the headers of every request it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all: list[list[tuple[bytes, bytes]]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.all.append(list(scope["headers"]))
+        await super().__call__(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EverythingRecorder]]:
+    fake = EverythingRecorder()
+    with ServerThread(fake, lifespan="off") as upstream:
+        for url in start_gateway(tmp_path_factory.mktemp("internal-lookups"), upstream.url):
+            yield url, fake
+
+
+CALLER_REQUESTS = [
+    ("GET", "{p}/2.0/mlflow/runs/get?run_id=r1", b""),
+    ("GET", "{p}/2.0/mlflow/experiments/get?experiment_id=1", b""),
+    ("GET", "{p}/2.0/mlflow/registered-models/get?name=model-a", b""),
+    ("GET", "{p}/2.0/mlflow/experiments/search?max_results=10", b""),
+    ("POST", "{p}/2.0/mlflow/experiments/search", b'{"max_results": 10}'),
+    ("POST", "{p}/2.0/mlflow/runs/log-metric", METRIC),
+    ("GET", "{p}/3.0/mlflow/traces/tr-1", b""),
+]
+
+
+@pytest.mark.parametrize("prefix", ["/api", "/ajax-api"])
+@pytest.mark.parametrize(("method", "target", "body"), CALLER_REQUESTS, ids=lambda v: str(v)[:40])
+def test_no_request_the_gateway_makes_for_a_caller_carries_internal_headers(
+    watched: tuple[str, EverythingRecorder], prefix: str, method: str, target: str, body: bytes
+) -> None:
+    url, fake = watched
+    before = len(fake.all)
+    lines = [(name.swapcase(), VALUES[name]) for name in INTERNAL]
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest(method, target.format(p=prefix), skip_accept_encoding=True)
+        for key, value in [("Authorization", f"Bearer {ALLOWED}"), *lines]:
+            connection.putheader(key, value)
+        if body:
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 200, (method, target)
+    made = fake.all[before:]
+    assert made  # at least the forwarded request
+    internal = {n.lower().encode() for n in INTERNAL}
+    for headers in made:
+        assert not {k.lower().replace(b"_", b"-") for k, _ in headers} & internal
+        assert not any(v.decode("latin-1") in VALUES.values() for _, v in headers)
