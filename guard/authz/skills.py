@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from guard.authz.identifiers import Unresolved, as_id, describe, field_values
+from guard.authz.identifiers import Unresolved, describe, field_values
 from guard.authz.routes import Route
-from guard.edge.requestdata import RequestData, RequestDataError
+from guard.edge.requestdata import RequestData, RequestDataError, member
 from guard.errors import Refusal
 
 # mlflow/utils/validation.py (_SKILL_NAME_REGEX, _ORGANIZATION_NAME_REGEX, 64 characters each)
@@ -54,16 +54,12 @@ def requested(route: Route, params: dict[str, str], data: RequestData) -> list[s
     """The skills a request names: in the path, or in the body of a create or bulk register."""
     if route.id_from.startswith("path:"):
         return [skill_resource(params.get("organization", ""), params["name"])]
-    organization = data.single("organization")
-    if organization is None:
-        organization = ""
-    if not isinstance(organization, str):
-        raise RequestDataError(Refusal("invalid_request_body", "organization must be a string."))
+    organization = _string(data, "organization") or ""
     if route.id_from == "body:name":
-        name = data.single("name")
+        name = _string(data, "name")
         if name is None:
             raise RequestDataError(Refusal("invalid_request_body", "The request names no skill."))
-        return [skill_resource(organization, as_id(name))]
+        return [skill_resource(organization, name)]
     entries = field_values("body", ["skills"], True, params, data)
     if not entries:
         raise RequestDataError(Refusal("invalid_request_body", "The request names no skills."))
@@ -71,6 +67,16 @@ def requested(route: Route, params: dict[str, str], data: RequestData) -> list[s
     if not all(isinstance(name, str) for name in names):
         raise RequestDataError(Refusal("invalid_request_body", "Every skill needs a name."))
     return list(dict.fromkeys(skill_resource(organization, str(name)) for name in names))
+
+
+def _string(data: RequestData, field: str) -> str | None:
+    """A string field of the JSON body as MLflow's model reads it: anything but a string (a
+    list, whose first element the gateway would otherwise read) is refused."""
+    body = data.body if not data.from_query else None
+    value = member(body, field) if isinstance(body, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise RequestDataError(Refusal("invalid_request_body", f"{field} must be a string."))
+    return value
 
 
 def label(route: Route, params: dict[str, str], data: RequestData) -> str:

@@ -441,3 +441,23 @@ def test_refusals_name_the_skill_as_sent(
     )
     assert response.status_code == 403
     assert response.json()["message"].endswith(f" token:skill-reader may not read {named}.")
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [('{"name": "new-x", "name": "bar"}', "application/json"),
+     ('{"name": "new-x", "organization": "", "organization": "acme"}', "application/json"),
+     ('{"name": "bar"}', None), ('{"name": "bar"}', "text/plain"),
+     ('{"name": ["new-x", "bar"]}', "application/json"),
+     ('{"name": "new-x"}\n{"name": "bar"}', "application/json")],
+)  # fmt: skip
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_creates_read_the_body_as_mlflow_or_refuse(
+    gateway: str, client: httpx.Client, prefix: str, content: str, content_type: str | None
+) -> None:
+    """The editor may create new-* only: a body MLflow could read as another skill is refused."""
+    headers = {"Authorization": f"Bearer {EDITOR}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    response = client.post(gateway + prefix, content=content, headers=headers)
+    assert response.status_code in (400, 403), response.text
