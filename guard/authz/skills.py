@@ -97,6 +97,18 @@ def registers(route: Route) -> bool:
     return route.kind == "skill" and route.method == "POST" and route.path.endswith(REGISTERS)
 
 
+def body_unread(route: Route) -> bool:
+    """A skill route whose body names nothing the gateway decides on (the skill is in the path):
+    every one but setting an alias and PATCHing a version. Registering a version may send its
+    content as multipart, which is no JSON to read."""
+    if route.kind != "skill" or not route.id_from.startswith("path:"):
+        return False
+    return not (
+        (route.method == "POST" and route.path.endswith("/aliases"))
+        or (route.method == "PATCH" and route.path.endswith("/versions/{version}"))
+    )
+
+
 def is_alias_write(route: Route) -> bool:
     return route.kind == "skill" and route.method != "GET" and route.path.endswith(_ALIASES)
 

@@ -5,9 +5,11 @@ as the 3.18 client sends them."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +153,47 @@ def test_creators_manage_their_skills(world: World) -> None:
     assert "token:sk-maker, manager, skill:team-one" in exported
     assert "token:sk-maker, manager, skill:team-two" in exported
     assert world.call("maker", "DELETE", f"{PREFIXES[0]}/team-one").status_code == 200
+
+
+def _upload(world: World, name: str) -> str:
+    """Register a version of ``name`` from uploaded content (multipart, a tar.gz with
+    SKILL.md) as the administrator; returns where MLflow stored it (skills/[@ORG/]NAME/<token>)."""
+    buf = io.BytesIO()
+    text = f"---\nname: {name.rsplit('/', 1)[-1]}\ndescription: a test skill\n---\nHello\n".encode()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        info = tarfile.TarInfo("SKILL.md")
+        info.size = len(text)
+        archive.addfile(info, io.BytesIO(text))
+    files = {
+        "metadata": (None, "{}"),
+        "content": ("content.tar.gz", buf.getvalue(), "application/gzip"),
+    }
+    made = world.call("admin", "POST", f"{PREFIXES[0]}/{name}/versions", files=files)
+    assert made.status_code == 200, made.text
+    source: str = made.json()["source"]
+    return source.removeprefix("mlflow-artifacts:/")
+
+
+@pytest.mark.parametrize("prefix", ["/api/2.0/mlflow-artifacts", "/ajax-api/2.0/mlflow-artifacts"])
+def test_skill_content_is_read_with_the_skills_grant(world: World, prefix: str) -> None:
+    alpha, beta, acme = (
+        _upload(world, "alpha"),
+        _upload(world, "beta"),
+        _upload(world, "@acme/alpha"),
+    )
+    for folder in (alpha, acme):
+        got = world.call("reader", "GET", f"{prefix}/artifacts/{folder}/SKILL.md")
+        assert got.status_code == 200 and b"Hello" in got.content, got.text
+        listed = world.call("reader", "GET", f"{prefix}/artifacts", params={"path": folder})
+        assert listed.status_code == 200, listed.text
+    refused = world.call("reader", "GET", f"{prefix}/artifacts/{beta}/SKILL.md")
+    missing = world.call("reader", "GET", f"{prefix}/artifacts/skills/nope/{'0' * 32}/SKILL.md")
+    assert refused.status_code == missing.status_code == 403
+    assert refused.headers["x-guard-reason"] == missing.headers["x-guard-reason"]
+    for root in ("skills", "skills/@acme"):
+        listing = world.call("reader", "GET", f"{prefix}/artifacts", params={"path": root})
+        assert listing.status_code == 403
+        assert (
+            world.call("admin", "GET", f"{prefix}/artifacts", params={"path": root}).status_code
+            == 200
+        )

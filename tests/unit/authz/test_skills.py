@@ -461,3 +461,18 @@ def test_creates_read_the_body_as_mlflow_or_refuse(
         headers["Content-Type"] = content_type
     response = client.post(gateway + prefix, content=content, headers=headers)
     assert response.status_code in (400, 403), response.text
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(("caller", "status"), [("editor", 200), ("reader", 403), ("admin", 200)])
+def test_registering_uploaded_content_multipart(
+    gateway: str, client: httpx.Client, prefix: str, caller: str, status: int
+) -> None:
+    """MLflow's client uploads a skill's content as multipart: no JSON for the gateway to read,
+    and none it needs (the skill is in the path)."""
+    files = {"metadata": (None, "{}"), "content": ("content.tar.gz", b"\x1f\x8b...", "x/y")}
+    response = client.post(
+        gateway + prefix + "/foo/versions", files=files,
+        headers={"Authorization": f"Bearer {CALLERS[caller]}"},
+    )  # fmt: skip
+    assert response.status_code == status, response.text
