@@ -229,7 +229,9 @@ class AuthorizationMiddleware:
                 data = self._data(scope)
                 needs = self._skill_needs(route, scope["guard.params"], data)
             actions = {needs.replace_action or route.action, *needs.actions}
-            possible = actions | ({"promote"} if needs.version_aliases else set())
+            possible = actions | (
+                {"promote"} if needs.version_aliases or needs.skill_version else set()
+            )
             if skills.registers(route):
                 possible.add("create")  # where the skill does not exist yet
             source_field = next((f for p, f in _SOURCES if route.path.endswith(p)), None)
@@ -287,8 +289,12 @@ class AuthorizationMiddleware:
                     judge.require(resources, sorted(actions), label)
                 if _creates(route):
                     await self._unseen_name(judge, resources, label)
-            if needs.version_aliases and await self.resolver.model_version_aliases(
-                *needs.version_aliases
+            if (
+                needs.version_aliases
+                and await self.resolver.model_version_aliases(*needs.version_aliases)
+            ) or (
+                needs.skill_version
+                and await self.resolver.skill_version_aliases(*needs.skill_version)
             ):
                 actions.add("promote")  # deleting a version that holds an alias
                 context.action = ",".join(sorted(actions))
@@ -358,6 +364,11 @@ class AuthorizationMiddleware:
                 needs.replace_action = "promote"
         elif skills.deletes_version(route, data):
             needs.replace_action = "delete"
+        if needs.replace_action == "delete" or (
+            route.method == "DELETE" and route.path.endswith("/versions/{version}")
+        ):  # deleting a version that holds an alias is the promoter's too, as for models
+            resource = skills.requested(route, params, data)[0]
+            needs.skill_version = (resource, params["version"])
         return needs
 
     async def _registers(self, judge: Judge, resources: list[str], label: str) -> list[str]:

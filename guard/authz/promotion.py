@@ -39,6 +39,7 @@ class Requirements:
     replace_action: str | None = None  # instead of the row's action (rename: delete)
     elsewhere: list[tuple[str, str]] = field(default_factory=list)  # (resource, action)
     version_aliases: tuple[str, str] | None = None  # (name, version) to look up
+    skill_version: tuple[str, str] | None = None  # (skill resource, version) to look up
 
 
 @dataclass(frozen=True)

@@ -367,6 +367,14 @@ class Resolver:
             raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {resource!r}."))
         return True
 
+    async def skill_version_aliases(self, resource: str, version: str) -> list[str]:
+        """The aliases a skill version holds now (never cached: they are what changes)."""
+        identity = resource.removeprefix("skill:")
+        path = f"/api/3.0/mlflow/skills/{identity}/versions/{quote(version, safe='')}"
+        status, data = await self._fetch(path, {})
+        aliases = (data or {}).get("aliases", []) if status == 200 else []
+        return [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
+
     async def experiment_resource(self, experiment_id: str) -> str:
         """``experiment:NAME`` for an experiment id (canonical, as MLflow reads it)."""
         return await self._experiment(canonical_experiment_id(experiment_id))

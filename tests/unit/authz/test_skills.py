@@ -229,6 +229,8 @@ class FakeMlflow318:
         if method == "GET" and re.fullmatch(r"(@[^/]+/)?[^/@]+", rest):
             if rest not in self.skills:
                 status, payload = 404, {"error_code": "RESOURCE_DOES_NOT_EXIST"}
+        elif method == "GET" and (found := re.fullmatch(r"(@[^/]+/)?[^/@]+/versions/(\w+)", rest)):
+            payload = {"aliases": ["prod"] if found.group(2) == "2" else []}  # version 2: prod
         elif method == "GET" and rest == "":
             payload = {"skills": SEARCH}
         elif method == "POST" and rest == "":
@@ -290,6 +292,11 @@ CASES = [
     ("PATCH", "/foo/versions/1", "reader", {"status": "active"}, DENIED),
     ("PATCH", "/foo/versions/1", "editor", {"status": "deleted"}, OK),
     ("PATCH", "/foo/versions/1", "promoter", {"status": "deleted"}, DENIED),
+    # deleting a version that holds an alias (2 holds prod) is the promoter's too
+    ("DELETE", "/foo/versions/2", "editor", None, DENIED),
+    ("PATCH", "/foo/versions/2", "editor", {"status": "deleted"}, DENIED),
+    ("PATCH", "/foo/versions/2", "editor", {"status": "deprecated"}, OK),
+    ("DELETE", "/foo/versions/2", "admin", None, OK),
     ("DELETE", "/foo", "reader", None, DENIED),
     ("DELETE", "/@acme/foo", "editor", None, DENIED),  # editor holds skill:foo, not @acme/foo
     # aliases are the promoter's (authz.protected_aliases = *)
