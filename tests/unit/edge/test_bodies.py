@@ -8,6 +8,7 @@ handler reads that body; the marks are checked here against the installed MLflow
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import os
@@ -31,6 +32,7 @@ from guard.authz.routes import (
     RouteClassifierMiddleware,
     RouteTable,
     load_routes,
+    release_key,
 )
 from guard.config import load_settings
 from guard.edge.bodies import BodyMiddleware
@@ -245,7 +247,8 @@ def test_get_body_marks_match_what_mlflow_reads(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(handlers, name, mock.Mock(side_effect=RuntimeError("no store")))
     fastapi = _fastapi_get_routes()
     reads, native = set(), set()
-    for route in GET_ROWS:
+    installed = release_key(importlib.metadata.version("mlflow"))
+    for route in (r for r in GET_ROWS if r.applies_to(installed)):  # later releases' rows aside
         if route.path in fastapi:
             endpoint = fastapi[route.path]
             source = inspect.getsource(endpoint.endpoint)
