@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from guard.authz.routes import load_routes
 from tests.conftest import free_port
 from tests.integration.conftest import Gateway, clean_env, start_gateway, wait_ready
 
@@ -197,3 +198,21 @@ def test_skill_content_is_read_with_the_skills_grant(world: World, prefix: str) 
             world.call("admin", "GET", f"{prefix}/artifacts", params={"path": root}).status_code
             == 200
         )
+
+
+def test_the_table_keeps_mlflows_registration_order() -> None:
+    """tests/unit/authz/test_skills.py replays Starlette's first-match on the table's skill rows
+    in table order: that order must be the order MLflow 3.18 registers its routes in."""
+    script = (
+        "from mlflow.server.skill_registry_api import skill_registry_router as r\n"
+        "for x in r.routes: print(*sorted(x.methods), x.path)\n"
+    )
+    dumped = subprocess.run(
+        [str(PYTHON_318), "-W", "ignore", "-c", script], capture_output=True, text=True,
+        timeout=120, check=True, env=clean_env(),
+    ).stdout.splitlines()  # fmt: skip
+    registered = [tuple(line.split(" ", 1)) for line in dumped]
+    for prefix in PREFIXES:
+        rows = [(r.method, r.path.removeprefix(prefix)) for r in load_routes()
+                if r.kind == "skill" and (r.path + "/").startswith(prefix + "/")]  # fmt: skip
+        assert rows == [(m, p.strip()) for m, p in registered]
