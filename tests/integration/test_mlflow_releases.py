@@ -39,11 +39,12 @@ def test_every_verified_release_has_a_server_here() -> None:
     assert set(PYTHONS) == VERIFIED_MLFLOW_VERSIONS
 
 
-def start_mlflow(release: str, home: Path) -> tuple[Mlflow, Path]:
+def start_mlflow(release: str, home: Path, port: int | None = None) -> tuple[Mlflow, Path]:
     python = PYTHONS[release]
     if not python.exists():
         raise RuntimeError(f"no MLflow {release} venv at {python.parent.parent}: run `make test`")
-    port, log = free_port(), home / "server.log"
+    home.mkdir(parents=True, exist_ok=True)
+    port, log = port or free_port(), home / "server.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(python), "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -167,3 +168,45 @@ def test_a_route_only_3_18_serves(release: tuple[str, Mlflow, Gateway]) -> None:
     ]:
         refused = httpx.request(method, gateway.url + path, headers=auth)
         assert refused.headers["x-guard-reason"] == "route_not_classified", (method, path)
+
+
+def stop_mlflow(server: Mlflow) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=15)
+
+
+def test_an_upgrade_behind_the_gateway_swaps_the_table(tmp_path: Path) -> None:
+    """MLflow 3.17.2 is replaced by 3.18.0 on the same address while the gateway runs: the failed
+    connection in between makes the gateway read /version again, and from then on it serves
+    3.18.0's routes (an audit event says so). Back to 3.17.2, the 3.18 route is refused again."""
+    port = free_port()
+    server, _ = start_mlflow("3.17.2", tmp_path / "a", port)
+    gateway: Gateway | None = None
+    try:
+        gateway = start_gateway(tmp_path / "gw", "--upstream-url", server.url)
+        auth = {"Authorization": f"Bearer {gateway.token}"}
+
+        def schedule() -> httpx.Response:
+            return httpx.post(gateway.url + SCHEDULE, json={"experiment_id": "0"}, headers=auth)
+
+        assert schedule().headers["x-guard-reason"] == "route_not_classified"
+        for release in ("3.18.0", "3.17.2"):
+            stop_mlflow(server)
+            down = httpx.get(gateway.url + "/api/2.0/mlflow/experiments/get?experiment_id=0",
+                             headers=auth)  # fmt: skip
+            assert down.headers["x-guard-reason"] == "upstream_unreachable"
+            server, _ = start_mlflow(release, tmp_path / release, port)
+            assert httpx.get(gateway.url + "/version", headers=auth).text.strip() == release
+            answer = schedule()
+            if release == "3.18.0":
+                assert answer.status_code == 200, answer.text
+            else:
+                assert answer.headers["x-guard-reason"] == "route_not_classified"
+        log = gateway.log.read_text()
+        assert "upstream MLflow release: 3.17.2 -> 3.18.0" in log
+        assert "upstream MLflow release: 3.18.0 -> 3.17.2" in log
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        stop_mlflow(server)
