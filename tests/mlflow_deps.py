@@ -1,7 +1,8 @@
 """Print MLflow's dependency set as installed in this venv (tests/mlflow_routes/deps-3.17.2.txt).
 
-The closure of the installed mlflow's requirements, pinned to the installed versions, mlflow
-and mlflow-skinny left out: the base of a venv for another MLflow release (Makefile
+The closure of the installed mlflow's requirements with its ``auth`` extra (basic-auth, which
+integration tests start from the 3.18 venv), pinned to the installed versions, mlflow and
+mlflow-skinny left out: the base of a venv for another MLflow release (Makefile
 ``mlflow_venv``). ``make mlflow-deps`` writes it.
 """
 
@@ -17,7 +18,7 @@ from packaging.utils import canonicalize_name
 HEADER = Path(__file__).with_name("mlflow_routes").joinpath("deps-3.17.2.txt")
 
 
-def closure(root: str = "mlflow") -> dict[str, str]:
+def closure(root: str = "mlflow", extras: tuple[str, ...] = ("auth",)) -> dict[str, str]:
     pins: dict[str, str] = {}
     todo = [root]
     while todo:
@@ -26,9 +27,11 @@ def closure(root: str = "mlflow") -> dict[str, str]:
             continue
         dist = metadata.distribution(name)
         pins[name] = dist.version
+        wanted = ("", *extras) if name == root else ("",)
         for text in dist.requires or ():
             requirement = Requirement(text)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in wanted):
                 todo.append(requirement.name)
     return pins
 
