@@ -56,6 +56,7 @@ from guard.audit.trail import (
     AuditTrail,
     FloodCountMiddleware,
     IntentMiddleware,
+    blocks_logins,
     counts_as_failure,
 )
 from guard.authz.authorization import AuthorizationMiddleware
@@ -523,7 +524,8 @@ def build_gateway(
             and not scope.get(COUNTED)
             and counts_as_failure(scope, context.status)
         ):
-            context.unrecorded = not limiter.refused(context.client)
+            blocking = blocks_logins(context.status)
+            context.unrecorded = not limiter.refused(context.client, blocking)
         metrics.observe(scope)
         if trail is not None:
             trail.outcome(scope)
