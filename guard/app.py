@@ -604,7 +604,7 @@ def build_bearer_provider(settings: Settings, http: ProviderHttp) -> BearerProvi
             issuer=Issuer(b.issuer, http=http, timeout=o.timeout,
                           jwks_refresh_interval=o.jwks_refresh_interval),
             audience=b.audience, subject_claim=b.subject_claim, groups_claim=b.groups_claim,
-            algorithms=tuple(b.allowed_algorithms), leeway=o.leeway,
+            algorithms=tuple(b.allowed_algorithms), leeway=o.leeway, require_typ=b.require_typ,
         )
         for b in o.bearer
     ])  # fmt: skip
