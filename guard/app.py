@@ -58,6 +58,7 @@ from guard.audit.trail import (
     AuditTrail,
     FloodCountMiddleware,
     IntentMiddleware,
+    blocks_logins,
     counts_as_failure,
 )
 from guard.authz.authorization import AuthorizationMiddleware
@@ -539,7 +540,8 @@ def build_gateway(
             and not scope.get(COUNTED)
             and counts_as_failure(scope, context.status)
         ):
-            context.unrecorded = not limiter.refused(context.client)
+            blocking = blocks_logins(context.status)
+            context.unrecorded = not limiter.refused(context.client, blocking)
         metrics.observe(scope)
         if trail is not None:
             trail.outcome(scope)
@@ -618,7 +620,7 @@ def build_bearer_provider(settings: Settings, http: ProviderHttp) -> BearerProvi
             issuer=Issuer(b.issuer, http=http, timeout=o.timeout,
                           jwks_refresh_interval=o.jwks_refresh_interval),
             audience=b.audience, subject_claim=b.subject_claim, groups_claim=b.groups_claim,
-            algorithms=tuple(b.allowed_algorithms), leeway=o.leeway,
+            algorithms=tuple(b.allowed_algorithms), leeway=o.leeway, require_typ=b.require_typ,
         )
         for b in o.bearer
     ])  # fmt: skip

@@ -774,6 +774,11 @@ class OidcBearerSettings:
     allowed_algorithms: tuple[str, ...] = option(
         ("RS256", "PS256", "ES256"), _ALGORITHMS_DOC, check=_algorithms
     )
+    require_typ: bool = option(
+        False,
+        "The issuer marks its access tokens typ at+jwt (RFC 9068): refuse tokens without it. "
+        "Off: a generic JWT or no typ is also accepted (Kubernetes, Keycloak, Entra ID send none).",
+    )
 
 
 @dataclass(frozen=True)

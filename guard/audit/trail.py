@@ -136,6 +136,12 @@ def counts_as_failure(scope: Scope, status: int) -> bool:
     )
 
 
+def blocks_logins(status: int) -> bool:
+    """Whether a counted refusal counts toward blocking its address (429 for logins): not a
+    page load sent to the login page (see ``guard.edge.ratelimit``)."""
+    return status != 303
+
+
 class FloodCountMiddleware:
     """Counts a refusal of a caller who did not log in before its answer goes out; one the
     flood summary stands for is in the spool's head before the answer leaves, so no crash
@@ -160,7 +166,8 @@ class FloodCountMiddleware:
             ):
                 scope[COUNTED] = True
                 context = scope["guard"]
-                context.unrecorded = not self.limiter.refused(context.client)
+                blocking = blocks_logins(message["status"])
+                context.unrecorded = not self.limiter.refused(context.client, blocking)
                 if context.unrecorded:
                     await self.trail.spool.count(context.client)
             await send(message)

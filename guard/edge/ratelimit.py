@@ -5,6 +5,11 @@ too_many_failures`` where it would have got a 401 (valid credentials still work:
 share one address), and its further refusals of any kind are no longer recorded one by one: the
 audit trail gets one summary per address and interval instead, so a flood of bad requests cannot
 fill the spool or the table. The table of addresses is bounded; the oldest go first.
+
+Some refusals are counted for the record only (``blocking=False``): a browser page load without
+a session, sent to the login page, is what anyone can send by the thousand, so past the limit
+those go into the summary too; but they never make the address ``blocked``, or an office behind
+one address whose people open the UI after their sessions ended could not log in.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 @dataclass
 class _Window:
     started: float
-    refused: int = 0
+    refused: int = 0  # every refusal counted (past the limit: no record each)
+    failed: int = 0  # those that count toward blocking the address
     unrecorded: int = 0
 
 
@@ -55,14 +61,16 @@ class FailureLimiter:
         """Seconds until ``client`` may try again (0: it may now)."""
         now = time.monotonic()
         window = self._window(client, now)
-        if window.refused < self.limit:
+        if window.failed < self.limit:
             return 0.0
         return max(0.0, self.interval - (now - window.started))
 
-    def refused(self, client: str) -> bool:
-        """Count one refusal; True if it should still be recorded on its own."""
+    def refused(self, client: str, blocking: bool = True) -> bool:
+        """Count one refusal (toward blocking the address unless ``blocking`` is False); True if
+        it should still be recorded on its own."""
         window = self._window(client, time.monotonic())
         window.refused += 1
+        window.failed += blocking
         if window.refused <= self.limit:
             return True
         window.unrecorded += 1

@@ -62,6 +62,7 @@ class BearerIssuer:
     groups_claim: str = ""
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
     leeway: float = 60.0
+    require_typ: bool = False  # the issuer sends typ at+jwt: a token without it is refused
 
 
 def machine_name(claims: Mapping[str, Any], claim: str = "") -> str | None:
@@ -126,8 +127,9 @@ class BearerProvider:
             )
         try:
             claims = await entry.issuer.verify_access_token(
-                token, audience=entry.audience, algorithms=entry.algorithms, leeway=entry.leeway
-            )
+                token, audience=entry.audience, algorithms=entry.algorithms,
+                leeway=entry.leeway, require_typ=entry.require_typ,
+            )  # fmt: skip
         except TokenInvalid as exc:
             logger.debug("bearer token from %s refused: %s", entry.alias, exc)  # audited
             return _refused(str(exc))

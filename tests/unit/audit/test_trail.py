@@ -408,8 +408,9 @@ def test_a_flood_of_bad_logins_is_limited_and_summarized(tmp_path: Path) -> None
 
 def test_a_flood_of_anonymous_page_loads_is_redirected_and_summarized(tmp_path: Path) -> None:
     """A browser navigation without a session is answered 303 to the login page, and counted
-    like a refusal: past the limit, only in the flood summary. It is never answered 429 (the
-    person must reach the login page); the login page itself is still served."""
+    like a refusal for the record: past the limit, only in the flood summary. It is never
+    answered 429 (the person must reach the login page) and never blocks the address: people
+    behind one address opening the UI must still be able to log in."""
     fake = FakeMlflow()
     with ServerThread(fake, lifespan="off") as upstream:
         settings = load_settings(
@@ -428,8 +429,8 @@ def test_a_flood_of_anonymous_page_loads_is_redirected_and_summarized(tmp_path: 
             assert {a.headers["x-guard-reason"] for a in answers} == {"unauthenticated"}
             login = httpx.get(server.url + "/guard/login", headers=navigate)
             assert login.status_code == 200  # past the limit, the page is still there
-            api = httpx.get(server.url + "/version")  # anything but a page load: 429
-            assert api.status_code == 429
+            api = httpx.get(server.url + "/version")  # page loads did not block the address
+            assert api.status_code == 401
             time.sleep(1.2)  # the window ends; the next request writes its summary
             last = httpx.get(server.url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
             wait_stored(gateway, last, kinds=2)
@@ -446,8 +447,23 @@ def test_a_flood_of_anonymous_page_loads_is_redirected_and_summarized(tmp_path: 
         assert record["status"] == 303 and record["reason"] == "unauthenticated"
     (summary,) = summaries
     assert summary["client"] == "127.0.0.1"
-    # 8 redirects, the login page view and the API call past the limit; all but 3 unrecorded.
-    assert summary["refused"] == 10 and summary["unrecorded"] == 7
+    # 8 redirects and the API call; all but 3 unrecorded (the login page view is recorded: the
+    # address was never blocked).
+    assert summary["refused"] == 9 and summary["unrecorded"] == 6
+
+
+def test_refusals_counted_for_the_record_only_never_block() -> None:
+    from guard.edge.ratelimit import FailureLimiter
+
+    limiter = FailureLimiter(limit=2, interval=60)
+    assert [limiter.refused("a", blocking=False) for _ in range(4)] == [True, True, False, False]
+    assert limiter.blocked("a") == 0  # past the record limit, but page loads never block
+    assert limiter.refused("a") is False  # a real failure: counted, still unrecorded
+    assert limiter.blocked("a") == 0
+    limiter.refused("a")
+    assert limiter.blocked("a") > 0  # two real failures reach the limit
+    (summary,) = limiter.summaries(final=True)
+    assert (summary["refused"], summary["unrecorded"]) == (6, 4)
 
 
 def test_the_limiter_is_bounded() -> None:

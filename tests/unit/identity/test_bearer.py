@@ -285,3 +285,18 @@ def test_the_app_builds_one_issuer_per_bearer_table() -> None:
     )
     assert k8s.issuer.jwks_refresh_interval == 120
     assert entries["https://idp.example.com"].groups_claim == "groups"
+
+
+def test_require_typ_refuses_a_token_without_the_rfc9068_type() -> None:
+    async def body(p: Provider, bp: BearerProvider, clock: Clock) -> list[Any]:
+        typed = await bp.authenticate(bearer(p.sign(robot(p), {"typ": "at+jwt"})))
+        plain = await bp.authenticate(bearer(p.sign(robot(p, jti="k"), {"typ": "JWT"})))
+        untyped = await bp.authenticate(bearer(p.sign(robot(p, jti="l"))))
+        return [typed, plain, untyped]
+
+    typed, plain, untyped = scenario(body, require_typ=True)
+    assert isinstance(typed, Principal)
+    for refused in (plain, untyped):
+        assert isinstance(refused, Refusal) and refused.reason == "invalid_credentials"
+    loose = scenario(body)  # off: a generic JWT or no typ is accepted
+    assert all(isinstance(result, Principal) for result in loose)
