@@ -1,6 +1,6 @@
 """Who may change the policy, whatever surface they use (the ``/guard/api/`` today, the console
 next): policy administrators change anything; everyone else may only delegate, on one
-experiment or registered model they manage, a role whose every action they hold there.
+experiment, registered model or skill they manage, a role whose every action they hold there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from guard.authz.policy import ACTIONS, Grant, Rule
 from guard.errors import Refusal
 
 POLICY = "guard:policy"
-DELEGABLE_KINDS = ("experiment", "model")
+DELEGABLE_KINDS = ("experiment", "model", "skill")
 
 
 @lru_cache(maxsize=2)
@@ -42,7 +42,7 @@ def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal 
         return Refusal(
             "permission_denied",
             f"Only policy administrators may grant on {rule.resource!r}; managers grant on one "
-            "experiment or model by its exact name.",
+            "experiment, model or skill by its exact name.",
         )
     for action in ("manage", *sorted(index.actions_of(rule.role) & set(ACTIONS))):
         decision = index.decide(subject, rule.resource, action)
