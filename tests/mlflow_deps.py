@@ -1,9 +1,9 @@
 """Print MLflow's dependency set as installed in this venv (tests/mlflow_routes/deps-3.17.2.txt).
 
 The closure of the installed mlflow's requirements with its ``auth`` extra (basic-auth, which
-integration tests start from the 3.18 venv), pinned to the installed versions, mlflow and
-mlflow-skinny left out: the base of a venv for another MLflow release (Makefile
-``mlflow_venv``). ``make mlflow-deps`` writes it.
+integration tests start from the 3.18 venv) and of boto3 (the server's S3 artifact store),
+pinned to the installed versions, mlflow and mlflow-skinny left out: the base of a venv for
+another MLflow release (Makefile ``mlflow_venv``). ``make mlflow-deps`` writes it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def closure(root: str = "mlflow", extras: tuple[str, ...] = ("auth",)) -> dict[s
 
 def main() -> int:
     header = [line for line in HEADER.read_text().splitlines() if line.startswith("#")]
-    pins = closure()
+    # boto3: the S3 artifact repository of the server (tests/integration/test_presigned_only.py
+    # serves presigned-only artifacts from moto's S3); mlflow leaves it to the installer.
+    pins = closure() | closure("boto3", ())
     lines = [f"{name}=={version}" for name, version in sorted(pins.items())
              if name not in ("mlflow", "mlflow-skinny")]  # fmt: skip
     sys.stdout.write("\n".join([*header, *lines]) + "\n")
