@@ -279,3 +279,52 @@ def test_every_issuing_request_is_audited_with_caller_and_resource(
         resource = outcomes[(method, path, "token:writer", "allow")]
         assert resource in ("experiment:exp-1", "model:model-a"), (path, resource)
         assert outcomes[(method, path, "token:other", "deny")] == resource, path
+
+
+@pytest.fixture(scope="module")
+def skill_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from guard.admin.governance import Governance
+    from tests.unit.authz.test_skills import CALLERS, GRANTS, FakeMlflow318
+
+    def setup(gw: Any) -> None:
+        g = Governance(gw.tokens, gw.policies.store)
+        rows = [parse("g2, maker, create")]
+        for name, secret in CALLERS.items():
+            g.tokens.create(f"skill-{name}", "admin", 3600, secret)
+            rows += [parse(f"p, token:skill-{name}, {r}, {res}") for r, res in GRANTS[name]]
+        g.change("test", add=rows)
+
+    with ServerThread(FakeMlflow318(), lifespan="off") as server:
+        yield from start_gateway(tmp_path_factory.mktemp("presigned-skills"), server.url, setup)
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_skill_download_urls_need_read_on_the_skill_and_uploads_are_refused(
+    client: httpx.Client, skill_gateway: str, prefix: str
+) -> None:
+    from tests.unit.authz.test_skills import CALLERS
+
+    def get(caller: str, path: str) -> httpx.Response:
+        url = f"{skill_gateway}{prefix}/2.0/mlflow-artifacts/presigned/{path}"
+        return client.get(url, headers={"Authorization": f"Bearer {CALLERS[caller]}"})
+
+    for path in (f"skills/foo/{TOKEN}/SKILL.md", f"skills/@acme/foo/{TOKEN}/SKILL.md"):
+        assert get("reader", path).status_code == 200, path
+        assert get("nobody", path).status_code == 403, path
+    forbidden = get("reader", f"skills/bar/{TOKEN}/SKILL.md")
+    missing = get("reader", f"skills/nope/{TOKEN}/SKILL.md")
+    assert forbidden.status_code == missing.status_code == 403
+    assert refusal(forbidden, {}) == refusal(missing, {"nope": "bar"})
+    for root in ("skills", "skills/@acme"):  # name no single skill
+        assert get("reader", root).status_code == 403, root
+    # An upload URL under skills/ needs update on the skill (MLflow 3.18 then refuses every
+    # write of skill content, "immutable", for administrators too).
+    for step in ("create", "complete", "abort"):
+        url = f"{skill_gateway}{prefix}/2.0/mlflow-artifacts/mpu/{step}/skills/foo/{TOKEN}/x"
+        for caller in ("reader", "nobody"):
+            auth = {"Authorization": f"Bearer {CALLERS[caller]}"}
+            response = client.post(url, json={"path": "x", "num_parts": 1}, headers=auth)
+            assert response.status_code == 403, (step, caller, response.text)
