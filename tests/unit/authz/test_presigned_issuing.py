@@ -134,6 +134,11 @@ ISSUING: list[tuple[str, str, bool, str, str, str, Any]] = [
        f"/2.0/mlflow-artifacts/mpu/{step}/{{exp}}/{{run}}/artifacts/x.txt", "",
        {"path": "x.txt", "num_parts": 1, "upload_id": "u", "parts": []})
       for step in ("create", "complete", "abort")),
+    ("mpu-create-logged-model", "update", True, "POST",
+     "/2.0/mlflow-artifacts/mpu/create/{exp}/models/{lm}/artifacts/x.txt", "",
+     {"path": "x.txt", "num_parts": 1}),
+    ("path-download-trace", "read", True, "GET",
+     "/2.0/mlflow-artifacts/presigned/{exp}/traces/tr-{exp}/artifacts/traces.json", "", None),
     ("logged-model-files", "read", False, "GET",
      "/ajax-api/2.0/mlflow/logged-models/{lm}/artifacts/files",
      "artifact_file_path=x.txt&presigned=true", None),
