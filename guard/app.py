@@ -409,7 +409,8 @@ def build_gateway(
         the next request on (RouteClassifierMiddleware); recorded in the audit trail."""
         logger.info("upstream MLflow release: %s -> %s", old or "(unknown)", new)
         if trail is not None:
-            trail.event({"event": "upstream_version_changed", "from": old, "to": new,
+            trail.event({"event": "upstream_version_changed", "principal": "gateway:upstream",
+                         "from": old, "to": new,
                          "verified": new in VERIFIED_MLFLOW_VERSIONS})  # fmt: skip
 
     version = VersionGate(

@@ -118,9 +118,11 @@ class AuthenticationMiddleware:
         if session_id is None and not sessions.cookie.present(headers):
             await self._unauthorized(scope, send, Refusal("unauthenticated"))
             return
-        await self._unauthorized(
-            scope, send, Refusal("unauthenticated", ENDED), [sessions.cookie.clear()]
-        )
+        # Only a page load clears the ended cookie: a browser's other tabs keep making API calls
+        # with the old cookie, and their answers would otherwise delete the cookie that a login
+        # in another tab has just set (seen as a flaky two-tab test under load).
+        clear = [sessions.cookie.clear()] if is_navigation(scope) else []
+        await self._unauthorized(scope, send, Refusal("unauthenticated", ENDED), clear)
 
     async def _unauthorized(
         self,

@@ -109,7 +109,7 @@ def test_revoked_on_one_replica_refused_on_the_other(pair: Pair, http: httpx.Cli
         refused = http.get(replica.url + "/api" + SEARCH, headers={"Cookie": cookie})
         assert refused.status_code == 401
         assert refused.headers["x-guard-reason"] == "unauthenticated"
-        assert "Max-Age=0" in refused.headers["set-cookie"]
+        assert "set-cookie" not in refused.headers  # only a page load clears it
         assert refused.headers.get_list("www-authenticate") == ['Bearer realm="mlflow-guard"']
 
 

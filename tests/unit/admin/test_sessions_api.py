@@ -153,7 +153,7 @@ def test_revoke_one_session_by_key_prefix(running: Running, http: httpx.Client) 
     }
     ended = http.get(running.url + read, headers={"Cookie": cookie})
     refused(ended, 401, "unauthenticated")
-    assert "Max-Age=0" in ended.headers["set-cookie"]
+    assert "set-cookie" not in ended.headers  # only a page load clears it
     assert http.get(running.url + read, headers={"Cookie": other}).status_code != 401
     refused(http.delete(f"{running.url}{API}/{key[:10]}", headers=bearer(ADMIN)), 404, "not_found")
     [row] = [s for s in running.store.list("user:alice", True) if s.key == key]

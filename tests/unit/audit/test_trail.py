@@ -566,9 +566,11 @@ def test_the_bootstrap_token_is_recorded(running: tuple[Gateway, str, FakeMlflow
     last = httpx.get(url + "/version", headers=bearer(ADMIN)).headers["x-request-id"]
     wait_stored(gateway, last, kinds=2)
     events = stored(gateway, kind="event")
-    assert [(e["event"], e["principal"], e["token"]) for e in events] == [
+    # Other events (the upstream's release, first read) come and go with the tests' order.
+    assert [(e["event"], e["principal"], e["token"]) for e in events if "token" in e] == [
         ("token_created", "gateway:bootstrap", "admin")
     ]
+    assert all(e.get("principal") for e in events)  # every event names who caused it
 
 
 # -- gateway-side failures are not failed logins; /guard/ paths behind authentication ----------

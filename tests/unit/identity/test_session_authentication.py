@@ -181,7 +181,9 @@ def test_authorization_decides_when_both_arrive(setup: Setup) -> None:
 
 
 @pytest.mark.parametrize("kind", ["forged", "revoked", "duplicate", "expired", "unknown"])
-def test_an_ended_or_bad_cookie_is_no_credentials_and_is_cleared(setup: Setup, kind: str) -> None:
+def test_an_ended_or_bad_cookie_is_no_credentials_and_a_page_load_clears_it(
+    setup: Setup, kind: str
+) -> None:
     cookie = setup.login()
     if kind == "forged":
         cookie = cookie[:-2] + "xx"
@@ -199,20 +201,15 @@ def test_an_ended_or_bad_cookie_is_no_credentials_and_is_cleared(setup: Setup, k
     assert result.status == 401 and result.reason == "unauthenticated"
     assert "ended" in result.json()["message"]
     assert result.all("www-authenticate") == BEARER  # a browser: no Basic challenge
-    assert (
-        result.header("set-cookie")
-        == "__Host-sess=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
-    )
+    # An API call's answer never clears it: it could delete a cookie another tab just set.
+    assert result.header("set-cookie") is None
     assert not setup.inner.scopes
     navigation = setup.call(path="/", headers=[("cookie", cookie), ("accept", "text/html")])
     assert navigation.status == 303
     assert (
-        navigation.header(
-            "set-cookie",
-        )
-        is not None
+        navigation.header("set-cookie")
+        == "__Host-sess=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
     )
-    assert "Max-Age=0" in (navigation.header("set-cookie") or "")
 
 
 def test_plain_cookie_name_is_ignored_over_tls(setup: Setup) -> None:
@@ -399,7 +396,7 @@ def test_blocking_ends_sessions(setup: Setup) -> None:
     assert setup.call(headers=[("cookie", cookie)]).status == 200
     setup.blocks.block("user:alice", "cli:root")
     result = setup.call(headers=[("cookie", cookie)])
-    assert result.status == 401 and "Max-Age=0" in (result.header("set-cookie") or "")
+    assert result.status == 401 and result.reason == "unauthenticated"
 
 
 # -- ldap group refresh -----------------------------------------------------------------------
@@ -429,7 +426,7 @@ def test_an_entry_gone_ends_the_session(setup: Setup) -> None:
     setup.directory.answer = None
     setup.clock.advance(901)
     result = setup.call(headers=[("cookie", cookie)])
-    assert result.status == 401 and "Max-Age=0" in (result.header("set-cookie") or "")
+    assert result.status == 401 and result.reason == "unauthenticated"
     [row] = setup.store.list(include_ended=True)
     assert row.revoked_by == "gateway:group-refresh"
     assert setup.events == [
