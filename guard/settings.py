@@ -103,26 +103,24 @@ def _database_uri(value: str) -> str | None:
     return None
 
 
-def _upstream_url(value: str) -> str | None:
-    if not value:
+def _origin(kind: str, example: str) -> Validator:
+    """A check for an http(s) scheme://host[:port] setting (no path, query or credentials)."""
+
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            return f"{value!r} is not an http(s) {kind} (write e.g. {example})"
+        if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+            return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        return f"{value!r} is not an http(s) URL (write e.g. http://127.0.0.1:5001)"
-    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
-        return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"
-    return None
+
+    return check
 
 
-def _public_url(value: str) -> str | None:
-    if not value:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        return f"{value!r} is not an http(s) origin (write e.g. https://mlflow.example.com)"
-    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
-        return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"
-    return None
+_upstream_url = _origin("URL", "http://127.0.0.1:5001")
+_public_url = _origin("origin", "https://mlflow.example.com")
 
 
 def _log_level(value: str) -> str | None:
