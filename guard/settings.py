@@ -109,8 +109,12 @@ def _origin(kind: str, example: str) -> Validator:
     def check(value: str) -> str | None:
         if not value:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            host = None
+        if not host or parts.scheme not in {"http", "https"}:
             return f"{value!r} is not an http(s) {kind} (write e.g. {example})"
         if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
             return f"{value!r} must be scheme://host[:port] only (no path, query or credentials)"

@@ -245,3 +245,12 @@ def test_own_origins(values: dict[str, object], expected: tuple[str, ...]) -> No
     loaded = load_settings(values, {}, None)
     assert loaded.problems == []
     assert loaded.settings.own_origins == expected
+
+
+def test_a_malformed_origin_is_a_problem_not_a_crash() -> None:
+    problems = load_settings(
+        {"gateway.public_url": "http://[::1", "upstream.url": "http://[fe80::1"}, {}, None
+    ).problems
+    assert len(problems) == 2, problems
+    assert any(p.startswith("gateway.public_url: ") for p in problems)
+    assert any(p.startswith("upstream.url: ") for p in problems)
