@@ -17,6 +17,12 @@ from guard.edge.requestdata import RequestData, RequestDataError, member
 from guard.errors import Refusal
 
 _HEADER_PREFIX: Final = "x-mlflow-"  # MLflow's headers are x-mlflow-<field>
+# Routes whose handler reads an empty id as "no filter" (``request_message.experiment_id or
+# None``, ``elif request_message.experiment_id``) and then acts on every experiment: there an
+# empty value names nothing (elsewhere an empty experiment id is the default experiment, 0).
+EMPTY_MEANS_EVERY: Final = {
+    "experiment_id": ("/3.0/mlflow/issues/search", "/3.0/mlflow/scorers/list"),
+}
 
 Headers = Mapping[str, str | list[str]]
 
@@ -48,7 +54,10 @@ def named(
         field = key.lower().removeprefix(_HEADER_PREFIX).replace("-", "_")
         return field, _header_values(headers, key)
     fields = key.removesuffix("[]").split("|")
-    return fields[0], field_values(source, fields, key.endswith("[]"), params, data)
+    values = field_values(source, fields, key.endswith("[]"), params, data)
+    if values and not any(values) and route.path.endswith(EMPTY_MEANS_EVERY.get(fields[0], ())):
+        return fields[0], []  # names nothing: refused as such, never read as experiment 0
+    return fields[0], values
 
 
 def sent(route: Route, params: dict[str, str], data: RequestData, headers: Headers) -> str:
