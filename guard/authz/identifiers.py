@@ -55,9 +55,17 @@ def named(
         return field, _header_values(headers, key)
     fields = key.removesuffix("[]").split("|")
     values = field_values(source, fields, key.endswith("[]"), params, data)
-    if values and not any(values) and route.path.endswith(EMPTY_MEANS_EVERY.get(fields[0], ())):
-        return fields[0], []  # names nothing: refused as such, never read as experiment 0
-    return fields[0], values
+    # F|G names the field given: G may be another kind of id (run_id|model_id), looked up as such.
+    given = next((f for f in fields if values and _given(source, f, params, data)), fields[0])
+    if values and not any(values) and route.path.endswith(EMPTY_MEANS_EVERY.get(given, ())):
+        return given, []  # names nothing: refused as such, never read as experiment 0
+    return given, values
+
+
+def _given(source: str, field: str, params: dict[str, str], data: RequestData) -> bool:
+    if source == "path":
+        return field in params
+    return bool(field_values(source, [field], True, params, data))
 
 
 def sent(route: Route, params: dict[str, str], data: RequestData, headers: Headers) -> str:

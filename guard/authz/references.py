@@ -160,8 +160,6 @@ LEFT: Final = {
     "v3 traces spans[].links[].trace_id, OTLP span links": "span content, never dereferenced",
     "OTLP span attributes (mlflow.linkedPrompts, mlflow.traceTag.*)": "span content",
     "scorers serialized_scorer (judge model)": "names an AI-gateway endpoint; those are refused",
-    "artifacts/presigned-upload-url model_id": "the row's run_id is required; model_id alone "
-    "is refused as naming no run",
     "gateway, webhooks, jobs, prompt-optimization, invoke routes": "refused rows",
 }
 

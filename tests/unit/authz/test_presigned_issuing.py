@@ -126,6 +126,8 @@ ISSUING: list[tuple[str, str, bool, str, str, str, Any]] = [
      {"run_id": "{run}", "path": "x.txt"}),
     ("upload-url", "update", True, "POST", "/2.0/mlflow/artifacts/presigned-upload-url", "",
      {"run_id": "{run}", "path": "x.txt"}),
+    ("upload-url-logged-model", "update", True, "POST",
+     "/2.0/mlflow/artifacts/presigned-upload-url", "", {"model_id": "{lm}", "path": "x.txt"}),
     ("path-download", "read", True, "GET",
      "/2.0/mlflow-artifacts/presigned/{exp}/{run}/artifacts/x.txt", "", None),
     ("path-download-logged-model", "read", True, "GET",
@@ -243,18 +245,40 @@ def test_presigned_flag_spellings_are_judged_alike(
             assert len(fake.forwarded) == before
 
 
-def test_presigned_upload_url_for_a_logged_model_is_refused(
-    client: httpx.Client, gateway: str, fake: FakeMlflow
+# A presigned upload URL names a run (run_id) or a logged model (model_id): MLflow takes exactly
+# one, as its proto reads it (either spelling), and refuses both or neither with 400.
+UPLOAD_URL_BODIES = [
+    ({"model_id": "m-1", "path": "x.txt"}, None),
+    ({"modelId": "m-1", "path": "x.txt"}, None),
+    ({"runId": "r1", "path": "x.txt"}, None),
+    ({"modelId": "m-2", "path": "x.txt"}, "permission_denied"),
+    ({"model_id": "m-987654", "path": "x.txt"}, "permission_denied"),
+    ({"model_id": "m-1", "run_id": "r1", "path": "x.txt"}, "ambiguous_parameter"),
+    ({"model_id": "m-2", "run_id": "r1", "path": "x.txt"}, "ambiguous_parameter"),
+    ({"model_id": "m-1", "runId": "r2", "path": "x.txt"}, "ambiguous_parameter"),
+    ({"model_id": "m-2", "run_id": "", "path": "x.txt"}, "ambiguous_parameter"),
+    ({"model_id": "m-1", "modelId": "m-2", "path": "x.txt"}, "ambiguous_parameter"),
+    ({"model_id": ["m-1", "m-2"], "path": "x.txt"}, "ambiguous_parameter"),
+    ({"path": "x.txt"}, "invalid_request_body"),
+]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(("body", "want"), UPLOAD_URL_BODIES)
+def test_presigned_upload_url_names_a_run_or_a_logged_model(
+    client: httpx.Client, gateway: str, fake: FakeMlflow, prefix: str, body: Any, want: str | None
 ) -> None:
-    """The row judges ``run_id``; a body naming only ``model_id`` names no run and is refused
-    (400) for everyone rather than passed unjudged (3.18's client uploads through ``mpu/*``)."""
-    for prefix in PREFIXES:
-        before = len(fake.forwarded)
-        response = send(client, gateway, WRITER, "POST",
-                        prefix + "/2.0/mlflow/artifacts/presigned-upload-url", "",
-                        {"model_id": "m-1", "path": "x.txt"}, OWN)  # fmt: skip
-        assert response.status_code == 400, response.text
-        assert len(fake.forwarded) == before
+    """A logged model's upload URL needs update on its experiment, as the proxied upload into
+    ``<exp>/models/<id>/artifacts`` does; a body naming both (or one twice) is refused before
+    MLflow, so no id goes unjudged."""
+    path = prefix + "/2.0/mlflow/artifacts/presigned-upload-url"
+    before = len(fake.forwarded)
+    response = send(client, gateway, WRITER, "POST", path, "", body, OWN)
+    assert response.headers.get("x-guard-reason") == want, response.text
+    assert len(fake.forwarded) == before + (want is None)
+    if want is None:  # the right is update: a reader of the same experiment gets no URL
+        refused = send(client, gateway, READER, "POST", path, "", body, OWN)
+        assert refused.headers.get("x-guard-reason") == "permission_denied", refused.text
 
 
 def test_every_issuing_request_is_audited_with_caller_and_resource(
