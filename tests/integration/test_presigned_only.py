@@ -6,7 +6,8 @@ carries). MLflow 3.18's own client (the server's venv) logs and downloads an art
 the gateway: it asks the gateway for URLs (``mpu/create``/``complete``, ``presigned/<path>``)
 and moves the bytes to and from moto directly. A caller without update on the experiment gets
 no upload URL, one without read no download URL, and every issuing request is in the audit
-trail with its caller and resource.
+trail with its caller and resource. A logged model's upload URL (``model_id`` alone) needs
+update on the model's experiment, and its bytes land under the model's artifact location.
 """
 
 from __future__ import annotations
@@ -198,3 +199,59 @@ def test_callers_without_the_right_get_no_url_and_every_issuance_is_audited(
     for who, path, decision in sent:
         resource = outcomes[(f"token:{who}", path, decision)]
         assert resource and resource.startswith("experiment:presigned/team-"), (who, path, resource)
+
+
+def test_a_logged_models_upload_url_needs_update_on_its_experiment(world: World) -> None:
+    """``presigned-upload-url`` with only ``model_id`` (MLflow's server-info
+    ``presigned_upload_model_id_supported``): the gateway judges the logged model's experiment,
+    update as for the proxied upload it replaces; the writer's URL takes bytes straight to S3,
+    and a body naming a run and a model is refused before MLflow."""
+    admin = {"Authorization": f"Bearer {world.gateway.token}"}
+    tag = uuid.uuid4().hex[:8]
+    name = f"presigned/direct-{tag}"
+    # Presigned uploads need a direct object-store location (MLflow refuses mlflow-artifacts:).
+    created = httpx.post(
+        world.gateway.url + "/api/2.0/mlflow/experiments/create",
+        headers=admin,
+        json={"name": name, "artifact_location": f"s3://{BUCKET}/direct-{tag}"},
+    )
+    assert created.status_code == 200, created.text
+    experiment = created.json()["experiment_id"]
+    model = httpx.post(world.gateway.url + "/api/2.0/mlflow/logged-models", headers=admin,
+                       json={"experiment_id": experiment, "name": "weights"})  # fmt: skip
+    assert model.status_code == 200, model.text
+    model_id = model.json()["model"]["info"]["model_id"]
+    tokens = {
+        "writer": make_token(world.gateway, f"lm-writer-{tag}", "editor", f"experiment:{name}"),
+        "reader": make_token(world.gateway, f"lm-reader-{tag}", "viewer", f"experiment:{name}"),
+        "outsider": world.tokens["writer"],  # an editor of another experiment
+    }
+
+    def ask(who: str, body: dict[str, object], prefix: str) -> httpx.Response:
+        auth = {"Authorization": f"Bearer {tokens[who]}"}
+        url = f"{world.gateway.url}{prefix}/2.0/mlflow/artifacts/presigned-upload-url"
+        return httpx.post(url, json=body, headers=auth)
+
+    for prefix in ("/api", "/ajax-api"):
+        for who in ("reader", "outsider"):
+            refused = ask(who, {"model_id": model_id, "path": "w.bin"}, prefix)
+            assert refused.status_code == 403, (prefix, who, refused.text)
+            assert refused.headers["x-guard-reason"] == "permission_denied"
+            assert "presigned_url" not in refused.text
+        both = ask("writer", {"model_id": model_id, "run_id": world.run, "path": "w.bin"}, prefix)
+        assert both.status_code == 400, both.text
+        assert both.headers["x-guard-reason"] == "ambiguous_parameter"
+        issued = ask("writer", {"modelId": model_id, "path": f"w{prefix[1:]}.bin"}, prefix)
+        assert issued.status_code == 200, (prefix, issued.text)
+        answer = issued.json()
+        assert answer["presigned_url"].startswith(world.s3), answer
+        put = httpx.put(answer["presigned_url"], content=b"model bytes",
+                        headers=answer.get("headers", {}))  # fmt: skip
+        assert put.status_code == 200, put.text
+    listed = boto3.client("s3", endpoint_url=world.s3,
+                          aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1").list_objects_v2(Bucket=BUCKET)  # fmt: skip
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    for spelled in ("wapi.bin", "wajax-api.bin"):
+        assert any(k.startswith(f"direct-{tag}/") and k.endswith(f"{model_id}/artifacts/{spelled}")
+                   for k in keys), keys  # fmt: skip
