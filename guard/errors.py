@@ -105,6 +105,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "search_not_filtered": ReasonInfo(
         403, "PERMISSION_DENIED", "Searching needs read access to every resource of this kind."
     ),
+    "skill_content_immutable": ReasonInfo(
+        403, "PERMISSION_DENIED", "Skill content is never changed: register a new skill version."
+    ),
     "graphql_not_authorizable": ReasonInfo(
         403, "PERMISSION_DENIED", "The GraphQL document asks for what cannot be authorized."
     ),

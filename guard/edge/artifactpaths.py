@@ -10,6 +10,14 @@ empty segment (a trailing ``/`` aside), no leading ``/``, no scheme or drive (``
 else is refused with ``artifact_path_invalid`` (400). A path that passes is exactly the string
 MLflow and the gateway's authorization both act on.
 
+Skill content (MLflow 3.18's ``skills/…`` tree, also behind ``workspaces/<ws>/``) is written only
+by registering a skill version: MLflow refuses every proxied write into it (PUT, DELETE and
+``mpu/*``, Flask and native, for administrators too: 403 "Skill upload content is immutable").
+The gateway refuses those writes itself (``skill_content_immutable``, 403), spotting the tree as
+MLflow's ``is_skill_upload_namespace`` does (``skills`` in any case, after an optional
+``workspaces/<ws>/``), so they never reach MLflow on any release. Reads are authorized on the
+skill (guard/authz/skills.py).
+
 Where MLflow reads a path (every handler that calls ``validate_path_is_safe`` in 3.17.2):
 
 - the ``artifact_path`` URL parameter of the proxied artifact routes (``mlflow-artifacts/
@@ -78,6 +86,10 @@ DOWNLOADS: Final = frozenset(
     }
 )
 URL_PARAM: Final = "artifact_path"
+# mlflow/store/tracking/skill_registry/artifact_paths.py (SKILL_UPLOAD_ROOT) and the workspace
+# prefix MLflow strips before looking at it; both compared ignoring case, as MLflow does.
+SKILL_ROOT: Final = "skills"
+_WORKSPACES: Final = "workspaces"
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _FORBIDDEN: Final = frozenset("#?\\\x7f") | frozenset(chr(c) for c in range(0x20))
 
@@ -104,6 +116,22 @@ def validate_artifact_path(path: str) -> str | None:
     if any(segment in ("", ".", "..") for segment in segments):
         return "It holds an empty, '.' or '..' segment."
     return None
+
+
+def in_skill_content(path: str) -> bool:
+    """Whether a canonical artifact path lies in MLflow's skill content tree, read as MLflow's
+    ``is_skill_upload_namespace`` reads it: ``skills/…`` or ``workspaces/<ws>/skills/…``, any
+    case (a path that is not canonical is refused before this is asked)."""
+    segments = [segment for segment in path.split("/") if segment not in ("", ".")]
+    if len(segments) >= 2 and segments[0].lower() == _WORKSPACES:
+        segments = segments[2:]
+    return bool(segments) and segments[0].lower() == SKILL_ROOT
+
+
+def writes_content(method: str, template: str) -> bool:
+    """A proxied artifact route that writes or deletes what its URL path names: PUT and DELETE
+    of ``mlflow-artifacts/artifacts/<path>`` and the multipart ``mpu/*`` steps."""
+    return method in ("PUT", "DELETE") or "/mlflow-artifacts/mpu/" in template
 
 
 def _values(scope: Scope, field: str, source: Source) -> list[object]:
@@ -146,4 +174,9 @@ class ArtifactPathMiddleware:
             if problem is not None:
                 await send_refusal(scope, send, Refusal("artifact_path_invalid", problem))
                 return
+        param = scope["guard.params"].get(URL_PARAM)
+        writes = param is not None and writes_content(route.method, route.path)
+        if writes and in_skill_content(param):
+            await send_refusal(scope, send, Refusal("skill_content_immutable"))
+            return
         await self.app(scope, receive, send)
