@@ -33,6 +33,7 @@ PREFIXES = ("/api/3.0/mlflow/skills", "/ajax-api/3.0/mlflow/skills")
 class World:
     gateway: Gateway
     tokens: dict[str, str]
+    mlflow: str = ""  # the server's own URL, to ask it directly
 
     def call(self, who: str, method: str, path: str, **kwargs: object) -> httpx.Response:
         token = self.gateway.token if who == "admin" else self.tokens[who]
@@ -75,7 +76,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         also = gateway.cli("role", "assign", "--subject", "token:sk-reader", "--role", "viewer",
                            "--resource", "skill:@acme/alpha")  # fmt: skip
         assert also.returncode == 0, also.stderr
-        world = World(gateway, tokens)
+        world = World(gateway, tokens, f"http://127.0.0.1:{port}")
         for body in ({"name": "alpha"}, {"name": "beta"}, {"name": "alpha", "organization": "acme"},
                      {"name": "beta", "organization": "acme"}):  # fmt: skip
             created = world.call("admin", "POST", PREFIXES[0], json=body)
@@ -216,3 +217,33 @@ def test_the_table_keeps_mlflows_registration_order() -> None:
         rows = [(r.method, r.path.removeprefix(prefix)) for r in load_routes()
                 if r.kind == "skill" and (r.path + "/").startswith(prefix + "/")]  # fmt: skip
         assert rows == [(m, p.strip()) for m, p in registered]
+
+
+@pytest.mark.parametrize("prefix", ["/api/2.0/mlflow-artifacts", "/ajax-api/2.0/mlflow-artifacts"])
+def test_skill_content_is_never_written_through_the_proxy(world: World, prefix: str) -> None:
+    """MLflow 3.18 refuses every proxied write into skill content, for administrators too; the
+    gateway refuses it first (skill_content_immutable), and the content stays as registered."""
+    folder = _upload(world, "alpha")
+    upper = "Skills" + folder.removeprefix("skills")
+    writes = [
+        ("PUT", f"{prefix}/artifacts/{folder}/SKILL.md", {"content": b"changed\n"}),
+        ("PUT", f"{prefix}/artifacts/{upper}/SKILL.md", {"content": b"changed\n"}),
+        ("PUT", f"{prefix}/artifacts/{folder}/new.md", {"content": b"added\n"}),
+        ("DELETE", f"{prefix}/artifacts/{folder}/SKILL.md", {}),
+        ("DELETE", f"{prefix}/artifacts/{folder}", {}),
+        *(("POST", f"{prefix}/mpu/{step}/{folder}",
+           {"json": {"path": "SKILL.md", "num_parts": 1, "upload_id": "u", "parts": []}})
+          for step in ("create", "complete", "abort")),
+    ]  # fmt: skip
+    for who in ("admin", "reader"):
+        for method, path, kwargs in writes:
+            response = world.call(who, method, path, **kwargs)
+            assert response.status_code == 403, (who, method, path, response.text)
+            assert response.headers["x-guard-reason"] == "skill_content_immutable"
+    got = world.call("reader", "GET", f"{prefix}/artifacts/{folder}/SKILL.md")
+    assert got.status_code == 200 and b"Hello" in got.content, got.text
+    # MLflow itself (asked directly, no credentials needed without basic-auth) refuses the same
+    # writes: the gateway's refusal takes nothing from anyone that MLflow would have allowed.
+    for method, path, kwargs in writes:
+        direct = httpx.request(method, world.mlflow + path, timeout=30, **kwargs)  # type: ignore[arg-type]
+        assert direct.status_code == 403 and "immutable" in direct.text, (path, direct.text)
