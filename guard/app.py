@@ -28,6 +28,8 @@ Outermost first, every request passes:
                                  in time, bodies only where MLflow reads them, lists of ids
                                  counted; artifact uploads stream under the same deadlines
 8a. ``ArtifactPathMiddleware``   400 artifact_path_invalid unless every artifact path is canonical
+8b. ``WorkspaceMiddleware``      with upstream.workspaces: the request's MLflow workspace; 400
+                                 workspace_invalid, 403 workspace_forbidden to non-members
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
 10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
 11. ``ProxyApp``                 MLflow
@@ -74,6 +76,7 @@ from guard.authz.routes import (
 from guard.authz.runtime import PolicyRuntime
 from guard.authz.search import SearchFilter
 from guard.authz.store import PolicyStore
+from guard.authz.workspaces import WorkspaceMiddleware
 from guard.edge.artifactpaths import ArtifactPathMiddleware
 from guard.edge.bodies import BodyMiddleware
 from guard.edge.context import RequestContextMiddleware
@@ -396,7 +399,10 @@ def build_gateway(
             return 503, {"detail": "; ".join(f"{n}: {result[n]}" for n in failing)}
         return 200, {"status": "ready", "checks": result}
 
-    policies = PolicyRuntime(PolicyStore(engine), settings.authz.poll_interval)
+    policies = PolicyRuntime(
+        PolicyStore(engine, workspaces=u.workspaces), settings.authz.poll_interval,
+        workspaces=u.workspaces,
+    )  # fmt: skip
     resolver = Resolver(
         upstream,
         settings.authz.cache_size,
@@ -415,7 +421,7 @@ def build_gateway(
 
     version = VersionGate(
         VERIFIED_MLFLOW_VERSIONS, u.allow_unverified_mlflow, strict=u.strict_version,
-        on_change=version_changed,
+        on_change=version_changed, workspaces=u.workspaces,
     )  # fmt: skip
     protected: ASGIApp = ProxyApp(client=upstream, version=version)
     if trail is not None:
@@ -450,6 +456,8 @@ def build_gateway(
         before_search=trail.intent if trail is not None else None,
         max_body_size=g.max_body_size,
     )
+    if u.workspaces:
+        protected = WorkspaceMiddleware(protected, policies=policies)
     protected = ArtifactPathMiddleware(protected)
     deadlines = BodyDeadlines(g.body_timeout, g.body_idle_timeout, g.min_upload_rate)
     protected = BodyMiddleware(

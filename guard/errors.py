@@ -58,6 +58,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "ambiguous_parameter": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "A parameter is given more than once or in two spellings."
     ),
+    "workspace_invalid": ReasonInfo(
+        400, "INVALID_PARAMETER_VALUE", "X-MLflow-Workspace does not name a workspace."
+    ),
     "otlp_unreadable": ReasonInfo(
         400, "INVALID_PARAMETER_VALUE", "The OTLP span export cannot be read."
     ),
@@ -102,6 +105,7 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     "system_tag_not_allowed": ReasonInfo(
         403, "PERMISSION_DENIED", "Runs may not be attributed to someone else."
     ),
+    "workspace_forbidden": ReasonInfo(403, "PERMISSION_DENIED", "You may not use this workspace."),
     "search_not_filtered": ReasonInfo(
         403, "PERMISSION_DENIED", "Searching needs read access to every resource of this kind."
     ),
@@ -179,6 +183,9 @@ REASONS: Final[dict[str, ReasonInfo]] = {
     ),
     "upstream_busy": ReasonInfo(
         503, "TEMPORARILY_UNAVAILABLE", "All connections to the MLflow server are in use."
+    ),
+    "upstream_misconfigured": ReasonInfo(
+        503, "TEMPORARILY_UNAVAILABLE", "MLflow's workspaces do not match the gateway's setting."
     ),
     "upstream_unverified": ReasonInfo(
         503, "TEMPORARILY_UNAVAILABLE", "The MLflow server is not a verified release."

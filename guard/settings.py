@@ -333,6 +333,12 @@ class UpstreamSettings:
         "Refuse a patch release of a verified minor that is not itself verified (otherwise it is "
         "served with a loud warning).",
     )
+    workspaces: bool = option(
+        False,
+        "MLflow runs with --enable-workspaces: the X-MLflow-Workspace header is forwarded to "
+        "members of that workspace and every grant on experiments, models and skills names its "
+        "workspace (WORKSPACE/experiment:NAME); checked against MLflow's server-info.",
+    )
     keepalive_expiry: float = option(
         4.0,
         "Seconds an idle upstream connection is kept; keep it below MLflow's keep-alive timeout.",

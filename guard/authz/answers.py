@@ -14,7 +14,6 @@ from guard.authz.engine import PolicyIndex
 from guard.authz.graphql import ModelVersionsPath, filter_model_versions
 from guard.authz.identifiers import Unresolved
 from guard.authz.resolve import Resolver
-from guard.authz.runtime import PolicyRuntime
 from guard.edge.requestdata import RequestDataError
 from guard.errors import Refusal, send_refusal
 
@@ -45,7 +44,7 @@ async def forward_scorer_configs_filtered(
     scope: Scope,
     receive: Receive,
     send: Send,
-    policies: PolicyRuntime,
+    index: PolicyIndex,
     resolver: Resolver,
 ) -> None:
     """Forward a request for online-scoring configurations and keep, in the answer, those of
@@ -60,11 +59,29 @@ async def forward_scorer_configs_filtered(
             kept = []
             for config in configs:
                 experiment = await resolver.experiment_resource(str(config["experiment_id"]))
-                if policies.index.decide(subject, experiment, "read").allowed:
+                if index.decide(subject, experiment, "read").allowed:
                     kept.append(config)
         except (ValueError, RecursionError, TypeError, KeyError, Unresolved, RequestDataError):
             return None
         return json.dumps({**answer, "configs": kept}).encode()
+
+    await forward_filtered(app, scope, receive, send, transform, "permission_denied")
+
+
+async def forward_workspaces_filtered(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, index: PolicyIndex
+) -> None:
+    """Forward a list of MLflow workspaces and keep, in the answer, those the caller is a
+    member of (guard.authz.workspaces): another workspace's name is not theirs to learn."""
+    subject = scope["guard"].principal.subject
+
+    async def transform(body: bytes) -> bytes | None:
+        try:
+            answer = json.loads(body)
+            kept = [w for w in answer["workspaces"] if index.member_of(subject, w["name"])]
+        except (ValueError, RecursionError, TypeError, KeyError):
+            return None
+        return json.dumps({**answer, "workspaces": kept}).encode()
 
     await forward_filtered(app, scope, receive, send, transform, "permission_denied")
 

@@ -16,7 +16,12 @@ from typing import Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.authz import skills, systemtags
-from guard.authz.answers import forward_model_versions_filtered, forward_scorer_configs_filtered
+from guard.authz.answers import (
+    forward_model_versions_filtered,
+    forward_scorer_configs_filtered,
+    forward_workspaces_filtered,
+)
+from guard.authz.engine import PolicyIndex
 from guard.authz.graphql import graphql_plan
 from guard.authz.identifiers import Unresolved, describe, sent
 from guard.authz.judge import Judge, Refused
@@ -93,7 +98,7 @@ class AuthorizationMiddleware:
         route: Route = scope["guard.route"]
         if route.open and self.search is not None and search_kind(route.path) is not None:
             subject = scope["guard"].principal.subject
-            index = self.policies.index
+            index = self._index(scope)
             if not index.unconditional(subject, POLICY_KIND[route.kind], "read"):
                 try:
                     data = self._data(scope)
@@ -136,11 +141,13 @@ class AuthorizationMiddleware:
             await self._create(scope, receive, send, created)
         elif filters := scope.get("guard.graphql_filters"):
             await forward_model_versions_filtered(
-                self.app, scope, receive, send, self.policies.index, filters
+                self.app, scope, receive, send, self._index(scope), filters
             )
+        elif scope.get("guard.filter_workspaces"):
+            await forward_workspaces_filtered(self.app, scope, receive, send, self._index(scope))
         elif scope.get("guard.filter_scorer_configs"):
             await forward_scorer_configs_filtered(
-                self.app, scope, receive, send, self.policies, self.resolver
+                self.app, scope, receive, send, self._index(scope), self._resolver(scope)
             )
         else:
             await self.app(scope, receive, send)
@@ -149,7 +156,7 @@ class AuthorizationMiddleware:
         if route.path.endswith(_RENAMES):
             self._forget(scope)
         elif route.path.endswith(_MODEL_NAME_CHANGES):
-            self.resolver.forget("model", "")
+            self._resolver(scope).forget("model", "")
         await self._name_for_audit(scope, route)
 
     async def _name_for_audit(self, scope: Scope, route: Route) -> None:
@@ -160,7 +167,7 @@ class AuthorizationMiddleware:
             return
         try:
             headers: dict[str, list[str]] = {}
-            context.resources = await self.resolver.resources(
+            context.resources = await self._resolver(scope).resources(
                 route, scope["guard.params"], self._data(scope), headers
             )
         except (RequestDataError, Unresolved):
@@ -173,7 +180,7 @@ class AuthorizationMiddleware:
         path = scope["guard.route"].path
         try:
             data = self._data(scope)
-            if not self.policies.index.unconditional(principal.subject, "server", "manage") and (
+            if not self._index(scope).unconditional(principal.subject, "server", "manage") and (
                 refusal := systemtags.refusal(path, data, principal.name)
             ):
                 return refusal
@@ -198,11 +205,12 @@ class AuthorizationMiddleware:
 
         await self.app(scope, receive, watch)
         subject = scope["guard"].principal.subject
+        index = self._index(scope)
         for resource in resources:
             kind = resource.partition(":")[0]
-            if status == 200 and not self.policies.index.unconditional(subject, kind, "manage"):
+            if status == 200 and not index.unconditional(subject, kind, "manage"):
                 assert self.on_created is not None  # noqa: S101 - checked by the caller
-                await self.on_created(subject, resource)
+                await self.on_created(subject, index.qualify(resource))
 
     async def _check(self, scope: Scope, route: Route) -> tuple[Refusal | None, list[str]]:
         """A refusal, or None and the resources the request acts on (when they were needed).
@@ -216,7 +224,8 @@ class AuthorizationMiddleware:
         if route.open and kind == "server":
             return None, []  # the reviewed open list: UI files, version, health, server info
         subject = scope["guard"].principal.subject
-        index = self.policies.index
+        index = self._index(scope)
+        resolver = self._resolver(scope)
         context = scope["guard"]
         context.policy_version = index.version
         data: RequestData | None = None
@@ -261,6 +270,8 @@ class AuthorizationMiddleware:
                 scope["guard.filter_scorer_configs"] = True
                 context.action = "read"
                 return None, []
+            if route.kind == "workspace" and route.action == "read" and index.workspace:
+                return self._workspace_read(scope, route, index, subject), []
             context.action = ",".join(sorted(actions))
             judge = Judge(index, subject, context)
             headers: dict[str, list[str]] = {}
@@ -281,20 +292,21 @@ class AuthorizationMiddleware:
                     else sent(route, params, data, headers)
                 )
                 resources = await judge.resolve(
-                    label, sorted(actions), self.resolver.resources(route, params, data, headers)
+                    label, sorted(actions), resolver.resources(route, params, data, headers)
                 )
                 if skills.registers(route):
-                    scope["guard.created"] = await self._registers(judge, resources, label)
+                    scope["guard.created"] = await self._registers(
+                        judge, resolver, resources, label
+                    )
                 else:
                     judge.require(resources, sorted(actions), label)
                 if _creates(route):
-                    await self._unseen_name(judge, resources, label)
+                    await self._unseen_name(judge, resolver, resources, label)
             if (
                 needs.version_aliases
-                and await self.resolver.model_version_aliases(*needs.version_aliases)
+                and await resolver.model_version_aliases(*needs.version_aliases)
             ) or (
-                needs.skill_version
-                and await self.resolver.skill_version_aliases(*needs.skill_version)
+                needs.skill_version and await resolver.skill_version_aliases(*needs.skill_version)
             ):
                 actions.add("promote")  # deleting a version that holds an alias
                 context.action = ",".join(sorted(actions))
@@ -303,35 +315,54 @@ class AuthorizationMiddleware:
             for resource, action in needs.elsewhere:
                 sent_kind, _, name = resource.partition(":")
                 label = f"new_name {name!r}" if action == "create" else resource
-                target = await judge.resolve(label, [action], self._stored(resource))
+                target = await judge.resolve(label, [action], self._stored(resolver, resource))
                 judge.require(target, [action], label)
                 if action == "create":
-                    await self._unseen_name(judge, target, label, sent_kind, name)
+                    await self._unseen_name(judge, resolver, target, label, sent_kind, name)
             # OTLP traces linked to a run.
             if route.path == "/v1/traces" and "x-mlflow-run-id" in headers:
                 label = describe("X-Mlflow-Run-Id", headers["x-mlflow-run-id"])
-                run = await judge.resolve(label, ["update"], self._linked_run(headers))
+                run = await judge.resolve(label, ["update"], self._linked_run(resolver, headers))
                 judge.require(run, ["update"], label)
             # Other things the body names: linked, copied from or written to (guard/references).
             if kind != "server" and route.id_from != "graphql":
                 data, body = data or self._data(scope), scope.get("guard.body", b"")
                 limits = self.max_body_size, scope.get("guard.max_ids")
-                for ref in references(route, data, headers, self.resolver, body, *limits):
+                for ref in references(route, data, headers, resolver, body, *limits):
                     found = await judge.resolve(ref.label, [ref.action], ref.lookup())
                     judge.require(found, [ref.action], ref.label)
             # Artifacts named by address: the caller must be able to read them.
             if source_field is not None:
                 data = data or self._data(scope)
-                await self._sources(data, source_field, subject, judge)
+                await self._sources(resolver, data, source_field, subject, judge)
         except (RequestDataError, Unresolved) as exc:
             return conceal(exc.refusal, f"{subject} may not {route.action} this."), []
         except Refused as exc:
             return exc.refusal, []
         return None, resources
 
+    @staticmethod
+    def _workspace_read(
+        scope: Scope, route: Route, index: PolicyIndex, subject: str
+    ) -> Refusal | None:
+        """Reading workspaces (with workspaces on): one the caller is a member of, or the list,
+        answered with those only (guard.authz.answers); creating, renaming and deleting them
+        stays the administrators' (server manage)."""
+        context = scope["guard"]
+        context.action = "read"
+        name = scope["guard.params"].get("workspace_name")
+        if name is None:
+            scope["guard.filter_workspaces"] = True
+            return None
+        context.resources = [f"workspace:{name}"]
+        if index.member_of(subject, name):
+            return None
+        return Refusal("workspace_forbidden", f"{subject} may not use workspace {name!r}.")
+
     async def _unseen_name(
         self,
         judge: Judge,
+        resolver: Resolver,
         resources: list[str],
         label: str,
         kind: str | None = None,
@@ -344,11 +375,11 @@ class AuthorizationMiddleware:
             kind_of, _, sent = resource.partition(":")
             kind_of, sent = kind or kind_of, name or sent
             if kind_of == "model":
-                stored = await self.resolver.stored_model_name(sent)
+                stored = await resolver.stored_model_name(sent)
             elif kind_of == "experiment":
-                stored = await self.resolver.stored_experiment_name(sent)
+                stored = await resolver.stored_experiment_name(sent)
             elif kind_of == "skill":  # MLflow's skill names have one spelling only
-                stored = sent if await self.resolver.skill_exists(resource) else None
+                stored = sent if await resolver.skill_exists(resource) else None
             else:
                 continue
             if stored is not None:
@@ -371,7 +402,9 @@ class AuthorizationMiddleware:
             needs.skill_version = (resource, params["version"])
         return needs
 
-    async def _registers(self, judge: Judge, resources: list[str], label: str) -> list[str]:
+    async def _registers(
+        self, judge: Judge, resolver: Resolver, resources: list[str], label: str
+    ) -> list[str]:
         """Registering versions: update on a skill that exists, create on one that does not
         (MLflow creates it); returns the skills it will create. Whoever may do neither is
         refused before anything is looked up, in the same words either way."""
@@ -383,29 +416,31 @@ class AuthorizationMiddleware:
                 or index.decide(subject, resource, "create").allowed
             ):
                 judge.require([resource], ["update"], label)
-            exists = await judge.resolve(label, ["update"], self.resolver.skill_exists(resource))
+            exists = await judge.resolve(label, ["update"], resolver.skill_exists(resource))
             judge.require([resource], ["update" if exists else "create"], label, "update")
             if not exists:
                 created.append(resource)
         return created
 
-    async def _stored(self, resource: str) -> list[str]:
+    @staticmethod
+    async def _stored(resolver: Resolver, resource: str) -> list[str]:
         kind, _, name = resource.partition(":")
         if kind == "model":
-            return [await self.resolver.model_resource(name)]
+            return [await resolver.model_resource(name)]
         if kind == "experiment":
-            return [await self.resolver.experiment_resource_by_name(name)]
+            return [await resolver.experiment_resource_by_name(name)]
         return [resource]
 
-    async def _linked_run(self, headers: dict[str, list[str]]) -> list[str]:
+    @staticmethod
+    async def _linked_run(resolver: Resolver, headers: dict[str, list[str]]) -> list[str]:
         """The experiment of the run OTLP traces are linked to (``X-Mlflow-Run-Id``)."""
         values = headers["x-mlflow-run-id"]
         if len(values) != 1:
             raise RequestDataError(Refusal("ambiguous_parameter", "X-Mlflow-Run-Id is repeated."))
-        experiment_id = await self.resolver.run_experiment(values[0])
+        experiment_id = await resolver.run_experiment(values[0])
         if experiment_id is None:
             raise Unresolved(Refusal("resource_unresolved", f"Unknown run {values[0]!r}."))
-        return [await self.resolver.experiment_resource(experiment_id)]
+        return [await resolver.experiment_resource(experiment_id)]
 
     async def _graphql(self, scope: Scope, judge: Judge) -> list[str]:
         """The experiments a GraphQL document reads; a field that can return anything of a kind
@@ -418,13 +453,14 @@ class AuthorizationMiddleware:
             scope.get("guard.body", b""),
             max_ids=scope.get("guard.max_ids"),
         )
-        if filters and not self.policies.index.unconditional(subject, "model", "read"):
+        index, resolver = judge.index, self._resolver(scope)
+        if filters and not index.unconditional(subject, "model", "read"):
             scope["guard.graphql_filters"] = filters
         resources: list[str] = []
         for need in needs:
             if need.field.startswith("all:"):
                 kind = need.field.removeprefix("all:")
-                if not self.policies.index.unconditional(subject, kind, "read"):
+                if not index.unconditional(subject, kind, "read"):
                     raise Unresolved(
                         Refusal("permission_denied", f"{subject} may not read {kind}:*.")
                     )
@@ -432,10 +468,10 @@ class AuthorizationMiddleware:
             label = describe(need.field, [need.value])
             if need.field == "experiment_id":
                 found = await judge.resolve(
-                    label, ["read"], self._one(self.resolver.experiment_resource(need.value))
+                    label, ["read"], self._one(resolver.experiment_resource(need.value))
                 )
             elif need.field == "run_id":
-                found = await judge.resolve(label, ["read"], self._run(need.value))
+                found = await judge.resolve(label, ["read"], self._run(resolver, need.value))
             else:  # pragma: no cover - graphql_needs names no other field
                 raise Unresolved(Refusal("resource_unresolved", f"Cannot check {need.field}."))
             judge.require(found, ["read"], label)
@@ -446,13 +482,17 @@ class AuthorizationMiddleware:
     async def _one(resource: Awaitable[str]) -> list[str]:
         return [await resource]
 
-    async def _run(self, run_id: str) -> list[str]:
-        experiment_id = await self.resolver.run_experiment(run_id)
+    @staticmethod
+    async def _run(resolver: Resolver, run_id: str) -> list[str]:
+        experiment_id = await resolver.run_experiment(run_id)
         if experiment_id is None:
             raise Unresolved(Refusal("resource_unresolved", f"Unknown run {run_id!r}."))
-        return [await self.resolver.experiment_resource(experiment_id)]
+        return [await resolver.experiment_resource(experiment_id)]
 
-    async def _sources(self, data: RequestData, field: str, subject: str, judge: Judge) -> None:
+    @staticmethod
+    async def _sources(
+        resolver: Resolver, data: RequestData, field: str, subject: str, judge: Judge
+    ) -> None:
         """Artifacts named by address must be ones the caller may read; other addresses (files,
         object stores) are for administrators only."""
         uri = data.single(field)
@@ -461,12 +501,23 @@ class AuthorizationMiddleware:
         if not isinstance(uri, str):
             raise RequestDataError(Refusal("invalid_request_body", f"{field} must be a string."))
         label = describe(field, [uri])
-        resources = await judge.resolve(label, ["read"], self.resolver.source_resources(uri))
+        resources = await judge.resolve(label, ["read"], resolver.source_resources(uri))
         if resources is None:
-            if self.policies.index.unconditional(subject, "server", "manage"):
+            if judge.index.unconditional(subject, "server", "manage"):
                 return
             raise Refused(Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."))
         judge.require(resources, ["read"], label)
+
+    def _index(self, scope: Scope) -> PolicyIndex:
+        """The policy index in force, deciding in the request's MLflow workspace (if any)."""
+        index = self.policies.index
+        workspace = scope.get("guard.workspace")
+        return index if workspace is None else index.in_workspace(workspace)
+
+    def _resolver(self, scope: Scope) -> Resolver:
+        """The resolver, looking up in the request's MLflow workspace (if any)."""
+        workspace = scope.get("guard.workspace")
+        return self.resolver if workspace is None else self.resolver.bound(workspace)
 
     @staticmethod
     def _data(scope: Scope) -> RequestData:
@@ -482,6 +533,6 @@ class AuthorizationMiddleware:
             data = RequestData.build(scope["method"], b"", scope.get("guard.body", b""))
             experiment_id = data.single("experiment_id")
             if experiment_id is not None:
-                self.resolver.forget("experiment", canonical_experiment_id(experiment_id))
+                self._resolver(scope).forget("experiment", canonical_experiment_id(experiment_id))
         except RequestDataError:
             return

@@ -9,12 +9,14 @@ random questions. An index is immutable; a policy change builds a new one and sw
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from guard.authz.policy import MAX_LINKS, Grant, PolicySet
+from guard.authz.workspaces import SCOPED_KINDS, qualify, reaches
 from guard.patterns import SEALED_KINDS, compile_pattern, is_pattern, resource_kind
 
 Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
@@ -61,9 +63,13 @@ def _closure(start: str, edges: dict[str, list[str]]) -> frozenset[str]:
 class PolicyIndex:
     """Answers (subject, resource, action) for one immutable policy set."""
 
+    # The MLflow workspace this index decides in (``in_workspace``); None: workspaces are off.
+    workspace: str | None = None
+
     def __init__(self, policy: PolicySet, version: int = 0) -> None:
         self.policy = policy
         self.version = version
+        self._views: dict[str, PolicyIndex] = {}
         role_edges: dict[str, list[str]] = {}
         for rule in policy.roles:
             role_edges.setdefault(rule.role, []).append(rule.holds)
@@ -84,6 +90,22 @@ class PolicyIndex:
             else:
                 bucket.exact.setdefault(grant.resource, []).append(grant)
 
+    def in_workspace(self, workspace: str) -> PolicyIndex:
+        """This index deciding in an MLflow workspace: every experiment, model and skill it is
+        asked about is ``WORKSPACE/KIND:NAME`` (``guard.authz.workspaces``). Shares the grants
+        and the memo of this one; a few views are kept."""
+        view = self._views.get(workspace)
+        if view is None:
+            view = copy.copy(self)
+            view.workspace = workspace
+            if len(self._views) < 1024:
+                self._views[workspace] = view
+        return view
+
+    def qualify(self, resource: str) -> str:
+        """The resource this index decides on for ``resource``: qualified with its workspace."""
+        return resource if self.workspace is None else qualify(resource, self.workspace)
+
     def actions_of(self, role: str) -> frozenset[str]:
         """What a role holds: itself (as casbin's g2 does) and all it reaches."""
         held = self._actions.get(role)
@@ -103,6 +125,8 @@ class PolicyIndex:
 
     def decide(self, subject: str, resource: str, action: str) -> Decision:
         """Allowed if some grant allows and no grant denies; the deciding grant comes along."""
+        if self.workspace is not None:
+            resource = qualify(resource, self.workspace)
         kind = resource_kind(resource)
         allowed_by: Grant | None = None
         for who in self.subjects_of(subject):
@@ -127,9 +151,29 @@ class PolicyIndex:
             return Decision(True, "allowed", allowed_by)
         return Decision(False, "no_matching_grant", None)
 
+    def member_of(self, subject: str, workspace: str) -> bool:
+        """Whether ``subject`` may use an MLflow workspace: some grant of its own or of its
+        groups allows something there (``team-a/*``, ``team-a/experiment:x``, ``*``...). What it
+        may do inside is decided resource by resource."""
+        key = (str(subject), carried_groups(subject), "workspace member", workspace)
+        known = self._unconditional.get(key)
+        if known is None:
+            known = self._unconditional[key] = any(
+                grant.effect == "allow" and reaches(grant.resource, workspace)
+                for who in self.subjects_of(subject)
+                for bucket in self._grants.get(who, {}).values()
+                for grant in (
+                    *(g for _, g in bucket.patterns),
+                    *(g for gs in bucket.exact.values() for g in gs),
+                )
+            )
+        return known
+
     def unconditional(self, subject: str, kind: str, action: str) -> bool:
         """True when ``action`` is allowed on every resource of ``kind``: an allow on ``*`` or
         ``KIND:*`` and no deny that could apply. Then nothing needs resolving (or filtering)."""
+        if self.workspace is not None and kind in SCOPED_KINDS:
+            kind = f"{self.workspace}/{kind}"
         key = (str(subject), carried_groups(subject), kind, action)
         known = self._unconditional.get(key)
         if known is None:
@@ -138,7 +182,10 @@ class PolicyIndex:
 
     def _compute_unconditional(self, subject: str, kind: str, action: str) -> bool:
         sealed = kind in SEALED_KINDS
-        everything = (f"{kind}:*",) if sealed else ("*", f"{kind}:*")
+        everything: tuple[str, ...] = (f"{kind}:*",) if sealed else ("*", "*:*", f"{kind}:*")
+        workspace, slash, base = kind.partition("/")
+        if slash:  # in a workspace: everything in it, or every workspace's KIND
+            everything += (f"{workspace}/*", f"*/{base}:*", f"{workspace}/*:*")
         allowed = False
         for who in self.subjects_of(subject):
             for bucket_kind, bucket in self._grants.get(who, {}).items():

@@ -53,14 +53,14 @@ class Judge:
         """Every action on every resource, or a refusal naming ``label``."""
         context = self.context
         for resource in resources:
-            if resource not in self.checked:
-                self.checked.append(resource)
+            if (named := self.index.qualify(resource)) not in self.checked:
+                self.checked.append(named)  # as decided on: with its workspace, if any
             for action in actions:
                 decision = self.index.decide(self.subject, resource, action)
                 if decision.rule is not None:
                     context.rule = ", ".join(decision.rule.row())
                 if not decision.allowed:
-                    context.resources = [resource]
+                    context.resources = [self.index.qualify(resource)]
                     context.action = action
                     reason = (
                         "explicit_deny"

@@ -29,6 +29,8 @@ _ROLE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # Names may hold inner spaces ("experiment:My Experiment"); commas and quotes would break
 # casbin's row format, and leading or trailing blanks are lost by it.
 _RESOURCE: Final = re.compile(r"[^\s,\"'](?:[^,\"'\r\n\t]*[^\s,\"'])?")
+# The kind of a resource in an MLflow workspace, ``team-a/experiment`` (guard/authz/workspaces.py).
+_IN_WORKSPACE: Final = re.compile(r"[a-z0-9*?-]+/(?:experiment|model|skill)")
 
 Effect = Literal["allow", "deny"]
 
@@ -224,8 +226,16 @@ def _check_resource(resource: str) -> None:
             "at either end)"
         )
     kind = resource_kind(resource)
-    if resource != "*" and kind != "*" and kind not in RESOURCE_KINDS:
-        raise ValueError(f"unknown resource kind {kind!r} (known: {', '.join(RESOURCE_KINDS)})")
+    if (
+        resource != "*"
+        and kind != "*"
+        and kind not in RESOURCE_KINDS
+        and not _IN_WORKSPACE.fullmatch(kind)
+    ):
+        raise ValueError(
+            f"unknown resource kind {kind!r} (known: {', '.join(RESOURCE_KINDS)}; in an MLflow "
+            "workspace: WORKSPACE/experiment, WORKSPACE/model, WORKSPACE/skill)"
+        )
 
 
 def _edges(roles: Iterable[RoleRule]) -> dict[str, list[str]]:

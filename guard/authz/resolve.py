@@ -15,6 +15,7 @@ and how they are read from it, is ``guard.authz.identifiers``.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from guard.authz import skills
 from guard.authz.identifiers import Headers, Unresolved, as_id, field_values, named
 from guard.authz.routes import DATASET_LINKS, Route
+from guard.authz.workspaces import HEADER as WORKSPACE_HEADER
 from guard.edge.requestdata import RequestData, canonical_experiment_id
 from guard.errors import Refusal
 from guard.upstream.client import UpstreamClient, UpstreamError
@@ -38,6 +40,7 @@ TRACE_FIELDS = ("trace_id", "request_id", "trace_ids", "request_ids")
 MODEL_KINDS = ("registered_model", "model_version")
 # Registry writes after which a model name may belong to another model.
 MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/delete")
+WORKSPACES_DIR: Final = "workspaces"  # MLflow's artifact folder of per-workspace paths
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +129,31 @@ class Resolver:
     ) -> None:
         self.upstream = upstream
         self.cache = TTLCache(cache_size, cache_ttl, negative_ttl)
+        # The MLflow workspace lookups are made in (``bound``); None: workspaces are off.
+        self.workspace: str | None = None
+
+    def bound(self, workspace: str) -> Resolver:
+        """This resolver looking things up in an MLflow workspace: every lookup carries it to
+        MLflow (which answers another workspace's id or name with "does not exist") and every
+        cache entry is filed under it, so a same-named thing of another workspace never
+        answers. Shares the upstream client and the cache."""
+        view = copy.copy(self)
+        view.workspace = workspace
+        return view
+
+    def _key(self, key: str) -> str:
+        return key if self.workspace is None else f"{self.workspace}/{key}"
 
     async def _fetch(
         self, path: str, params: Mapping[str, str | list[str]]
     ) -> tuple[int, dict[str, Any] | None]:
         """GET an MLflow API path: its status and JSON object (None if it sent none)."""
         target = f"{path}?{urlencode(params, doseq=True)}" if params else path
+        headers = [("host", self.upstream.host_header)]
+        if self.workspace is not None:
+            headers.append((WORKSPACE_HEADER, self.workspace))
         try:
-            response = await self.upstream.request(
-                "GET", target, [("host", self.upstream.host_header)], None
-            )
+            response = await self.upstream.request("GET", target, headers, None)
         except UpstreamError as exc:
             raise Unresolved(exc.refusal) from exc
         async with response:
@@ -152,6 +170,7 @@ class Resolver:
         return data if status == 200 else None
 
     async def _cached(self, key: str, fetch: Callable[[], Awaitable[str | None]]) -> str | None:
+        key = self._key(key)
         hit, value = self.cache.get(key)
         if hit:
             return value
@@ -277,16 +296,16 @@ class Resolver:
                 return [await self._experiment(experiment_id)]
             return [await self.model_resource(name)] if name else None
         if parts.scheme == "mlflow-artifacts":
-            return [await self._experiment(_artifact_experiment(path))]
+            return [await self._experiment(_artifact_experiment(self._in_workspace(path)))]
         return None
 
     def forget(self, kind: str, key: str) -> None:
         """Drop what a forwarded rename, delete or restore of ``kind`` may have made stale. Every
         name looked up to a stored name goes too: the change may free that name (or, where the
         database ignores case, a case variant of it) for another resource."""
-        self.cache.forget(f"{kind}:{key}")
+        self.cache.forget(self._key(f"{kind}:{key}"))
         if kind in ("experiment", "model"):
-            self.cache.forget(f"{kind}_name:")
+            self.cache.forget(self._key(f"{kind}_name:"))
 
     def created(self) -> None:
         """A create was forwarded: ids and names remembered as unknown may exist now."""
@@ -352,9 +371,24 @@ class Resolver:
 
     async def _artifact(self, path: str) -> str:
         """A proxied artifact path's owner: a skill under ``skills/``, else an experiment."""
+        path = self._in_workspace(path)
         if path.split("/", 1)[0] == "skills":
             return skills.artifact_skill(path)
         return await self._experiment(_artifact_experiment(path))
+
+    def _in_workspace(self, path: str) -> str:
+        """An artifact path without its ``workspaces/<ws>/`` prefix, which must name the
+        request's workspace (as MLflow, which serves ``X/…`` in workspace W from
+        ``workspaces/W/X/…`` and refuses another workspace's prefix). Without workspaces the
+        prefix names no experiment and is refused like any such path."""
+        if self.workspace is None or path.split("/", 1)[0] != WORKSPACES_DIR:
+            return path
+        _, workspace, rest = [*path.split("/", 2), "", ""][:3]
+        if workspace != self.workspace:
+            raise Unresolved(
+                Refusal("resource_unresolved", "The artifact path is in another workspace.")
+            )
+        return rest
 
     async def skill_exists(self, resource: str) -> bool:
         """Whether MLflow holds the skill ``skill:NAME`` / ``skill:@ORG/NAME`` (asked every
@@ -393,7 +427,7 @@ class Resolver:
         id is asked again, since it may belong to someone a moment later. (GetTraceInfoV3:
         MLflow 3.17 serves no ``/api/3.0/.../traces/<id>/info``, and a 404 for a route it does
         not serve must not read as "no such trace".)"""
-        hit, value = self.cache.get(f"{TRACE.kind}:{trace_id}")
+        hit, value = self.cache.get(self._key(f"{TRACE.kind}:{trace_id}"))
         if hit and value is not None:
             return value
         status, data = await self._fetch(f"/api/3.0/mlflow/traces/{quote(trace_id, safe='')}", {})
@@ -402,7 +436,7 @@ class Resolver:
         experiment_id = _dig(data, *TRACE.answer) if status == 200 else None
         if experiment_id is None:
             raise Unresolved(Refusal("resource_unresolved", f"Cannot look up {trace_id!r}."))
-        self.cache.put(f"{TRACE.kind}:{trace_id}", experiment_id)
+        self.cache.put(self._key(f"{TRACE.kind}:{trace_id}"), experiment_id)
         return experiment_id
 
 

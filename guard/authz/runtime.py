@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from guard.authz.engine import EMPTY, Decision, PolicyIndex
 from guard.authz.policy import PolicyError
 from guard.authz.store import PolicyStore
+from guard.authz.workspaces import problems as workspace_problems
 
 logger = logging.getLogger("guard.authz")
 
@@ -28,9 +29,12 @@ MAX_WAITERS = 10_000  # callers remembered as having waited for a check, oldest 
 
 
 class PolicyRuntime:
-    def __init__(self, store: PolicyStore, poll_interval: float) -> None:
+    def __init__(
+        self, store: PolicyStore, poll_interval: float, *, workspaces: bool = False
+    ) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        self.workspaces = workspaces  # upstream.workspaces: grants must name their workspace
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
@@ -43,7 +47,11 @@ class PolicyRuntime:
         return self.index.decide(subject, resource, action)
 
     async def start(self) -> None:
+        """Load the stored policy; one the gateway cannot enforce as written (for instance an
+        unqualified grant with workspaces on) stops the start, naming every problem."""
         await self.refresh()
+        if self.index is EMPTY and self.last_error:
+            raise PolicyError([self.last_error])
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
@@ -118,6 +126,8 @@ class PolicyRuntime:
 
     def _build(self) -> PolicyIndex:
         version, policy = self.store.load()
+        if problems := workspace_problems(policy, self.workspaces):
+            raise PolicyError(problems)
         return PolicyIndex(policy, version)
 
     async def _follow(self) -> None:

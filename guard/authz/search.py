@@ -29,6 +29,7 @@ from starlette.types import Scope, Send
 
 from guard.authz import skills
 from guard.authz.engine import PolicyIndex
+from guard.authz.workspaces import HEADER as WORKSPACE_HEADER
 from guard.edge.requestdata import RequestData, RequestDataError
 from guard.errors import Refusal, send_refusal
 from guard.upstream.client import UpstreamClient, UpstreamError
@@ -72,8 +73,10 @@ class SearchFilter:
         assert search is not None  # noqa: S101 - routed here only for these searches
         try:
             limit = _limit(data.single("max_results"), search.default_max)
+            # A page token is the caller's, for this search, in this workspace.
+            bound = f"{scope.get('guard.workspace') or ''}{path}"
             cursor, skip, size = self._resume(
-                data.single("page_token"), subject, path, max(limit, search.scan)
+                data.single("page_token"), subject, bound, max(limit, search.scan)
             )
             items, nxt = await self._collect(
                 scope, data, search, subject, index, cursor, skip, size, limit
@@ -89,7 +92,7 @@ class SearchFilter:
             return
         payload: dict[str, Any] = {search.items: items}
         if nxt is not None:
-            state = {"s": subject, "p": path, "u": nxt[0], "o": nxt[1], "m": size}
+            state = {"s": subject, "p": bound, "u": nxt[0], "o": nxt[1], "m": size}
             payload["next_page_token"] = self.tokens.encrypt(json.dumps(state).encode()).decode()
         await _send_json(send, 200, json.dumps(payload).encode())
 
@@ -158,6 +161,8 @@ class SearchFilter:
             target, body = scope["path"], json.dumps(fields).encode()
             headers = [("host", self.upstream.host_header), ("content-type", "application/json"),
                        ("content-length", str(len(body)))]  # fmt: skip
+        if (workspace := scope.get("guard.workspace")) is not None:
+            headers.append((WORKSPACE_HEADER, workspace))  # MLflow searches that workspace only
         response = await self.upstream.request(method, target, headers, body)
         async with response:
             raw = b"".join([chunk async for chunk in response.body()])

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from guard.authz.casbin_adapter import default_policy_text, load_rows
 from guard.authz.policy import PolicyError, PolicySet, Rule
+from guard.authz.workspaces import problems as workspace_problems
 from guard.store.db import casbin_rules, policy_state
 
 Check = Callable[[PolicySet, PolicySet], list[str]]
@@ -33,8 +34,13 @@ def _now() -> dt.datetime:
 
 
 class PolicyStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, workspaces: bool = False) -> None:
         self.engine = engine
+        # upstream.workspaces: a change must leave every grant naming its workspace (or none).
+        self.workspaces = workspaces
+
+    def _problems(self, policy: PolicySet) -> list[str]:
+        return [*policy.problems(), *workspace_problems(policy, self.workspaces)]
 
     def version(self) -> int:
         with self.engine.connect() as conn:
@@ -52,7 +58,7 @@ class PolicyStore:
     def replace(self, policy: PolicySet, actor: str, check: Check | None = None) -> int:
         """Make ``policy`` the whole policy in force; returns the new version. ``check`` judges
         (current, new) under the write lock, so no concurrent change slips in between."""
-        if problems := policy.problems():
+        if problems := self._problems(policy):
             raise PolicyError(problems)
         with self.engine.begin() as conn:
             version = self._lock(conn)
@@ -83,7 +89,7 @@ class PolicyStore:
             current = PolicySet.from_rows(_rows(conn), validate=False)
             rules = (set(current.rules()) - set(remove)) | set(add)
             updated = PolicySet.from_rules(rules)
-            if problems := updated.problems():
+            if problems := self._problems(updated):
                 raise PolicyError(problems)
             if check is not None and (problems := check(current, updated)):
                 raise PolicyError(problems)

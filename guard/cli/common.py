@@ -69,7 +69,8 @@ def open_governance(loaded: Loaded) -> Any:
     engine = build_engine(loaded.settings.database_uri)
     migrate(engine)
     key = load_secret_key(loaded.settings.secret_key_file, os.environ)
-    governance = Governance(TokenStore(engine, key), PolicyStore(engine))
+    workspaces = loaded.settings.upstream.workspaces
+    governance = Governance(TokenStore(engine, key), PolicyStore(engine, workspaces=workspaces))
     governance.policies.seed_defaults(cli_actor())
     return governance
 

@@ -11,6 +11,7 @@ a bounded pool whose exhaustion is a clear 503 rather than a hang.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -205,8 +206,11 @@ class VersionGate:
         strict: bool = False,
         recheck: float = VERSION_RECHECK,
         on_change: Callable[[str | None, str], None] | None = None,
+        workspaces: bool = False,
     ) -> None:
         self.verified = verified
+        self.workspaces = workspaces  # upstream.workspaces, compared with MLflow's server-info
+        self.mismatch = ""  # why MLflow's workspaces disagree with the setting, if they do
         self.allow_unverified = allow_unverified
         self.strict = strict
         self.recheck = recheck
@@ -230,6 +234,7 @@ class VersionGate:
                     failures = client.connection_failures
                     try:
                         version = await self._read(client)
+                        self._compare_workspaces(await self._workspaces_enabled(client))
                     except UpstreamError as exc:
                         self._read_at = -self.recheck  # read again on the next request
                         return exc.refusal
@@ -242,6 +247,8 @@ class VersionGate:
         current = self.version
         if current is None:  # another request's first read failed meanwhile
             return Refusal("upstream_unreachable")
+        if self.mismatch:
+            return Refusal("upstream_misconfigured", self.mismatch)
         if self.accepts(current):
             return None
         return Refusal(
@@ -268,6 +275,40 @@ class VersionGate:
             if response.status != 200:
                 raise UpstreamError(Refusal("upstream_unverified", "MLflow has no /version."))
         return body.decode("utf-8", "replace").strip()
+
+    async def _workspaces_enabled(self, client: UpstreamClient) -> bool:
+        """Whether MLflow serves workspaces (server-info's ``workspaces_enabled``; an MLflow
+        without the field, or without server-info, serves none)."""
+        response = await client.request(
+            "GET", "/api/3.0/mlflow/server-info", [("host", client.host_header)], None
+        )
+        async with response:
+            body = b"".join([chunk async for chunk in response.body()])
+        if response.status != 200:
+            return False
+        try:
+            info = json.loads(body)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(info, dict) and info.get("workspaces_enabled") is True
+
+    def _compare_workspaces(self, enabled: bool) -> None:
+        mismatch = ""
+        if enabled and not self.workspaces:
+            mismatch = (
+                "MLflow runs with workspaces and upstream.workspaces is off: turn it on (and "
+                "qualify the policy's grants) or start MLflow without --enable-workspaces."
+            )
+        elif self.workspaces and not enabled:
+            mismatch = (
+                "upstream.workspaces is on but MLflow runs without workspaces: start it with "
+                "--enable-workspaces or turn the setting off."
+            )
+        if mismatch and mismatch != self.mismatch:
+            logger.error("refusing to forward: %s", mismatch)
+        elif self.mismatch and not mismatch:
+            logger.info("MLflow's workspaces now match upstream.workspaces")
+        self.mismatch = mismatch
 
     def _report(self) -> None:
         verified = ", ".join(sorted(self.verified))

@@ -21,11 +21,12 @@ clients send that it may use; every other header is dropped, whatever its spelli
   ``make_conditional``, Starlette's ``FileResponse``).
 
 The gateway then adds its own ``Host``, ``X-Forwarded-For``/``-Proto``/``-Host``,
-``X-Request-Id`` and ``Content-Length``. Never forwarded, for instance: ``Authorization`` and
-``Cookie`` (the gateway's credentials; MLflow reads no cookie), ``X-MLflow-Workspace`` and every
-other ``X-MLflow-*`` selector or credential, identity claims (``X-WebAuth-User``,
-``Remote-User``, ``X-Forwarded-User``, ``X-Auth-Request-*`` ...), the caller's forwarding
-headers, ``Origin`` (CORS is the gateway's), ``Expect``, and every hop-by-hop or
+``X-Request-Id``, ``Content-Length`` and, with workspaces on, ``X-MLflow-Workspace`` naming
+the workspace the request was authorized in. Never forwarded, for instance: ``Authorization`` and
+``Cookie`` (the gateway's credentials; MLflow reads no cookie), the caller's own
+``X-MLflow-Workspace`` and every other ``X-MLflow-*`` selector or credential, identity claims
+(``X-WebAuth-User``, ``Remote-User``, ``X-Forwarded-User``, ``X-Auth-Request-*`` ...), the
+caller's forwarding headers, ``Origin`` (CORS is the gateway's), ``Expect``, and every hop-by-hop or
 connection-specific header (``Connection`` and what it names, ``Keep-Alive``, ``TE``,
 ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``HTTP2-Settings``, ``Proxy-*``): an allowed
 name listed in ``Connection`` is dropped too. Names are matched case-insensitively; an
@@ -167,6 +168,10 @@ class ProxyApp:
             ("x-forwarded-host", context.host or ""),
             ("x-request-id", context.request_id),
         ]
+        if (workspace := scope.get("guard.workspace")) is not None:
+            # The workspace the request was authorized in (guard.authz.workspaces), never the
+            # caller's own header: MLflow acts in exactly that one.
+            extra.append(("x-mlflow-workspace", workspace))
         body: bytes | AsyncIterator[bytes] | None
         if "guard.body" in scope:
             body = scope["guard.body"] or None

@@ -38,6 +38,9 @@ class FakeMlflow:
         if scope["path"] == "/version":
             await send_response(send, 200, self.version)
             return
+        if scope["path"] == "/api/3.0/mlflow/server-info":  # the version gate's other read
+            await send_response(send, 200, b'{"workspaces_enabled": false}')
+            return
         name = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
         ).get("mode", "")
