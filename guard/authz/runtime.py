@@ -37,6 +37,7 @@ class PolicyRuntime:
         self.workspaces = workspaces  # upstream.workspaces: grants must name their workspace
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
+        self._rejected: list[str] = []  # the problems of the last policy refused
         self._task: asyncio.Task[None] | None = None
         self._pending: asyncio.Future[None] | None = None
         self._last_check = 0.0  # when the newest version check began
@@ -50,8 +51,8 @@ class PolicyRuntime:
         """Load the stored policy; one the gateway cannot enforce as written (for instance an
         unqualified grant with workspaces on) stops the start, naming every problem."""
         await self.refresh()
-        if self.index is EMPTY and self.last_error:
-            raise PolicyError([self.last_error])
+        if self.index is EMPTY and self._rejected:
+            raise PolicyError(["the stored policy cannot be enforced", *self._rejected])
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
@@ -109,6 +110,7 @@ class PolicyRuntime:
         try:
             index = await anyio.to_thread.run_sync(self._build)
         except PolicyError as exc:
+            self._rejected = exc.problems
             message = (
                 f"policy version {version} rejected, keeping version {self.index.version}: {exc}"
             )

@@ -32,6 +32,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     common.add_storage_flags(load)
     load.add_argument("file")
     load.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    qualify = policy_commands.add_parser(
+        "qualify",
+        help="name a workspace in every grant that names none (before turning workspaces on)",
+        description="Rewrite every grant on experiments, models and skills that names no MLflow "
+        "workspace into WORKSPACE (experiment:x -> WORKSPACE/experiment:x): what MLflow held "
+        "before workspaces were turned on is in its 'default' workspace. Shows the diff and "
+        "applies it atomically; needs upstream.workspaces = true in the configuration.",
+    )
+    common.add_storage_flags(qualify)
+    qualify.add_argument("--workspace", required=True, help="the workspace, e.g. default")
+    qualify.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     explain = policy_commands.add_parser(
         "explain",
         help="say what the policy decides and why",
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> int:
 def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -> int:
     from guard.authz.engine import PolicyIndex
     from guard.authz.policy import Grant, PolicySet, parse_lines, parse_row
+    from guard.authz.workspaces import qualify_policy, valid_name
 
     try:
         if args.command == "role":
@@ -131,10 +143,15 @@ def _policy_command(args: argparse.Namespace, loaded: Loaded, governance: Any) -
                 key: [", ".join(r.row()) for r in rules], "policy_version": version})  # fmt: skip
             print(f"policy version {version}")
             return 0
-        if args.action == "import":
-            with open(args.file) as source:
-                new = PolicySet.from_csv(source.read())
+        if args.action in ("import", "qualify"):
             _, current = governance.policies.load()
+            if args.action == "qualify":
+                if not valid_name(args.workspace):
+                    return common.fail(ValueError(f"{args.workspace!r} is no workspace name"))
+                new = qualify_policy(current, args.workspace)
+            else:
+                with open(args.file) as source:
+                    new = PolicySet.from_csv(source.read())
             added, removed = current.diff(new)
             for row in removed:
                 print("- " + ", ".join(row))

@@ -303,3 +303,35 @@ def test_the_bootstrap_banner_says_when_the_token_expires(
     assert main(["serve", "--data-dir", str(env / "data")]) == 2
     out = capsys.readouterr().out
     assert "mlg_" + "s" * 43 in out and says in out and "UTC; tokens.default_expiry)" in out
+
+
+def test_policy_qualify_rewrites_grants_for_workspaces(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before turning workspaces on: unqualified grants move into one workspace, nothing else
+    changes; with workspaces on, a grant naming none is refused."""
+    args = ["--data-dir", str(env / "data")]
+    rows = ["p, group:risk, viewer, experiment:fraud/*", "p, user:bob, editor, model:churn",
+            "p, user:eve, viewer, *:x"]  # fmt: skip
+    assert main(["policy", "add", *rows, *args]) == 0
+    capsys.readouterr()
+    assert main(["policy", "qualify", "--workspace", "Team", *args]) == 1
+    assert "'Team' is no workspace name" in capsys.readouterr().err
+    assert main(["policy", "qualify", "--workspace", "default", "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "- p, group:risk, viewer, experiment:fraud/*, allow" in out
+    assert "+ p, group:risk, viewer, default/experiment:fraud/*, allow" in out
+    assert "+ p, user:eve, viewer, default/*:x, allow" in out
+    assert "3 to add, 3 to remove" in out
+    assert "group:admins, admin, *" not in out  # '*' covers every workspace as it is
+    # workspaces off: qualified grants could never match, so the change is refused
+    assert main(["policy", "qualify", "--workspace", "default", *args]) == 1
+    assert "names a workspace, and upstream.workspaces is off" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_GUARD_UPSTREAM_WORKSPACES", "true")
+    assert main(["policy", "add", "p, user:x, viewer, model:y", *args]) == 1
+    assert "names no workspace" in capsys.readouterr().err
+    assert main(["policy", "qualify", "--workspace", "default", *args]) == 0
+    assert "applied: policy version" in capsys.readouterr().out
+    assert main(["policy", "explain", "--subject", "user:bob", "--action", "update",
+                 "--resource", "default/model:churn", *args]) == 0  # fmt: skip
+    assert main(["policy", "add", "p, user:x, viewer, team-a/model:y", *args]) == 0
