@@ -89,11 +89,15 @@ class AlteredRecords(ValueError):
     """Records whose MAC does not match: the history would be built on edited facts."""
 
 
-def model_history(engine: Engine, model: str, secret_key: bytes) -> list[Span]:
-    """The spans of the model named ``model`` (a name, never a pattern); AlteredRecords if any
+def model_history(
+    engine: Engine, model: str, secret_key: bytes, workspace: str | None = None
+) -> list[Span]:
+    """The spans of the model named ``model`` (a name, never a pattern), in an MLflow
+    ``workspace`` if given (its records name ``WORKSPACE/model:NAME``); AlteredRecords if any
     record it rests on fails its MAC."""
     key = derive_key(secret_key, "audit-chain")
-    filters = Filters(resource=f"model:{model}", kind="outcome", decision="allow", literal=True)
+    resource = f"model:{model}" if workspace is None else f"{workspace}/model:{model}"
+    filters = Filters(resource=resource, kind="outcome", decision="allow", literal=True)
     records = list(query_records(engine, filters, None))
     altered = [
         f"{r.get('writer')}#{r.get('seq')}" for r in records

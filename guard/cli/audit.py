@@ -36,6 +36,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     add_storage_flags(history)
     history.add_argument("--model", required=True, help="the registered model's name")
+    history.add_argument(
+        "--workspace", help="the MLflow workspace the model is in (with upstream.workspaces)"
+    )
     history.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     for name, text in (("query", "matching records"), ("export", "every matching record")):
         sub = audit_commands.add_parser(name, help=text)
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> int:
             from guard.audit.history import model_history
 
             key = load_secret_key(settings.secret_key_file, os.environ, create=False)
-            spans = [span.row() for span in model_history(engine, args.model, key)]
+            spans = [span.row() for span in model_history(engine, args.model, key, args.workspace)]
             columns = ("holds", "version", "since", "until", "set_by", "rule")
             write_records(spans, args.format, sys.stdout, columns)
             return 0

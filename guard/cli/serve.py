@@ -50,9 +50,41 @@ def environment_problems(environ: Mapping[str, str]) -> list[str]:
     return [problem] if problem else []
 
 
+def stored_policy_problems(loaded: Loaded) -> list[str]:
+    """What the stored policy holds that the gateway would refuse to start with under these
+    settings (grants and ``upstream.workspaces``); none when no policy is stored yet (the
+    shipped default is), and a line saying so when the database cannot be read."""
+    import sqlalchemy as sa
+
+    from guard.authz.policy import PolicyError
+    from guard.authz.store import PolicyStore
+    from guard.authz.workspaces import problems
+    from guard.store.db import build_engine, policy_state
+
+    settings = loaded.settings
+    url = sa.make_url(settings.database_uri)
+    if url.get_backend_name() == "sqlite" and not os.path.exists(url.database or ""):
+        return []  # nothing stored yet: created at the first start, with the default policy
+    engine = build_engine(settings.database_uri)
+    try:
+        store = PolicyStore(engine)
+        if not sa.inspect(engine).has_table(policy_state.name) or store.version() == 0:
+            return []
+        _, policy = store.load()
+    except PolicyError as exc:
+        return [f"stored policy: {problem}" for problem in exc.problems]
+    except sa.exc.SQLAlchemyError as exc:
+        return [f"storage.database_uri: the stored policy cannot be read ({type(exc).__name__})"]
+    finally:
+        engine.dispose()
+    return [f"stored policy: {p}" for p in problems(policy, settings.upstream.workspaces)]
+
+
 def check_config(loaded: Loaded) -> int:
     problems = [*loaded.problems, *environment_problems(os.environ)]
     settings = loaded.settings
+    if not loaded.problems:
+        problems += stored_policy_problems(loaded)
     if settings.embedded and importlib.util.find_spec("mlflow") is None:
         problems.append(
             "upstream.url: empty, so the embedded MLflow is used, but mlflow is not installed "

@@ -160,6 +160,16 @@ def test_history_reads_a_model_name_as_a_name(tmp_path: Path, engine: Engine) ->
     assert [s.version for s in model_history(engine, "fraud-x", SECRET)] == ["2"]
 
 
+def test_history_of_a_model_in_a_workspace(tmp_path: Path, engine: Engine) -> None:
+    """Model names are per MLflow workspace: team-a's fraud is not team-b's."""
+    a, b = alias(1, "fraud", "1"), alias(2, "fraud", "2")
+    a["resource"], b["resource"] = "team-a/model:fraud", "team-b/model:fraud"
+    write(tmp_path / "a", engine, [a, b, alias(3, "fraud", "3")])
+    assert [s.version for s in model_history(engine, "fraud", SECRET, "team-a")] == ["1"]
+    assert [s.version for s in model_history(engine, "fraud", SECRET, "team-b")] == ["2"]
+    assert [s.version for s in model_history(engine, "fraud", SECRET)] == ["3"]
+
+
 def test_history_is_never_built_from_an_altered_record(tmp_path: Path, engine: Engine) -> None:
     write(tmp_path / "a", engine, [alias(1, "fraud", "1"), alias(2, "fraud", "2")])
     with engine.begin() as conn:  # who set the alias, rewritten

@@ -335,3 +335,20 @@ def test_policy_qualify_rewrites_grants_for_workspaces(
     assert main(["policy", "explain", "--subject", "user:bob", "--action", "update",
                  "--resource", "default/model:churn", *args]) == 0  # fmt: skip
     assert main(["policy", "add", "p, user:x, viewer, team-a/model:y", *args]) == 0
+
+
+def test_check_config_refuses_a_stored_policy_the_gateway_would_not_start_with(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["--data-dir", str(env / "data")]
+    assert main(["check-config", *args]) == 0  # no database yet
+    assert main(["policy", "add", "p, user:bob, editor, model:churn", *args]) == 0
+    assert main(["check-config", *args]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_GUARD_UPSTREAM_WORKSPACES", "true")
+    assert main(["check-config", *args]) == 2
+    err = capsys.readouterr().err
+    assert "stored policy: grant user:bob, editor, model:churn, allow: names no workspace" in err
+    assert "mlflow-guard policy qualify --workspace default" in err
+    assert main(["policy", "qualify", "--workspace", "default", *args]) == 0
+    assert main(["check-config", *args]) == 0
