@@ -78,7 +78,8 @@ async def forward_workspaces_filtered(
     async def transform(body: bytes) -> bytes | None:
         try:
             answer = json.loads(body)
-            kept = [w for w in answer["workspaces"] if index.member_of(subject, w["name"])]
+            listed = answer.get("workspaces", [])  # protobuf JSON leaves an empty list out
+            kept = [w for w in listed if index.member_of(subject, w["name"])]
         except (ValueError, RecursionError, TypeError, KeyError):
             return None
         return json.dumps({**answer, "workspaces": kept}).encode()

@@ -167,9 +167,10 @@ class AuthorizationMiddleware:
             return
         try:
             headers: dict[str, list[str]] = {}
-            context.resources = await self._resolver(scope).resources(
+            found = await self._resolver(scope).resources(
                 route, scope["guard.params"], self._data(scope), headers
             )
+            context.resources = [self._index(scope).qualify(r) for r in found]
         except (RequestDataError, Unresolved):
             return
 
@@ -257,7 +258,9 @@ class AuthorizationMiddleware:
                 and all(index.unconditional(subject, k, a) for k, a in static_needs(route))
             ):
                 context.action = ",".join(sorted(actions))
-                context.rule = f"unconditional {','.join(sorted(actions))} on {kind}:*"
+                context.rule = (
+                    f"unconditional {','.join(sorted(actions))} on {index.qualify(f'{kind}:*')}"
+                )
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
