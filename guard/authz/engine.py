@@ -20,6 +20,7 @@ from guard.authz.workspaces import SCOPED_KINDS, qualify, reaches
 from guard.patterns import SEALED_KINDS, compile_pattern, is_pattern, resource_kind
 
 Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
+MEMO_LIMIT: Final = 100_000  # workspace memberships remembered per index
 # A group an identity source asserted (guard.identity.base.DirectorySubject): always qualified by
 # its source, ``group:ldap/NAME``, so it can never be a policy-defined group like group:admins.
 _SOURCED_GROUP: Final = re.compile(r"group:[a-z][a-z0-9-]*/[^\s,\"']+")
@@ -158,7 +159,7 @@ class PolicyIndex:
         key = (str(subject), carried_groups(subject), "workspace member", workspace)
         known = self._unconditional.get(key)
         if known is None:
-            known = self._unconditional[key] = any(
+            known = any(
                 grant.effect == "allow" and reaches(grant.resource, workspace)
                 for who in self.subjects_of(subject)
                 for bucket in self._grants.get(who, {}).values()
@@ -167,6 +168,8 @@ class PolicyIndex:
                     *(g for gs in bucket.exact.values() for g in gs),
                 )
             )
+            if len(self._unconditional) < MEMO_LIMIT:  # names come from callers: bounded
+                self._unconditional[key] = known
         return known
 
     def unconditional(self, subject: str, kind: str, action: str) -> bool:
