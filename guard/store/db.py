@@ -86,6 +86,17 @@ policy_state = sa.Table(
     sa.Column("updated_by", sa.String(256), nullable=False),
 )
 
+# One row (id 1): moved in the same transaction as every revocation (a token revoked, a session
+# ended, a person blocked); replicas poll it and stop trusting every credential they cached.
+# Apart from the policy version, so a revocation neither rebuilds the policy index nor shows in
+# the policy version audit records carry.
+revocation_state = sa.Table(
+    "guard_revocation",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("counter", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
 
 # The audit trail (guard.audit): one row per record; ``record`` is the canonical JSON the chain's
 # MAC covers, the other columns copy what auditors filter on.
