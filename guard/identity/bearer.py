@@ -17,7 +17,8 @@ issuer's names can never be a policy-defined group or a person (``user:``) or a 
 (``token:``). The groups ride on the subject (``DirectorySubject``) like LDAP's.
 
 A verified token is cached until its ``exp`` (keyed by its SHA-256; at most ``cache_size``
-tokens, expired ones dropped first), so the hot path is one hash and one dict lookup. Refused
+tokens, expired ones dropped first) and only until the revocation counter moves
+(``guard.identity.revocations``), so the hot path is one hash and one dict lookup. Refused
 tokens are not cached (no memory to flood); a made-up ``kid`` costs no fetch after the first
 per interval (``Issuer``).
 """
@@ -42,6 +43,7 @@ from guard.identity.oidc import (
     looks_like_jwt,
     unverified_issuer,
 )
+from guard.identity.revocations import Counter
 
 logger = logging.getLogger("guard.identity.bearer")
 
@@ -103,20 +105,24 @@ class BearerProvider:
         *,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
+        revocations: Counter | None = None,
     ) -> None:
         self.issuers = {entry.issuer.issuer: entry for entry in issuers}
         self.cache_size = cache_size
         self.clock = clock
-        self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self.revocations = revocations or Counter()
+        # A verified token: its principal, its exp, and the revocation counter it was checked under.
+        self._cache: dict[bytes, tuple[Principal, float, int]] = {}
 
     async def authenticate(self, credentials: Credentials) -> Principal | Refusal | None:
         if credentials.scheme != "bearer" or not looks_like_jwt(credentials.secret):
             return None
         token = credentials.secret
         key = hashlib.sha256(token.encode("ascii")).digest()
+        stamp = self.revocations.counter
         cached = self._cache.get(key)
         if cached is not None:
-            if self.clock() < cached[1]:
+            if self.clock() < cached[1] and cached[2] == stamp:
                 return cached[0]
             del self._cache[key]
         iss = unverified_issuer(token)
@@ -151,17 +157,17 @@ class BearerProvider:
             groups=groups,
             identity=f"oidc:{entry.issuer.issuer}#{claims.get('sub', name)}",
         )
-        self._remember(key, principal, expires)
+        self._remember(key, principal, expires, stamp)
         return principal
 
-    def _remember(self, key: bytes, principal: Principal, expires: float) -> None:
+    def _remember(self, key: bytes, principal: Principal, expires: float, stamp: int) -> None:
         if len(self._cache) >= self.cache_size:
             now = self.clock()
-            for stale in [k for k, (_, until) in self._cache.items() if until <= now]:
+            for stale in [k for k, (_, until, _) in self._cache.items() if until <= now]:
                 del self._cache[stale]
             while len(self._cache) >= self.cache_size:  # the oldest entries go first
                 del self._cache[next(iter(self._cache))]
-        self._cache[key] = (principal, expires)
+        self._cache[key] = (principal, expires, stamp)
 
 
 def _refused(why: str, detail: str = "") -> Refusal:

@@ -29,6 +29,7 @@ from typing import Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from guard.identity.revocations import bump
 from guard.store.db import identities
 from guard.store.db import tokens as tokens_table
 
@@ -224,3 +225,4 @@ def _revoke_personal_tokens(conn: sa.Connection, subject: str, now: dt.datetime)
         .where(tokens_table.c.owner == subject, tokens_table.c.revoked_at.is_(None))
         .values(revoked_at=now)
     )
+    bump(conn)  # every replica drops its cached token rows at its next poll

@@ -3,10 +3,12 @@
 ``mlflow-guard user block`` writes a row to ``guard_user_block`` and ends the subject's sessions
 in the same transaction, so sessions stop at once on every replica (``SessionStore.get`` joins
 the block table). Directory Basic logins are not rows: each replica keeps the blocked subjects
-in memory and re-reads them every ``authz.poll_interval`` (one small SELECT), so a block stops a
-person's Basic logins everywhere within that interval (and at once on the replica whose API
-made the block). Only ``user:`` subjects are blocked: gateway tokens are not people and are
-revoked with ``token revoke``.
+in memory. A block moves the revocation counter (``guard.identity.revocations``), and each
+replica re-reads the blocked subjects when its poll sees the counter move, so a block stops a
+person's Basic logins everywhere within ``authz.revocation_poll_interval``; they are also
+re-read every ``authz.poll_interval`` (one small SELECT), which is how an unblock is seen.
+Only ``user:`` subjects are blocked: gateway tokens are not people and are revoked with
+``token revoke``.
 
 The same loop prunes ended session rows (at start and then hourly, at most ``PRUNE_BATCH`` rows
 a time, so the work per tick is bounded whatever piled up).

@@ -11,9 +11,11 @@ session's login:
   (``revoked_by`` ``gateway:group-refresh``); a directory that cannot be reached keeps the old
   groups and is asked again for that session a minute later, never on every request.
 - ``token`` sessions last only while their token does: a revoked or expired token ends them
-  (``gateway:token-ended``). Token rows are cached for ``tokens.cache_ttl``, as the token
-  provider caches them. A session begun with a personal token carries the groups the token
-  carries now (its owner's last login), as the token itself would.
+  (``gateway:token-ended``). Token rows are cached as the token provider caches them: for
+  ``tokens.cache_ttl`` and only until the revocation counter moves
+  (``guard.identity.revocations``), so a revocation anywhere ends the session within a poll.
+  A session begun with a personal token carries the groups the token carries now (its owner's
+  last login), as the token itself would.
 
 Cookie-authenticated writes must come from the gateway's own pages (``csrf_refusal``): the
 cookie is ambient, so any site could otherwise make the browser send it. Requests with an
@@ -40,6 +42,7 @@ from starlette.types import Scope
 from guard.edge.cors import parse_origin
 from guard.errors import Refusal
 from guard.identity.base import Principal
+from guard.identity.revocations import Counter, RevocableCache
 from guard.identity.sessions import HOST_PREFIX, Session, SessionCookie, SessionStore, read_cookies
 from guard.identity.tokens import TokenRecord
 
@@ -117,6 +120,7 @@ class BrowserSessions:
         group_refresh: float = 900.0,
         tokens: TokenLookup | None = None,
         token_cache_ttl: float = 5.0,
+        revocations: Counter | None = None,
         on_event: Event | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,7 +134,9 @@ class BrowserSessions:
         self.token_cache_ttl = token_cache_ttl
         self.on_event = on_event
         self.clock = clock
-        self._token_cache: OrderedDict[int, tuple[TokenRecord | None, float]] = OrderedDict()
+        self._token_cache: RevocableCache[int, TokenRecord | None] = RevocableCache(
+            revocations or Counter(), token_cache_ttl, size=_MAX_REMEMBERED, clock=clock
+        )
         self._retry_at: OrderedDict[str, float] = OrderedDict()
         self._pending: dict[str, asyncio.Future[Session | None]] = {}
 
@@ -197,18 +203,17 @@ class BrowserSessions:
         if kind != "token" or not number.isdigit():
             return None  # not a token we could ever check: the session cannot stand
         token_id = int(number)
-        cached = self._token_cache.get(token_id)
-        if cached is not None and self.clock() - cached[1] < self.token_cache_ttl:
-            record = cached[0]
-        else:
-            assert self.tokens is not None  # noqa: S101 - checked by the caller
-            try:
-                record = await anyio.to_thread.run_sync(self.tokens.by_id, token_id)
-            except sa.exc.SQLAlchemyError as exc:
-                logger.warning("token lookup failed: database unavailable (%s)", exc)
-                return Refusal("identity_unavailable", "The token store cannot be reached.")
-            _remember(self._token_cache, token_id, (record, self.clock()))
-        return record
+        tokens = self.tokens
+        assert tokens is not None  # noqa: S101 - checked by the caller
+
+        async def load() -> TokenRecord | None:
+            return await anyio.to_thread.run_sync(tokens.by_id, token_id)
+
+        try:
+            return await self._token_cache.get(token_id, load)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("token lookup failed: database unavailable (%s)", exc)
+            return Refusal("identity_unavailable", "The token store cannot be reached.")
 
     # -- directory sessions ----------------------------------------------------------------
 

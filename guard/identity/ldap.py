@@ -9,7 +9,8 @@ name filter-escaped), then the entry's DN binds with the password (search then b
 service account the DN comes from ``bind_dn_template`` (the name DN-escaped) and the user reads
 their own entry. An unknown user still costs one bind (against a fixed dummy DN), so it answers
 like a wrong password, in about the same time. A successful login is cached for ``cache_ttl``,
-keyed by a salted hash of the credentials.
+keyed by a salted hash of the credentials, and only until the revocation counter moves
+(``guard.identity.revocations``: a block anywhere drops every cached login at the next poll).
 
 Per-user throttle (guard.identity.throttle): before a real bind (never for a cached login) the
 name is checked against its recent credential failures; a locked name is refused with 401
@@ -95,6 +96,7 @@ from ldap.controls import SimplePagedResultsControl
 from guard.errors import Refusal
 from guard.identity.base import Credentials, DirectorySubject, Principal
 from guard.identity.bindings import Binding, IdentityBindings
+from guard.identity.revocations import Counter
 from guard.identity.throttle import LoginThrottle
 from guard.identity.tokens import is_token
 
@@ -648,14 +650,17 @@ class LdapProvider:
         clock: Callable[[], float] = time.monotonic,
         bindings: IdentityBindings | None = None,
         throttle: LoginThrottle | None = None,
+        revocations: Counter | None = None,
     ) -> None:
         self.config = config
+        self.revocations = revocations or Counter()
         self.bindings = bindings  # None: names are not bound (``ldap test``, some unit tests)
         self.throttle = throttle  # None: failures per user name are not limited
         self.directory = Directory(config)
         self.clock = clock
         self._salt = secrets.token_bytes(32)
-        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        # A login: its principal, until when, and the revocation counter it was checked under.
+        self._cache: OrderedDict[bytes, tuple[Principal, float, int]] = OrderedDict()
         self._threads = anyio.CapacityLimiter(max(1, config.pool_size))
         self._pending: dict[bytes, asyncio.Future[Attempt]] = {}
 
@@ -674,8 +679,9 @@ class LdapProvider:
             return Refusal("invalid_credentials", f"Log in as {accepted}.")
         key = hmac.new(self._salt, f"{name}\0{password}".encode(), hashlib.sha256).digest()
         now = self.clock()
+        stamp = self.revocations.counter
         cached = self._cache.get(key)
-        if cached is not None and now < cached[1]:
+        if cached is not None and now < cached[1] and cached[2] == stamp:
             return cached[0]
         if credentials.cached_only:  # the address is past its limit: 429, no bind
             return Refusal("invalid_credentials")
@@ -718,7 +724,7 @@ class LdapProvider:
             )  # fmt: skip
             return Refusal("identity_conflict", f"({principal.subject})")
         if self.config.cache_ttl > 0:
-            self._cache[key] = (principal, now + self.config.cache_ttl)
+            self._cache[key] = (principal, now + self.config.cache_ttl, stamp)
             self._cache.move_to_end(key)
             while len(self._cache) > self.config.cache_size:
                 self._cache.popitem(last=False)

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from guard.identity.base import DirectorySubject, Principal
+from guard.identity.revocations import bump
 from guard.store.db import sessions as sessions_table
 from guard.store.db import tokens as tokens_table
 from guard.store.db import user_blocks
@@ -200,6 +201,7 @@ class SessionStore:
                 .where(sessions_table.c.key == key, sessions_table.c.revoked_at.is_(None))
                 .values(revoked_at=now, revoked_by=by[:256])
             )
+            bump(conn)
         return dataclasses.replace(_session(row), revoked_at=now, revoked_by=by[:256])
 
     def take_provider_tokens(self, key: str) -> str | None:
@@ -245,6 +247,7 @@ class SessionStore:
                 .where(sessions_table.c.key.in_(keys), sessions_table.c.revoked_at.is_(None))
                 .values(revoked_at=now, revoked_by=by[:256], provider_tokens=None)
             )
+            bump(conn)
         return [dataclasses.replace(_session(r), revoked_at=now, revoked_by=by[:256]) for r in rows]
 
     def revoke_subject(self, subject: str, by: str) -> int:
@@ -260,6 +263,8 @@ class SessionStore:
                 )
                 .values(revoked_at=now, revoked_by=by[:256])
             )
+            if result.rowcount:
+                bump(conn)
         return int(result.rowcount or 0)
 
     def list(self, subject: str | None = None, include_ended: bool = False) -> list[Session]:
@@ -352,6 +357,7 @@ class UserBlocks:
             .where(tokens_table.c.owner == subject, tokens_table.c.revoked_at.is_(None))
             .values(revoked_at=now)
         )
+        bump(conn)  # cached logins and token rows are dropped, the block list re-read
 
     def unblock(self, subject: str) -> bool:
         with self.engine.begin() as conn:

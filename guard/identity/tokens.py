@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -39,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 
 from guard.errors import Refusal
 from guard.identity.base import Credentials, DirectorySubject, Principal
+from guard.identity.revocations import Counter, RevocableCache, bump
 from guard.store.db import identities
 from guard.store.db import tokens as tokens_table
 
@@ -237,6 +237,7 @@ class TokenStore:
             conn.execute(
                 tokens_table.update().where(tokens_table.c.id == row.id).values(revoked_at=now)
             )
+            bump(conn)  # every replica drops its cached token rows at its next poll
         return _record(row)
 
     def lookup(self, secret: str) -> TokenRecord | None:
@@ -322,15 +323,21 @@ class TokenProvider:
     """Authenticates Bearer tokens and Basic ``name:token`` pairs against the token store.
 
     A secret without the ``mlg_`` prefix is not a token: the answer is None ("not mine") and the
-    store is not asked, so a directory password never reaches it.
+    store is not asked, so a directory password never reaches it. Token rows are cached for
+    ``cache_ttl`` and only while the revocation counter has not moved (``revocations``).
     """
 
     name = "token"
 
-    def __init__(self, store: TokenStore, cache_ttl: float) -> None:
+    def __init__(
+        self, store: TokenStore, cache_ttl: float, revocations: Counter | None = None
+    ) -> None:
         self.store = store
         self.cache_ttl = cache_ttl
-        self._cache: dict[str, tuple[TokenRecord, float]] = {}
+        # Unknown secrets are not cached: no memory to flood.
+        self._cache: RevocableCache[str, TokenRecord | None] = RevocableCache(
+            revocations or Counter(), cache_ttl, keep=lambda record: record is not None
+        )
         self._touched: dict[int, float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._failing = False  # the token store is unreachable: its traceback was logged once
@@ -377,19 +384,14 @@ class TokenProvider:
         )
 
     async def _lookup(self, secret: str) -> TokenRecord | None:
-        key = self.store.digest(secret)
-        cached = self._cache.get(key)
-        if cached is not None and time.monotonic() - cached[1] < self.cache_ttl:
-            return cached[0]
-        record = await anyio.to_thread.run_sync(self.store.lookup, secret)
-        if self._failing:
-            self._failing = False
-            logger.warning("token store reachable again")
-        if record is None:
-            self._cache.pop(key, None)  # unknown secrets are not cached: no memory to flood
-        else:
-            self._cache[key] = (record, time.monotonic())
-        return record
+        async def load() -> TokenRecord | None:
+            record = await anyio.to_thread.run_sync(self.store.lookup, secret)
+            if self._failing:
+                self._failing = False
+                logger.warning("token store reachable again")
+            return record
+
+        return await self._cache.get(self.store.digest(secret), load)
 
     def _note_use(self, record: TokenRecord, now: dt.datetime) -> None:
         """Record last use at most once a minute per token, off the request path."""
