@@ -98,6 +98,7 @@ from guard.identity.ldap import LdapConfig, LdapProvider
 from guard.identity.login import PATHS as LOGIN_PATHS
 from guard.identity.login import LoginApp
 from guard.identity.oidc import Issuer, ProviderHttp
+from guard.identity.revocations import Revocations
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
 from guard.identity.sso import LOGIN_PAGE as SSO_RETURN_PAGE
 from guard.identity.sso import PATHS as SSO_PATHS
@@ -141,6 +142,7 @@ class Gateway:
     on_bootstrap: Callable[[str], None] = field(default=lambda secret: None)
     ldap_provider: LdapProvider | None = None
     blocked: BlockedSubjects | None = None  # user blocks followed; ended sessions pruned
+    revocations: Revocations | None = None  # the revocation counter followed; caches obey it
     provider_http: ProviderHttp | None = None  # OpenID Connect providers' HTTP session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,6 +167,8 @@ class Gateway:
                 self.trail.event({"event": "token_created", "principal": "gateway:bootstrap",
                                   "token": "admin", "role": "admin", "resource": "*"})  # fmt: skip
         await self.policies.start()
+        if self.revocations is not None:
+            await self.revocations.start()
         if self.blocked is not None:
             await self.blocked.start()
         if self.supervisor is not None:
@@ -180,6 +184,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.policies.stop()
+        if self.revocations is not None:
+            await self.revocations.stop()
         if self.blocked is not None:
             await self.blocked.stop()
         await self.upstream.close()
@@ -333,13 +339,17 @@ def build_gateway(
         raise TokenError(problem)
     engine = build_engine(settings.database_uri)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
-    token_provider = TokenProvider(store, settings.tokens.cache_ttl)
+    revocations = Revocations(engine, settings.authz.revocation_poll_interval)
+    token_provider = TokenProvider(store, settings.tokens.cache_ttl, revocations)
     ldap_provider = build_ldap_provider(settings, engine, store.key)
+    if ldap_provider is not None:
+        ldap_provider.revocations = revocations  # cached logins are dropped at a revocation
     providers: list[IdentityProvider] = [token_provider]  # tokens first: mlg_ secrets are theirs
     if ldap_provider is not None:
         providers.append(ldap_provider)
     provider_http = ProviderHttp()  # one HTTP session for every OpenID Connect provider
     if (bearer := build_bearer_provider(settings, provider_http)) is not None:
+        bearer.revocations = revocations
         providers.append(bearer)  # JWTs of trusted issuers (never mlg_: tokens are asked first)
     supervisor = None
     if settings.embedded:
@@ -479,6 +489,7 @@ def build_gateway(
         max_age=round(settings.sessions.absolute_timeout),
     )  # fmt: skip
     blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
+    revocations.listen(blocked.refresh)  # a block moves the counter: re-read who is blocked
     personal = PersonalTokens(
         governance=Governance(store, policies.store), policies=policies,
         max_expiry=settings.tokens.personal_max_expiry,
@@ -490,7 +501,7 @@ def build_gateway(
         session_store, session_cookie, own_origins=settings.own_origins,
         allowed_origins=g.cors_allowed_origins,
         directory=ldap_provider, group_refresh=settings.ldap.group_refresh,
-        tokens=store, token_cache_ttl=settings.tokens.cache_ttl,
+        tokens=store, token_cache_ttl=settings.tokens.cache_ttl, revocations=revocations,
         on_event=trail.event if trail is not None else None,
     )  # fmt: skip
 
@@ -594,6 +605,7 @@ def build_gateway(
         on_bootstrap=on_bootstrap or (lambda secret: None),
         ldap_provider=ldap_provider,
         blocked=blocked,
+        revocations=revocations,
         provider_http=provider_http,
     )
 

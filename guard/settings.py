@@ -394,8 +394,8 @@ class TokenSettings:
     )
     cache_ttl: float = option(
         5.0,
-        "Seconds a verified token is trusted without asking the database; revocation takes "
-        "effect on every replica within this time. 0 asks every time.",
+        "Seconds a verified token is trusted without asking the database (a revocation anywhere "
+        "drops it sooner, see authz.revocation_poll_interval). 0 asks every time.",
         kind="duration",
     )
     personal_max_expiry: float = option(
@@ -410,8 +410,16 @@ class TokenSettings:
 @dataclass(frozen=True)
 class AuthzSettings:
     poll_interval: float = option(
-        1.0,
+        0.5,
         "Seconds between checks for a policy change made by another replica or the CLI.",
+        kind="duration",
+        check=_positive,
+    )
+    revocation_poll_interval: float = option(
+        0.5,
+        "Seconds between checks for a revocation made by another replica or the CLI (a token "
+        "revoked, a session ended, a person blocked); each replica then drops every token, "
+        "login and JWT it cached.",
         kind="duration",
         check=_positive,
     )
