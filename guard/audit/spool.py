@@ -2,7 +2,10 @@
 
 One thread owns the files. Callers queue records; the thread takes whatever has queued up,
 seals it into the chain, appends it with one ``write`` and one ``fsync`` (group commit), then
-wakes the callers. A request waits for its intent record this way before it is forwarded.
+wakes the callers. A request waits for its intent record this way before it is forwarded, or
+(``write``: a read, see ``guard.audit.trail``) only until the ``write`` is done (the record is
+in the kernel: a crash of the process no longer loses it), and for the ``fsync`` before its
+answer leaves.
 Records nobody waits for (outcomes: the request already happened) are written at once and
 fsynced with the next intent, or within ``FLUSH_INTERVAL``.
 
@@ -70,6 +73,7 @@ class SpoolError(Exception):
 class _Item:
     body: dict[str, Any]
     done: concurrent.futures.Future[None] | None
+    written: concurrent.futures.Future[None] | None = None  # set once in the kernel
     tally: str | None = None  # not a record: one refusal from this address, counted
     settles: tuple[str, int] | None = None  # a summary: this many of an address's refusals
 
@@ -237,6 +241,19 @@ class Spool:
         self._queue.put(_Item(body, done))
         await asyncio.wrap_future(done)
 
+    async def write(self, body: dict[str, Any]) -> concurrent.futures.Future[None]:
+        """Queue ``body`` and return once it is written, before its fsync: in the kernel, so a
+        crash of this process no longer loses it (a power loss still may). The future returned
+        is done once the record is fsynced too, or fails with SpoolError; SpoolError at once if
+        it could not even be written."""
+        if self.broken or self._thread is None:
+            raise SpoolError(self.error or "the audit spool is closed")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        written: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put(_Item(body, done, written))
+        await asyncio.wrap_future(written)
+        return done
+
     def append_nowait(self, body: dict[str, Any]) -> None:
         """Queue ``body`` without waiting (an outcome: the request already happened)."""
         if self.broken or self._thread is None:
@@ -375,6 +392,9 @@ class Spool:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+            for item in items:  # a read goes on now; its answer waits for the fsync below
+                if item.written is not None and not item.written.done():
+                    item.written.set_result(None)
             # A record someone waits for (an intent) is fsynced now, with everything before it;
             # records nobody waits for (outcomes) within FLUSH_INTERVAL, or with the next intent.
             if any(item.done is not None for item in items) or (
@@ -447,6 +467,8 @@ class Spool:
         )  # (an awaited record is not lost: its request is refused instead; a summary's
         # refusals stay counted in the head and are summarized again at the latest on close)
         for item in items:
+            if item.written is not None and not item.written.done():
+                item.written.set_exception(SpoolError(error))
             if item.done is not None:
                 if not item.done.done():
                     item.done.set_exception(SpoolError(error))

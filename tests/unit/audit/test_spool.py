@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -427,3 +428,131 @@ def test_the_head_names_a_bounded_number_of_addresses(tmp_path: Path) -> None:
     summaries = [r for r in spooled(tmp_path) if r.get("event") == "unauthenticated_refusals"]
     assert sum(s["unrecorded"] for s in summaries) == 100
     assert len(summaries) <= 64 + 2  # "*" stands for the addresses past the head's list
+
+
+# -- written now, fsynced while MLflow answers (reads) -----------------------------------------
+
+
+class GatedFsync:
+    """``os.fsync`` held until ``release()`` (or failing with EIO once ``fail`` is set); counts
+    the fsyncs of ``fd`` and notes when each one finished."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
+        self.fd = fd
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.fail = False
+        self.calls = 0
+        self.real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if fd == self.fd:
+            self.calls += 1
+            self.entered.set()
+            assert self.gate.wait(10), "the test never released the fsync"
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+        self.real(fd)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def test_write_returns_once_written_and_its_future_once_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))  # the segment is open: its fsyncs are the gated ones
+        assert spool._fd is not None
+        fsync = GatedFsync(monkeypatch, spool._fd)
+
+        async def read() -> None:
+            done = await spool.write(body(1))
+            # Written: in the file (the kernel's), while its fsync has not finished.
+            assert [r["request_id"] for r in spooled(tmp_path)] == ["r0", "r1"]
+            assert fsync.entered.wait(5) and not done.done()
+            assert spool.committed()[1] < segments(tmp_path)[0].stat().st_size  # not shipped yet
+            fsync.release()
+            await asyncio.wrap_future(done)
+            assert spool.committed()[1] == segments(tmp_path)[0].stat().st_size
+
+        asyncio.run(read())
+    finally:
+        spool.close()
+    head = json.loads((tmp_path / "head.json").read_text())
+    assert head["seq"] == 2 and verify(KEY, spooled(tmp_path)) == []
+
+
+def test_reads_written_during_an_fsync_share_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        assert spool._fd is not None
+        fsync = GatedFsync(monkeypatch, spool._fd)
+
+        async def many() -> None:
+            first = await spool.write(body(1))
+            assert fsync.entered.wait(5)  # the writer thread is inside the first fsync
+            tasks = [asyncio.ensure_future(spool.write(body(i))) for i in range(2, 52)]
+            await asyncio.sleep(0)  # every one of them is queued
+            fsync.release()
+            futures = await asyncio.gather(*tasks)
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in [first, *futures]))
+
+        asyncio.run(many())
+        assert fsync.calls == 2  # group commit: the fifty queued reads shared one fsync
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == list(range(1, 53)) and verify(KEY, records) == []
+
+
+def test_a_failed_fsync_fails_a_written_record_and_cuts_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        assert spool._fd is not None
+        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync.fail = True
+
+        async def read() -> None:
+            done = await spool.write(body(1))  # written; MLflow would be answering now
+            fsync.release()
+            with pytest.raises(SpoolError, match="Input/output error"):
+                await asyncio.wrap_future(done)
+
+        asyncio.run(read())
+        assert not spool.healthy
+        assert [r["request_id"] for r in spooled(tmp_path)] == ["r0"]  # cut back
+        fsync.fail = False
+        asyncio.run(spool.append(body(2)))  # the disk works again: so does the spool
+        assert spool.healthy
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [r["request_id"] for r in records] == ["r0", "r2"] and verify(KEY, records) == []
+
+
+def test_a_write_that_fails_fails_before_anything_is_forwarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+
+    def full_disk(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        asyncio.run(spool.append(body(0)))
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(SpoolError, match="No space left"):
+            asyncio.run(spool.write(body(1)))
+    finally:
+        monkeypatch.undo()
+        spool.close()
+    assert [r["request_id"] for r in spooled(tmp_path)] == ["r0"]
