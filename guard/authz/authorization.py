@@ -15,7 +15,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guard.authz import skills, systemtags
+from guard.authz import otlp, skills, systemtags
 from guard.authz.answers import (
     forward_model_versions_filtered,
     forward_scorer_configs_filtered,
@@ -65,6 +65,9 @@ _MODEL_NAME_CHANGES: Final = ("/registered-models/rename", "/registered-models/d
 
 
 OnCreated = Callable[[str, str], Awaitable[None]]
+OTLP_PATH: Final = "/v1/traces"
+# Scope key: the caller was allowed without the lookups, so the body's references went unread.
+_UNCHECKED_REFERENCES: Final = "guard.references_unchecked"
 
 
 def _creates(route: Route) -> bool:
@@ -132,6 +135,8 @@ class AuthorizationMiddleware:
                     break
         if refusal is None and systemtags.applies(route.path):
             refusal = self._attribute(scope)
+        if refusal is None and route.path == OTLP_PATH and scope.get(_UNCHECKED_REFERENCES):
+            refusal = self._otlp_system_tags(scope)
         scope["guard"].authorization_seconds = time.monotonic() - started
         if refusal is not None:
             await send_refusal(scope, send, refusal)
@@ -173,6 +178,24 @@ class AuthorizationMiddleware:
             context.resources = [self._index(scope).qualify(r) for r in found]
         except (RequestDataError, Unresolved):
             return
+
+    def _otlp_system_tags(self, scope: Scope) -> Refusal | None:
+        """An OTLP export whose spans set MLflow's own trace tags (where a trace's data is read
+        from; guard/authz/systemtags.py) is refused like the same tags written any other way.
+        Callers whose references were checked met this in ``otlp.trace_ids`` already; those
+        allowed to update every experiment skipped that, and meet it here (administrators
+        aside, as for every system tag)."""
+        subject = scope["guard"].principal.subject
+        if self._index(scope).unconditional(subject, "server", "manage"):
+            return None
+        headers: dict[str, list[str]] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+        try:
+            otlp.trace_ids(scope.get("guard.body", b""), headers, self.max_body_size)
+        except RequestDataError as exc:
+            return exc.refusal
+        return None
 
     def _attribute(self, scope: Scope) -> Refusal | None:
         """Runs are the caller's: their name goes into every new run (administrators' too), and
@@ -257,6 +280,7 @@ class AuthorizationMiddleware:
                 # what the body links to or copies from may be of another kind (a run's model)
                 and all(index.unconditional(subject, k, a) for k, a in static_needs(route))
             ):
+                scope[_UNCHECKED_REFERENCES] = True
                 context.action = ",".join(sorted(actions))
                 context.rule = (
                     f"unconditional {','.join(sorted(actions))} on {index.qualify(f'{kind}:*')}"

@@ -20,12 +20,16 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, Final
 
+from guard.authz.systemtags import TRACE_SYSTEM_TAGS
 from guard.edge.requestdata import RequestDataError
 from guard.errors import Refusal
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
 _HEX_ID_FIELDS: Final = ("traceId", "spanId", "parentSpanId")  # converted as MLflow does
+# Span attributes MLflow turns into trace tags (mlflow.traceTag.<key>): MLflow's own trace tags
+# may not be set that way (guard/authz/systemtags.py; 3.18 drops them, 3.17.2 applies them).
+_SYSTEM_TAG_ATTRIBUTES: Final = frozenset(f"mlflow.traceTag.{key}" for key in TRACE_SYSTEM_TAGS)
 
 
 def trace_ids(body: bytes, headers: Mapping[str, list[str]], limit: int) -> list[str]:
@@ -43,6 +47,11 @@ def trace_ids(body: bytes, headers: Mapping[str, list[str]], limit: int) -> list
     for resource_spans in _parse(body, media).resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
+                for attribute in span.attributes:
+                    if attribute.key in _SYSTEM_TAG_ATTRIBUTES:
+                        raise RequestDataError(
+                            Refusal("system_tag_not_allowed", f"{attribute.key} is MLflow's.")
+                        )
                 if span.trace_id:  # MLflow refuses a span without one
                     ids["tr-" + format(int.from_bytes(span.trace_id, "big"), "032x")] = None
     return list(ids)
