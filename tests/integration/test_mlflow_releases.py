@@ -39,7 +39,11 @@ def test_every_verified_release_has_a_server_here() -> None:
     assert set(PYTHONS) == VERIFIED_MLFLOW_VERSIONS
 
 
-def start_mlflow(release: str, home: Path, port: int | None = None) -> tuple[Mlflow, Path]:
+def start_mlflow(
+    release: str, home: Path, port: int | None = None, flags: tuple[str, ...] = ()
+) -> tuple[Mlflow, Path]:
+    """A `mlflow server` of ``release`` on SQLite with served artifacts; ``flags`` are added to
+    its command line (``--enable-workspaces``)."""
     python = PYTHONS[release]
     if not python.exists():
         raise RuntimeError(f"no MLflow {release} venv at {python.parent.parent}: run `make test`")
@@ -49,7 +53,7 @@ def start_mlflow(release: str, home: Path, port: int | None = None) -> tuple[Mlf
         proc = subprocess.Popen(
             [str(python), "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-             "--serve-artifacts", "--artifacts-destination", str(home / "artifacts")],
+             "--serve-artifacts", "--artifacts-destination", str(home / "artifacts"), *flags],
             stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
             env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         )  # fmt: skip
