@@ -30,8 +30,11 @@ Outermost first, every request passes:
 8a. ``ArtifactPathMiddleware``   400 artifact_path_invalid unless every artifact path is canonical
 8b. ``WorkspaceMiddleware``      with upstream.workspaces: the request's MLflow workspace; 400
                                  workspace_invalid, 403 workspace_forbidden to non-members
+8c. ``DurableAnswerMiddleware`` no answer leaves before its intent record is fsynced (503
+                                 audit_unavailable if that fails)
 9. ``AuthorizationMiddleware``   403 unless the policy allows the action on the resource
-10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first
+10. ``IntentMiddleware``         503 unless the request's intent record is fsynced first (a
+                                 read's: written first, fsynced while MLflow answers, 8c)
 11. ``ProxyApp``                 MLflow
 """
 
@@ -58,6 +61,7 @@ from guard.admin.tokenpage import TokenPage, TokenPageCsrf
 from guard.audit.trail import (
     COUNTED,
     AuditTrail,
+    DurableAnswerMiddleware,
     FloodCountMiddleware,
     IntentMiddleware,
     blocks_logins,
@@ -395,6 +399,7 @@ def build_gateway(
             batch_size=a.batch_size,
             shutdown_grace=a.shutdown_grace,
             limiter=limiter,
+            sync_writes=a.sync_writes,
         )
         if ldap_provider is not None and ldap_provider.throttle is not None:
             ldap_provider.throttle.on_locked = login_locked_event(trail, ldap_provider.throttle)
@@ -466,6 +471,8 @@ def build_gateway(
         before_search=trail.intent if trail is not None else None,
         max_body_size=g.max_body_size,
     )
+    if trail is not None:  # outside authorization: its filtered searches' answers are held too
+        protected = DurableAnswerMiddleware(protected, trail=trail)
     if u.workspaces:
         protected = WorkspaceMiddleware(protected, policies=policies)
     protected = ArtifactPathMiddleware(protected)

@@ -467,6 +467,11 @@ class AuthzSettings:
     )
 
 
+def _sync_writes(value: str) -> str | None:
+    modes = ("before-forward", "before-response")
+    return None if value in modes else f"must be one of {', '.join(modes)}"
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     enabled: bool = option(
@@ -493,6 +498,15 @@ class AuditSettings:
         "Seconds a stopping gateway spends storing spooled records in the database; what is "
         "left is stored by the next start.",
         kind="duration",
+    )
+    sync_writes: str = option(
+        "before-forward",
+        "When a write's intent record is fsynced: before-forward (before MLflow sees the write) "
+        "or before-response (while MLflow applies it, the answer held until it is durable: "
+        "faster, but a power loss can leave a change in MLflow without its record, and a failed "
+        "fsync answers 503 for a write MLflow applied, which clients retry). Reads are always "
+        "fsynced while MLflow answers.",
+        check=_sync_writes,
     )
 
 

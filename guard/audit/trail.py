@@ -1,7 +1,11 @@
-"""The audit trail of one gateway process: its spool, its shipper, and the two request hooks.
+"""The audit trail of one gateway process: its spool, its shipper, and the request hooks.
 
 ``intent`` runs just before a request is forwarded to MLflow, or a policy change is applied:
 it returns only once the record is fsynced, or refuses the request with ``audit_unavailable``.
+A read (``is_read``) inside ``DurableAnswerMiddleware`` (and, with ``audit.sync_writes =
+"before-response"``, any request there) waits only until its record is written, and is fsynced
+while MLflow answers: the answer's first message waits for that fsync, and a failed one answers
+``audit_unavailable`` instead, so no byte leaves whose record a power loss could still take.
 ``outcome`` runs when the response is complete, for every request, refusals included; it queues
 the record without waiting (what it describes has already happened).
 """
@@ -9,6 +13,7 @@ the record without waiting (what it describes has already happened).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from pathlib import Path
@@ -42,6 +47,60 @@ def is_probe(scope: Scope) -> bool:
     return scope.get("path") in NOT_RECORDED and scope.get("method") in PROBE_METHODS
 
 
+SYNC_WRITES: Final = ("before-forward", "before-response")  # audit.sync_writes
+HOLD: Final = "guard.audit_hold"  # scope key: DurableAnswerMiddleware holds this answer
+
+# The POST rows the route table marks read that change nothing in MLflow: searches, batch gets,
+# trace metrics and correlations, issuing a presigned download URL (the URL is the answer and
+# is held like any), and GraphQL (MLflow's schema has no mutation that writes: its "mutations"
+# are two searches and an echo, and guard.authz.graphql forwards queries only). A POST read row
+# a new release adds is not here until someone checks it: its intent is fsynced before
+# forwarding, as a write's (tests/unit/audit/test_durable_answers.py compares with the table).
+READ_POSTS: Final = frozenset({
+    "/graphql",
+    *(f"/{prefix}/{path}" for prefix in ("api", "ajax-api") for path in (
+        "2.0/mlflow/artifacts/presigned-download-url",
+        "2.0/mlflow/experiments/search",
+        "2.0/mlflow/logged-models/search",
+        "2.0/mlflow/registered-models/get-latest-versions",
+        "2.0/mlflow/runs/search",
+        "3.0/mlflow/datasets/search",
+        "3.0/mlflow/issues/search",
+        "3.0/mlflow/traces/batchGetInfos",
+        "3.0/mlflow/traces/calculate-filter-correlation",
+        "3.0/mlflow/traces/metrics",
+        "3.0/mlflow/traces/search",
+    )),
+    "/ajax-api/2.0/mlflow/experiments/search-datasets",
+})  # fmt: skip
+
+
+def is_read(scope: Scope) -> bool:
+    """A request that changes nothing in MLflow: its route row's action is read, nothing raised
+    it (promotion), and the row is a GET (HEAD is classified as GET) or a POST in READ_POSTS.
+    Only the gateway's classification counts, never what the caller says."""
+    route = scope.get("guard.route")
+    context = scope.get("guard")
+    return (
+        route is not None
+        and context is not None
+        and route.action == "read"
+        and context.action in ("", "read")
+        and not route.refuse
+        and (route.method == "GET" or (route.method == "POST" and route.path in READ_POSTS))
+    )
+
+
+class Hold:
+    """One request's answer, held (``DurableAnswerMiddleware``) until ``durable`` is done."""
+
+    __slots__ = ("durable", "refused")
+
+    def __init__(self) -> None:
+        self.durable: concurrent.futures.Future[None] | None = None  # the intent's fsync
+        self.refused = False  # the fsync failed: the answer was replaced by a refusal
+
+
 class AuditTrail:
     def __init__(
         self,
@@ -53,8 +112,10 @@ class AuditTrail:
         batch_size: int,
         shutdown_grace: float,
         limiter: FailureLimiter | None = None,
+        sync_writes: str = "before-forward",
     ) -> None:
         self.limiter = limiter
+        self.writes_overlap = sync_writes == "before-response"
         self.redactor = Redactor(derive_key(secret_key, "audit-redact"))
         self.chain_key = derive_key(secret_key, "audit-chain")
         self.spool = Spool(spool_dir, self.chain_key, segment_size=segment_size)
@@ -81,11 +142,38 @@ class AuditTrail:
         return "" if self.spool.healthy and not self.spool.broken else self.spool.error
 
     async def intent(self, scope: Scope) -> Refusal | None:
+        """The request's intent record: fsynced before this returns, or (a read whose answer
+        ``DurableAnswerMiddleware`` holds; any such request with sync_writes before-response)
+        written, its fsync left to that middleware; else the refusal to answer instead."""
         started = time.monotonic()
         try:
-            await self.spool.append(records.intent(scope, self.redactor))
+            hold: Hold | None = scope.get(HOLD)
+            if (
+                hold is not None
+                and scope.get("guard.route") is not None
+                and (self.writes_overlap or is_read(scope))
+            ):
+                hold.durable = await self.spool.write(records.intent(scope, self.redactor))
+            else:
+                await self.spool.append(records.intent(scope, self.redactor))
         except SpoolError as exc:
             logger.error("request %s refused: %s", scope["guard"].request_id, exc)
+            return Refusal("audit_unavailable")
+        finally:
+            scope["guard"].audit_seconds += time.monotonic() - started
+        return None
+
+    async def durable(self, scope: Scope, done: concurrent.futures.Future[None]) -> Refusal | None:
+        """Wait for the fsync of an intent ``intent`` only wrote; the refusal to answer instead
+        if it failed."""
+        started = time.monotonic()
+        try:
+            if done.done():
+                done.result()
+            else:
+                await asyncio.wrap_future(done)
+        except SpoolError as exc:
+            logger.error("request %s answered 503: %s", scope["guard"].request_id, exc)
             return Refusal("audit_unavailable")
         finally:
             scope["guard"].audit_seconds += time.monotonic() - started
@@ -187,6 +275,37 @@ class IntentMiddleware:
             await send_refusal(scope, send, refusal)
             return
         await self.app(scope, receive, send)
+
+
+class DurableAnswerMiddleware:
+    """No answer leaves before its request's intent record is durable. Inside it, a read's
+    intent is only written before forwarding (``AuditTrail.intent``) and fsynced while MLflow
+    answers; the answer's ``http.response.start`` waits here for that fsync (a streamed download
+    holds only its start). A failed fsync answers 503 ``audit_unavailable`` instead and drops
+    the rest of MLflow's answer: nothing of it is served."""
+
+    def __init__(self, app: ASGIApp, *, trail: AuditTrail) -> None:
+        self.app = app
+        self.trail = trail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hold = scope[HOLD] = Hold()
+
+        async def held_send(message: Message) -> None:
+            if hold.refused:
+                return  # MLflow's answer, after its start was replaced by the refusal
+            if hold.durable is not None and message["type"] == "http.response.start":
+                done, hold.durable = hold.durable, None
+                if (refusal := await self.trail.durable(scope, done)) is not None:
+                    hold.refused = True
+                    await send_refusal(scope, send, refusal)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, held_send)
 
 
 def cli_spool_dir(settings: Settings) -> Path:

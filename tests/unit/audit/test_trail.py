@@ -3,6 +3,7 @@ intents before forwarding, verification, and refusal when the spool cannot be wr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -724,3 +725,37 @@ def test_a_refusal_the_summary_stands_for_is_counted_on_disk_before_it_is_answer
                  if e["event"] == "unauthenticated_refusals"]  # fmt: skip
     assert [(s["client"], s["unrecorded"]) for s in summaries] == [("127.0.0.1", 5)]
     assert "unrecorded" not in json.loads(head.read_text())
+
+
+def test_a_read_whose_fsync_fails_is_answered_503_and_nothing_of_mlflows_answer(
+    running: tuple[Gateway, str, FakeMlflow], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read is forwarded once its intent is written and fsynced while MLflow answers: when
+    that fsync fails, MLflow has answered, and the caller gets 503 instead of the answer."""
+    gateway, url, fake = running
+    assert gateway.trail is not None
+    spool = gateway.trail.spool
+    opened = httpx.get(url + "/version", headers=bearer(ADMIN))
+    wait_stored(gateway, opened.headers["x-request-id"], kinds=2)  # nothing left to fsync
+    real, failed = os.fsync, []
+
+    def fail_once(fd: int) -> None:
+        if fd == spool._fd and not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_once)
+    response = httpx.get(url + "/api/2.0/mlflow/registered-models/search?max_results=5",
+                         headers=bearer(ADMIN))  # fmt: skip
+    assert response.status_code == 503 and response.headers["x-guard-reason"] == "audit_unavailable"
+    assert response.json()["reason"] == "audit_unavailable" and failed
+    request_id = response.headers["x-request-id"]
+    assert request_id in fake.forwarded  # MLflow answered; none of it left the gateway
+    (outcome,) = wait_stored(gateway, request_id)  # the intent was cut back with the failure
+    assert (outcome["kind"], outcome["reason"], outcome["status"]) == (
+        "outcome", "audit_unavailable", 503,
+    )  # fmt: skip
+    assert outcome["upstream_status"] == 200 and outcome["decision"] == "error"
+    again = httpx.get(url + "/api/2.0/mlflow/registered-models/search", headers=bearer(ADMIN))
+    assert again.status_code == 200  # the disk works again: so does the gateway
