@@ -328,16 +328,26 @@ def three_way(
         return (run.gateway_cpu or 0.0) / max(run.requests, 1) * 1000
 
     errors = sum(t.direct.errors + t.on.errors + t.off.errors for t in triples)
-    print(f"{'':>14} {'rps':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'gw cpu/req ms':>14}")
+
+    def kinds(runs: list[Run]) -> str:  # p50 of reads and of writes, printed separately
+        return "".join(
+            f" {statistics.median(r.quantile(0.5, kind) for r in runs) * 1e3:>7.2f}"
+            if any(kind in r.kinds for r in runs) else f" {'-':>7}"
+            for kind in ("read", "write")
+        )  # fmt: skip
+
+    print(f"{'':>14} {'rps':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'gw cpu/req ms':>14} "
+          f"{'p50 rd':>7} {'p50 wr':>7}")  # fmt: skip
     print(f"{'direct':>14} {d:>9.1f} {1:>6.2f} "
           f"{statistics.median(t.direct.quantile(0.5) for t in triples) * 1e3:>7.2f} "
-          f"{statistics.median(t.direct.quantile(0.99) for t in triples) * 1e3:>7.2f}")  # fmt: skip
+          f"{statistics.median(t.direct.quantile(0.99) for t in triples) * 1e3:>7.2f} "
+          f"{'':>14}{kinds([t.direct for t in triples])}")  # fmt: skip
     for name, rps, runs in (("gateway, on", on_rps, [t.on for t in triples]),
                             ("gateway, off", off_rps, [t.off for t in triples])):  # fmt: skip
         print(f"{name:>14} {rps:>9.1f} {rps / d:>6.2f} "
               f"{statistics.median(r.quantile(0.5) for r in runs) * 1e3:>7.2f} "
               f"{statistics.median(r.quantile(0.99) for r in runs) * 1e3:>7.2f} "
-              f"{statistics.median(cpu(r) for r in runs):>14.3f}")  # fmt: skip
+              f"{statistics.median(cpu(r) for r in runs):>14.3f}{kinds(runs)}")  # fmt: skip
     ratio_on, ratio_off = on_rps / d, off_rps / d
     relative = ratio_on / ratio_off
     print(

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -154,6 +154,12 @@ def mlflow_mix(base: str) -> list[Request]:
 NOOP_MIX: list[Request] = [("GET", "/api/2.0/mlflow/runs/get", None, {"run_id": "x"})]
 
 
+def kind_of(request: Request) -> str:
+    """Whether ``request`` is a read (the gateway overlaps its fsync with MLflow) or a write."""
+    method, path = request[0], request[1]
+    return "read" if method == "GET" or path.endswith("/search") else "write"
+
+
 @dataclass
 class Run:
     requests: int
@@ -161,14 +167,17 @@ class Run:
     latencies: list[float]
     errors: int
     gateway_cpu: float | None
+    kinds: list[str] = field(default_factory=list)  # read or write, one per latency
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
 
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    def quantile(self, q: float, kind: str = "") -> float:
+        """The ``q`` quantile of the latencies (of ``kind``'s requests only, if given)."""
+        chosen = [t for t, k in zip(self.latencies, self.kinds, strict=True) if k == kind]
+        ordered = sorted(chosen if kind else self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def load(
@@ -178,6 +187,7 @@ async def load(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     connector = aiohttp.TCPConnector(limit=concurrency)
     latencies: list[float] = []
+    kinds: list[str] = []
     errors = 0
     stop_at = time.monotonic() + seconds
     async with aiohttp.ClientSession(base, connector=connector, headers=headers) as session:
@@ -185,12 +195,14 @@ async def load(
         async def one(i: int) -> None:
             nonlocal errors
             method, path, body, params = mix[i % len(mix)]
+            kind = kind_of(mix[i % len(mix)])
             started = time.perf_counter()
             async with session.request(method, path, json=body, params=params) as response:
                 await response.read()
                 if response.status != 200:
                     errors += 1
             latencies.append(time.perf_counter() - started)
+            kinds.append(kind)
 
         async def worker(offset: int) -> None:
             i = offset
@@ -200,12 +212,13 @@ async def load(
 
         await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm the pool
         latencies.clear()
+        kinds.clear()
         cpu_before = sum(gateway.cpu_times()[:2]) if gateway else 0.0
         started = time.monotonic()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.monotonic() - started
         cpu = (sum(gateway.cpu_times()[:2]) - cpu_before) if gateway else None
-    return Run(len(latencies), elapsed, latencies, errors, cpu)
+    return Run(len(latencies), elapsed, latencies, errors, cpu, kinds)
 
 
 def compare(
@@ -214,7 +227,8 @@ def compare(
 ) -> dict[int, float]:  # fmt: skip
     print(f"\n== {label}: {repeats} interleaved runs of {seconds:.0f} s per level, medians ==")
     print(f"{'c':>3} {'direct rps':>11} {'gateway rps':>12} {'ratio':>6} {'+p50 ms':>8} "
-          f"{'+p99 ms':>8} {'gw cpu/req ms':>14} {'errors':>7}")  # fmt: skip
+          f"{'+p99 ms':>8} {'gw cpu/req ms':>14} {'errors':>7}  +p50 ms by kind "
+          "(min..max over runs)")  # fmt: skip
     ratios = {}
     for c in levels:
         runs_direct, runs_gateway = [], []
@@ -226,13 +240,22 @@ def compare(
         pairs = list(zip(runs_direct, runs_gateway, strict=True))
         p50 = statistics.median(g.quantile(0.5) - d.quantile(0.5) for d, g in pairs)
         p99 = statistics.median(g.quantile(0.99) - d.quantile(0.99) for d, g in pairs)
+        added = {
+            kind: [(g.quantile(0.5, kind) - d.quantile(0.5, kind)) * 1000 for d, g in pairs]
+            for kind in ("read", "write")
+            if any(kind in g.kinds for g in runs_gateway)
+        }
+        split = ", ".join(
+            f"{kind}s {statistics.median(v):.2f} ({min(v):.2f}..{max(v):.2f})"
+            for kind, v in added.items()
+        )
         cpu = statistics.median((r.gateway_cpu or 0) / max(r.requests, 1) for r in runs_gateway)
         errors = sum(r.errors for r in runs_direct + runs_gateway)
         if errors:
             print(f"    {errors} non-200 answers: the numbers below measure refusals, not work")
         ratios[c] = g_rps / d_rps
         print(f"{c:>3} {d_rps:>11.1f} {g_rps:>12.1f} {ratios[c]:>6.2f} {p50 * 1000:>8.2f} "
-              f"{p99 * 1000:>8.2f} {cpu * 1000:>14.3f} {errors:>7}")  # fmt: skip
+              f"{p99 * 1000:>8.2f} {cpu * 1000:>14.3f} {errors:>7}  {split}")  # fmt: skip
     return ratios
 
 
