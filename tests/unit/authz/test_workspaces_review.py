@@ -321,3 +321,53 @@ def test_the_creator_is_granted_the_qualified_resource() -> None:
     asyncio.run(app(scope, receive, send))
     assert granted == [("user:a", "team-a/experiment:new-one")]
     assert all(workspaces == ["team-a"] for workspaces, _ in upstream.asked)
+
+
+def artifact_request(
+    workspace: str, grant: str, experiment: str, answers: dict[str, tuple[int, Any]]
+) -> tuple[list[str], int]:
+    """(what reached MLflow, status) for a GET of a proxied artifact of ``experiment``."""
+    route = ARTIFACT
+    forwarded: list[str] = []
+
+    async def mlflow(scope: Any, receive: Any, send: Any) -> None:
+        forwarded.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"bytes"})
+
+    app = AuthorizationMiddleware(
+        mlflow, policies=cast(PolicyRuntime, Runtime(index_of(f"p, user:d, editor, {grant}"))),
+        resolver=Resolver(cast(UpstreamClient, Recorder(answers)), 100, 60),
+        promotion=PromotionRules((), ()),
+    )  # fmt: skip
+    context = RequestContext("r", "127.0.0.1", "127.0.0.1", "http", "gateway")
+    context.principal = Principal("user:d", "d", "test", ())
+    path = f"{experiment}/0123456789abcdef0123456789abcdef/artifacts/model.pkl"
+    scope = {
+        "type": "http", "method": "GET", "path": route.path, "query_string": b"",
+        "headers": [], "guard": context, "guard.route": route,
+        "guard.params": {"artifact_path": path}, "guard.body": b"",
+        "guard.workspace": workspace,
+    }  # fmt: skip
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return forwarded, sent[0]["status"]
+
+
+def test_an_artifact_path_is_judged_on_its_experiment_in_the_request_workspace() -> None:
+    known = {"/api/2.0/mlflow/experiments/get": (200, {"experiment": {"name": "e1"}})}
+    # a caller granted one experiment: its id must resolve in the request's workspace
+    assert artifact_request("team-a", "team-a/experiment:e1", "7", {}) == ([], 403)
+    assert artifact_request("team-a", "team-b/experiment:e1", "7", known) == ([], 403)
+    forwarded, status = artifact_request("team-a", "team-a/experiment:e1", "7", known)
+    assert (len(forwarded), status) == (1, 200)
+    # a caller granted the whole workspace, for an experiment that is in it
+    forwarded, status = artifact_request("team-a", "team-a/*", "7", known)
+    assert (len(forwarded), status) == (1, 200)
