@@ -754,6 +754,11 @@ def test_creators_manage_the_qualified_resource_and_the_audit_names_it(
                          json={"name": f"audited-{uuid.uuid4().hex[:6]}"})  # fmt: skip
     record = world.audited(created.headers["x-request-id"])
     assert record["resource"].startswith("team-a/experiment:audited-"), record
+    # A refused workspace is named in the record (the caller's answer says no more than that).
+    for path in (f"{API}/experiments/search", f"{WORKSPACE_PATHS[0]}/team-b"):
+        refused = world.call("alice", "GET", path, "team-b")
+        record = world.audited(refused.headers["x-request-id"])
+        assert (record["reason"], record["resource"]) == ("workspace_forbidden", "workspace:team-b")
 
 
 # -- the gateway's setting against MLflow's ---------------------------------------------------
