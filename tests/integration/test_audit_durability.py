@@ -4,6 +4,7 @@ read directly and compared with what the gateway recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from guard.store.db import audit_records, build_engine
 from tests.conftest import PostgresCluster, free_port
 from tests.integration.conftest import Gateway, Mlflow, clean_env, start_gateway, wait_ready
+from tests.servers import ServerThread, read_request_body, send_response
 
 pytestmark = pytest.mark.integration
 
@@ -427,3 +429,98 @@ def test_a_full_spool_refuses_requests_and_nothing_reaches_mlflow_unaudited(
     report = _verify(gateway, "--database-uri", database)
     print(f"full spool: {len(served)} served, {len(refused)} refused with audit_unavailable; "
           f"{len(spooled)} records spooled; {report}")  # fmt: skip
+
+
+# -- 4. SIGKILL under reads and writes: an intent for every request MLflow saw --------------------
+
+MIX_TOTAL, MIX_AFTER, MIX_THREADS = 600, 200, 4
+READ, SEARCH = API + "/runs/get", API + "/runs/search"
+
+
+class LoggingUpstream:
+    """MLflow's stand-in: answers every request after a short delay (so the kill finds some in
+    flight) and logs the X-Request-Id of each one the gateway forwarded (lookups carry none)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, str]] = {}  # request id -> (method, path)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_request_body(receive)
+        if scope["path"] == "/version":
+            await send_response(send, 200, b"3.17.2")
+            return
+        if request_id := dict(scope["headers"]).get(b"x-request-id", b"").decode():
+            self.seen[request_id] = (scope["method"], scope["path"])
+        await asyncio.sleep(0.002)
+        await send_response(send, 200, b"{}")
+
+
+def _mixed(client: httpx.Client, sent: Sent) -> None:
+    """A read (runs/get, a POST search) or a write (log-metric), by ``sent.n``."""
+    if sent.n % 3 == 0:
+        response = client.get(READ, params={"run_id": "r1"})
+    elif sent.n % 3 == 1:
+        response = client.post(SEARCH, json={"experiment_ids": ["1"], "max_results": 5})
+    else:
+        response = client.post(LOG_METRIC, json={"run_id": "r1", "key": sent.key, "value": 1.0,
+                                                 "timestamp": 1, "step": sent.n})  # fmt: skip
+    sent.status = response.status_code
+    sent.request_id = response.headers.get("x-request-id", "")
+
+
+@pytest.mark.parametrize("sync_writes", ["before-forward", "before-response"])
+def test_sigkill_under_reads_and_writes_leaves_an_intent_for_every_request_mlflow_saw(
+    tmp_path: Path, sync_writes: str
+) -> None:
+    """Reads (and, with before-response, writes) are forwarded once their intent is written,
+    not fsynced: the kernel holds it, so killing the gateway loses none of them."""
+    upstream = LoggingUpstream()
+    with ServerThread(upstream, lifespan="off") as fake:
+        data = tmp_path / "gw"
+        gateway = start_gateway(
+            data, "--upstream-url", fake.url, MLFLOW_GUARD_AUDIT_SYNC_WRITES=sync_writes
+        )
+        numbers = itertools.count()
+        sent: list[Sent] = []
+        deadline = time.monotonic() + 30
+
+        def load() -> None:
+            with _client(gateway) as client:
+                while (n := next(numbers)) < MIX_TOTAL and time.monotonic() < deadline:
+                    request = Sent(n, f"mix-{n:04d}")
+                    sent.append(request)
+                    try:
+                        _mixed(client, request)
+                    except httpx.TransportError:
+                        return  # the gateway is gone
+
+        threads = [threading.Thread(target=load) for _ in range(MIX_THREADS)]
+        try:
+            for thread in threads:
+                thread.start()
+            _until(lambda: sum(s.status == 200 for s in sent) >= MIX_AFTER, 30, "load")
+            gateway.proc.send_signal(signal.SIGKILL)
+            gateway.proc.wait(timeout=10)
+        finally:
+            gateway.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+    acknowledged = {s.request_id for s in sent if s.status == 200}
+    assert MIX_AFTER <= len(acknowledged) < MIX_TOTAL, "the kill was not mid-load"
+    assert {s.status for s in sent} <= {0, 200}
+    spooled, torn = _spooled(data / "audit")
+    intents = {r["request_id"]: r for r in spooled if r["kind"] == "intent"}
+    seen = dict(upstream.seen)
+    unaudited = sorted(set(seen) - intents.keys())
+    assert not unaudited, f"MLflow saw these without an intent record: {unaudited}"
+    assert acknowledged <= intents.keys()
+    for request_id, (method, path) in seen.items():
+        assert (intents[request_id]["method"], intents[request_id]["path"]) == (method, path)
+    reads = sum(path in (READ, SEARCH) for _, path in seen.values())
+    assert reads and len(seen) - reads  # both kinds reached MLflow
+    in_flight = len(seen.keys() - acknowledged)
+    print(f"sigkill ({sync_writes}): {len(sent)} sent, {len(acknowledged)} answered, "
+          f"{len(seen)} seen by the upstream ({reads} reads, {in_flight} unanswered), "
+          f"{len(intents)} intents spooled (torn tail: {torn})")  # fmt: skip
