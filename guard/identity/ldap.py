@@ -686,7 +686,10 @@ class LdapProvider:
         if credentials.cached_only:  # the address is past its limit: 429, no bind
             return Refusal("invalid_credentials")
         # One directory round trip for a burst of identical logins: later ones wait for it.
+        # Only the caller that began the bind caches its result, under the revocation counter
+        # it read before the bind began (a caller that joined later may have read a newer one).
         pending = self._pending.get(key)
+        started = pending is None
         if pending is None:
             pending = asyncio.ensure_future(self._attempt(name, password, credentials.client))
             self._pending[key] = pending
@@ -723,7 +726,7 @@ class LdapProvider:
                 principal.subject, other.source, other.stable_id, SOURCE, user.stable_id,
             )  # fmt: skip
             return Refusal("identity_conflict", f"({principal.subject})")
-        if self.config.cache_ttl > 0:
+        if started and self.config.cache_ttl > 0:
             self._cache[key] = (principal, now + self.config.cache_ttl, stamp)
             self._cache.move_to_end(key)
             while len(self._cache) > self.config.cache_size:

@@ -460,3 +460,34 @@ def test_the_policy_version_is_not_the_revocation_counter(sqlite_engine: sa.Engi
     UserBlocks(sqlite_engine).block("user:bob", "admin")
     assert policies.version() == version  # no policy rebuild for a revocation
     assert read(sqlite_engine) == 2
+
+
+def test_a_directory_login_joined_after_a_revocation_is_not_cached_under_the_new_counter() -> None:
+    counter = Counter()
+    provider = LdapProvider(LdapConfig(urls=("ldap://127.0.0.1:1",)), revocations=counter)
+    attempts: list[str] = []
+    user = DirectoryUser("uid=alice,dc=x", "alice", (), stable_id="uuid-a")
+    gate = asyncio.Event()
+
+    async def attempt(name: str, password: str, client: str) -> Attempt:
+        attempts.append(name)
+        await gate.wait()  # the bind began before the revocation below
+        return Attempt(user)
+
+    provider._attempt = attempt  # type: ignore[method-assign]
+    credentials = Credentials("basic", "secret", "alice")
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(provider.authenticate(credentials))
+        await asyncio.sleep(0)
+        counter.counter += 1
+        joined = asyncio.ensure_future(provider.authenticate(credentials))
+        await asyncio.sleep(0)
+        gate.set()
+        assert isinstance(await first, Principal) and isinstance(await joined, Principal)
+        assert attempts == ["alice"]  # one bind for both
+        assert isinstance(await provider.authenticate(credentials), Principal)
+        assert attempts == ["alice", "alice"]  # its answer predates the revocation: bound again
+
+    asyncio.run(scenario())
+    provider.close()
