@@ -47,7 +47,6 @@ def is_probe(scope: Scope) -> bool:
     return scope.get("path") in NOT_RECORDED and scope.get("method") in PROBE_METHODS
 
 
-SYNC_WRITES: Final = ("before-forward", "before-response")  # audit.sync_writes
 HOLD: Final = "guard.audit_hold"  # scope key: DurableAnswerMiddleware holds this answer
 
 # The POST rows the route table marks read that change nothing in MLflow: searches, batch gets,
