@@ -122,8 +122,8 @@ def replicas(
             print(f"revocation on A -> refused on B [{database_name}] {case}: {seconds:.3f} s")
 
 
-def served(replica: Gateway, headers: dict[str, str]) -> httpx.Response:
-    return httpx.get(replica.url + READ, headers=headers, timeout=10)
+def served(replica: Gateway, headers: dict[str, str], path: str = READ) -> httpx.Response:
+    return httpx.get(replica.url + path, headers=headers, timeout=10)
 
 
 def refused_within(
@@ -184,14 +184,20 @@ def test_a_token_revoked_through_the_api_or_the_cli_is_refused_on_the_other_repl
         wait_until_served(replicas.b, h)
         warm(replicas.b, h)
     api_name, cli_name = secrets
+    # The same token as the Basic password (its name as the user), on the ajax spelling too.
+    as_basic = "Basic " + base64.b64encode(f"{api_name}:{secrets[api_name]}".encode()).decode()
+    warm(replicas.b, {"Authorization": as_basic})
     answer = replicas.api("DELETE", f"/guard/api/tokens/{api_name}", f"Bearer {ADMIN}")
     assert answer.status_code == 200, answer.text
     refusals = refused_within(
         replicas, "service token revoked (API)",
-        {"bearer": lambda: served(replicas.b, headers[api_name])},
+        {"bearer": lambda: served(replicas.b, headers[api_name]),
+         "basic, ajax-api": lambda: served(
+             replicas.b, {"Authorization": as_basic}, READ.replace("/api/", "/ajax-api/", 1))},
     )  # fmt: skip
-    assert refusals["bearer"].status_code == 401
-    assert refusals["bearer"].headers["x-guard-reason"] == "token_revoked"
+    for refusal in refusals.values():
+        assert refusal.status_code == 401
+        assert refusal.headers["x-guard-reason"] == "token_revoked"
     replicas.cli("token", "revoke", cli_name)
     refusals = refused_within(
         replicas, "service token revoked (CLI)",
