@@ -409,6 +409,37 @@ def test_by_id_a_single_grant_refuses_team_b_as_it_refuses_nothing(
         assert _refusal(refused) == (403, "permission_denied", "PERMISSION_DENIED")
 
 
+def test_a_deny_in_the_workspace_holds_against_the_group_grant(
+    world: World, team_a: dict[str, str]
+) -> None:
+    """Hank is in group:team-a (editor on team-a/*) with a deny on team-a's ``private``: he is no
+    longer allowed everything in team-a, so each request is judged, private stays closed by
+    every route, and team-b's ids are refused by the gateway itself."""
+    world.secrets["hank"] = _token(world.gateway, "hank", "viewer", "team-a/experiment:shared")
+    world.grant(
+        ["g", "token:hank", "group:team-a"],
+        ["p", "token:hank", "viewer", "team-a/experiment:private", "deny"],
+    )
+    private, run = team_a["private"], team_a["private-run"]
+    assert _ok(world.call("hank", "GET", f"{API}/experiments/get", "team-a",
+                          params={"experiment_id": team_a["shared"]}))  # fmt: skip
+    for method, path, kwargs in [
+        ("GET", f"{API}/experiments/get", {"params": {"experiment_id": private}}),
+        ("GET", f"{API}/experiments/get-by-name", {"params": {"experiment_name": "private"}}),
+        ("GET", f"{API}/runs/get", {"params": {"run_id": run}}),
+        ("GET", f"{ARTIFACTS}/{team_a['private-artifacts']}/f.txt", {}),
+        ("POST", f"{API}/runs/search", {"json": {"experiment_ids": [private]}}),
+        ("GET", f"{API}/experiments/get", {"params": {"experiment_id": world.b["experiment_id"]}}),
+    ]:  # fmt: skip
+        refused = world.call("hank", method, path, "team-a", **kwargs)
+        assert refused.status_code == 403, (method, path, refused.text)
+        assert refused.headers["x-guard-reason"] in ("explicit_deny", "permission_denied"), path
+    found = _ok(world.call("hank", "POST", f"{API}/experiments/search", "team-a",
+                           json={"max_results": 100}))["experiments"]  # fmt: skip
+    names = {e["name"] for e in found}
+    assert "shared" in names and "private" not in names
+
+
 def test_searches_in_team_a_return_only_what_is_granted(
     world: World, team_a: dict[str, str]
 ) -> None:
@@ -532,11 +563,12 @@ def test_the_artifact_root_does_not_name_other_workspaces(world: World) -> None:
         assert listed.status_code in (400, 403, 404) or "team-b" not in listed.text, listed.text
 
 
-def test_model_version_sources_stay_in_the_request_workspace(
+def test_sources_and_artifact_locations_stay_in_the_request_workspace(
     world: World, team_a: dict[str, str]
 ) -> None:
     """A version of alice's team-a model may not point at team-b's run or artifacts, however
-    the source names them; team-a's own are fine."""
+    the source names them, nor a new experiment keep its artifacts in team-b's tree; team-a's
+    own are fine."""
     b = world.b
     versions = f"{API}/model-versions/create"
     model = f"sourced-{uuid.uuid4().hex[:6]}"
@@ -557,6 +589,19 @@ def test_model_version_sources_stay_in_the_request_workspace(
     assert "latest_versions" not in _ok(world.call(
         "alice", "GET", f"{API}/registered-models/get", "team-a", params={"name": model}
     ))["registered_model"]  # fmt: skip
+    # Nor may a new experiment keep its artifacts in team-b's tree (to read them back later
+    # through its own runs).
+    for location in (
+        f"mlflow-artifacts:/workspaces/team-b/{b['experiment_id']}",
+        f"mlflow-artifacts:/workspaces/team-b/{b['experiment_id']}/{b['run_id']}",
+        f"mlflow-artifacts:/{b['experiment_id']}",
+        f"file://{world.artifacts / 'workspaces' / 'team-b'}",
+    ):
+        name = f"located-{uuid.uuid4().hex[:6]}"
+        body = {"name": name, "artifact_location": location}
+        refused = world.call("alice", "POST", f"{API}/experiments/create", "team-a", json=body)
+        assert refused.status_code == 403, (location, refused.text)
+        assert _experiment_in(world, name) == []
     own = {"name": model, "source": f"mlflow-artifacts:/{team_a['shared-artifacts']}",
            "run_id": team_a["shared-run"]}  # fmt: skip
     assert _ok(world.call("alice", "POST", versions, "team-a", json=own))
