@@ -10,6 +10,7 @@ from functools import lru_cache
 from guard.admin.governance import administrators
 from guard.authz.engine import PolicyIndex
 from guard.authz.policy import ACTIONS, Grant, Rule
+from guard.authz.workspaces import split, valid_name
 from guard.errors import Refusal
 
 POLICY = "guard:policy"
@@ -37,12 +38,20 @@ def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal 
     text = ", ".join(rule.row())
     if not isinstance(rule, Grant) or rule.effect != "allow":
         return Refusal("permission_denied", f"Only policy administrators may change: {text}.")
-    kind, sep, name = rule.resource.partition(":")
-    if kind not in DELEGABLE_KINDS or not sep or not name or "*" in name or "?" in name:
+    workspace, resource = split(rule.resource)  # in an MLflow workspace: WORKSPACE/KIND:NAME
+    kind, sep, name = resource.partition(":")
+    if (
+        kind not in DELEGABLE_KINDS
+        or not sep
+        or not name
+        or "*" in name
+        or "?" in name
+        or (workspace is not None and not valid_name(workspace))  # one workspace, by its name
+    ):
         return Refusal(
             "permission_denied",
             f"Only policy administrators may grant on {rule.resource!r}; managers grant on one "
-            "experiment, model or skill by its exact name.",
+            "experiment, model or skill by its exact name (in one workspace, by its name).",
         )
     for action in ("manage", *sorted(index.actions_of(rule.role) & set(ACTIONS))):
         decision = index.decide(subject, rule.resource, action)

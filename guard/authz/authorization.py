@@ -158,6 +158,10 @@ class AuthorizationMiddleware:
             await self.app(scope, receive, send)
         if route.action == "create":
             self.resolver.created()
+        if route.kind == "workspace" and route.method == "DELETE":
+            # What was looked up in it must not decide in a workspace made later with its name.
+            self.resolver.cache.forget(f"{scope['guard.params'].get('workspace_name')}/")
+            self.resolver.created()
         if route.path.endswith(_RENAMES):
             self._forget(scope)
         elif route.path.endswith(_MODEL_NAME_CHANGES):
@@ -268,6 +272,9 @@ class AuthorizationMiddleware:
             if skills.registers(route):
                 possible.add("create")  # where the skill does not exist yet
             source_field = next((f for p, f in _SOURCES if route.path.endswith(p)), None)
+            if route.kind == "workspace" and route.action == "read" and index.workspace:
+                # before any shortcut: reading workspaces is a matter of membership alone
+                return self._workspace_read(scope, route, index, subject), []
             if (
                 not _creates(route)
                 and source_field is None
@@ -285,6 +292,8 @@ class AuthorizationMiddleware:
                 context.rule = (
                     f"unconditional {','.join(sorted(actions))} on {index.qualify(f'{kind}:*')}"
                 )
+                if index.workspace is not None and route.kind == "artifact":
+                    return await self._held_here(scope, route, resolver, subject), []
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
@@ -297,8 +306,6 @@ class AuthorizationMiddleware:
                 scope["guard.filter_scorer_configs"] = True
                 context.action = "read"
                 return None, []
-            if route.kind == "workspace" and route.action == "read" and index.workspace:
-                return self._workspace_read(scope, route, index, subject), []
             context.action = ",".join(sorted(actions))
             judge = Judge(index, subject, context)
             headers: dict[str, list[str]] = {}
@@ -367,6 +374,24 @@ class AuthorizationMiddleware:
         except Refused as exc:
             return exc.refusal, []
         return None, resources
+
+    async def _held_here(
+        self, scope: Scope, route: Route, resolver: Resolver, subject: str
+    ) -> Refusal | None:
+        """An artifact path, for a caller allowed everything of its kind in the workspace: MLflow
+        serves ``X/...`` in workspace W from ``workspaces/W/X/...`` (and, in ``default``, from the
+        root) without asking whose experiment X is, and files outlive an experiment moved to
+        another workspace or a deleted workspace. So the path's owner must still be one this
+        workspace holds (a cached lookup); a listing that names no path stays allowed."""
+        try:
+            await resolver.resources(route, scope["guard.params"], self._data(scope), {})
+        except (RequestDataError, Unresolved) as exc:
+            if exc.refusal.reason == "invalid_request_body" and not self._data(scope).single(
+                "path"
+            ):
+                return None  # the workspace's root
+            return conceal(exc.refusal, f"{subject} may not {route.action} this.")
+        return None
 
     @staticmethod
     def _workspace_read(

@@ -16,11 +16,19 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from guard.authz.policy import MAX_LINKS, Grant, PolicySet
-from guard.authz.workspaces import SCOPED_KINDS, qualify, reaches
-from guard.patterns import SEALED_KINDS, compile_pattern, is_pattern, resource_kind
+from guard.authz.workspaces import qualify, reaches
+from guard.patterns import (
+    SCOPED_KINDS,
+    SEALED_KINDS,
+    compile_pattern,
+    is_pattern,
+    resource_kind,
+    split_workspace,
+    workspace_glob_matches,
+)
 
 Reason = Literal["allowed", "explicit_deny", "no_matching_grant"]
-MEMO_LIMIT: Final = 100_000  # workspace memberships remembered per index
+MEMO_LIMIT: Final = 100_000  # answers remembered per index (see _remember)
 # A group an identity source asserted (guard.identity.base.DirectorySubject): always qualified by
 # its source, ``group:ldap/NAME``, so it can never be a policy-defined group like group:admins.
 _SOURCED_GROUP: Final = re.compile(r"group:[a-z][a-z0-9-]*/[^\s,\"']+")
@@ -154,23 +162,34 @@ class PolicyIndex:
 
     def member_of(self, subject: str, workspace: str) -> bool:
         """Whether ``subject`` may use an MLflow workspace: some grant of its own or of its
-        groups allows something there (``team-a/*``, ``team-a/experiment:x``, ``*``...). What it
-        may do inside is decided resource by resource."""
+        groups allows something there (``team-a/*``, ``team-a/experiment:x``, ``*``...), and no
+        deny takes everything there away (a deny of read on ``*``, ``*:*`` or ``GLOB/*`` naming
+        it). What it may do inside is decided resource by resource."""
         key = (str(subject), carried_groups(subject), "workspace member", workspace)
         known = self._unconditional.get(key)
         if known is None:
-            known = any(
-                grant.effect == "allow" and reaches(grant.resource, workspace)
+            grants = [
+                grant
                 for who in self.subjects_of(subject)
                 for bucket in self._grants.get(who, {}).values()
                 for grant in (
                     *(g for _, g in bucket.patterns),
                     *(g for gs in bucket.exact.values() for g in gs),
                 )
-            )
-            if len(self._unconditional) < MEMO_LIMIT:  # names come from callers: bounded
-                self._unconditional[key] = known
+            ]
+            known = not any(
+                g.effect == "deny" and "read" in self.actions_of(g.role) and _all_of(g, workspace)
+                for g in grants
+            ) and any(g.effect == "allow" and reaches(g.resource, workspace) for g in grants)
+            self._remember(key, known)
         return known
+
+    def _remember(self, key: tuple[str, tuple[str, ...], str, str], value: bool) -> None:
+        """Memoize; workspace names come from callers, so the memo is bounded (emptied when
+        full, then refilled by what is asked)."""
+        if len(self._unconditional) >= MEMO_LIMIT:
+            self._unconditional.clear()
+        self._unconditional[key] = value
 
     def unconditional(self, subject: str, kind: str, action: str) -> bool:
         """True when ``action`` is allowed on every resource of ``kind``: an allow on ``*`` or
@@ -180,7 +199,8 @@ class PolicyIndex:
         key = (str(subject), carried_groups(subject), kind, action)
         known = self._unconditional.get(key)
         if known is None:
-            known = self._unconditional[key] = self._compute_unconditional(subject, kind, action)
+            known = self._compute_unconditional(subject, kind, action)
+            self._remember(key, known)
         return known
 
     def _compute_unconditional(self, subject: str, kind: str, action: str) -> bool:
@@ -204,6 +224,14 @@ class PolicyIndex:
                         return False
                     allowed = allowed or grant.resource in everything
         return allowed
+
+
+def _all_of(grant: Grant, workspace: str) -> bool:
+    """Whether a grant's resource covers everything in ``workspace``."""
+    if grant.resource in ("*", "*:*"):
+        return True
+    glob, rest = split_workspace(grant.resource)
+    return glob is not None and rest in ("*", "*:*") and workspace_glob_matches(glob, workspace)
 
 
 EMPTY: Final = PolicyIndex(PolicySet())

@@ -373,7 +373,11 @@ class Resolver:
         """A proxied artifact path's owner: a skill under ``skills/``, else an experiment."""
         path = self._in_workspace(path)
         if path.split("/", 1)[0] == "skills":
-            return skills.artifact_skill(path)
+            resource = skills.artifact_skill(path)
+            if self.workspace is not None and not await self.skill_exists(resource):
+                # its files outlive a skill moved to another workspace (or a deleted workspace)
+                raise Unresolved(Refusal("resource_unresolved", "No such skill here."))
+            return resource
         return await self._experiment(_artifact_experiment(path))
 
     def _in_workspace(self, path: str) -> str:

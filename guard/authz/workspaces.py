@@ -23,9 +23,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guard.authz.policy import Grant, PolicySet
 from guard.errors import Refusal, send_refusal
-from guard.patterns import is_pattern, resource_kind
+from guard.patterns import (
+    SCOPED_KINDS,
+    is_pattern,
+    resource_kind,
+    split_workspace,
+    workspace_glob_matches,
+)
 
 if TYPE_CHECKING:  # runtime imports the engine, which imports this module
+    from guard.authz.routes import Route
     from guard.authz.runtime import PolicyRuntime
 
 HEADER: Final = "x-mlflow-workspace"
@@ -34,10 +41,8 @@ DEFAULT: Final = "default"
 # MLflow's WorkspaceNameValidator (3.17.2 and 3.18.0): Kubernetes-style names.
 _NAME: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
 _RESERVED: Final = frozenset({"workspaces", "api", "ajax-api", "static-files"})
-# What a workspace holds, by policy kind; server: and guard: resources are the gateway's whole.
-SCOPED_KINDS: Final = ("experiment", "model", "skill")
-# The workspace part of a qualified resource pattern: a name, or a glob of names.
-_WORKSPACE_PATTERN: Final = re.compile(r"[a-z0-9*?-]+")
+# What a workspace holds, by policy kind (SCOPED_KINDS, guard.patterns); server: and guard:
+# resources are the gateway's whole.
 QUALIFY_COMMAND: Final = "mlflow-guard policy qualify --workspace default"
 
 
@@ -52,13 +57,7 @@ def split(resource: str) -> tuple[str | None, str]:
     """(workspace or workspace pattern, the rest) of a qualified resource or pattern:
     ``team-a/experiment:x`` -> ("team-a", "experiment:x"), ``team-a/*`` -> ("team-a", "*");
     (None, resource) for anything else."""
-    head, sep, _ = resource.partition(":")
-    workspace, slash, kind = head.partition("/")
-    if not slash or not _WORKSPACE_PATTERN.fullmatch(workspace):
-        return None, resource
-    if (sep and kind in SCOPED_KINDS) or (is_pattern(kind) and "/" not in kind):
-        return workspace, resource[len(workspace) + 1 :]
-    return None, resource
+    return split_workspace(resource)
 
 
 def qualify(resource: str, workspace: str) -> str:
@@ -75,6 +74,9 @@ def reaches(pattern: str, workspace: str) -> bool:
     prefix = f"{workspace}/"
     if not is_pattern(pattern):
         return pattern.startswith(prefix)
+    glob, _ = split_workspace(pattern)
+    if glob is not None:  # its workspace part matches workspace names only (guard.patterns)
+        return workspace_glob_matches(glob, workspace)
     # The glob as a set of positions in it, consumed over the prefix; a pattern that outlives
     # the prefix can always be finished (anything may follow it).
     states = _closure(pattern, {0})
@@ -118,7 +120,14 @@ def problems(policy: PolicySet, enabled: bool) -> list[str]:
     found = []
     for grant in sorted(policy.grants):
         row = ", ".join(grant.row()[1:])
-        if enabled and unqualified(grant):
+        workspace = split(grant.resource)[0]
+        if workspace is not None and not is_pattern(workspace) and not valid_name(workspace):
+            found.append(
+                f"grant {row}: {workspace!r} is no workspace MLflow accepts (lowercase letters, "
+                "digits and inner '-', 2 to 63 characters, not api, ajax-api, workspaces or "
+                "static-files)"
+            )
+        elif enabled and unqualified(grant):
             found.append(
                 f"grant {row}: names no workspace, and upstream.workspaces is on (write "
                 f"WORKSPACE/{grant.resource}; `{QUALIFY_COMMAND}` rewrites every such grant "
@@ -133,12 +142,17 @@ def problems(policy: PolicySet, enabled: bool) -> list[str]:
 
 
 def qualify_policy(policy: PolicySet, workspace: str) -> PolicySet:
-    """Every unqualified grant rewritten into ``workspace`` (``experiment:x`` ->
-    ``WORKSPACE/experiment:x``, ``*:x`` -> ``WORKSPACE/*:x``); the rest unchanged."""
+    """Every unqualified allow rewritten into ``workspace`` (``experiment:x`` ->
+    ``WORKSPACE/experiment:x``, ``*:x`` -> ``WORKSPACE/*:x``) and every unqualified deny into
+    every workspace (``*/experiment:secret*``: a deny that held everywhere still does); the
+    rest unchanged."""
     grants = {
-        Grant(g.subject, g.role, f"{workspace}/{g.resource}", g.effect) if unqualified(g) else g
+        Grant(
+            g.subject, g.role,
+            f"{'*' if g.effect == 'deny' else workspace}/{g.resource}", g.effect,
+        ) if unqualified(g) else g
         for g in policy.grants
-    }
+    }  # fmt: skip
     return PolicySet(frozenset(grants), policy.memberships, policy.roles)
 
 
@@ -146,9 +160,11 @@ class WorkspaceMiddleware:
     """The request's MLflow workspace (with ``upstream.workspaces`` on): ``X-MLflow-Workspace``
     as MLflow reads it (blanks stripped; none or empty: ``default``), refused when MLflow would
     refuse the name (400 ``workspace_invalid``) or when the caller is no member of it (403
-    ``workspace_forbidden``: the same whether it exists or not; MLflow is not asked). Sets
-    ``scope["guard.workspace"]``, which authorization decides in and the proxy forwards; the
-    caller's own header never reaches MLflow."""
+    ``workspace_forbidden``: the same whether it exists or not; MLflow is not asked), however
+    it is named; only routes outside every workspace (``_outside_workspaces``) asked without a
+    header need no membership of ``default``. Sets ``scope["guard.workspace"]``, which
+    authorization decides in and the proxy forwards; the caller's own header never reaches
+    MLflow."""
 
     def __init__(self, app: ASGIApp, *, policies: PolicyRuntime) -> None:
         self.app = app
@@ -157,17 +173,37 @@ class WorkspaceMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # A repeated header was refused at the edge (guard.edge.headers: every X-MLflow-*).
         sent = next((v for k, v in scope["headers"] if k.lower() == _HEADER_BYTES), b"")
-        name = sent.decode("latin-1").strip()
-        if not name:
-            name = DEFAULT
-        elif not valid_name(name):
+        name = sent.decode("latin-1").strip() or DEFAULT  # as MLflow: blank is none
+        if not valid_name(name):
             await send_refusal(scope, send, Refusal("workspace_invalid"))
             return
-        elif not self.policies.index.member_of(scope["guard"].principal.subject, name):
+        route = scope.get("guard.route")
+        if (name != DEFAULT or not _outside_workspaces(route)) and not await self._member(
+            scope, name
+        ):
             subject = scope["guard"].principal.subject
-            scope["guard"].resources = [f"workspace:{name}"]  # for the audit record
             refusal = Refusal("workspace_forbidden", f"{subject} may not use workspace {name!r}.")
             await send_refusal(scope, send, refusal)
             return
         scope["guard.workspace"] = name
         await self.app(scope, receive, send)
+
+    async def _member(self, scope: Scope, name: str) -> bool:
+        """Membership on the policy in force, or on a newer one stored a moment ago (as every
+        refusal is decided; guard.authz.authorization)."""
+        subject = scope["guard"].principal.subject
+        if self.policies.index.member_of(subject, name):
+            return True
+        started = scope["guard"].started
+        if await self.policies.refresh_soon(started, subject):
+            return self.policies.index.member_of(subject, name)
+        return False
+
+
+def _outside_workspaces(route: Route | None) -> bool:
+    """A route that reads nothing any workspace holds (the UI's files, server info, the list of
+    workspaces, which answers with the caller's own): asked without naming a workspace, it needs
+    no membership of ``default``. Anything else does, however the workspace is named."""
+    return route is not None and (
+        route.kind == "workspace" or (route.open and route.kind == "server")
+    )

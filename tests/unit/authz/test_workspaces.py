@@ -305,8 +305,17 @@ class Runtime:
     def __init__(self, index: PolicyIndex) -> None:
         self.index = index
 
+    async def refresh_soon(self, since: float | None = None, key: str = "") -> bool:
+        return False  # no newer policy
 
-def call_middleware(headers: list[tuple[bytes, bytes]], subject: str = "user:a") -> httpx.Response:
+
+SEARCH = next(r for r in load_routes() if r.path == "/api/2.0/mlflow/experiments/search")
+SERVER_INFO = next(r for r in load_routes() if r.path == "/api/3.0/mlflow/server-info")
+
+
+def call_middleware(
+    headers: list[tuple[bytes, bytes]], subject: str = "user:a", route: Any = SEARCH
+) -> httpx.Response:
     seen: dict[str, Any] = {}
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -315,7 +324,7 @@ def call_middleware(headers: list[tuple[bytes, bytes]], subject: str = "user:a")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    index = index_of("p, user:a, viewer, team-a/*")
+    index = index_of("p, user:a, viewer, team-a/*", "p, user:d, viewer, default/experiment:x")
     app = WorkspaceMiddleware(inner, policies=cast(PolicyRuntime, Runtime(index)))
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -323,6 +332,7 @@ def call_middleware(headers: list[tuple[bytes, bytes]], subject: str = "user:a")
         context.principal = Principal(subject, subject.partition(":")[2], "test", ())
         scope["guard"] = context
         scope["headers"] = headers
+        scope["guard.route"] = route
         await app(scope, receive, send)
 
     async def run() -> httpx.Response:
@@ -340,8 +350,25 @@ def call_middleware(headers: list[tuple[bytes, bytes]], subject: str = "user:a")
 )  # fmt: skip
 def test_the_request_workspace(value: bytes | None, workspace: str) -> None:
     headers = [] if value is None else [(b"x-mlflow-workspace", value)]
-    response = call_middleware(headers)
+    subject = "user:a" if workspace == "team-a" else "user:d"
+    response = call_middleware(headers, subject)
     assert response.status_code == 200 and response.json()["workspace"] == workspace
+
+
+@pytest.mark.parametrize("value", [None, b"", b" ", b"default"])
+def test_the_default_workspace_needs_membership_however_it_is_named(value: bytes | None) -> None:
+    headers = [] if value is None else [(b"x-mlflow-workspace", value)]
+    response = call_middleware(headers, "user:a")
+    assert response.status_code == 403
+    assert response.json()["reason"] == "workspace_forbidden"
+    # ... except where no workspace's content is read (server info, the UI's files)
+    outside = call_middleware(headers, "user:a", SERVER_INFO)
+    assert outside.status_code == 200 and outside.json()["workspace"] == "default"
+    # another workspace named there still needs membership
+    assert (
+        call_middleware([(b"x-mlflow-workspace", b"team-b")], "user:a", SERVER_INFO).status_code
+        == 403
+    )
 
 
 @pytest.mark.parametrize(
@@ -366,7 +393,7 @@ def test_a_stranger_to_a_workspace_is_refused_whether_it_exists_or_not(value: by
 
 def test_an_underscore_spelling_selects_nothing() -> None:
     """Only X-MLflow-Workspace selects; the proxy forwards no caller's X-MLflow-* header."""
-    response = call_middleware([(b"x_mlflow_workspace", b"team-b")])
+    response = call_middleware([(b"x_mlflow_workspace", b"team-b")], "user:d")
     assert response.json()["workspace"] == "default"
 
 
