@@ -6,9 +6,9 @@ administrator frees the name (``unlink``: the next login claims it) or binds it 
 Service tokens (``token:``) are never bound. Every change is recorded in the audit trail.
 
 ``block NAME`` stops a person everywhere at once, for offboarding: their sessions end and their
-personal tokens are revoked in the same transaction (on every replica at their next request;
-a token within ``tokens.cache_ttl``), and directory logins are refused
-with ``user_blocked`` within ``authz.poll_interval`` on every replica. ``unblock`` lifts it
+personal tokens are revoked in the same transaction, and everything is refused on every replica
+within ``authz.revocation_poll_interval`` (the revocation counter moves with the block; directory
+logins get ``user_blocked``). ``unblock`` lifts it
 (ended sessions stay ended); ``blocked`` lists who is blocked, since when, by whom and why.
 """
 
@@ -133,7 +133,7 @@ def _block_command(args: argparse.Namespace, loaded: Loaded, governance: Any) ->
             print(
                 f"Blocked {subject}: its sessions ended and its personal tokens are revoked; its "
                 "logins are refused on every replica "
-                f"within {loaded.settings.authz.poll_interval:g} s."
+                f"within {loaded.settings.authz.revocation_poll_interval:g} s."
                 if new
                 else f"{subject} was already blocked; any session it still had is ended."
             )
