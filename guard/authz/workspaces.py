@@ -182,6 +182,7 @@ class WorkspaceMiddleware:
             scope, name
         ):
             subject = scope["guard"].principal.subject
+            scope["guard"].resources = [f"workspace:{name}"]  # for the audit record
             refusal = Refusal("workspace_forbidden", f"{subject} may not use workspace {name!r}.")
             await send_refusal(scope, send, refusal)
             return
