@@ -267,7 +267,7 @@ def test_a_member_works_in_team_a_and_cannot_reach_team_b(
         assert refused.headers["x-guard-reason"] == "workspace_forbidden", (method, path)
         assert "team-b's" not in refused.text
 
-    # No header: the default workspace, where alice holds nothing.
+    # No header, an empty one or "default": the default workspace, of which alice is no member.
     cases = [
         ("GET", f"{API}/experiments/get", {"params": {"experiment_id": b["experiment_id"]}}),
         ("GET", f"{API}/runs/get", {"params": {"run_id": b["run_id"]}}),
@@ -276,9 +276,10 @@ def test_a_member_works_in_team_a_and_cannot_reach_team_b(
          {"json": {"run_id": b["run_id"], "key": "x", "value": 1, "timestamp": 1}}),
     ]  # fmt: skip
     for method, path, kwargs in cases:
-        refused = w.call("alice", method, path, **kwargs)
-        assert refused.status_code == 403, (method, path, refused.text)
-        assert refused.headers["x-guard-reason"] == "permission_denied", (method, path)
+        for named in ([], [("X-MLflow-Workspace", "")], [("X-MLflow-Workspace", "default")]):
+            refused = w.call("alice", method, path, headers=named, **kwargs)
+            assert refused.status_code == 403, (method, path, refused.text)
+            assert refused.headers["x-guard-reason"] == "workspace_forbidden", (method, path)
 
     # Team-b's ids sent in team-a: exactly what a nonexistent id gets. Alice may do anything in
     # team-a, so MLflow is asked (in team-a) and answers "does not exist" for both.
@@ -487,12 +488,11 @@ def test_a_page_token_works_only_in_its_workspace(world: World, team_a: dict[str
     search = f"{API}/experiments/search"
     first = _ok(world.call("erin", "POST", search, "team-a", json={"max_results": 1}))
     token = first["next_page_token"]
-    for workspace in ("team-b", None):
-        elsewhere = world.call(
-            "erin", "POST", search, workspace, json={"max_results": 1, "page_token": token}
-        )
-        assert _refusal(elsewhere) == (400, "invalid_request_body", "INVALID_PARAMETER_VALUE")
-        assert "another search" in elsewhere.json()["message"]
+    elsewhere = world.call(
+        "erin", "POST", search, "team-b", json={"max_results": 1, "page_token": token}
+    )
+    assert _refusal(elsewhere) == (400, "invalid_request_body", "INVALID_PARAMETER_VALUE")
+    assert "another search" in elsewhere.json()["message"]
     rest = _ok(world.call("erin", "POST", search, "team-a",
                           json={"max_results": 10, "page_token": token}))  # fmt: skip
     names = [e["name"] for e in first["experiments"] + rest["experiments"]]
@@ -525,12 +525,6 @@ def test_a_name_that_looks_qualified_never_matches_another_workspace(
     assert explained["allowed"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: the gateway's glob lets the workspace part of a qualified pattern run into "
-    "the name (guard.patterns.compile_pattern: '*' is '.*' across '/'), so '*b/experiment:x' "
-    "matches team-a/experiment:team-b/experiment:x",
-)
 def test_a_workspace_glob_never_reaches_into_a_name(world: World, team_a: dict[str, str]) -> None:
     """``*b/experiment:x`` is experiment ``x`` in every workspace whose name ends in ``b``; team-a
     does not, so team-a's experiment named ``team-b/experiment:x`` is not covered."""
@@ -545,22 +539,46 @@ def test_a_workspace_glob_never_reaches_into_a_name(world: World, team_a: dict[s
     assert tricky.status_code == 403, tricky.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: a caller who may read every experiment of default (default/*) skips the "
-    "gateway's artifact-path lookup, and MLflow serves default from the artifact root, which "
-    "holds workspaces/: listing path=workspaces names every workspace",
-)
-def test_the_artifact_root_does_not_name_other_workspaces(world: World) -> None:
-    """Workspace names are the members' to learn (GET /workspaces is filtered): a caller who
-    may read all of default cannot list them from the artifact store's root either."""
+@pytest.fixture(scope="module")
+def gina(world: World) -> str:
+    """A caller who may do anything in default (editor on default/*), and nothing elsewhere."""
     world.secrets["gina"] = _token(world.gateway, "gina", "editor", "default/*")
-    assert [
-        w["name"] for w in _ok(world.call("gina", "GET", WORKSPACE_PATHS[0]))["workspaces"]
-    ] == ["default"]
+    return "gina"
+
+
+def test_default_does_not_reach_the_workspaces_tree_by_any_spelling(
+    world: World, gina: str
+) -> None:
+    """In default MLflow serves legacy paths from the artifact root, which also holds
+    ``workspaces/``; MLflow itself (3.17.2 and 3.18.0) serves ``./workspaces/team-b/...`` there.
+    Through the gateway, a caller allowed everything in default gets no spelling of it."""
+    b = world.b
+    theirs = b["artifact"]
+    for path in (theirs, f"./{theirs}", f".//{theirs}", f"x/../{theirs}", f"%2E/{theirs}",
+                 theirs.replace("workspaces/", "workspaces//"), f"Workspaces/{theirs[11:]}",
+                 theirs.replace("/", "%2F")):  # fmt: skip
+        for prefix in (ARTIFACTS, "/ajax-api/2.0/mlflow-artifacts/artifacts"):
+            url = httpx.URL(world.gateway.url + f"{prefix}/{path}")
+            got = httpx.get(url, headers=world.headers(gina), timeout=30)
+            assert got.status_code in (400, 403, 404), (path, got.text)
+            assert TEAM_B_SECRET not in got.content, path
+    for listed in (f"./{theirs.rsplit('/', 1)[0]}", f".//workspaces/team-b/{b['experiment_id']}",
+                   f"workspaces/team-b/{b['experiment_id']}"):  # fmt: skip
+        got = world.call(gina, "GET", ARTIFACTS, params={"path": listed})
+        assert got.status_code in (400, 403), (listed, got.text)
+        assert b["run_id"] not in got.text and "secret.txt" not in got.text
+
+
+def test_the_artifact_root_does_not_name_other_workspaces(world: World, gina: str) -> None:
+    """Workspace names are the members' to learn (GET /workspaces is filtered): a caller who
+    may read all of default cannot list them from the artifact store's root either, where
+    MLflow serves default's legacy paths and keeps every workspace's tree under workspaces/."""
+    mine = _ok(world.call(gina, "GET", WORKSPACE_PATHS[0]))["workspaces"]
+    assert [w["name"] for w in mine] == ["default"]
     for path in ("workspaces", "workspaces/team-b"):
-        listed = world.call("gina", "GET", ARTIFACTS, params={"path": path})
-        assert listed.status_code in (400, 403, 404) or "team-b" not in listed.text, listed.text
+        listed = world.call(gina, "GET", ARTIFACTS, params={"path": path})
+        assert listed.status_code in (400, 403, 404), listed.text
+        assert "team-a" not in listed.text and "team-b" not in listed.text.replace(path, "")
 
 
 def test_sources_and_artifact_locations_stay_in_the_request_workspace(
@@ -741,10 +759,10 @@ def test_the_header_is_read_as_mlflow_reads_it_and_forwarded_canonical(world: Wo
     _ok(world.call("admin", "POST", create, headers=[("X_MLflow_Workspace", "team-b")],
                    json={"name": name}))  # fmt: skip
     assert _experiment_in(world, name) == ["default"]
-    # Alice, with it and nothing else, is in default, where she holds nothing.
+    # Alice, with it and nothing else, is in default, of which she is no member.
     refused = world.call("alice", "POST", create, headers=[("X_MLflow_Workspace", "team-a")],
                          json={"name": f"underscore-{uuid.uuid4().hex[:6]}"})  # fmt: skip
-    assert refused.headers["x-guard-reason"] == "permission_denied"
+    assert refused.headers["x-guard-reason"] == "workspace_forbidden"
     # Names MLflow would refuse are refused, for administrators too (nothing reaches MLflow).
     for value in ("Team-A", "TEAM-A", "a", "api", "ajax-api", "workspaces", "static-files",
                   "../x", "team-b/..", "team_a", "-team", "team-", "x" * 64, "team a",
