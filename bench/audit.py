@@ -114,10 +114,13 @@ def thread_cpu(thread: threading.Thread | None) -> float:
 
 
 async def spool_run(
-    directory: Path, tasks: int, count: int, max_seconds: float, ship_to: str | None = None
-) -> SpoolRun:
+    directory: Path, tasks: int, count: int, max_seconds: float, ship_to: str | None = None,
+    reads: bool = False,
+) -> SpoolRun:  # fmt: skip
     """``count`` appends from ``tasks`` tasks. With ``ship_to``, as in the gateway: each task
-    also queues an outcome after its intent, and a shipper stores records into ``ship_to``."""
+    also queues an outcome after its intent, and a shipper stores records into ``ship_to``.
+    With ``reads``, as the gateway records a read: ``Spool.write`` (the latency is the wait
+    until the record is written, when a read is forwarded), then the wait for its fsync."""
     spool = Spool(directory, KEY, segment_size=DEFAULTS.segment_size)
     spool.open()
     writer = spool._thread  # its CPU tells sealing and syscalls from waiting
@@ -140,8 +143,13 @@ async def spool_run(
             while issued < count and time.monotonic() < stop_at:
                 issued += 1
                 started = time.perf_counter()
-                await spool.append(record_body(issued))
-                latencies.append(time.perf_counter() - started)
+                if reads:
+                    done = await spool.write(record_body(issued))
+                    latencies.append(time.perf_counter() - started)
+                    await asyncio.wrap_future(done)
+                else:
+                    await spool.append(record_body(issued))
+                    latencies.append(time.perf_counter() - started)
                 if shipper is not None:
                     spool.append_nowait(record_body(issued))
 
@@ -153,7 +161,7 @@ async def spool_run(
         if shipper is not None:
             await shipper.stop(DEFAULTS.shutdown_grace)  # bounded
         spool.close()
-    label = f"{tasks}+ship" if shipper is not None else str(tasks)
+    label = f"{tasks}+ship" if shipper is not None else f"{tasks}{' rd' if reads else ''}"
     d = [b - a for a, b in zip(before, after, strict=True)]
     return SpoolRun(label, int(d[0]), elapsed, int(d[1]), latencies, d[2], d[3])
 
@@ -172,9 +180,14 @@ def bench_spool(root: Path, levels: list[int], count: int, max_seconds: float) -
                                 f"sqlite:///{root}/spool-ship.db"))  # fmt: skip
     print(run.row(), flush=True)
     runs.append(run)
+    run = asyncio.run(spool_run(root / "spool-reads", 8, count, max_seconds, reads=True))
+    print(run.row(), flush=True)
+    runs.append(run)
     print("  writer us / process us: CPU per record of the spool's thread / of the whole process\n"
           "  8+ship: as in the gateway at c=8 (an intent waited for, then an outcome queued) with\n"
-          "  the shipper storing into SQLite meanwhile; records counts both kinds")  # fmt: skip
+          "  the shipper storing into SQLite meanwhile; records counts both kinds\n"
+          "  8 rd: as the gateway records reads (Spool.write): p50/p99 are the wait until the\n"
+          "  record is written, when a read is forwarded; its fsync is awaited after")  # fmt: skip
     return runs
 
 
