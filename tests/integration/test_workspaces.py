@@ -581,6 +581,40 @@ def test_the_artifact_root_does_not_name_other_workspaces(world: World, gina: st
         assert "team-a" not in listed.text and "team-b" not in listed.text.replace(path, "")
 
 
+def test_a_recreated_workspace_does_not_inherit_the_old_ones_files(world: World) -> None:
+    """Team-c is deleted with SET_DEFAULT (its experiment moves to default; its files stay
+    under workspaces/team-c/) and made again: ivan, allowed everything in team-c, read the file
+    before and cannot read it, by either spelling, after; the experiment is not team-c's now."""
+    assert world.call("admin", "POST", WORKSPACE_PATHS[0], json={"name": "team-c"}).is_success
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _ok(world.call("admin", "POST", API + path, "team-c", json=body))
+
+    experiment_id = post("/experiments/create", {"name": "legacy"})["experiment_id"]
+    run = post("/runs/create", {"experiment_id": experiment_id})["run"]["info"]
+    stored = run["artifact_uri"].removeprefix("mlflow-artifacts:/") + "/old.txt"
+    assert stored.startswith("workspaces/team-c/")
+    put = world.call("admin", "PUT", f"{ARTIFACTS}/{stored}", "team-c", content=b"old")
+    assert put.status_code == 200, put.text
+    world.secrets["ivan"] = _token(world.gateway, "ivan", "editor", "team-c/*")
+    paths = (stored, stored.removeprefix("workspaces/team-c/"))
+    for path in paths:  # read once: the gateway has looked the experiment up in team-c
+        assert world.call("ivan", "GET", f"{ARTIFACTS}/{path}", "team-c").content == b"old"
+    gone = world.call("admin", "DELETE", f"{WORKSPACE_PATHS[0]}/team-c",
+                      params={"mode": "SET_DEFAULT"})  # fmt: skip
+    assert gone.status_code in (200, 204), gone.text
+    assert _experiment_in(world, "legacy") == ["default"]
+    assert world.call("admin", "POST", WORKSPACE_PATHS[0], json={"name": "team-c"}).is_success
+    for path in paths:
+        refused = world.call("ivan", "GET", f"{ARTIFACTS}/{path}", "team-c")
+        assert refused.status_code in (403, 404), (path, refused.text)
+        assert refused.content != b"old"
+    mine = world.call("ivan", "GET", f"{API}/experiments/get", "team-c",
+                      params={"experiment_id": experiment_id})  # fmt: skip
+    assert mine.status_code == 404, mine.text
+    assert (world.artifacts / stored).read_bytes() == b"old"  # still on disk
+
+
 def test_sources_and_artifact_locations_stay_in_the_request_workspace(
     world: World, team_a: dict[str, str]
 ) -> None:
