@@ -169,6 +169,13 @@ def _seed_team_b(world: World) -> None:
                           content=TEAM_B_SECRET)  # fmt: skip
     assert uploaded.status_code == 200, uploaded.text
     post("/registered-models/create", {"name": "fraud-model", "description": "team-b's"})
+    logged = post("/logged-models", {"experiment_id": b["experiment_id"], "name": "lm-b"})
+    b["logged_model"] = logged["model"]["info"]["model_id"]
+    linked = {"name": "ds-b", "experiment_ids": [b["experiment_id"]]}
+    dataset = _ok(
+        world.call("admin", "POST", "/api/3.0/mlflow/datasets/create", "team-b", json=linked)
+    )
+    b["dataset"] = dataset["dataset"]["dataset_id"]
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +299,14 @@ def test_a_member_works_in_team_a_and_cannot_reach_team_b(
         nothing = w.call("alice", "GET", path, "team-a", params={param: missing})
         assert other.status_code == 404, other.text
         assert _shape(other, theirs) == _shape(nothing, missing)
+    for path, theirs, missing in [
+        (f"{API}/logged-models/{{}}", b["logged_model"], "m-" + uuid.uuid4().hex),
+        ("/api/3.0/mlflow/datasets/{}", b["dataset"], "d-" + uuid.uuid4().hex),
+    ]:
+        other = w.call("alice", "GET", path.format(theirs), "team-a")
+        nothing = w.call("alice", "GET", path.format(missing), "team-a")
+        assert other.status_code == 404, other.text
+        assert _shape(other, theirs) == _shape(nothing, missing)
     for body in [
         {"run_id": b["run_id"], "key": "planted", "value": 1, "timestamp": 1},
         {"run_id": missing_run, "key": "planted", "value": 1, "timestamp": 1},
@@ -388,12 +403,21 @@ def test_by_id_a_single_grant_refuses_team_b_as_it_refuses_nothing(
         ("GET", f"{API}/runs/get", "run_id", b["run_id"], uuid.uuid4().hex),
         ("GET", f"{API}/metrics/get-history", "run_id", b["run_id"], uuid.uuid4().hex),
         ("GET", f"{API}/registered-models/get", "name", "fraud-model", "no-such-model"),
-    ]
+        ("GET", f"{API}/logged-models/{b['logged_model']}", "", b["logged_model"],
+         "m-" + uuid.uuid4().hex),
+        ("GET", f"/api/3.0/mlflow/datasets/{b['dataset']}", "", b["dataset"],
+         "d-" + uuid.uuid4().hex),
+    ]  # fmt: skip
     for method, path, param, theirs, missing in cases:
-        other = world.call("bob", method, path, "team-a", params={param: theirs, "metric_key": "x"})
-        nothing = world.call(
-            "bob", method, path, "team-a", params={param: missing, "metric_key": "x"}
-        )
+        if param:  # the id in the query, else in the path
+            other = world.call(
+                "bob", method, path, "team-a", params={param: theirs, "metric_key": "x"}
+            )
+            nothing = world.call("bob", method, path, "team-a",
+                                 params={param: missing, "metric_key": "x"})  # fmt: skip
+        else:
+            other = world.call("bob", method, path, "team-a")
+            nothing = world.call("bob", method, path.replace(theirs, missing), "team-a")
         assert _refusal(other) == (403, "permission_denied", "PERMISSION_DENIED"), other.text
         assert _shape(other, theirs) == _shape(nothing, missing), path
         assert "team-b" not in other.text and "fraud" not in other.text.replace(theirs, "")
