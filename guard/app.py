@@ -407,6 +407,10 @@ def build_gateway(
     async def ready() -> tuple[int, dict[str, object] | bytes]:
         checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
         result = dict(zip(("database", "upstream"), checks, strict=True))
+        if result["upstream"] == "ok" and await version.check(upstream) is not None:
+            # reachable, but every request would be refused (an unverified release, workspaces
+            # that do not match the setting): a load balancer must stop sending traffic here
+            result["upstream"] = version.problem() or "refused"
         if trail is not None:
             result["audit"] = trail.problem or "ok"
         failing = [name for name, state in result.items() if state != "ok"]

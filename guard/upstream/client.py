@@ -257,6 +257,15 @@ class VersionGate:
             f"({', '.join(sorted(self.verified))}); see --allow-unverified-mlflow.",
         )
 
+    def problem(self) -> str:
+        """Why forwarded requests are refused now, as far as the last read knows ("" if they are
+        not): for the readiness probe, so a load balancer stops sending traffic here."""
+        if self.mismatch:
+            return self.mismatch
+        if self.version is not None and not self.accepts(self.version):
+            return f"MLflow {self.version} is not a verified release"
+        return ""
+
     def patch_of_verified(self, version: str) -> bool:
         """An unverified release of a verified minor (3.18.1 when 3.18.0 is verified)."""
         return version not in self.verified and _minor(version) in {

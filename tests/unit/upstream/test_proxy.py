@@ -431,8 +431,22 @@ def test_unverified_mlflow_releases_are_refused_unless_allowed(
             assert response.status_code == 503
             assert response.json()["reason"] == "upstream_unverified"
             assert "9.9.9" in response.json()["message"]
+            # not ready either: a load balancer must stop sending traffic here
+            ready = httpx.get(f"{gw.url}/guard/ready")
+            assert ready.status_code == 503
+            assert "upstream: MLflow 9.9.9 is not a verified release" in ready.json()["message"]
         flags = {"upstream.allow_unverified_mlflow": "true"}
         with start_gateway(tmp_path / "b", server.url, **flags) as gw:
             assert httpx.get(f"{gw.url}/api/2.0/mlflow/runs/get", headers=AUTH).status_code == 200
+            assert httpx.get(f"{gw.url}/guard/ready").status_code == 200
+        # upstream.workspaces on, MLflow without them: every request would be refused
+        fake.version = b"3.17.2"
+        with start_gateway(tmp_path / "c", server.url, **{"upstream.workspaces": "true"}) as gw:
+            assert httpx.get(f"{gw.url}/guard/ready").status_code == 503  # before any request
+            response = httpx.get(f"{gw.url}/api/2.0/mlflow/runs/get", headers=AUTH)
+            assert response.json()["reason"] == "upstream_misconfigured"
+            ready = httpx.get(f"{gw.url}/guard/ready")
+            assert ready.status_code == 503
+            assert "upstream.workspaces is on but MLflow runs without" in ready.json()["message"]
     finally:
         fake.version = b"3.17.2"
