@@ -81,8 +81,15 @@ class Gateway:
 
 
 def start_gateway(
-    data_dir: Path, *args: str, token: str | None = None, port: int | None = None, **env_extra: str
+    data_dir: Path,
+    *args: str,
+    token: str | None = None,
+    port: int | None = None,
+    ready_path: str = "/guard/ready",
+    **env_extra: str,
 ) -> Gateway:
+    """A gateway process, once ``ready_path`` answers 200 (``/guard/health`` for one that is
+    meant never to be ready: in front of an MLflow it refuses to forward to)."""
     port = port or free_port()
     token = token or "mlg_" + os.urandom(32).hex()
     settings = {"MLFLOW_GUARD_BOOTSTRAP_TOKEN": token, "MLFLOW_GUARD_TOKENS_CACHE_TTL": "0.5s"}
@@ -97,7 +104,7 @@ def start_gateway(
         )  # fmt: skip
     gateway = Gateway(f"http://127.0.0.1:{port}", port, token, data_dir, proc, log, env)
     try:
-        wait_ready(gateway.url, proc, log)
+        wait_ready(gateway.url, proc, log, ready_path)
     except RuntimeError:
         gateway.stop()
         raise

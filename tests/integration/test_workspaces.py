@@ -113,11 +113,14 @@ def _token(gateway: Gateway, name: str, role: str, resource: str) -> str:
     return created.stdout.strip()
 
 
-def start_workspace_gateway(data: Path, upstream: str, token: str | None = None) -> Gateway:
+def start_workspace_gateway(
+    data: Path, upstream: str, token: str | None = None, ready_path: str = "/guard/ready"
+) -> Gateway:
     """The gateway with upstream.workspaces on, in front of ``upstream``."""
     return start_gateway(
-        data, "--upstream-url", upstream, token=token, MLFLOW_GUARD_UPSTREAM_WORKSPACES="true"
-    )
+        data, "--upstream-url", upstream, token=token, ready_path=ready_path,
+        MLFLOW_GUARD_UPSTREAM_WORKSPACES="true",
+    )  # fmt: skip
 
 
 def build_world(release: str, home: Path) -> Iterator[World]:
@@ -961,8 +964,10 @@ def test_workspaces_on_in_front_of_an_mlflow_without_them_is_refused(
 ) -> None:
     assert _ok(httpx.get(external_mlflow.url + "/api/3.0/mlflow/server-info")).get(
         "workspaces_enabled") is not True  # fmt: skip
-    gateway = start_workspace_gateway(tmp_path / "gw", external_mlflow.url)
+    gateway = start_workspace_gateway(tmp_path / "gw", external_mlflow.url, None, "/guard/health")
     try:
+        not_ready = httpx.get(gateway.url + "/guard/ready")
+        assert not_ready.status_code == 503 and "upstream.workspaces is on" in not_ready.text
         for message in _misconfigured(gateway, gateway.token):
             assert "--enable-workspaces" in message and "upstream.workspaces is on" in message
         assert (
@@ -980,8 +985,9 @@ def test_workspaces_off_in_front_of_them_is_refused_and_unqualified_grants_stop_
     gateway without workspaces, stops it from starting with workspaces on and says how to fix
     it — and check-config says the same beforehand."""
     data = tmp_path / "gw"
-    gateway = start_gateway(data, "--upstream-url", world.mlflow.url)
+    gateway = start_gateway(data, "--upstream-url", world.mlflow.url, ready_path="/guard/health")
     try:
+        assert httpx.get(gateway.url + "/guard/ready").status_code == 503
         for message in _misconfigured(gateway, gateway.token):
             assert "upstream.workspaces is off" in message and "turn it on" in message
         # Without workspaces a qualified grant is the mistake, an unqualified one is fine.
