@@ -36,15 +36,16 @@ _WORKSPACE: Final = re.compile(r"[a-z0-9*?-]+")
 def split_workspace(resource: str) -> tuple[str | None, str]:
     """(workspace or workspace glob, the rest) of a resource or pattern qualified with an MLflow
     workspace: ``team-a/experiment:x`` -> ("team-a", "experiment:x"), ``team-a/*`` ->
-    ("team-a", "*"), ``*-prod/model:*`` -> ("*-prod", "model:*"); (None, resource) otherwise.
+    ("team-a", "*"), ``*-prod/model:*`` -> ("*-prod", "model:*"); (None, resource) otherwise
+    (the part after the workspace is a kind that lives in workspaces, or ``*``).
     The workspace comes before the first ``:`` and holds neither ``/`` nor ``:``."""
     head, sep, _ = resource.partition(":")
     workspace, slash, kind = head.partition("/")
     if not slash or not _WORKSPACE.fullmatch(workspace):
         return None, resource
-    if (sep and kind in SCOPED_KINDS) or (is_pattern(kind) and "/" not in kind):
+    if (sep and kind in SCOPED_KINDS) or kind == "*":
         return workspace, resource[len(workspace) + 1 :]
-    return None, resource
+    return None, resource  # e.g. */fraud*: a glob over unqualified names, as it always was
 
 
 def _glob(pattern: str, star: str, one: str) -> str:

@@ -575,3 +575,16 @@ def test_start_up_refuses_a_policy_it_cannot_enforce(tmp_path: Any) -> None:
 
     asyncio.run(start_and_stop())  # workspaces off: the same policy is fine
     engine.dispose()
+
+
+@pytest.mark.parametrize("pattern", ["*/fraud*", "exp*/x?", "a*/b*:c"])
+def test_globs_over_unqualified_names_keep_their_meaning(pattern: str) -> None:
+    """Only WORKSPACE/KIND:... and WORKSPACE/* are qualified: a policy written before workspaces
+    with a '/' in a glob means what it meant, and is no problem with workspaces off."""
+    assert split(pattern) == (None, pattern)
+    policy = grants(pattern)
+    assert problems(policy, enabled=False) == []
+    index = PolicyIndex(policy)
+    assert index.decide("user:a", "experiment:team/fraud-x", "read").allowed == (
+        pattern == "*/fraud*"
+    )
