@@ -128,10 +128,16 @@ def problems(policy: PolicySet, enabled: bool) -> list[str]:
                 "static-files)"
             )
         elif enabled and unqualified(grant):
+            by_hand = unqualified(Grant(grant.subject, grant.role, f"x/{grant.resource}"))
             found.append(
-                f"grant {row}: names no workspace, and upstream.workspaces is on (write "
-                f"WORKSPACE/{grant.resource}; `{QUALIFY_COMMAND}` rewrites every such grant "
-                "into the workspace MLflow put existing resources in)"
+                f"grant {row}: names no workspace, and upstream.workspaces is on ("
+                + (
+                    "a glob over kinds: rewrite it by hand as WORKSPACE/KIND:NAME patterns"
+                    if by_hand
+                    else f"write WORKSPACE/{grant.resource}; `{QUALIFY_COMMAND}` rewrites every "
+                    "such grant into the workspace MLflow put existing resources in"
+                )
+                + ")"
             )
         elif not enabled and split(grant.resource)[0] is not None:
             found.append(
@@ -145,14 +151,16 @@ def qualify_policy(policy: PolicySet, workspace: str) -> PolicySet:
     """Every unqualified allow rewritten into ``workspace`` (``experiment:x`` ->
     ``WORKSPACE/experiment:x``, ``*:x`` -> ``WORKSPACE/*:x``) and every unqualified deny into
     every workspace (``*/experiment:secret*``: a deny that held everywhere still does); the
-    rest unchanged."""
-    grants = {
-        Grant(
-            g.subject, g.role,
-            f"{'*' if g.effect == 'deny' else workspace}/{g.resource}", g.effect,
-        ) if unqualified(g) else g
-        for g in policy.grants
-    }  # fmt: skip
+    rest unchanged, and so is a glob over kinds that no prefix can confine to one workspace
+    (``e*``, ``*/fraud*``: ``problems`` still names it, to be rewritten by hand)."""
+    grants = set()
+    for g in policy.grants:
+        if unqualified(g):
+            prefix = "*" if g.effect == "deny" else workspace
+            rewritten = Grant(g.subject, g.role, f"{prefix}/{g.resource}", g.effect)
+            grants.add(rewritten if not unqualified(rewritten) else g)
+        else:
+            grants.add(g)
     return PolicySet(frozenset(grants), policy.memberships, policy.roles)
 
 

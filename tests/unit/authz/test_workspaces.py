@@ -173,7 +173,11 @@ def test_with_workspaces_on_every_grant_on_what_they_hold_names_one() -> None:
         for p in found
     )
     assert named == sorted(["experiment:x", "model:*", "skill:s", "*:fraud", "e*"])
-    assert all("mlflow-guard policy qualify --workspace default" in p for p in found)
+    by_hand = [p for p in found if "rewrite it by hand" in p]
+    assert [p.split(",")[2].strip() for p in by_hand] == ["e*"]  # a glob over kinds
+    assert all(
+        "mlflow-guard policy qualify --workspace default" in p for p in found if p not in by_hand
+    )
     assert problems(policy, enabled=False) == [
         "grant user:a, viewer, */experiment:y, allow: names a workspace, and upstream.workspaces "
         "is off (it could never match; remove it or turn workspaces on)",
@@ -588,3 +592,11 @@ def test_globs_over_unqualified_names_keep_their_meaning(pattern: str) -> None:
     assert index.decide("user:a", "experiment:team/fraud-x", "read").allowed == (
         pattern == "*/fraud*"
     )
+
+
+def test_a_glob_over_kinds_is_left_for_a_human_to_rewrite() -> None:
+    policy = grants("*/fraud*", "e*", "experiment:x")
+    rewritten = qualify_policy(policy, "default")
+    assert {g.resource for g in rewritten.grants} == {"*/fraud*", "e*", "default/experiment:x"}
+    found = problems(rewritten, enabled=True)
+    assert len(found) == 2 and all("rewrite it by hand" in p for p in found)
