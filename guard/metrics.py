@@ -81,7 +81,9 @@ class Metrics:
             buckets=_FAST, registry=self.registry,
         )  # fmt: skip
         self.audit_write = Histogram(
-            "mlflow_guard_audit_write_seconds", "Waiting for the intent record's fsync.",
+            "mlflow_guard_audit_write_seconds",
+            "Waiting for the intent record's fsync: before forwarding, or (reads) with the "
+            "answer held until it.",
             buckets=_FAST, registry=self.registry,
         )  # fmt: skip
         if trail is not None:
