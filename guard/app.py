@@ -66,6 +66,8 @@ from guard.audit.trail import (
     IntentMiddleware,
     blocks_logins,
     counts_as_failure,
+    ship_leftover_spools,
+    worker_spool_dir,
 )
 from guard.authz.authorization import AuthorizationMiddleware
 from guard.authz.policy import Grant, PolicyError
@@ -129,6 +131,18 @@ PROBES = frozenset({"/guard/health", "/guard/ready", "/guard/metrics"})
 PROBE_METHODS = frozenset({"GET", "HEAD"})
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """One of ``gateway.workers`` processes (``guard.cli.workers``). Its parent ran the
+    migrations, made the first admin token and supervises the embedded MLflow; this process only
+    serves, forwarding to ``upstream_url``, with its own audit chain (``worker_spool_dir``)."""
+
+    index: int
+    count: int
+    upstream_url: str
+    bootstrapped: bool = False  # the parent made the first admin token: worker 0 records it
+
+
 @dataclass
 class Gateway:
     """The ASGI application plus what its lifespan opens and closes."""
@@ -148,6 +162,8 @@ class Gateway:
     blocked: BlockedSubjects | None = None  # user blocks followed; ended sessions pruned
     revocations: Revocations | None = None  # the revocation counter followed; caches obey it
     provider_http: ProviderHttp | None = None  # OpenID Connect providers' HTTP session
+    worker: WorkerRole | None = None  # one of several processes: the parent prepared
+    metrics: Metrics | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -155,7 +171,10 @@ class Gateway:
             return
         await self.app(scope, receive, send)
 
-    async def startup(self) -> None:
+    async def prepare(self, workers: int = 1) -> str | None:
+        """What happens once per start, whatever the number of processes serving: migrations,
+        the first admin token (its banner; returned), and storing what the audit spools of
+        workers beyond ``workers`` left behind (a start with fewer ``gateway.workers``)."""
         await anyio.to_thread.run_sync(migrate, self.engine)
         secret = await anyio.to_thread.run_sync(
             Governance(self.tokens, self.policies.store).bootstrap,
@@ -166,8 +185,19 @@ class Gateway:
         if secret is not None:
             self.on_bootstrap(secret)
         if self.trail is not None:
+            await anyio.to_thread.run_sync(
+                ship_leftover_spools, self.settings, self.engine, self.tokens.key, workers
+            )
+        return secret
+
+    async def startup(self) -> None:
+        if self.worker is None:
+            created = await self.prepare() is not None
+        else:
+            created = self.worker.bootstrapped and self.worker.index == 0
+        if self.trail is not None:
             await self.trail.start()
-            if secret is not None:
+            if created:
                 self.trail.event({"event": "token_created", "principal": "gateway:bootstrap",
                                   "token": "admin", "role": "admin", "resource": "*"})  # fmt: skip
         await self.policies.start()
@@ -178,6 +208,8 @@ class Gateway:
         if self.supervisor is not None:
             await self.supervisor.start()
         self.upstream.open()
+        if self.metrics is not None:
+            self.metrics.start()
         logger.info("forwarding to MLflow at %s", self.upstream.base_url)
 
     def begin_shutdown(self) -> None:
@@ -187,6 +219,8 @@ class Gateway:
             self.supervisor.begin_stop()
 
     async def shutdown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.policies.stop()
         if self.revocations is not None:
             await self.revocations.stop()
@@ -304,8 +338,8 @@ class SplitByPrefix:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:
-    """How the gateway is served. One uvicorn process: its sockets keep TCP_NODELAY, which
-    ``--workers`` loses (uvicorn #3149, ~40 ms per keep-alive request)."""
+    """How the gateway is served, by one process or each of ``gateway.workers`` (whose shared
+    socket is made so that its connections keep TCP_NODELAY: ``guard.cli.workers``)."""
     g = settings.gateway
     limits = ProtocolLimits(
         header_timeout=g.header_timeout,
@@ -334,10 +368,12 @@ def build_gateway(
     settings: Settings,
     environ: Mapping[str, str] | None = None,
     on_bootstrap: Callable[[str], None] | None = None,
+    worker: WorkerRole | None = None,
 ) -> Gateway:
     """Assemble the gateway. Opens nothing: connections and the child process wait for startup.
     Raises TokenError for a malformed ``MLFLOW_GUARD_BOOTSTRAP_TOKEN``, whether or not it would
-    be used."""
+    be used. As one of ``worker.count`` processes, it supervises no MLflow, forwards to the
+    parent's, writes its own audit chain, and lets each address ``1/count`` of the failures."""
     environ = dict(os.environ if environ is None else environ)
     if problem := validate_bootstrap_token(environ):
         raise TokenError(problem)
@@ -356,7 +392,7 @@ def build_gateway(
         bearer.revocations = revocations
         providers.append(bearer)  # JWTs of trusted issuers (never mlg_: tokens are asked first)
     supervisor = None
-    if settings.embedded:
+    if settings.embedded and worker is None:
         m = settings.mlflow
         supervisor = MlflowSupervisor(
             EmbeddedConfig(
@@ -371,6 +407,8 @@ def build_gateway(
             environ,
         )
     upstream_url = supervisor.url if supervisor is not None else settings.upstream.url
+    if worker is not None:
+        upstream_url = worker.upstream_url
     u = settings.upstream
     upstream = UpstreamClient(
         upstream_url,
@@ -387,12 +425,15 @@ def build_gateway(
     async def health() -> tuple[int, dict[str, object] | bytes]:
         return 200, {"status": "ok"}
 
-    limiter = FailureLimiter(g.failed_login_limit, g.failed_login_interval)
+    # Each worker counts only the refusals it answered: an address gets 1/count of the limit
+    # from each, so all of them together never let more through than one process would.
+    count = worker.count if worker is not None else 1
+    limiter = FailureLimiter(max(1, g.failed_login_limit // count), g.failed_login_interval)
     trail: AuditTrail | None = None
     if settings.audit.enabled:
         a = settings.audit
         trail = AuditTrail(
-            spool_dir=settings.audit_spool_dir,
+            spool_dir=worker_spool_dir(settings, worker.index if worker is not None else 0),
             secret_key=store.key,
             engine=engine,
             segment_size=a.segment_size,
@@ -554,7 +595,7 @@ def build_gateway(
         personal=personal,
     )
     token_page = TokenPage(personal=personal, cookie=session_cookie, csrf=TokenPageCsrf(store.key))
-    metrics = Metrics(trail)
+    metrics = Metrics(trail, multiprocess=worker is not None)
 
     async def scrape() -> tuple[int, dict[str, object] | bytes]:
         return 200, metrics.render()
@@ -618,6 +659,8 @@ def build_gateway(
         blocked=blocked,
         revocations=revocations,
         provider_http=provider_http,
+        worker=worker,
+        metrics=metrics,
     )
 
 

@@ -4,14 +4,25 @@ One registry per gateway (no module-level state): requests by decision and statu
 histograms for the whole request, MLflow's part, the authorization decision and the wait for the
 intent record's fsync; and, read from the audit trail when scraped, spool depth, records spooled
 and stored, write failures and each chain's head.
+
+With ``gateway.workers`` above 1 (``multiprocess``, and ``PROMETHEUS_MULTIPROC_DIR`` set by the
+parent), prometheus-client's multiprocess mode adds up every worker's requests and histograms
+in that directory; each worker publishes its audit figures there once a second (and when it
+answers a scrape) as gauges summed over the live workers; the chain head is one gauge per
+writer, without the MAC label (a label per MAC would grow the shared files by one entry per
+record).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
@@ -61,9 +72,65 @@ class _AuditCollector(Collector):
         )  # fmt: skip
 
 
+PUBLISH_INTERVAL = 1.0  # seconds between a worker's audit figures in the shared files
+
+
+class _AuditGauges:
+    """A worker's audit figures, written where every worker's scrape reads them."""
+
+    def __init__(self, trail: AuditTrail, registry: CollectorRegistry) -> None:
+        self.trail = trail
+
+        def gauge(name: str, doc: str, mode: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)  # type: ignore[arg-type]
+
+        self.depth = gauge(
+            "mlflow_guard_audit_spool_depth", "Spooled records not yet in the database.", "livesum"
+        )
+        self.spooled = gauge(
+            "mlflow_guard_audit_records_spooled",
+            "Records made durable in the spools (live workers, since their start).",
+            "livesum",
+        )
+        self.stored = gauge(
+            "mlflow_guard_audit_records_stored",
+            "Records moved from the spools into the database (live workers, since their start).",
+            "livesum",
+        )
+        self.write_failures = gauge(
+            "mlflow_guard_audit_write_failures", "Records the spools could not write.", "livesum"
+        )
+        self.store_failures = gauge(
+            "mlflow_guard_audit_store_failures", "Failed attempts to store a batch.", "livesum"
+        )
+        self.head = gauge(
+            "mlflow_guard_audit_chain_head",
+            "Sequence number of each writer's newest record.",
+            "livemax",
+            ("writer",),
+        )
+        self.healthy = gauge(
+            "mlflow_guard_audit_healthy", "1 while every worker's spool can be written.", "livemin"
+        )
+
+    def publish(self) -> None:
+        spool, shipper = self.trail.spool, self.trail.shipper
+        self.depth.set(shipper.depth)
+        self.spooled.set(spool.spooled)
+        self.stored.set(shipper.replayed)
+        self.write_failures.set(spool.failures)
+        self.store_failures.set(shipper.failures)
+        if spool.head.writer:
+            self.head.labels(spool.head.writer).set(spool.head.seq)
+        self.healthy.set(0 if self.trail.problem else 1)
+
+
 class Metrics:
-    def __init__(self, trail: AuditTrail | None = None) -> None:
+    def __init__(self, trail: AuditTrail | None = None, multiprocess: bool = False) -> None:
+        self.directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if multiprocess else ""
         self.registry = CollectorRegistry()
+        self._audit: _AuditGauges | None = None
+        self._task: asyncio.Task[None] | None = None
         self.requests = Counter(
             "mlflow_guard_requests", "Requests by decision and HTTP status.",
             ["decision", "status"], registry=self.registry,
@@ -86,8 +153,28 @@ class Metrics:
             "answer held until it.",
             buckets=_FAST, registry=self.registry,
         )  # fmt: skip
-        if trail is not None:
+        if trail is not None and self.directory:
+            self._audit = _AuditGauges(trail, self.registry)
+        elif trail is not None:
             self.registry.register(_AuditCollector(trail))
+
+    def start(self) -> None:
+        """A worker's audit figures, published once a second from now on."""
+        if self._audit is not None and self._task is None:
+            self._task = asyncio.ensure_future(self._publish())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _publish(self) -> None:
+        assert self._audit is not None  # noqa: S101 - started only with one
+        while True:
+            self._audit.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL)
 
     def observe(self, scope: Scope) -> None:
         """Count a finished request (called with the audit outcome)."""
@@ -107,4 +194,10 @@ class Metrics:
             self.audit_write.observe(context.audit_seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.directory:
+            return generate_latest(self.registry)
+        if self._audit is not None:
+            self._audit.publish()
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, self.directory)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)

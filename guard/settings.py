@@ -142,6 +142,14 @@ def _frame_ancestors(value: str) -> str | None:
 class GatewaySettings:
     host: str = option("127.0.0.1", "Address the gateway listens on.", flag="--host")
     port: int = option(5000, "Port the gateway listens on.", flag="--port", check=_port)
+    workers: int = option(
+        1,
+        "Gateway processes serving requests, each on its own core with its own audit chain "
+        "(one embedded MLflow serves them all). Raise it when the gateway's process is busy "
+        "near a whole core and the machine has cores to spare; 1 serves from one process.",
+        flag="--workers",
+        check=_positive,
+    )
     allowed_hosts: tuple[str, ...] = option(
         (),
         "Host headers the gateway answers: exact names, *.domain, host:port. Empty means "

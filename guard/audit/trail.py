@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -333,3 +334,56 @@ def record_cli_event(
     except (sa.exc.SQLAlchemyError, OSError) as exc:
         return f"recorded in {spool.directory}; it reaches the database next time ({exc})"
     return ""
+
+
+WORKER_PREFIX: Final = "worker-"
+
+
+def worker_spool_dir(settings: Settings, index: int) -> Path:
+    """Worker ``index``'s spool (``gateway.workers``): the first writes the spool a single
+    process writes, so one worker continues its chain; worker i > 0 writes ``worker-<i>``
+    inside it, a writer with its own chain."""
+    spool = settings.audit_spool_dir
+    return spool if index == 0 else spool / f"{WORKER_PREFIX}{index}"
+
+
+def worker_spool_dirs(settings: Settings) -> dict[int, Path]:
+    """The spools of workers i > 0 that exist, by index."""
+    found: dict[int, Path] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for path in settings.audit_spool_dir.iterdir():
+            number = path.name.removeprefix(WORKER_PREFIX)
+            if path.name.startswith(WORKER_PREFIX) and number.isdigit() and path.is_dir():
+                found[int(number)] = path
+    return found
+
+
+def ship_leftover_spools(
+    settings: Settings, engine: Engine, secret_key: bytes, workers: int
+) -> int:
+    """Store what the spools of workers ``workers`` and beyond hold (a start with fewer
+    workers than the last): each is opened as its writer would (a crash's open intents get
+    their ``outcome_unknown``) and shipped whole. Returns the records stored; what the database
+    does not take now waits in its spool for the next start."""
+    stored = 0
+    for index, directory in sorted(worker_spool_dirs(settings).items()):
+        if index < workers:
+            continue
+        spool = Spool(
+            directory,
+            derive_key(secret_key, "audit-chain"),
+            segment_size=settings.audit.segment_size,
+        )
+        try:
+            spool.open()
+        except SpoolError as exc:
+            logger.error("audit spool of worker %d not shipped: %s", index, exc)
+            continue
+        spool.close()
+        try:
+            stored += Shipper(spool, AuditStore(engine)).ship_all()
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            logger.error(
+                "audit spool %s not stored yet (%s); the next start retries", directory, exc
+            )
+    return stored

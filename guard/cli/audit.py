@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> int:
 
     from guard.audit.commands import parse_when, query_records, verify_trail, write_records
     from guard.audit.store import Filters
-    from guard.audit.trail import cli_spool_dir
+    from guard.audit.trail import cli_spool_dir, worker_spool_dirs
     from guard.keys import SecretKeyError, load_secret_key
     from guard.store.db import build_engine, migrate
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> int:
             key = load_secret_key(settings.secret_key_file, os.environ, create=False)
             spools = [Path(s) for s in args.spool] or [
                 p for p in (settings.audit_spool_dir, cli_spool_dir(settings)) if p.exists()
-            ]
+            ] + [p for _, p in sorted(worker_spool_dirs(settings).items())]
             unchecked: list[str] = []
             if args.archive:
                 checked, problems = verify_archive(key, Path(args.archive))

@@ -167,6 +167,10 @@ def serve(loaded: Loaded) -> int:
     except (SecretKeyError, TokenError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
+    if settings.gateway.workers > 1:
+        from guard.cli.workers import serve_workers
+
+        return serve_workers(settings, gateway)
     config = uvicorn.Config(
         gateway,
         host=settings.gateway.host,
