@@ -381,7 +381,9 @@ def ship_leftover_spools(
             continue
         spool.close()
         try:
-            stored += Shipper(spool, AuditStore(engine)).ship_all()
+            count = Shipper(spool, AuditStore(engine)).ship_all()
+            stored += count
+            logger.info("stored %d audit records left in the spool of worker %d", count, index)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             logger.error(
                 "audit spool %s not stored yet (%s); the next start retries", directory, exc
