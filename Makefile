@@ -117,6 +117,7 @@ mlflow-deps: $(STAMP)
 bench: $(STAMP) system-packages $(IDP_STAMP)
 	$(BIN)/python -m bench.authz
 	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.workers
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.ldap
 	$(BIN)/python -m bench.oidc

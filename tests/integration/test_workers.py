@@ -123,6 +123,23 @@ def test_the_failure_limit_is_shared_by_the_workers(workers: Gateway) -> None:
                      auth=auth).status_code == 200  # fmt: skip
 
 
+def test_a_worker_that_dies_is_started_again(workers: Gateway) -> None:
+    mlflow = {p.pid for p in mlflow_servers(workers)}
+    victim = worker_processes(workers)[0]
+    victim.kill()
+    victim.wait(timeout=STOP_TIMEOUT)
+    deadline = time.monotonic() + 60
+    while len({p.pid for p in worker_processes(workers)} - {victim.pid}) < 2:
+        assert time.monotonic() < deadline, "no worker started in place of the dead one"
+        time.sleep(0.2)
+    auth = ("admin", workers.token)
+    deadline = time.monotonic() + 60
+    while spread(workers, "/version", 16, auth) != [200] * 16:  # until the new one serves too
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert {p.pid for p in mlflow_servers(workers)} == mlflow  # MLflow untouched
+
+
 def test_sigterm_stops_every_process(workers: Gateway) -> None:
     everything = psutil.Process(workers.proc.pid).children(recursive=True)
     assert len(everything) >= 4  # two workers, MLflow and its server process

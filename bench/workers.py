@@ -1,0 +1,106 @@
+"""The gateway's CPU per request with ``--workers 2`` against one process (``make bench``).
+
+Two gateways in front of the same no-op upstream, everything on (token auth, RBAC, audit):
+one with ``gateway.workers = 1``, one with 2. The same keep-alive GET runs against each,
+interleaved, at each concurrency level, ``--repeats`` times; the gateway's CPU is that of its
+whole process tree (the parent, the workers, multiprocessing's resource tracker) over the run,
+divided by the requests answered. Printed: medians with their spread (min..max over runs).
+
+This 2-core box also runs the load generator and the upstream, so the throughput of 2 workers
+cannot show what they do on a bigger machine; CPU per request can: if it stays the same, N
+workers on N free cores serve N times what one does until the upstream or the database is the
+bottleneck.
+
+Target (issue 13): CPU per request with 2 workers within 10% of one worker's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+from bench.proxy import NOOP_MIX, TOKEN, Run, load, start_gateway, start_noop
+
+TARGET = 1.10  # most CPU per request of 2 workers, as a multiple of one worker's
+
+
+class ProcessTree:
+    """A gateway and its children, as ``load`` reads a process: user and system CPU seconds."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+
+    def cpu_times(self) -> tuple[float, float]:
+        user = system = 0.0
+        for process in [self.process, *self.process.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            user, system = user + times.user, system + times.system
+        return user, system
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument(
+        "--audit", default="on", choices=("on", "off"), help="audit trail (default on)"
+    )
+    args = parser.parse_args()
+    env = {"MLFLOW_GUARD_AUDIT_ENABLED": "true" if args.audit == "on" else "false"}
+    levels = [int(c) for c in args.levels.split(",")]
+    verdicts = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
+        home = Path(tmp)
+        for name in ("one", "two"):
+            (home / name).mkdir()
+        print("starting a no-op upstream, a gateway with 1 worker and one with 2 ...", flush=True)
+        noop = start_noop(stack, home)
+        one_url, one = start_gateway(stack, home / "one", noop, **env)
+        two_url, two = start_gateway(
+            stack, home / "two", noop, MLFLOW_GUARD_GATEWAY_WORKERS="2", **env
+        )
+        trees = {"1": (one_url, ProcessTree(one)), "2": (two_url, ProcessTree(two))}
+        print(f"\n== --workers 1 vs 2, no-op upstream (the gateway's own cost), audit "
+              f"{args.audit}: "
+              f"{args.repeats} interleaved runs of {args.seconds:.0f} s per level; median "
+              "(min..max) ==")  # fmt: skip
+        print(f"{'c':>3} {'rps 1w':>8} {'rps 2w':>8} {'cpu/req ms 1w':>22} "
+              f"{'cpu/req ms 2w':>22} {'2w/1w':>6} {'errors':>7}")  # fmt: skip
+        for c in levels:
+            runs: dict[str, list[Run]] = {"1": [], "2": []}
+            for _ in range(args.repeats):
+                for workers, (url, tree) in trees.items():
+                    run = asyncio.run(load(url, NOOP_MIX, c, args.seconds, TOKEN, tree))  # type: ignore[arg-type]
+                    runs[workers].append(run)
+            cpu = {w: [(r.gateway_cpu or 0) / max(r.requests, 1) * 1000 for r in rs]
+                   for w, rs in runs.items()}  # fmt: skip
+            rps = {w: statistics.median(r.rps for r in rs) for w, rs in runs.items()}
+            ratio = statistics.median(cpu["2"]) / statistics.median(cpu["1"])
+            errors = sum(r.errors for rs in runs.values() for r in rs)
+            print(f"{c:>3} {rps['1']:>8.0f} {rps['2']:>8.0f} {spread(cpu['1']):>22} "
+                  f"{spread(cpu['2']):>22} {ratio:>6.2f} {errors:>7}", flush=True)  # fmt: skip
+            verdicts.append((c, ratio))
+    for c, ratio in verdicts:
+        verdict = "met" if ratio <= TARGET else "MISSED"
+        print(f"target (workers, c={c}): CPU per request with 2 workers <= {TARGET:.2f}x one "
+              f"worker's: {verdict} ({ratio:.2f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
