@@ -91,7 +91,7 @@ from guard.edge.deadlines import BodyDeadlines
 from guard.edge.headers import SecurityHeadersMiddleware, SingleValuedHeadersMiddleware
 from guard.edge.hosts import AllowedHostsMiddleware, default_allowed_hosts
 from guard.edge.protocol import ProtocolLimits, build_protocol
-from guard.edge.ratelimit import FailureLimiter
+from guard.edge.ratelimit import FailureLimiter, SharedWindows
 from guard.errors import Refusal, send_body, send_refusal
 from guard.identity.authentication import AuthenticationMiddleware
 from guard.identity.base import IdentityProvider
@@ -141,6 +141,8 @@ class WorkerRole:
     count: int
     upstream_url: str
     bootstrapped: bool = False  # the parent made the first admin token: worker 0 records it
+    failures_file: str = ""  # every worker's failure windows per address (SharedWindows)
+    failures_key: bytes = b""
 
 
 @dataclass
@@ -373,7 +375,7 @@ def build_gateway(
     """Assemble the gateway. Opens nothing: connections and the child process wait for startup.
     Raises TokenError for a malformed ``MLFLOW_GUARD_BOOTSTRAP_TOKEN``, whether or not it would
     be used. As one of ``worker.count`` processes, it supervises no MLflow, forwards to the
-    parent's, writes its own audit chain, and lets each address ``1/count`` of the failures."""
+    parent's, writes its own audit chain, and counts failures per address with the others."""
     environ = dict(os.environ if environ is None else environ)
     if problem := validate_bootstrap_token(environ):
         raise TokenError(problem)
@@ -425,10 +427,10 @@ def build_gateway(
     async def health() -> tuple[int, dict[str, object] | bytes]:
         return 200, {"status": "ok"}
 
-    # Each worker counts only the refusals it answered: an address gets 1/count of the limit
-    # from each, so all of them together never let more through than one process would.
-    count = worker.count if worker is not None else 1
-    limiter = FailureLimiter(max(1, g.failed_login_limit // count), g.failed_login_interval)
+    shared = None  # one of several workers: the failures every worker counted decide
+    if worker is not None and worker.failures_file:
+        shared = SharedWindows(Path(worker.failures_file), worker.failures_key)
+    limiter = FailureLimiter(g.failed_login_limit, g.failed_login_interval, shared=shared)
     trail: AuditTrail | None = None
     if settings.audit.enabled:
         a = settings.audit

@@ -6,7 +6,8 @@ without the protocol number), runs the migrations, makes the first admin token a
 banner, stores what the spools of workers beyond N left behind, and starts and supervises the
 embedded MLflow. Then it spawns N fresh interpreters; each builds its own gateway
 (``guard.app.WorkerRole``): its own audit chain, policy runtime and upstream pool, forwarding to
-the one MLflow, and serves the shared socket with uvicorn. A worker that dies is started again;
+the one MLflow, failures per address counted in one table with the others, metrics in files the
+others read too; and serves the shared socket with uvicorn. A worker that dies is started again;
 one that fails to start stops everything. SIGTERM or SIGINT to the parent stops the workers
 (each drains as one process would), then MLflow. A worker whose parent is gone stops itself.
 """
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from guard.app import Gateway, WorkerRole
 from guard.settings import Settings
@@ -94,9 +96,18 @@ class Workers:
     """The parent's view of its workers."""
 
     def __init__(
-        self, settings: Settings, sock: socket.socket, upstream_url: str, bootstrapped: bool
+        self,
+        settings: Settings,
+        sock: socket.socket,
+        upstream_url: str,
+        bootstrapped: bool,
+        directory: Path,
     ) -> None:
         self.settings = settings
+        # The failure windows every worker counts in (guard.edge.ratelimit.SharedWindows; the
+        # first worker to open it makes it), keyed anew each start.
+        self.failures_file = directory / "failures"
+        self.failures_key = os.urandom(32)
         self.sock = sock
         self.upstream_url = upstream_url
         self.bootstrapped = bootstrapped
@@ -106,7 +117,10 @@ class Workers:
         self.started = [self.context.Event() for _ in range(self.count)]
 
     def spawn(self, index: int) -> None:
-        role = WorkerRole(index, self.count, self.upstream_url, self.bootstrapped)
+        role = WorkerRole(
+            index, self.count, self.upstream_url, self.bootstrapped,
+            str(self.failures_file), self.failures_key,
+        )  # fmt: skip
         self.started[index].clear()
         process = self.context.Process(
             target=run_worker,
@@ -164,18 +178,21 @@ def serve_workers(settings: Settings, gateway: Gateway) -> int:
     except OSError as exc:
         print(f"gateway.port: cannot listen on {g.host}:{g.port}: {exc}", file=sys.stderr)
         return EXIT_STARTUP
-    # Every worker's counters and histograms go here, for /guard/metrics to add them up; set
-    # before the workers start, so their prometheus-client writes its values to files there.
+    # Every worker's counters and histograms go here, for /guard/metrics to add them up (set
+    # before the workers start, so their prometheus-client writes its values to files there),
+    # and the failure windows they share.
     directory = tempfile.mkdtemp(prefix="mlflow-guard-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
-        return asyncio.run(_parent(settings, sock, gateway))
+        return asyncio.run(_parent(settings, sock, gateway, Path(directory)))
     finally:
         sock.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _parent(settings: Settings, sock: socket.socket, gateway: Gateway) -> int:
+async def _parent(
+    settings: Settings, sock: socket.socket, gateway: Gateway, directory: Path
+) -> int:
     from guard.cli.common import EXIT_STARTUP
 
     supervisor = gateway.supervisor
@@ -195,7 +212,7 @@ async def _parent(settings: Settings, sock: socket.socket, gateway: Gateway) -> 
         return EXIT_STARTUP
     gateway.engine.dispose()  # the workers open their own
     upstream_url = supervisor.url if supervisor is not None else settings.upstream.url
-    workers = Workers(settings, sock, upstream_url, bootstrapped=secret is not None)
+    workers = Workers(settings, sock, upstream_url, secret is not None, directory)
     status = 0
     restart_at: dict[int, float] = {}
     try:

@@ -10,14 +10,91 @@ Some refusals are counted for the record only (``blocking=False``): a browser pa
 a session, sent to the login page, is what anyone can send by the thousand, so past the limit
 those go into the summary too; but they never make the address ``blocked``, or an office behind
 one address whose people open the UI after their sessions ended could not log in.
+
+With ``gateway.workers`` above 1 the counts that decide (refusals and failures per address and
+window) are kept in ``SharedWindows``, a file every worker of one gateway maps, so the limit holds
+for the gateway as a whole wherever each connection lands; each worker still summarizes the
+refusals it left unrecorded itself.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
+
+SLOT: Final = struct.Struct("<16sdII")  # address digest, window start, refused, failed
+SLOTS: Final = 65536  # ~1.5 MiB; addresses beyond it take the slot of the oldest window probed
+PROBES: Final = 8
+EMPTY: Final = bytes(16)
+
+
+class SharedWindows:
+    """Each address's current window (start, refusals, failures), in a file the workers of one
+    gateway map, updated under an exclusive ``flock`` (released by the kernel if a worker dies
+    holding it). Addresses are stored as a keyed BLAKE2b digest: ``key`` is made per start by
+    the parent, so nobody outside can aim addresses at another's slots. Window starts are
+    ``time.monotonic()``, one clock for every process on the machine."""
+
+    def __init__(self, path: Path, key: bytes, slots: int = SLOTS) -> None:
+        self.key = key
+        self.slots = slots
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        size = slots * SLOT.size
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # zeros: every slot empty
+        self._map = mmap.mmap(self._fd, size)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+    def _find(self, digest: bytes, now: float, interval: float) -> tuple[int, float, int, int]:
+        """The slot of ``digest`` (a new window there if it had none, or it ended)."""
+        first = int.from_bytes(digest[:8], "little") % self.slots
+        chosen, oldest = -1, float("inf")
+        for step in range(PROBES):
+            index = (first + step) % self.slots
+            found, started, refused, failed = SLOT.unpack_from(self._map, index * SLOT.size)
+            if found == digest:
+                if now - started >= interval:  # that window ended: a new one
+                    return index, now, 0, 0
+                return index, started, refused, failed
+            # an empty slot or an ended window first, else the window that started first
+            age = started if found != EMPTY and now - started < interval else -1.0
+            if age < oldest:
+                chosen, oldest = index, age
+        return chosen, now, 0, 0
+
+    def add(self, client: str, now: float, interval: float, blocking: bool) -> tuple[int, int]:
+        """Count one refusal of ``client`` (a failure too, if ``blocking``); the window's
+        refusals and failures so far, every worker's."""
+        digest = hashlib.blake2b(client.encode(), key=self.key, digest_size=16).digest()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            index, started, refused, failed = self._find(digest, now, interval)
+            refused, failed = refused + 1, failed + blocking
+            SLOT.pack_into(self._map, index * SLOT.size, digest, started, refused, failed)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return refused, failed
+
+    def failures(self, client: str, now: float, interval: float) -> tuple[float, int]:
+        """When ``client``'s window started, and its failures so far (0 without one)."""
+        digest = hashlib.blake2b(client.encode(), key=self.key, digest_size=16).digest()
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            _, started, _, failed = self._find(digest, now, interval)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return started, failed
 
 
 @dataclass
@@ -29,8 +106,15 @@ class _Window:
 
 
 class FailureLimiter:
-    def __init__(self, limit: int, interval: float, max_addresses: int = 100_000) -> None:
+    def __init__(
+        self,
+        limit: int,
+        interval: float,
+        max_addresses: int = 100_000,
+        shared: SharedWindows | None = None,
+    ) -> None:
         self.limit = limit
+        self.shared = shared
         self.interval = interval
         self.max_addresses = max_addresses
         self._windows: OrderedDict[str, _Window] = OrderedDict()
@@ -60,18 +144,26 @@ class FailureLimiter:
     def blocked(self, client: str) -> float:
         """Seconds until ``client`` may try again (0: it may now)."""
         now = time.monotonic()
-        window = self._window(client, now)
-        if window.failed < self.limit:
+        if self.shared is not None:
+            started, failed = self.shared.failures(client, now, self.interval)
+        else:
+            window = self._window(client, now)
+            started, failed = window.started, window.failed
+        if failed < self.limit:
             return 0.0
-        return max(0.0, self.interval - (now - window.started))
+        return max(0.0, self.interval - (now - started))
 
     def refused(self, client: str, blocking: bool = True) -> bool:
         """Count one refusal (toward blocking the address unless ``blocking`` is False); True if
         it should still be recorded on its own."""
-        window = self._window(client, time.monotonic())
+        now = time.monotonic()
+        window = self._window(client, now)
         window.refused += 1
         window.failed += blocking
-        if window.refused <= self.limit:
+        refused = window.refused
+        if self.shared is not None:  # every worker's refusals decide
+            refused, _ = self.shared.add(client, now, self.interval, blocking)
+        if refused <= self.limit:
             return True
         window.unrecorded += 1
         return False

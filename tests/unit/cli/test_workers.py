@@ -84,7 +84,7 @@ def test_worker_zero_continues_the_single_process_spool(settings: Settings) -> N
     }
 
 
-def test_a_worker_forwards_to_the_parents_mlflow_with_its_own_chain_and_share(
+def test_a_worker_forwards_to_the_parents_mlflow_with_its_own_chain(
     tmp_path: Path,
 ) -> None:
     flags = {"storage.data_dir": str(tmp_path), "gateway.failed_login_limit": "30"}
@@ -98,7 +98,8 @@ def test_a_worker_forwards_to_the_parents_mlflow_with_its_own_chain_and_share(
         assert gateway.trail is not None
         assert gateway.trail.spool.directory == settings.audit_spool_dir / "worker-1"
         assert gateway.trail.limiter is not None
-        assert gateway.trail.limiter.limit == 15  # both workers together: 30 per address
+        assert gateway.trail.limiter.limit == 30
+        assert gateway.trail.limiter.shared is None  # no file given: counts alone
     finally:
         gateway.engine.dispose()
     single = build_gateway(settings, ENVIRON)
