@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,9 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+from guard.cli.common import EXIT_STARTUP
 from guard.store.db import audit_records, build_engine
+from tests.conftest import free_port
 from tests.integration.conftest import Gateway, start_gateway
 from tests.integration.test_mlflow_client import (
     test_keep_alive_requests_do_not_wait_for_delayed_acks as keep_alive_check,
@@ -126,6 +130,30 @@ def test_the_failure_limit_is_shared_by_the_workers(workers: Gateway) -> None:
     auth = ("admin", workers.token)
     assert httpx.get(workers.url + "/api/2.0/mlflow/experiments/search?max_results=1",
                      auth=auth).status_code == 200  # fmt: skip
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway(workers: Gateway) -> None:
+    # A second gateway on the same data directory: its workers find the spools locked.
+    log = workers.data_dir / "second.log"
+    with log.open("wb") as out:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "guard", "serve", "--data-dir", str(workers.data_dir),
+             "--port", str(free_port()), "--workers", "2"],
+            stdout=out, stderr=subprocess.STDOUT, env=workers.env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert second.wait(timeout=120) == EXIT_STARTUP
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert "is in use by another gateway process" in log.read_text()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(workers.data_dir) in
+                " ".join(p.info["cmdline"] or []) and p.pid not in
+                {q.pid for q in psutil.Process(workers.proc.pid).children(recursive=True)}
+                and p.pid != workers.proc.pid]  # fmt: skip
+    auth = ("admin", workers.token)
+    assert httpx.get(workers.url + "/version", auth=auth).status_code == 200
 
 
 def test_a_worker_that_dies_is_started_again(workers: Gateway) -> None:
