@@ -181,7 +181,7 @@ def serve_workers(settings: Settings, gateway: Gateway) -> int:
     # Every worker's counters and histograms go here, for /guard/metrics to add them up (set
     # before the workers start, so their prometheus-client writes its values to files there),
     # and the failure windows they share.
-    directory = tempfile.mkdtemp(prefix="mlflow-guard-metrics-")
+    directory = tempfile.mkdtemp(prefix="mlflow-guard-workers-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
         return asyncio.run(_parent(settings, sock, gateway, Path(directory)))
