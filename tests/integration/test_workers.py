@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,11 +187,14 @@ def test_a_start_with_one_worker_stores_the_second_workers_spool(tmp_path: Path)
     data = tmp_path / "gw"
     first = start_gateway(data, "--workers", "2")
     everything = psutil.Process(first.proc.pid).children(recursive=True)
+    private = {p.environ().get("PROMETHEUS_MULTIPROC_DIR") for p in worker_processes(first)}
     spread(first, "/version", 32, ("admin", first.token))
     for process in [first.proc.pid, *(p.pid for p in everything)]:  # a crash of all of it
         psutil.Process(process).kill()
     first.proc.wait(timeout=STOP_TIMEOUT)
     psutil.wait_procs(everything, timeout=STOP_TIMEOUT)
+    for directory in private - {None}:  # a killed parent leaves its private directory
+        shutil.rmtree(str(directory), ignore_errors=True)
     second = (data / "audit" / "worker-1" / "writer").read_text().strip()
     spooled = sum(
         len(p.read_bytes().splitlines()) for p in (data / "audit" / "worker-1").glob("*.jsonl")
