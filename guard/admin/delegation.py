@@ -10,8 +10,9 @@ from functools import lru_cache
 from guard.admin.governance import administrators
 from guard.authz.engine import PolicyIndex
 from guard.authz.policy import ACTIONS, Grant, Rule
-from guard.authz.workspaces import split, valid_name
+from guard.authz.workspaces import valid_name
 from guard.errors import Refusal
+from guard.patterns import split_workspace
 
 POLICY = "guard:policy"
 DELEGABLE_KINDS = ("experiment", "model", "skill")
@@ -38,7 +39,7 @@ def delegation_refusal(index: PolicyIndex, subject: str, rule: Rule) -> Refusal 
     text = ", ".join(rule.row())
     if not isinstance(rule, Grant) or rule.effect != "allow":
         return Refusal("permission_denied", f"Only policy administrators may change: {text}.")
-    workspace, resource = split(rule.resource)  # in an MLflow workspace: WORKSPACE/KIND:NAME
+    workspace, resource = split_workspace(rule.resource)  # in a workspace: WORKSPACE/KIND:NAME
     kind, sep, name = resource.partition(":")
     if (
         kind not in DELEGABLE_KINDS

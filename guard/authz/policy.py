@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from guard.patterns import resource_kind
+from guard.patterns import resource_kind, split_workspace
 
 ACTIONS: Final = ("read", "create", "update", "delete", "manage", "promote")
 SUBJECT_KINDS: Final = ("user", "group", "token", "client")
@@ -29,8 +29,6 @@ _ROLE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # Names may hold inner spaces ("experiment:My Experiment"); commas and quotes would break
 # casbin's row format, and leading or trailing blanks are lost by it.
 _RESOURCE: Final = re.compile(r"[^\s,\"'](?:[^,\"'\r\n\t]*[^\s,\"'])?")
-# The kind of a resource in an MLflow workspace, ``team-a/experiment`` (guard/authz/workspaces.py).
-_IN_WORKSPACE: Final = re.compile(r"[a-z0-9*?-]+/(?:experiment|model|skill)")
 
 Effect = Literal["allow", "deny"]
 
@@ -230,7 +228,7 @@ def _check_resource(resource: str) -> None:
         resource != "*"
         and kind != "*"
         and kind not in RESOURCE_KINDS
-        and not _IN_WORKSPACE.fullmatch(kind)
+        and split_workspace(resource)[0] is None  # WORKSPACE/KIND:NAME (guard.patterns)
     ):
         raise ValueError(
             f"unknown resource kind {kind!r} (known: {', '.join(RESOURCE_KINDS)}; in an MLflow "

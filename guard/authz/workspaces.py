@@ -41,8 +41,6 @@ DEFAULT: Final = "default"
 # MLflow's WorkspaceNameValidator (3.17.2 and 3.18.0): Kubernetes-style names.
 _NAME: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
 _RESERVED: Final = frozenset({"workspaces", "api", "ajax-api", "static-files"})
-# What a workspace holds, by policy kind (SCOPED_KINDS, guard.patterns); server: and guard:
-# resources are the gateway's whole.
 QUALIFY_COMMAND: Final = "mlflow-guard policy qualify --workspace default"
 
 
@@ -51,13 +49,6 @@ def valid_name(name: str) -> bool:
     if name == DEFAULT:
         return True
     return 2 <= len(name) <= 63 and bool(_NAME.fullmatch(name)) and name not in _RESERVED
-
-
-def split(resource: str) -> tuple[str | None, str]:
-    """(workspace or workspace pattern, the rest) of a qualified resource or pattern:
-    ``team-a/experiment:x`` -> ("team-a", "experiment:x"), ``team-a/*`` -> ("team-a", "*");
-    (None, resource) for anything else."""
-    return split_workspace(resource)
 
 
 def qualify(resource: str, workspace: str) -> str:
@@ -108,7 +99,7 @@ def unqualified(grant: Grant) -> bool:
     """A grant that, with workspaces on, would silently cover less (or other things) than it
     did: on a kind that lives in workspaces, or on a pattern over kinds, without a workspace."""
     resource = grant.resource
-    if resource in ("*", "*:*") or split(resource)[0] is not None:
+    if resource in ("*", "*:*") or split_workspace(resource)[0] is not None:
         return False  # everything before, everything in every workspace after
     kind = resource_kind(resource)
     return kind in SCOPED_KINDS or kind == "*"
@@ -120,7 +111,7 @@ def problems(policy: PolicySet, enabled: bool) -> list[str]:
     found = []
     for grant in sorted(policy.grants):
         row = ", ".join(grant.row()[1:])
-        workspace = split(grant.resource)[0]
+        workspace = split_workspace(grant.resource)[0]
         if workspace is not None and not is_pattern(workspace) and not valid_name(workspace):
             found.append(
                 f"grant {row}: {workspace!r} is no workspace MLflow accepts (lowercase letters, "
@@ -139,7 +130,7 @@ def problems(policy: PolicySet, enabled: bool) -> list[str]:
                 )
                 + ")"
             )
-        elif not enabled and split(grant.resource)[0] is not None:
+        elif not enabled and workspace is not None:
             found.append(
                 f"grant {row}: names a workspace, and upstream.workspaces is off (it could "
                 "never match; remove it or turn workspaces on)"

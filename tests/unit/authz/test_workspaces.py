@@ -27,14 +27,13 @@ from guard.authz.workspaces import (
     qualify,
     qualify_policy,
     reaches,
-    split,
     unqualified,
     valid_name,
 )
 from guard.edge.context import RequestContext
 from guard.edge.requestdata import RequestData
 from guard.identity.base import Principal
-from guard.patterns import resource_match
+from guard.patterns import resource_match, split_workspace
 from guard.upstream.client import UpstreamClient
 
 ROLES = ["g2, viewer, read", "g2, editor, viewer", "g2, editor, update", "g2, admin, editor"]
@@ -81,7 +80,7 @@ def test_names_mlflow_refuses(name: str) -> None:
     ],
 )
 def test_split(resource: str, expected: tuple[str | None, str]) -> None:
-    assert split(resource) == expected
+    assert split_workspace(resource) == expected
 
 
 def test_qualify_touches_only_what_lives_in_workspaces() -> None:
@@ -563,7 +562,7 @@ def test_start_up_refuses_a_policy_it_cannot_enforce(tmp_path: Any) -> None:
     engine = build_engine(f"sqlite:///{tmp_path / 'g.db'}")
     migrate(engine)
     PolicyStore(engine).seed_defaults("test", parse_lines(["p, group:ds, viewer, experiment:x"]))
-    runtime = PolicyRuntime(PolicyStore(engine, workspaces=True), 1.0, workspaces=True)
+    runtime = PolicyRuntime(PolicyStore(engine, workspaces=True), 1.0)
     with pytest.raises(PolicyError) as refused:
         asyncio.run(runtime.start())
     assert str(refused.value).startswith(
@@ -585,7 +584,7 @@ def test_start_up_refuses_a_policy_it_cannot_enforce(tmp_path: Any) -> None:
 def test_globs_over_unqualified_names_keep_their_meaning(pattern: str) -> None:
     """Only WORKSPACE/KIND:... and WORKSPACE/* are qualified: a policy written before workspaces
     with a '/' in a glob means what it meant, and is no problem with workspaces off."""
-    assert split(pattern) == (None, pattern)
+    assert split_workspace(pattern) == (None, pattern)
     policy = grants(pattern)
     assert problems(policy, enabled=False) == []
     index = PolicyIndex(policy)
