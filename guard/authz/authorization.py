@@ -70,6 +70,15 @@ OTLP_PATH: Final = "/v1/traces"
 _UNCHECKED_REFERENCES: Final = "guard.references_unchecked"
 
 
+def _headers(scope: Scope) -> dict[str, list[str]]:
+    """Each lowercase header name with every value it came with (MLflow reads the first of
+    repeats; a single string per name would hide them)."""
+    headers: dict[str, list[str]] = {}
+    for k, v in scope["headers"]:
+        headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+    return headers
+
+
 def _creates(route: Route) -> bool:
     """A route whose creator is granted manage on what it creates (when MLflow confirms it)."""
     return route.path.endswith(_CREATES) or (route.kind == "skill" and route.action == "create")
@@ -159,9 +168,7 @@ class AuthorizationMiddleware:
         if route.action == "create":
             self.resolver.created()
         if route.kind == "workspace" and route.method == "DELETE":
-            # What was looked up in it must not decide in a workspace made later with its name.
-            self.resolver.cache.forget(f"{scope['guard.params'].get('workspace_name')}/")
-            self.resolver.created()
+            self.resolver.forget_workspace(scope["guard.params"]["workspace_name"])
         if route.path.endswith(_RENAMES):
             self._forget(scope)
         elif route.path.endswith(_MODEL_NAME_CHANGES):
@@ -192,11 +199,8 @@ class AuthorizationMiddleware:
         subject = scope["guard"].principal.subject
         if self._index(scope).unconditional(subject, "server", "manage"):
             return None
-        headers: dict[str, list[str]] = {}
-        for k, v in scope["headers"]:
-            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
         try:
-            otlp.trace_ids(scope.get("guard.body", b""), headers, self.max_body_size)
+            otlp.trace_ids(scope.get("guard.body", b""), _headers(scope), self.max_body_size)
         except RequestDataError as exc:
             return exc.refusal
         return None
@@ -308,9 +312,7 @@ class AuthorizationMiddleware:
                 return None, []
             context.action = ",".join(sorted(actions))
             judge = Judge(index, subject, context)
-            headers: dict[str, list[str]] = {}
-            for k, v in scope["headers"]:  # every value: MLflow reads the first of repeats
-                headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+            headers = _headers(scope)
             # 1. What the request acts on.
             if kind == "server":
                 resources = [SERVER_RESOURCE]
@@ -383,12 +385,11 @@ class AuthorizationMiddleware:
         root) without asking whose experiment X is, and files outlive an experiment moved to
         another workspace or a deleted workspace. So the path's owner must still be one this
         workspace holds (a cached lookup); a listing that names no path stays allowed."""
+        data = self._data(scope)  # unreadable: refused by the caller, _check
         try:
-            await resolver.resources(route, scope["guard.params"], self._data(scope), {})
+            await resolver.resources(route, scope["guard.params"], data, {})
         except (RequestDataError, Unresolved) as exc:
-            if exc.refusal.reason == "invalid_request_body" and not self._data(scope).single(
-                "path"
-            ):
+            if exc.refusal.reason == "invalid_request_body" and not data.single("path"):
                 return None  # the workspace's root
             return conceal(exc.refusal, f"{subject} may not {route.action} this.")
         return None

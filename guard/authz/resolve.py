@@ -307,6 +307,13 @@ class Resolver:
         if kind in ("experiment", "model"):
             self.cache.forget(self._key(f"{kind}_name:"))
 
+    def forget_workspace(self, workspace: str) -> None:
+        """A workspace was deleted: what was looked up in it must not decide in one made later
+        with its name, and what it held may now be in ``default`` (MLflow's SET_DEFAULT mode),
+        where it was remembered as unknown."""
+        self.cache.forget(f"{workspace}/")
+        self.created()
+
     def created(self) -> None:
         """A create was forwarded: ids and names remembered as unknown may exist now."""
         self.cache.forget_unknown()
