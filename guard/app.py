@@ -450,10 +450,10 @@ def build_gateway(
     async def ready() -> tuple[int, dict[str, object] | bytes]:
         checks = await asyncio.gather(_check_database(engine), _check_upstream(upstream))
         result = dict(zip(("database", "upstream"), checks, strict=True))
-        if result["upstream"] == "ok" and await version.check(upstream) is not None:
+        if result["upstream"] == "ok" and (refused := await version.check(upstream)):
             # reachable, but every request would be refused (an unverified release, workspaces
             # that do not match the setting): a load balancer must stop sending traffic here
-            result["upstream"] = version.problem() or "refused"
+            result["upstream"] = refused.detail or refused.reason
         if trail is not None:
             result["audit"] = trail.problem or "ok"
         failing = [name for name, state in result.items() if state != "ok"]
@@ -462,9 +462,8 @@ def build_gateway(
         return 200, {"status": "ready", "checks": result}
 
     policies = PolicyRuntime(
-        PolicyStore(engine, workspaces=u.workspaces), settings.authz.poll_interval,
-        workspaces=u.workspaces,
-    )  # fmt: skip
+        PolicyStore(engine, workspaces=u.workspaces), settings.authz.poll_interval
+    )
     resolver = Resolver(
         upstream,
         settings.authz.cache_size,

@@ -29,12 +29,9 @@ MAX_WAITERS = 10_000  # callers remembered as having waited for a check, oldest 
 
 
 class PolicyRuntime:
-    def __init__(
-        self, store: PolicyStore, poll_interval: float, *, workspaces: bool = False
-    ) -> None:
+    def __init__(self, store: PolicyStore, poll_interval: float) -> None:
         self.store = store
         self.poll_interval = poll_interval
-        self.workspaces = workspaces  # upstream.workspaces: grants must name their workspace
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
         self._rejected: list[str] = []  # the problems of the last policy refused
@@ -128,7 +125,7 @@ class PolicyRuntime:
 
     def _build(self) -> PolicyIndex:
         version, policy = self.store.load()
-        if problems := workspace_problems(policy, self.workspaces):
+        if problems := workspace_problems(policy, self.store.workspaces):
             raise PolicyError(problems)
         return PolicyIndex(policy, version)
 

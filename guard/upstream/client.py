@@ -257,15 +257,6 @@ class VersionGate:
             f"({', '.join(sorted(self.verified))}); see --allow-unverified-mlflow.",
         )
 
-    def problem(self) -> str:
-        """Why forwarded requests are refused now, as far as the last read knows ("" if they are
-        not): for the readiness probe, so a load balancer stops sending traffic here."""
-        if self.mismatch:
-            return self.mismatch
-        if self.version is not None and not self.accepts(self.version):
-            return f"MLflow {self.version} is not a verified release"
-        return ""
-
     def patch_of_verified(self, version: str) -> bool:
         """An unverified release of a verified minor (3.18.1 when 3.18.0 is verified)."""
         return version not in self.verified and _minor(version) in {
@@ -277,23 +268,24 @@ class VersionGate:
             return True
         return self.patch_of_verified(version) and not self.strict
 
-    async def _read(self, client: UpstreamClient) -> str:
-        response = await client.request("GET", "/version", [("host", client.host_header)], None)
+    @staticmethod
+    async def _get(client: UpstreamClient, path: str) -> tuple[int, bytes]:
+        """GET ``path`` from MLflow: its status and whole body."""
+        response = await client.request("GET", path, [("host", client.host_header)], None)
         async with response:
-            body = b"".join([chunk async for chunk in response.body()])
-            if response.status != 200:
-                raise UpstreamError(Refusal("upstream_unverified", "MLflow has no /version."))
+            return response.status, b"".join([chunk async for chunk in response.body()])
+
+    async def _read(self, client: UpstreamClient) -> str:
+        status, body = await self._get(client, "/version")
+        if status != 200:
+            raise UpstreamError(Refusal("upstream_unverified", "MLflow has no /version."))
         return body.decode("utf-8", "replace").strip()
 
     async def _workspaces_enabled(self, client: UpstreamClient) -> bool:
         """Whether MLflow serves workspaces (server-info's ``workspaces_enabled``; an MLflow
         without the field, or without server-info, serves none)."""
-        response = await client.request(
-            "GET", "/api/3.0/mlflow/server-info", [("host", client.host_header)], None
-        )
-        async with response:
-            body = b"".join([chunk async for chunk in response.body()])
-        if response.status != 200:
+        status, body = await self._get(client, "/api/3.0/mlflow/server-info")
+        if status != 200:
             return False
         try:
             info = json.loads(body)

@@ -30,6 +30,7 @@ class CountingStore:
 
     def __init__(self, store: PolicyStore) -> None:
         self.store, self.asked = store, 0
+        self.workspaces = store.workspaces
 
     def version(self) -> int:
         self.asked += 1
