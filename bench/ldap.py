@@ -5,17 +5,21 @@ front of it configured for that directory: one with the login cache (``ldap.cach
 the default) and one without it (every request binds). The same request mix as bench.proxy
 runs over keep-alive connections directly against MLflow, through the cached gateway with a
 gateway token (Bearer), with HTTP Basic as a directory user (cached), and through the uncached
-gateway with Basic, interleaved, at each concurrency level, a few times; the medians are printed
-as throughput ratios. Both identities hold the same grant (editor on experiment:*), so only the
-way of logging in differs.
+gateway with Basic, interleaved, at each concurrency level, ``--repeats`` times, taking turns
+going first; the medians are printed as throughput ratios. Both identities hold the same
+grant (editor on experiment:*), so only the way of logging in differs.
 
 The cost of one uncached login is printed two ways: the added median latency of the uncached
 gateway over the token path at c=1 (end to end: search, bind, rebind, groups, the identity
 claim and the per-user throttle's rows), and in-process, LdapProvider.authenticate with the
 cache off, with and without the throttle (its own database round trips).
 
-Target (issue 10): cached Basic via LDAP keeps >= 0.90 of the token path's throughput.
-Every loop is bounded in count and time.
+Target (issue 10): cached Basic via LDAP keeps >= 0.90 of the token path's throughput (per
+pair of runs; the median).
+
+Defaults: 5 interleaved runs of 2 s per level and path (about 2 minutes in all).
+``BENCH_QUICK=1``: 2 runs of 1 s (for developing the harness; not for figures). Every loop is
+bounded in count and time.
 """
 
 from __future__ import annotations
@@ -24,22 +28,23 @@ import argparse
 import asyncio
 import base64
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import aiohttp
-
-from bench.proxy import (
-    MAX_REQUESTS_PER_RUN,
-    Request,
+from bench.common import (
+    Figure,
+    Report,
     Run,
-    clean_env,
+    bearer,
+    cli,
     free_port,
     mlflow_mix,
+    rotated,
+    rounds,
+    run_load,
     start_gateway,
     start_mlflow,
 )
@@ -52,49 +57,6 @@ from tests.slapd import Slapd
 TARGET = 0.90
 USER, PASSWORD = "alice", "alice-password"
 MAX_LOGINS = 2000  # in-process uncached logins per variant, at most
-
-
-async def load(
-    base: str, mix: list[Request], concurrency: int, seconds: float, authorization: str | None
-) -> Run:
-    """Like bench.proxy.load, with any Authorization header (or none)."""
-    headers = {"Authorization": authorization} if authorization else {}
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.monotonic() + seconds
-    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as session:
-
-        async def one(i: int) -> None:
-            nonlocal errors
-            method, path, body, params = mix[i % len(mix)]
-            started = time.perf_counter()
-            async with session.request(method, path, json=body, params=params) as response:
-                await response.read()
-                if response.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - started)
-
-        async def worker(offset: int) -> None:
-            i = offset
-            while time.monotonic() < stop_at and len(latencies) < MAX_REQUESTS_PER_RUN:
-                await one(i)
-                i += concurrency
-
-        await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm pool and caches
-        latencies.clear()
-        started = time.monotonic()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.monotonic() - started
-    return Run(len(latencies), elapsed, latencies, errors, None)
-
-
-def cli(data_dir: Path, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "guard", *args, "--data-dir", str(data_dir)],
-        capture_output=True, text=True, env=clean_env(), check=True, timeout=120,
-    )  # fmt: skip
-    return result.stdout.strip()
 
 
 def ldap_env(slapd: Slapd, cache_ttl: str) -> dict[str, str]:
@@ -144,16 +106,19 @@ def in_process_login_ms(slapd: Slapd, home: Path, seconds: float) -> dict[str, f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
-    parser.add_argument("--repeats", type=int, default=3)
+    repeats, seconds = rounds(5, 2.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of each run")
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--levels", default="1,8")
     args = parser.parse_args()
     levels = [int(c) for c in args.levels.split(",")]
+    report = Report("ldap")
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="guard-bench-ldap-") as tmp:
         home = Path(tmp)
-        for name in ("mlflow", "cached", "uncached"):
-            (home / name).mkdir()
+        (home / "mlflow").mkdir()
         print("starting slapd, MLflow and two gateways (LDAP cached, uncached) ...", flush=True)
         slapd = Slapd(free_port())
         stack.callback(slapd.stop)
@@ -172,37 +137,40 @@ def main() -> int:
         basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         paths = {
             "direct MLflow": (mlflow, None),
-            "token (Bearer)": (cached, f"Bearer {token}"),
+            "token (Bearer)": (cached, bearer(token)),
             "LDAP Basic, cached": (cached, basic),
             "LDAP Basic, uncached": (uncached, basic),
         }
-        print(f"\n== {args.repeats} interleaved runs of {args.seconds:.0f} s per level, medians ==")
+        print(f"\n== {args.repeats} interleaved runs of {args.seconds:g} s per level and path, "
+              "medians ==")  # fmt: skip
         print(f"{'c':>3} {'path':<22} {'rps':>8} {'p50 ms':>7} {'/direct':>8} {'/token':>7} "
               f"{'errors':>6}")  # fmt: skip
-        verdicts: dict[int, float] = {}
-        p50s: dict[tuple[int, str], float] = {}
         for c in levels:
             runs: dict[str, list[Run]] = {label: [] for label in paths}
-            for _ in range(args.repeats):
-                for label, (base, authorization) in paths.items():
-                    runs[label].append(asyncio.run(load(base, mix, c, args.seconds, authorization)))
+            for r in range(args.repeats):
+                for label in rotated(list(paths), r):
+                    base, authorization = paths[label]
+                    runs[label].append(run_load(base, mix, c, args.seconds, authorization))
             rps = {label: statistics.median(r.rps for r in rs) for label, rs in runs.items()}
             for label, rs in runs.items():
-                p50s[c, label] = statistics.median(r.quantile(0.5) for r in rs) * 1000
+                p50 = statistics.median(r.quantile(0.5) for r in rs) * 1000
                 errors = sum(r.errors for r in rs)
-                print(f"{c:>3} {label:<22} {rps[label]:>8.1f} {p50s[c, label]:>7.2f} "
+                print(f"{c:>3} {label:<22} {rps[label]:>8.1f} {p50:>7.2f} "
                       f"{rps[label] / rps['direct MLflow']:>8.2f} "
                       f"{rps[label] / rps['token (Bearer)']:>7.2f} {errors:>6}")  # fmt: skip
-            verdicts[c] = rps["LDAP Basic, cached"] / rps["token (Bearer)"]
-        if 1 in levels:
-            added = p50s[1, "LDAP Basic, uncached"] - p50s[1, "token (Bearer)"]
-            print(f"\none uncached login through the gateway (c=1, p50 over the token path): "
-                  f"{added:.2f} ms")  # fmt: skip
-        for label, ms in in_process_login_ms(slapd, home, args.seconds).items():
+            pairs = list(zip(runs["token (Bearer)"], runs["LDAP Basic, cached"], strict=True))
+            report.add(Figure(f"MLflow, c={c}: cached LDAP Basic / token rps",
+                              [b.rps / t.rps for t, b in pairs], "x", TARGET))  # fmt: skip
+            if c == 1:
+                pairs = list(zip(runs["token (Bearer)"], runs["LDAP Basic, uncached"],
+                                 strict=True))  # fmt: skip
+                report.add(Figure("MLflow, c=1: an uncached login (added p50)",
+                                  [(u.quantile(0.5) - t.quantile(0.5)) * 1000 for t, u in pairs],
+                                  "ms"))  # fmt: skip
+        print()
+        for label, ms in in_process_login_ms(slapd, home, min(args.seconds, 2.0)).items():
             print(f"one uncached login in process ({label}): {ms:.2f} ms")
-    for c, ratio in verdicts.items():
-        verdict = "met" if ratio >= TARGET else "MISSED"
-        print(f"target: c={c} cached LDAP / token >= {TARGET:.2f}: {verdict} ({ratio:.2f})")
+    report.finish()
     return 0
 
 
