@@ -113,14 +113,20 @@ mlflow-deps: $(STAMP)
 	$(BIN)/python tests/mlflow_deps.py > $(MLFLOW_DEPS).new && mv $(MLFLOW_DEPS).new $(MLFLOW_DEPS)
 
 # bench.ldap starts the tests' throwaway slapd, hence system-packages; bench.oidc the tests'
-# OpenID Connect provider, hence $(IDP_STAMP).
+# OpenID Connect provider, hence $(IDP_STAMP). Each module prints its details and writes its
+# figures to $(BENCH_RESULTS); bench.summary then prints them all in one table (a module that
+# fails is named there, and make fails after the table). BENCH_QUICK=1 makes every run short
+# (for developing the harness, not for figures).
+BENCH_RESULTS ?= build/bench
+BENCH_MODULES := authz proxy workers audit ldap oidc
 bench: $(STAMP) system-packages $(IDP_STAMP)
-	$(BIN)/python -m bench.authz
-	$(BIN)/python -m bench.proxy
-	$(BIN)/python -m bench.workers
-	$(BIN)/python -m bench.audit
-	$(BIN)/python -m bench.ldap
-	$(BIN)/python -m bench.oidc
+	rm -rf $(BENCH_RESULTS) && mkdir -p $(BENCH_RESULTS)
+	@failed=; for m in $(BENCH_MODULES); do \
+	  echo "== bench.$$m"; \
+	  BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python -m bench.$$m || failed="$$failed bench.$$m"; \
+	done; \
+	$(BIN)/python -m bench.summary $(BENCH_RESULTS); \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/idp/node_modules
