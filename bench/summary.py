@@ -47,6 +47,7 @@ def lines(results: list[dict[str, Any]]) -> list[str]:
     out.append("-" * width)
     out.append(f"{met} of {len(targets)} targets met; medians of interleaved runs, spread "
                f"min..max over them; modules took {seconds / 60:.1f} min")  # fmt: skip
+    out.append("(" + ", ".join(f"{r['module']} {float(r['seconds']):.0f} s" for r in results) + ")")
     missing = [n for n in ORDER if n not in {r["module"] for r in results}]
     if missing:
         out.append(f"no results from: {', '.join('bench.' + n for n in missing)}")
