@@ -158,16 +158,17 @@ def report_mlflow(
     report: Report, label: str, results: dict[int, list[tuple[Run, Run]]], targets: bool
 ) -> None:
     for c, pairs in results.items():
+        errors = sum(d.errors + g.errors for d, g in pairs)
         report.add(Figure(f"{label} gateway/direct rps, c={c}",
                           [g.rps / d.rps for d, g in pairs], "x",
-                          TARGET_RATIO if targets else None))  # fmt: skip
+                          TARGET_RATIO if targets else None,
+                          note=f"{errors} non-200 answers" if errors else ""))  # fmt: skip
     if 1 in results:
         pairs = results[1]
         report.add(Figure(f"{label} added p50 reads, c=1", added(pairs, 0.5, "read"), "ms",
                           TARGET_READ_MS if targets else None, at_least=False))  # fmt: skip
         report.add(Figure(f"{label} added p50 writes, c=1", added(pairs, 0.5, "write"), "ms",
-                          note="no target: a write's intent is fsynced before it is "
-                          "forwarded"))  # fmt: skip
+                          note="no target (its intent is fsynced before forwarding)"))  # fmt: skip
 
 
 def main() -> int:
@@ -222,9 +223,11 @@ def main() -> int:
             }  # fmt: skip
             costs = own_cost(gateways, levels, args.repeats, args.seconds)
         for c, runs in costs.items():
+            errors = sum(x.errors for x in runs["all on"])
             report.add(Figure(f"own CPU/request (no-op), all on, c={c}",
                               [x.cpu_ms for x in runs["all on"]], "ms", TARGET_CPU_MS,
-                              at_least=False))  # fmt: skip
+                              at_least=False,
+                              note=f"{errors} non-200 answers" if errors else ""))  # fmt: skip
         for c, runs in costs.items():
             report.add(Figure(f"own CPU/request (no-op), audit off, c={c}",
                               [x.cpu_ms for x in runs["audit off"]], "ms"))  # fmt: skip

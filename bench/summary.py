@@ -48,6 +48,7 @@ def lines(results: list[dict[str, Any]]) -> list[str]:
     out.append(f"{met} of {len(targets)} targets met; medians of interleaved runs, spread "
                f"min..max over them; modules took {seconds / 60:.1f} min")  # fmt: skip
     out.append("(" + ", ".join(f"{r['module']} {float(r['seconds']):.0f} s" for r in results) + ")")
+    out.extend(f"{name}: {figure.note}" for name, figure in rows if figure.note)
     if any(len(f.values) == 1 for _, f in rows):
         out.append("min..max '-': one run (a rate over many operations)")
     missing = [n for n in ORDER if n not in {r["module"] for r in results}]

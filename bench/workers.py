@@ -136,7 +136,8 @@ def main() -> int:
                   f"{spread(cpu['2']):>22} {spread(ratios):>22} {errors:>7}",
                   flush=True)  # fmt: skip
             name = f"CPU/request 2 workers / 1, {row}{', audit off' if args.audit == 'off' else ''}"
-            report.add(Figure(name, ratios, "x", TARGET, at_least=False))
+            note = f"{errors} non-200 answers" if errors else ""
+            report.add(Figure(name, ratios, "x", TARGET, at_least=False, note=note))
     report.finish()
     return 0
 
