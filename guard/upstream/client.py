@@ -104,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # an exchange is in flight
         self.idle_since = 0.0
         self.head = False  # the request was HEAD: the answer has no body whatever it says
+        self.last_use = False  # the request said Connection: close
         self.informational = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -214,7 +215,7 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.headers_done = True
         if self.head:
-            self.keep_alive = self.parser.should_keep_alive()
+            self.keep_alive = self.parser.should_keep_alive() and not self.last_use
             self._message_complete()
             # The parser still expects the body the headers announce: a fresh one reads the
             # next answer, and any byte this one sees is stray (see on_body).
@@ -236,7 +237,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.complete:
             return
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = self.parser.should_keep_alive() and not self.last_use
         self._message_complete()
 
     def _message_complete(self) -> None:
@@ -247,10 +248,11 @@ class _Connection(asyncio.Protocol):
 
     # the exchange
 
-    def begin(self, head: bool) -> None:
+    def begin(self, head: bool, close: bool) -> None:
         """Start an exchange: the read timeout runs from now."""
         self.busy = True
         self.head = head
+        self.last_use = close
         self.last_read = self.loop.time()
         self.timer = self.loop.call_at(self.last_read + self.read_timeout, self._check_silence)
 
@@ -432,7 +434,7 @@ class UpstreamClient:
         UpstreamError."""
         if self._loop is None:
             raise UpstreamError(Refusal("upstream_unreachable", "The gateway is not started."))
-        head, declared = self._head(method, target, headers, body)
+        head, declared, close = self._head(method, target, headers, body)
         slot = self._slots
         if slot.locked():  # only a full pool pays for a timed wait
             try:
@@ -442,7 +444,7 @@ class UpstreamClient:
         else:
             await slot.acquire()
         try:
-            conn = await self._exchange(method, head, body, declared)
+            conn = await self._exchange(method, head, body, declared, close)
         except BaseException:
             slot.release()
             raise
@@ -454,10 +456,11 @@ class UpstreamClient:
         target: str,
         headers: list[tuple[str, str]],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> tuple[bytes, int | None]:
-        """The request's head and the body length it declares (None: chunked)."""
+    ) -> tuple[bytes, int | None, bool]:
+        """The request's head, the body length it declares (None: chunked) and whether it asks
+        the server to close the connection."""
         lines = [f"{method} {target} HTTP/1.1\r\n"]
-        host = False
+        host = close = False
         length: str | None = None
         for name, value in headers:
             lowered = name.lower()
@@ -468,6 +471,8 @@ class UpstreamClient:
                 continue  # written below, from the body itself
             elif lowered == "transfer-encoding":
                 continue  # the framing is this client's
+            elif lowered == "connection":
+                close = close or "close" in value.lower()
             lines.append(f"{name}: {value}\r\n")
         if not host:
             lines.append(f"host: {self.host_header}\r\n")
@@ -504,7 +509,7 @@ class UpstreamClient:
         ):
             raise UpstreamError(Refusal("malformed_request"))
         try:
-            return text.encode("latin-1"), declared
+            return text.encode("latin-1"), declared, close
         except UnicodeEncodeError:
             raise UpstreamError(Refusal("malformed_request")) from None
 
@@ -514,6 +519,7 @@ class UpstreamClient:
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
         declared: int | None,
+        close: bool,
     ) -> _Connection:
         """Send the request on a pooled (or new) connection and wait for the answer's head."""
         replayable = not (body is not None and not isinstance(body, bytes))
@@ -523,7 +529,7 @@ class UpstreamClient:
             if conn is None:
                 conn = await self._connect()
             try:
-                await self._send(conn, method, head, body, declared)
+                await self._send(conn, method, head, body, declared, close)
                 return conn
             except _Closed as exc:
                 self._drop(conn)
@@ -552,8 +558,9 @@ class UpstreamClient:
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
         declared: int | None,
+        close: bool,
     ) -> None:
-        conn.begin(method == "HEAD")
+        conn.begin(method == "HEAD", close)
         transport = conn.transport
         if body is None:
             transport.write(head)
@@ -622,8 +629,15 @@ class UpstreamClient:
             and self._loop is not None
         ):
             conn.reset()
-            conn.idle_since = self._loop.time()
-            self._idle.append(conn)
+            idle = self._idle
+            now = conn.idle_since = conn.loop.time()
+            # The least recently used connection goes once it expires or dies, so a burst's
+            # extra connections do not stay open behind the ones in use.
+            if idle and (
+                not idle[0].alive or idle[0].idle_since <= now - self.limits.keepalive_expiry
+            ):
+                self._drop(idle.popleft())
+            idle.append(conn)
         else:
             self._drop(conn)
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import uvloop
 
 from guard.upstream.client import BUFFER_LIMIT, UpstreamClient, UpstreamError, UpstreamLimits
+from tests.slapd import make_certificates
 
 LIMITS = UpstreamLimits(
     connect_timeout=2.0, read_timeout=5.0, pool_timeout=0.2, max_connections=4, keepalive_expiry=30
@@ -87,7 +90,8 @@ class Server:
         self.writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> Server:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        if not hasattr(self, "server"):
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         return self
@@ -882,5 +886,95 @@ def test_not_open_or_closed_is_upstream_unreachable(
             with pytest.raises(UpstreamError) as caught:
                 await client.request("GET", "/", [("host", "h")], None)
             assert caught.value.refusal.reason == "upstream_unreachable"
+
+    run(main())
+
+
+def test_no_reuse_after_the_request_said_connection_close(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server)
+            await fetch(client, headers=[("host", "h"), ("Connection", "Close")])
+            await fetch(client)
+            await fetch(client)
+            await client.close()
+        assert server.seen.connections == 2
+
+    run(main())
+
+
+def test_a_bursts_extra_connections_are_closed_once_expired(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server, keepalive_expiry=0.1)
+            await asyncio.gather(*(fetch(client) for _ in range(3)))
+            await asyncio.sleep(0.2)
+            for _ in range(3):  # each release closes the oldest expired idle connection
+                await fetch(client)
+            await asyncio.sleep(0.05)
+            closed = sorted(server.seen.closed)
+            await client.close()
+        assert server.seen.connections == 4
+        assert closed == [1, 2, 3]
+
+    run(main())
+
+
+# https upstreams
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    make_certificates(directory)  # a CA, a server certificate for 127.0.0.1, an unrelated CA
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("ca", "host", "reason"),
+    [
+        ("ca.crt", "127.0.0.1", None),
+        ("wrong-ca.crt", "127.0.0.1", "upstream_unreachable"),  # not signed by a trusted CA
+        ("ca.crt", "localhost", "upstream_unreachable"),  # not the name in the certificate
+    ],
+)
+def test_an_https_upstream_is_verified(
+    run: Callable[[Awaitable[None]], None],
+    certificates: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ca: str,
+    host: str,
+    reason: str | None,
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / ca))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates / "server.crt", certificates / "server.key")
+
+    async def main() -> None:
+        server = Server(answering(OK))
+        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
+        port = server.server.sockets[0].getsockname()[1]
+        async with server:
+            client = UpstreamClient(f"https://{host}:{port}", LIMITS)
+            client.open()
+            try:
+                for _ in range(2):
+                    assert (await fetch(client))[2] == b"{}"
+                outcome = None
+            except UpstreamError as exc:
+                outcome = exc.refusal.reason
+                assert client.connection_failures == 1
+            await client.close()
+        assert outcome == reason
+        if reason is None:
+            assert server.seen.connections == 1
+            assert server.seen.requests[0].header(b"host") == b"mlflow"
+        else:
+            assert server.seen.requests == []
 
     run(main())
