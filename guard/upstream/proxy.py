@@ -130,8 +130,9 @@ def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tu
 
 async def stream_body(receive: Receive) -> AsyncIterator[bytes]:
     """The request body as it arrives. ``receive`` is timed (guard.edge.deadlines): a body that
-    comes too slowly raises ``BodyTimeout`` here, inside aiohttp's writer, which then abandons
-    the request to MLflow without its end (no last chunk, fewer bytes than its Content-Length)."""
+    comes too slowly raises ``BodyTimeout`` here, inside the upstream client's writer, which then
+    abandons the request to MLflow without its end (no last chunk, fewer bytes than its
+    Content-Length)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -185,7 +186,7 @@ class ProxyApp:
             await self._forward(scope, receive, send, body, extra)
         except ClientDisconnected:
             logger.info("request %s: client went away", context.request_id)
-        except BodyTimeout as exc:  # the upload failed before aiohttp took it over
+        except BodyTimeout as exc:  # the upload failed before the client took it over
             logger.info("request %s: upload too slow: %s", context.request_id, exc)
             await send_refusal(scope, send, exc.refusal)
 
