@@ -21,6 +21,7 @@ from typing import Any, Final
 
 GENESIS: Final = "0" * 64
 SEALED_FIELDS: Final = ("writer", "seq", "prev", "mac")
+_ENCODE: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
 
 
 def derive_key(secret: bytes, purpose: str) -> bytes:
@@ -31,7 +32,7 @@ def derive_key(secret: bytes, purpose: str) -> bytes:
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The one byte string a record is MACed and stored as. ASCII only: any string a request
     carried (a lone surrogate included) encodes, so no record can fail to be written."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _ENCODE(record).encode()
 
 
 def mac_of(key: bytes, record: Mapping[str, Any]) -> str:
@@ -53,6 +54,21 @@ class Head:
         record = {**body, "writer": self.writer, "seq": self.seq + 1, "prev": self.mac}
         record["mac"] = mac_of(key, record)
         return record, Head(self.writer, self.seq + 1, record["mac"])
+
+    def seal_line(self, key: bytes, body: Mapping[str, Any]) -> tuple[bytes, Head]:
+        """``body`` sealed as the next record, as the line the spool stores (the canonical JSON
+        of ``seal``'s record and a newline), and the chain's new head. Encoded once: the keys
+        sorting before ``mac`` and those after it are encoded apart, the MAC is taken over the
+        two joined, and the line is the two with the MAC between them."""
+        low = {k: v for k, v in body.items() if k < "mac"}
+        high = {k: v for k, v in body.items() if k > "mac"}
+        high["prev"], high["seq"], high["writer"] = self.mac, self.seq + 1, self.writer
+        first, rest = _ENCODE(low)[:-1], _ENCODE(high)[1:]  # "{...", "...}"
+        if len(first) > 1:
+            first += ","
+        mac = hmac.new(key, (first + rest).encode(), hashlib.sha256).hexdigest()
+        line = f'{first}"mac":"{mac}",{rest}\n'.encode()
+        return line, Head(self.writer, self.seq + 1, mac)
 
 
 def sign_head(key: bytes, head: Head, purpose: str = "head") -> str:
