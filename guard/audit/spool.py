@@ -1,28 +1,32 @@
 """The spool: a local journal every audit record reaches, fsynced, before the database does.
 
-One thread owns the files. Callers queue records; the thread takes whatever has queued up,
-seals it into the chain, appends it with one ``write`` and one ``fsync`` (group commit), then
-wakes the callers. A request waits for its intent record this way before it is forwarded, or
-(``write``: a read, see ``guard.audit.trail``) only until the ``write`` is done (the record is
-in the kernel: a crash of the process no longer loses it), and for the ``fsync`` before its
-answer leaves.
-Records nobody waits for (outcomes: the request already happened) are written at once and
-fsynced with the next intent, or within ``FLUSH_INTERVAL``.
+A record is sealed into the chain and appended with one ``write`` by the thread that asks for
+it (the event loop's): in the kernel at once, so a crash of the process no longer loses it.
+One thread of the spool's own does the ``fsync``s: each covers everything written before it
+(group commit), and the records someone waits for are told once theirs is done, all of one
+``fsync`` with one call into their event loop. A request waits for its intent record this way
+before it is forwarded, or (``write``: a read, see ``guard.audit.trail``) goes on at once and
+its answer waits for the ``fsync``. Records nobody waits for (outcomes: the request already
+happened) are fsynced with the next record someone waits for, or within ``FLUSH_INTERVAL``.
 
 The journal is a directory of segments named by their first sequence number
 (``00000000000000000001.jsonl``), one canonical JSON record per line. Only bytes up to the last
 fsync are offered to the shipper. A failed write is cut back off the file, its callers get
 ``SpoolError`` and the spool reports unhealthy until a write succeeds again (a full disk that
-gets space back recovers by itself). If even cutting back fails, the spool stops accepting
-records until the gateway restarts: sequence numbers are never reused. On open, a torn last
-line (a crash mid-write) is cut off and the chain continues from the last whole record.
+gets space back recovers by itself); a failed ``fsync`` cuts back everything written since the
+last one that worked (the chain goes on from there), and fails whoever waits for any of it. If
+even cutting back fails, the spool stops accepting records until the gateway restarts: sequence
+numbers are never reused. On open, a torn last line (a crash mid-write) is cut off and the
+chain continues from the last whole record.
 
 What a crash must not lose is kept in ``head.json`` beside the chain's head, rewritten after
-every commit: the intents whose outcome is not written yet, the refusals a flood summary counts
-but has not written yet (per address), and the records that could not be written. On open, a
-writer that did not stop cleanly writes an ``outcome_unknown`` outcome for each of its intents
-left open, a summary of the refusals still counted, and a ``records_lost`` event: every intent
-ends with exactly one outcome or an explicit loss.
+every ``fsync`` before anyone hears of it, as of the records it made durable: the intents whose
+outcome is not durable yet, the refusals a flood summary counts but has not made durable yet
+(per address; rewritten at once when one is counted), and the records that could not be
+written. On open, the records after that head are read from the spool, and a writer that did
+not stop cleanly writes an ``outcome_unknown`` outcome for each of its intents left open, a
+summary of the refusals still counted, and a ``records_lost`` event: every intent ends with
+exactly one outcome or an explicit loss.
 
 How far the chain is stored in the database is kept beside it too, in ``stored.json``, signed,
 written by the shipper after each batch it stores and never moved back: records at or below it
@@ -40,26 +44,26 @@ import hmac
 import json
 import logging
 import os
-import queue
 import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from guard.audit.chain import Head, canonical, sign_head
+from guard.audit.chain import Head, sign_head
 
 logger = logging.getLogger("guard.audit")
 
 SUFFIX: Final = ".jsonl"
-MAX_BATCH: Final = 1024
 HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple of this size
 MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
 OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
+_HEAD_JSON: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 STORED: Final = "stored.json"
@@ -69,16 +73,40 @@ class SpoolError(Exception):
     """The record could not be made durable; the message says why."""
 
 
+# What a waiter is told once its record's fsync is over: None (durable), or why it is not.
+Waiter = asyncio.Future[SpoolError | None]
+# A record ``write`` wrote: done once its fsync is over, or failed with SpoolError.
+Durable = concurrent.futures.Future[None]
+
+
 @dataclass(slots=True)
-class _Item:
-    body: dict[str, Any]
-    done: concurrent.futures.Future[None] | None
-    written: concurrent.futures.Future[None] | None = None  # set once in the kernel
-    tally: str | None = None  # not a record: one refusal from this address, counted
+class _Written:
+    """A record written and not fsynced yet: what head.json learns of it once it is."""
+
+    seq: int
+    kind: str
+    request_id: str
+    waiter: Waiter | None = None  # (``append``)
+    durable: Durable | None = None  # (``write``)
     settles: tuple[str, int] | None = None  # a summary: this many of an address's refusals
+    notes: int = 0  # a records_lost event: the losses it states
 
 
-_STOP: Final = _Item({}, None)
+@dataclass(slots=True)
+class _Segment:
+    """A segment file open for writing, or written and not all fsynced yet."""
+
+    fd: int
+    first: int  # its name: the sequence number of its first record
+    synced: int  # bytes fsynced
+    end: int  # bytes written
+    named: bool  # its name is fsynced into the directory
+
+
+# A group commit: the chain's head at that moment, each segment with where it then ended, and
+# the counts in head.json to fsync with it (how many changes they had then) or None.
+_Sync = tuple[Head, list[tuple[_Segment, int]], int | None]
+_Told = tuple[Waiter, SpoolError | None]  # a waiter and what it is told
 
 
 def segment_name(first_seq: int) -> str:
@@ -154,36 +182,54 @@ class Spool:
         self.segment_size = segment_size
         self.on_commit = on_commit or (lambda: None)
         self.writer = ""
-        self.head = Head("")
+        self.head = Head("")  # the newest record written (the chain goes on from it)
+        self.fsynced = Head("")  # the newest record fsynced (the head head.json names)
         self.healthy = True
         self.broken = False
         self.error = ""
         self.spooled = 0
         self.commits = 0
         self.failures = 0
-        self.lost = 0  # records queued without waiting that could not be written
+        self.lost = 0  # records that could not be written, not yet stated by a durable event
         self.last_fsync = 0.0  # seconds the last group commit's fsync took
         self.unknown = 0  # intents left open by a crash, given outcome_unknown on open
-        # Kept in head.json so a crash cannot lose them (see the module docstring):
+        # Kept in head.json so a crash cannot lose them (see the module docstring), as of the
+        # newest fsync:
         self.open_intents: dict[str, list[int]] = {}  # request id -> its intents' seq
         self.tallies: dict[str, int] = {}  # address -> refusals counted, not yet summarized
-        self._tallies_synced = True  # the head's counts are fsynced as they stand
+        self._tallied = 0  # changes to the counts in head.json (they are in no record)
+        self._tallied_synced = 0  # ... of them covered by an fsync of head.json
         self._head_size = HEAD_SIZE
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # everything below, and the files
+        self._bell = threading.Lock()  # released to wake the fsync thread
+        self._bell.acquire()
         self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
         self._lock_fd: int | None = None
         self._head_fd: int | None = None
-        self._fd: int | None = None
-        self._dirty = False  # written since the last fsync
-        self._segment_first = 0  # first sequence number of the segment being written
-        self._offset = 0
+        self._segment: _Segment | None = None  # the segment being written
+        self._full: list[_Segment] = []  # segments written to their size, not all fsynced
+        self._written: deque[_Written] = deque()  # oldest first
+        self._noting = 0  # losses stated by records_lost events written, not fsynced yet
+        self._awaited: dict[Durable, Waiter] = {}  # written records someone awaits (``durable``)
         self._committed = (0, 0)
+
+    @property
+    def _fd(self) -> int | None:
+        """The file descriptor of the segment being written."""
+        return self._segment.fd if self._segment is not None else None
+
+    @_fd.setter
+    def _fd(self, fd: int) -> None:
+        if self._segment is not None:
+            self._segment.fd = fd
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self, wait: bool = False) -> None:
         """Lock the directory (``wait``: until the process holding it is done), recover the
-        chain's head, start the writer thread."""
+        chain's head, start the fsync thread."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -200,33 +246,53 @@ class Spool:
             ) from None
         try:
             self.writer = self._writer_id()
-            self.head = self._recover()
+            self.head = self.fsynced = self._recover()
             left = self._left_by_crash()
         except OSError as exc:
             self.close()
             raise SpoolError(f"audit spool {self.directory} cannot be recovered: {exc}") from None
-        self._committed = (self._segment_first, self._offset)
+        self._accepting, self._stopping = True, False
         self._thread = threading.Thread(target=self._run, name="audit-spool", daemon=True)
         self._thread.start()
-        for body in left:
-            self.append_nowait(body)
+        with self._lock:
+            self._write_head()  # what is left open, until the records below close it
+            for body in left:
+                settles = None
+                if body.get("event") == "unauthenticated_refusals":
+                    settles = (str(body["client"]), int(body["unrecorded"]))
+                with contextlib.suppress(SpoolError):  # (logged and counted as lost)
+                    self._put(body, settles=settles)
         logger.info(
             "audit spool %s: writer %s continues at record %d",
             self.directory, self.writer, self.head.seq + 1,
         )  # fmt: skip
 
     def close(self) -> None:
-        """Write everything queued, then stop. Safe to call twice."""
+        """Summarize what is counted, fsync everything written, then stop. Safe to call
+        twice."""
         if self._thread is not None:
-            self._queue.put(_STOP)
+            with self._lock:
+                counted = dict(self.tallies)
+                for record in self._written:  # summaries written, not fsynced yet
+                    if record.settles is not None:
+                        _settle(counted, *record.settles)
+                if counted and not self.broken:  # counted, never summarized: say so now
+                    for client, count in sorted(counted.items()):
+                        with contextlib.suppress(SpoolError):
+                            self._put(self._summary(client, count), settles=(client, count))
+                self._accepting, self._stopping = False, True
+            self._ring()
             self._thread.join()
             self._thread = None
-        for name in ("_fd", "_head_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, name, None)
+        self._accepting = False
+        for segment in [*self._full, *([self._segment] if self._segment else [])]:
+            with contextlib.suppress(OSError):
+                os.close(segment.fd)
+        self._full, self._segment = [], None
+        if self._head_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._head_fd)
+            self._head_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -234,217 +300,343 @@ class Spool:
     # -- appending -------------------------------------------------------------------------
 
     async def append(self, body: dict[str, Any]) -> None:
-        """Queue ``body`` and return once it is on disk; SpoolError if it could not be."""
-        if self.broken or self._thread is None:
-            raise SpoolError(self.error or "the audit spool is closed")
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put(_Item(body, done))
-        await asyncio.wrap_future(done)
+        """Write ``body`` and return once it is fsynced; SpoolError if it could not be."""
+        waiter: Waiter = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._put(body, waiter)
+        self._ring()
+        if (error := await waiter) is not None:
+            raise error
 
-    async def write(self, body: dict[str, Any]) -> concurrent.futures.Future[None]:
-        """Queue ``body`` and return once it is written, before its fsync: in the kernel, so a
-        crash of this process no longer loses it (a power loss still may). The future returned
-        is done once the record is fsynced too, or fails with SpoolError; SpoolError at once if
-        it could not even be written."""
-        if self.broken or self._thread is None:
-            raise SpoolError(self.error or "the audit spool is closed")
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        written: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put(_Item(body, done, written))
-        await asyncio.wrap_future(written)
+    async def write(self, body: dict[str, Any]) -> Durable:
+        """Write ``body`` now: in the kernel, so a crash of this process no longer loses it (a
+        power loss still may); SpoolError if it could not be. The future returned is done once
+        the record is fsynced too, or fails with SpoolError (it was cut back); ``durable``
+        awaits it."""
+        done: Durable = concurrent.futures.Future()
+        with self._lock:
+            self._put(body, durable=done)
+        self._ring()
         return done
 
+    async def durable(self, done: Durable) -> None:
+        """Return once a record ``write`` wrote is fsynced; SpoolError if it was not. (The
+        waiters of one fsync are woken with one call into their event loop.)"""
+        waiter: Waiter | None = None
+        with self._lock:
+            if not done.done():
+                waiter = self._awaited[done] = asyncio.get_running_loop().create_future()
+        if waiter is not None:
+            await waiter
+        done.result()
+
     def append_nowait(self, body: dict[str, Any]) -> None:
-        """Queue ``body`` without waiting (an outcome: the request already happened)."""
-        if self.broken or self._thread is None:
-            self.failures += 1
-            logger.error("audit record lost, the spool is unavailable: %s", self.error)
-            return
-        self._queue.put(_Item(body, None))
+        """Write ``body`` without waiting for its fsync (an outcome: the request already
+        happened)."""
+        with self._lock:
+            try:
+                self._put(body)
+            except SpoolError as exc:
+                logger.error("audit record lost, the spool is unavailable: %s", exc)
 
     def tally(self, client: str) -> None:
         """Count one refusal a flood summary will stand for (it gets no record of its own):
-        in head.json at once, fsynced with the next fsync."""
-        if self.broken or self._thread is None:
-            self.failures += 1
-            self.lost += 1
-            return
-        self._queue.put(_Item({}, None, tally=client))
+        in head.json at once, fsynced within FLUSH_INTERVAL."""
+        with self._lock:
+            if self.broken or not self._accepting:
+                self.failures += 1
+                self.lost += 1
+                return
+            self._count(client, 1)
+            self._write_head()
 
     async def count(self, client: str) -> None:
         """``tally``, returning once the count is in head.json: a refusal counted this way
         before its answer goes out cannot be lost to a crash of the process."""
-        if self.broken or self._thread is None:
-            self.tally(client)
-            return
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put(_Item({}, done, tally=client))
-        await asyncio.wrap_future(done)
+        self.tally(client)
 
     def summarize(self, body: dict[str, Any], client: str, count: int) -> None:
         """Write a flood summary standing for ``count`` of ``client``'s counted refusals."""
-        if self.broken or self._thread is None:
-            self.append_nowait(body)
-            return
-        self._queue.put(_Item(body, None, settles=(client, count)))
+        with self._lock:
+            try:
+                self._put(body, settles=(client, count))
+            except SpoolError as exc:
+                logger.error("audit record lost, the spool is unavailable: %s", exc)
 
     def committed(self) -> tuple[int, int]:
         """(first sequence number of the segment being written, bytes of it made durable)."""
         return self._committed
 
-    # -- the writer thread -----------------------------------------------------------------
+    # -- writing (the caller's thread, holding the lock) ---------------------------------
+
+    def _put(
+        self,
+        body: dict[str, Any],
+        waiter: Waiter | None = None,
+        settles: tuple[str, int] | None = None,
+        durable: Durable | None = None,
+    ) -> None:
+        """Seal ``body`` into the chain and write it; SpoolError if it is not written (then
+        counted as lost if nobody waits for it)."""
+        if self.broken or not self._accepting:
+            self.failures += waiter is None and durable is None
+            raise SpoolError(self.error or "the audit spool is closed")
+        head, lines, written = self.head, [], []
+        unstated = self.lost - self._noting
+        if unstated > 0:  # the first write that works says how many records could not be
+            note = {"kind": "event", "event": "records_lost", "count": unstated,
+                    "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
+            line, head = head.seal_line(self.key, note)
+            lines.append(line)
+            written.append(_Written(head.seq, "event", "", notes=unstated))
+        try:
+            line, head = head.seal_line(self.key, body)
+        except (TypeError, ValueError) as exc:  # one bad record fails only its own request
+            logger.error("audit record refused: %s", exc)
+            self._lose(waiter or durable, settles, 1)
+            raise SpoolError(f"audit record cannot be written: {exc}") from None
+        lines.append(line)
+        kind, request_id = str(body.get("kind", "")), str(body.get("request_id", ""))
+        written.append(_Written(head.seq, kind, request_id, waiter, durable, settles))
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        segment = self._segment
+        offset = segment.end if segment is not None else 0
+        try:
+            if segment is None:
+                segment = self._segment = self._open_segment(self.head.seq + 1)
+                offset = segment.end
+            view = memoryview(data)
+            while view:
+                view = view[os.write(segment.fd, view) :]
+        except OSError as exc:
+            self._undo(offset, exc)
+            self._lose(waiter or durable, settles, len(written))
+            raise SpoolError(self.error) from None
+        segment.end = offset + len(data)
+        self.head = head
+        self._noting += unstated if unstated > 0 else 0
+        self._written.extend(written)
+        if segment.end >= self.segment_size:  # the next write starts a new segment
+            self._full.append(segment)
+            self._segment = None
+
+    def _lose(self, waiter: object, settles: tuple[str, int] | None, tried: int) -> None:
+        """Count records that could not be written: the one nobody waits for as lost (an
+        awaited one is not: its request is refused instead; a summary's refusals stay counted
+        in the head and are summarized again at the latest on close)."""
+        self.failures += tried
+        if waiter is None and settles is None:
+            self.lost += 1
+            self._write_head()  # a crash now still says how many were lost
+
+    def _undo(self, offset: int, exc: OSError) -> None:
+        """Cut a failed write back off the file, or stop accepting records if that fails."""
+        first = self.healthy
+        self.healthy = False
+        self.error = f"audit spool write failed: {exc.strerror or exc}"
+        if self._segment is None:
+            if first:
+                logger.error("%s", self.error)
+            return
+        try:
+            os.ftruncate(self._segment.fd, offset)
+            if first:
+                logger.error("%s; requests are refused until it can be written", self.error)
+        except OSError as again:
+            self._break(f"cutting it back failed too ({again.strerror})")
+
+    def _break(self, why: str) -> None:
+        self.broken, self.healthy = True, False
+        self.error += f"; {why}: restart the gateway"
+        logger.critical("%s", self.error)
+
+    def _open_segment(self, first_seq: int) -> _Segment:
+        """A new segment file; its name is fsynced into the directory by the next fsync."""
+        path = self.directory / segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        size = os.fstat(fd).st_size
+        return _Segment(fd, first_seq, size, size, named=False)
+
+    def _ring(self) -> None:
+        """Wake the fsync thread (once, however many ring before it wakes)."""
+        with contextlib.suppress(RuntimeError):  # rung already
+            self._bell.release()
+
+    # -- the fsync thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
+            self._bell.acquire(timeout=FLUSH_INTERVAL)
             try:
-                batch = [self._queue.get(timeout=FLUSH_INTERVAL if self._dirty else None)]
-            except queue.Empty:
-                self._flush()
-                continue
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            items = [item for item in batch if item is not _STOP]
-            counted = [item for item in items if item.tally is not None]
-            items = [item for item in items if item.tally is None]
-            for item in counted:
-                self._count(str(item.tally), 1)
-            if items:
-                try:
-                    self._write(items)
-                except Exception:  # the thread must outlive any bug: fail loudly, never hang
-                    logger.exception("audit spool failed unexpectedly")
-                    self.broken, self.healthy = True, False
-                    self.error = "audit spool failed unexpectedly: restart the gateway"
-                    self._fail(
-                        [i for i in items if i.done is None or not i.done.done()], self.error
-                    )
-            if counted:  # in head.json before the counted refusals' answers go out
-                self._write_head()
-                self._dirty = True  # fsynced (the head with it) within FLUSH_INTERVAL
-                for item in counted:
-                    if item.done is not None and not item.done.done():
-                        item.done.set_result(None)
-            if len(items) + len(counted) < len(batch):
-                if self.tallies and not self.broken:  # counted, never summarized: say so now
-                    self._write([self._summary(c, n) for c, n in sorted(self.tallies.items())])
-                self._flush()
+                with self._lock:
+                    stopping = self._stopping
+                    sync = self._due()
+                if sync is not None:
+                    self._sync(sync)
+            except Exception:  # the thread must outlive any bug: fail loudly, never hang
+                logger.exception("audit spool failed unexpectedly")
+                with self._lock:
+                    self.error = "audit spool failed unexpectedly"
+                    self._break("a bug")
+                    told = self._fail_written(SpoolError(self.error))
+                self._tell(told)
+            if stopping:
                 return
 
-    def _flush(self) -> None:
-        """fsync what was written without anyone waiting (outcomes), at most FLUSH_INTERVAL
-        after it was written."""
-        if not self._tallies_synced and self._head_fd is not None:
+    def _due(self) -> _Sync | None:
+        """What the next fsync covers: every segment written since the last one (and new
+        segments' names), head.json if it changed since it was last fsynced."""
+        segments = [*self._full, *([self._segment] if self._segment is not None else [])]
+        ends = [(s, s.end) for s in segments if s.end > s.synced or not s.named]
+        head_file = self._tallied != self._tallied_synced and self._head_fd is not None
+        if not ends and not head_file:
+            return None
+        return self.head, ends, self._tallied if head_file else None
+
+    def _sync(self, sync: _Sync) -> None:
+        head, ends, head_file = sync
+        started = time.perf_counter()
+        try:
+            for segment, _ in ends:
+                if not segment.named:
+                    _fsync_directory(self.directory)  # the new file's name is durable too
+                os.fsync(segment.fd)
+        except OSError as exc:
+            with self._lock:
+                told = self._cut_back(exc)
+            self._tell(told)
+            return
+        self.last_fsync = time.perf_counter() - started
+        if head_file is not None:  # the counts in it (they are in no record yet)
             try:
+                assert self._head_fd is not None  # noqa: S101 - checked when due
                 os.fsync(self._head_fd)
-                self._tallies_synced = True
             except OSError as exc:
                 logger.warning("audit head file not fsynced: %s", exc)
-        if not self._dirty or self._fd is None:
-            self._dirty = False
-            return
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:  # written but maybe not durable, and nothing to cut back
-            self.broken, self.healthy = True, False
-            self.error = f"audit spool fsync failed: {exc.strerror or exc}: restart the gateway"
-            logger.critical("%s", self.error)
-        else:
-            self._committed = (self._segment_first, self._offset)
+        with self._lock:
+            if head_file is not None:
+                self._tallied_synced = head_file  # (counted since? then due again)
+            told = self._synced(head, ends)
+        self._tell(told)
+        if ends:
             self.on_commit()
-        self._dirty = False
 
-    def _write(self, items: list[_Item]) -> None:
-        if self.broken:
-            self._fail(items, self.error)
-            return
-        if self.lost:  # the first write that works says how many records could not be written
-            note = {"kind": "event", "event": "records_lost", "count": self.lost,
-                    "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
-            items = [_Item(note, None), *items]
-        head, lines, sealed = self.head, [], []
-        seqs: list[int] = []
-        for item in items:
-            try:
-                record, after = head.seal(self.key, item.body)
-                line = canonical(record) + b"\n"
-            except (TypeError, ValueError) as exc:  # one bad record fails only its own request
-                logger.error("audit record refused: %s", exc)
-                self._fail([item], f"audit record cannot be written: {exc}")
-                continue
-            head = after
-            lines.append(line)
-            sealed.append(item)
-            seqs.append(head.seq)
-        items = sealed
-        if not items:
-            return
-        data = b"".join(lines)
-        offset = self._offset
+    def _synced(self, head: Head, ends: list[tuple[_Segment, int]]) -> list[_Told]:
+        """Everything up to ``head`` is durable: head.json learns of it before anyone
+        hears."""
+        told: list[_Told] = []
+        records = 0
+        while self._written and self._written[0].seq <= head.seq:
+            record = self._written.popleft()
+            self._note(record)
+            records += 1
+            if record.waiter is not None:
+                told.append((record.waiter, None))
+            elif record.durable is not None:
+                record.durable.set_result(None)  # (its callbacks only wake an event loop)
+                if (waiter := self._awaited.pop(record.durable, None)) is not None:
+                    told.append((waiter, None))
+        for segment, end in ends:
+            segment.named = True
+            segment.synced = max(segment.synced, end)
+            if segment in self._full and segment.synced >= segment.end:
+                with contextlib.suppress(OSError):
+                    os.close(segment.fd)
+                self._full.remove(segment)
+        if ends:
+            last, end = ends[-1]
+            self._committed = (last.first, end)
+        if records:
+            self.fsynced = head
+            self.spooled += records
+            self.commits += 1
+            if not self.healthy and not self.broken:
+                logger.warning("audit spool writable again")
+                self.healthy, self.error = True, ""
+            self._write_head()
+        return told
+
+    def _cut_back(self, exc: OSError) -> list[_Told]:
+        """An fsync failed: everything written since the last one that worked is cut back off
+        the files (the chain goes on from the durable head), and its waiters fail."""
+        first = self.healthy
+        self.healthy = False
+        self.error = f"audit spool write failed: {exc.strerror or exc}"
+        segments = [*self._full, *([self._segment] if self._segment is not None else [])]
         try:
-            if self._fd is None:
-                self._open_segment(self.head.seq + 1)
-                offset = self._offset
-            assert self._fd is not None  # noqa: S101 - opened just above
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            for item in items:  # a read goes on now; its answer waits for the fsync below
-                if item.written is not None and not item.written.done():
-                    item.written.set_result(None)
-            # A record someone waits for (an intent) is fsynced now, with everything before it;
-            # records nobody waits for (outcomes) within FLUSH_INTERVAL, or with the next intent.
-            if any(item.done is not None for item in items) or (
-                offset + len(data) >= self.segment_size
-            ):
-                started = time.perf_counter()
-                os.fsync(self._fd)
-                self.last_fsync = time.perf_counter() - started
-                self._dirty = False
-            else:
-                self._dirty = True
-        except OSError as exc:
-            self._undo(offset, exc)
-            self._fail(items, self.error)
+            for segment in segments:
+                if segment.end > segment.synced:
+                    os.ftruncate(segment.fd, segment.synced)
+                    segment.end = segment.synced
+        except OSError as again:
+            self._break(f"cutting it back failed too ({again.strerror})")
+        else:
+            if first:
+                logger.error("%s; requests are refused until it can be written", self.error)
+            # The chain goes on in the oldest: the later ones hold nothing durable.
+            for segment in segments[1:]:
+                with contextlib.suppress(OSError):
+                    os.close(segment.fd)
+                    (self.directory / segment_name(segment.first)).unlink()
+            self._full, self._segment = [], segments[0] if segments else None
+            self.head = self.fsynced
+        return self._fail_written(SpoolError(self.error))
+
+    def _fail_written(self, error: SpoolError) -> list[_Told]:
+        """Everything written and not durable is gone: its waiters are told, what nobody
+        waited for is lost (an outcome's intent then ends in the loss instead)."""
+        told: list[_Told] = []
+        lost = 0
+        for record in self._written:
+            self.failures += 1
+            if record.waiter is not None:
+                told.append((record.waiter, error))
+            elif record.durable is not None:
+                record.durable.set_exception(error)
+                if (waiter := self._awaited.pop(record.durable, None)) is not None:
+                    told.append((waiter, error))
+            elif record.notes:
+                self._noting -= record.notes
+            elif record.settles is None:
+                lost += 1
+                if record.kind == "outcome":
+                    self.open_intents.pop(record.request_id, None)
+        self._written.clear()
+        if lost:
+            logger.error("%d audit records lost: %s", lost, error)
+            self.lost += lost
+        self._write_head()  # a crash now still says how many were lost
+        return told
+
+    def _tell(self, told: list[_Told]) -> None:
+        """Wake the waiters: one call into each event loop."""
+        if not told:
             return
-        self._offset = offset + len(data)
-        self.head = head
-        self.spooled += len(items)
-        self.commits += 1
-        self.lost = 0
-        for item, seq in zip(items, seqs, strict=True):
-            self._note(item, seq)
-        if not self._dirty:  # only what is fsynced is offered to the shipper
-            self._committed = (self._segment_first, self._offset)
-        if not self.healthy:
-            logger.warning("audit spool writable again")
-        self.healthy, self.error = True, ""
-        self._write_head()  # before anyone hears "done": the head is never behind what was told
-        for item in items:
-            if item.done is not None and not item.done.done():  # a waiter may have given up
-                item.done.set_result(None)
-        if self._offset >= self.segment_size:
-            os.close(self._fd)
-            self._fd = None  # the next write starts a new segment
-        self.on_commit()
+        loops: dict[asyncio.AbstractEventLoop, list[_Told]] = {}
+        for waiter, error in told:
+            loops.setdefault(waiter.get_loop(), []).append((waiter, error))
+        for loop, some in loops.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, some)
 
-    def _summary(self, client: str, count: int) -> _Item:
-        body = {"kind": "event", "event": "unauthenticated_refusals", "client": client,
+    # -- head.json -------------------------------------------------------------------------
+
+    def _summary(self, client: str, count: int) -> dict[str, Any]:
+        return {"kind": "event", "event": "unauthenticated_refusals", "client": client,
                 "unrecorded": count, "time": dt.datetime.now(dt.UTC).isoformat()}  # fmt: skip
-        return _Item(body, None, settles=(client, count))
 
-    def _note(self, item: _Item, seq: int) -> None:
-        """Follow what head.json keeps: intents without outcomes, refusals not summarized."""
-        kind, request_id = item.body.get("kind"), str(item.body.get("request_id", ""))
-        if kind == "intent" and request_id:
-            self.open_intents.setdefault(request_id, []).append(seq)
-        elif kind == "outcome":
-            self.open_intents.pop(request_id, None)
-        if item.settles is not None:
-            self._count(*item.settles, sign=-1)
+    def _note(self, record: _Written) -> None:
+        """Follow what head.json keeps: intents without outcomes, refusals not summarized,
+        losses not stated."""
+        if record.kind == "intent" and record.request_id:
+            self.open_intents.setdefault(record.request_id, []).append(record.seq)
+        elif record.kind == "outcome":
+            self.open_intents.pop(record.request_id, None)
+        if record.settles is not None:
+            self._count(*record.settles, sign=-1)
+        if record.notes:
+            self.lost -= record.notes
+            self._noting -= record.notes
 
     def _count(self, client: str, count: int, sign: int = 1) -> None:
         if sign > 0:
@@ -453,84 +645,30 @@ class Spool:
             self.tallies[client] = self.tallies.get(client, 0) + count
         else:
             _settle(self.tallies, client, count)
-        self._tallies_synced = False
-
-    def _fail(self, items: list[_Item], error: str) -> None:
-        self.failures += len(items)
-        for item in items:  # an outcome that cannot be written is counted as lost instead
-            if item.body.get("kind") == "outcome":
-                self.open_intents.pop(str(item.body.get("request_id", "")), None)
-        self.lost += sum(
-            1
-            for i in items
-            if i.done is None and i.settles is None and i.body.get("event") != "records_lost"
-        )  # (an awaited record is not lost: its request is refused instead; a summary's
-        # refusals stay counted in the head and are summarized again at the latest on close)
-        for item in items:
-            if item.written is not None and not item.written.done():
-                item.written.set_exception(SpoolError(error))
-            if item.done is not None:
-                if not item.done.done():
-                    item.done.set_exception(SpoolError(error))
-            else:
-                logger.error("audit record lost, the spool is unavailable: %s", error)
-        if self.lost:
-            self._tallies_synced = False
-            self._write_head()  # a crash now still says how many were lost
-
-    def _undo(self, offset: int, exc: OSError) -> None:
-        """Cut a failed write back off the file, or stop accepting records if that fails."""
-        first = self.healthy
-        self.healthy = False
-        self.error = f"audit spool write failed: {exc.strerror or exc}"
-        if self._fd is None:
-            if first:
-                logger.error("%s", self.error)
-            return
-        try:
-            os.ftruncate(self._fd, offset)
-            if first:
-                logger.error("%s; requests are refused until it can be written", self.error)
-        except OSError as again:
-            self.broken = True
-            self.error += f"; cutting it back failed too ({again.strerror}): restart the gateway"
-            logger.critical("%s", self.error)
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-
-    def _open_segment(self, first_seq: int) -> None:
-        path = self.directory / segment_name(first_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._segment_first = first_seq
-        self._offset = os.fstat(self._fd).st_size
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new file's name is durable too
-        finally:
-            os.close(dir_fd)
+        self._tallied += 1
 
     def _write_head(self) -> None:
-        """The chain's head beside the spool, for ``audit verify`` to detect truncation:
-        rewritten in place with one small ``pwrite`` (a rename per commit costs as much as the
-        fsync). A head torn by a crash reads as unknown, never as a wrong one."""
-        head: dict[str, Any] = {
-            "writer": self.head.writer, "seq": self.head.seq, "mac": self.head.mac,
-        }  # fmt: skip
+        """The durable head of the chain beside the spool, for ``audit verify`` to detect
+        truncation, with what a crash must not lose: rewritten in place with one small
+        ``pwrite`` (a rename costs as much as the fsync). A head torn by a crash reads as
+        unknown, never as a wrong one."""
+        head = self.fsynced
+        text = f'{{"writer":{_HEAD_JSON(head.writer)},"seq":{head.seq},"mac":"{head.mac}"'
         if self.open_intents:
-            head["open"] = sorted([s, r] for r, seqs in self.open_intents.items() for s in seqs)
+            opened = sorted([s, r] for r, seqs in self.open_intents.items() for s in seqs)
+            text += f',"open":{_HEAD_JSON(opened)}'
         if self.tallies:
-            head["unrecorded"] = self.tallies
+            text += f',"unrecorded":{_HEAD_JSON(self.tallies)}'
         if self.lost:
-            head["lost"] = self.lost
-        text = json.dumps(head, separators=(",", ":")).encode()
+            text += f',"lost":{self.lost}'
+        data = (text + "}").encode()
         # Padded to its size so far (a shorter head leaves no stale bytes behind it).
-        self._head_size = max(self._head_size, -(-(len(text) + 1) // HEAD_SIZE) * HEAD_SIZE)
-        text = text.ljust(self._head_size - 1) + b"\n"
+        self._head_size = max(self._head_size, -(-(len(data) + 1) // HEAD_SIZE) * HEAD_SIZE)
+        data = data.ljust(self._head_size - 1) + b"\n"
         try:
             if self._head_fd is None:
                 self._head_fd = os.open(self.directory / "head.json", os.O_RDWR | os.O_CREAT, 0o600)
-            os.pwrite(self._head_fd, text, 0)
+            os.pwrite(self._head_fd, data, 0)
         except OSError as exc:
             logger.warning("audit head file not updated: %s", exc)
 
@@ -576,10 +714,12 @@ class Spool:
                     intents[seq] = record
                 elif kind == "outcome":
                     open_.pop(request_id, None)
-                elif record.get("event") == "records_lost":
-                    self.lost = 0  # written before the head said so
+                elif record.get("event") == "records_lost":  # stated after the head
+                    self.lost = max(0, self.lost - int(record.get("count", self.lost)))
                 elif record.get("event") == "unauthenticated_refusals":
                     _settle(tallies, str(record.get("client", "")), int(record["unrecorded"]))
+        self.open_intents = {r: list(seqs) for r, seqs in open_.items()}
+        self.tallies = dict(tallies)
         left: list[dict[str, Any]] = []
         when = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
         for request_id, seqs in sorted(open_.items(), key=lambda item: item[1][0]):
@@ -627,9 +767,10 @@ class Spool:
                 last = records[-1][0]
                 if last.get("writer") != self.writer:
                     raise OSError(f"{path} belongs to writer {last.get('writer')!r}")
-                self._segment_first, self._offset = int(path.stem), end
+                self._committed = (int(path.stem), end)
                 if end < self.segment_size:
-                    self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                    self._segment = _Segment(fd, int(path.stem), end, end, named=True)
                 return Head(self.writer, int(last["seq"]), str(last["mac"]))
             path.unlink()  # a segment left empty by a failed first write
         return Head(self.writer)
@@ -676,3 +817,18 @@ def _settle(tallies: dict[str, int], client: str, count: int) -> None:
             del tallies[name]
         elif taken:
             tallies[name] -= taken
+
+
+def _resolve(told: list[_Told]) -> None:
+    """In the waiters' event loop: each is told how its fsync went."""
+    for waiter, error in told:
+        if not waiter.done():  # (a waiter may have given up)
+            waiter.set_result(error)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

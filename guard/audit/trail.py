@@ -13,7 +13,6 @@ the record without waiting (what it describes has already happened).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -29,7 +28,7 @@ from guard.audit import records
 from guard.audit.chain import derive_key
 from guard.audit.records import Redactor
 from guard.audit.shipper import Shipper
-from guard.audit.spool import Spool, SpoolError
+from guard.audit.spool import Durable, Spool, SpoolError
 from guard.audit.store import AuditStore
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
@@ -97,7 +96,7 @@ class Hold:
     __slots__ = ("durable", "refused")
 
     def __init__(self) -> None:
-        self.durable: concurrent.futures.Future[None] | None = None  # the intent's fsync
+        self.durable: Durable | None = None  # the intent's fsync
         self.refused = False  # the fsync failed: the answer was replaced by a refusal
 
 
@@ -163,7 +162,7 @@ class AuditTrail:
             scope["guard"].audit_seconds += time.monotonic() - started
         return None
 
-    async def durable(self, scope: Scope, done: concurrent.futures.Future[None]) -> Refusal | None:
+    async def durable(self, scope: Scope, done: Durable) -> Refusal | None:
         """Wait for the fsync of an intent ``intent`` only wrote; the refusal to answer instead
         if it failed."""
         started = time.monotonic()
@@ -171,7 +170,7 @@ class AuditTrail:
             if done.done():
                 done.result()
             else:
-                await asyncio.wrap_future(done)
+                await self.spool.durable(done)
         except SpoolError as exc:
             logger.error("request %s answered 503: %s", scope["guard"].request_id, exc)
             return Refusal("audit_unavailable")
