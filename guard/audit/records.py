@@ -122,8 +122,19 @@ def changes(scope: Scope, redactor: Redactor) -> dict[str, object]:
     return found
 
 
+FIELDS: Final = "guard.audit_fields"  # scope key: request_fields, built once per request
+
+
 def request_fields(scope: Scope, redactor: Redactor) -> dict[str, Any]:
-    """What the request itself says (known before anything is decided)."""
+    """What the request itself says (known before anything is decided): built once, by its
+    intent or else its outcome, and shared by both (read only)."""
+    fields: dict[str, Any] | None = scope.get(FIELDS)
+    if fields is None:
+        fields = scope[FIELDS] = _request_fields(scope, redactor)
+    return fields
+
+
+def _request_fields(scope: Scope, redactor: Redactor) -> dict[str, Any]:
     context: RequestContext = scope["guard"]
     headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
     agent = next((v.decode("latin-1") for k, v in headers if k == b"user-agent"), "")
