@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import ssl
 import time
@@ -66,7 +67,7 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 BUFFER_LIMIT = 256 * 1024
 # A request body this large is written after its head rather than copied into one buffer.
 _JOIN_BELOW = 16 * 1024
-_FORBIDDEN = ("\r", "\n", "\0")
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 
 class UpstreamError(Exception):
@@ -92,6 +93,10 @@ class _Closed(Exception):
 
 class _Malformed(Exception):
     """The answer is not valid HTTP/1.1."""
+
+
+class _LengthMismatch(Exception):
+    """A streamed body is longer or shorter than the Content-Length it was sent with."""
 
 
 class _Connection(asyncio.Protocol):
@@ -120,7 +125,7 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.last_read = 0.0
+        self.last_progress = 0.0
         self.writer: asyncio.Task[None] | None = None
         self.sourcing = False  # the writer waits for the caller's body, not for MLflow
         self.writing_paused = False
@@ -143,7 +148,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         self.received = True
-        self.last_read = self.loop.time()
+        self.last_progress = self.loop.time()
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -255,8 +260,8 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         self.head = head
         self.last_use = close
-        self.last_read = self.loop.time()
-        self.timer = self.loop.call_at(self.last_read + self.read_timeout, self._check_silence)
+        self.last_progress = self.loop.time()
+        self.timer = self.loop.call_at(self.last_progress + self.read_timeout, self._check_silence)
 
     def _check_silence(self) -> None:
         self.timer = None
@@ -264,7 +269,7 @@ class _Connection(asyncio.Protocol):
             return
         now = self.loop.time()
         waiting = self.waiter is not None and not self.sourcing
-        due = self.last_read + self.read_timeout
+        due = self.last_progress + self.read_timeout
         if not waiting or due > now:
             # Nobody waits for MLflow (the caller is slow to take the answer or to send its
             # body), or MLflow spoke meanwhile: look again later.
@@ -412,13 +417,13 @@ class UpstreamClient:
         self._idle: deque[_Connection] = deque()
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opened = False
         # Connections to MLflow that failed: the version gate reads /version again after one.
         self.connection_failures = 0
 
     def open(self) -> None:
         """Get ready to connect; call from inside the running event loop."""
-        self._loop = asyncio.get_running_loop()
+        self._opened = True
         if self._tls and self._ssl is None:
             # Verified as aiohttp does by default: the system's CAs (SSL_CERT_FILE and
             # SSL_CERT_DIR honoured by OpenSSL), the host name checked, HTTP/1.1 offered.
@@ -434,7 +439,7 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send a request; ``target`` is the path plus query, sent as it is. Raises
         UpstreamError."""
-        if self._loop is None:
+        if not self._opened:
             raise UpstreamError(Refusal("upstream_unreachable", "The gateway is not started."))
         head, declared, close = self._head(method, target, headers, body)
         slot = self._slots
@@ -501,13 +506,13 @@ class UpstreamClient:
         lines.append("\r\n")
         text = "".join(lines)
         # Defence in depth against request splitting: every line break is one this method
-        # wrote, and no NUL, space or control character hides in the request line.
+        # wrote, and no space or control character hides in the request line.
         if (
             text.count("\n") != len(lines)
             or text.count("\r") != len(lines)
             or "\0" in text
-            or " " in target
-            or not method.isalpha()
+            or _UNSAFE_TARGET.search(target) is not None
+            or not (method.isascii() and method.isalpha())
         ):
             raise UpstreamError(Refusal("malformed_request"))
         try:
@@ -581,7 +586,8 @@ class UpstreamClient:
                 if writer is not None and writer.done() and not writer.cancelled():
                     source = writer.exception()
                     if source is not None and not isinstance(source, (_Closed, TimeoutError)):
-                        # The caller's body failed (too slow, caller gone), not MLflow.
+                        # The caller's body failed (too slow, caller gone, not the length it
+                        # said), not MLflow.
                         raise UpstreamError(Refusal("upstream_unreachable")) from source
                 raise conn.error
             await conn.wait()
@@ -628,7 +634,7 @@ class UpstreamClient:
                 writer is None
                 or (writer.done() and not writer.cancelled() and writer.exception() is None)
             )
-            and self._loop is not None
+            and self._opened
         ):
             conn.reset()
             idle = self._idle
@@ -653,7 +659,7 @@ class UpstreamClient:
             conn.close()
         self._all.clear()
         self._idle.clear()
-        self._loop = None
+        self._opened = False
 
 
 async def _write_stream(
@@ -666,15 +672,17 @@ async def _write_stream(
         conn.sourcing = True
         async for chunk in body:
             conn.sourcing = False
+            if not conn.alive:  # cut while the caller's body was awaited
+                raise _Closed("closed while writing")
             if chunk:
                 sent += len(chunk)
                 if declared is None:
                     transport.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
                 elif sent > declared:
-                    raise _Closed("the body is longer than its Content-Length")
+                    raise _LengthMismatch(f"more than {declared} bytes")
                 else:
                     transport.write(chunk)
-                conn.last_read = conn.loop.time()
+                conn.last_progress = conn.loop.time()
                 if conn.writing_paused:
                     await conn.drain()
                 if not conn.alive:
@@ -684,7 +692,7 @@ async def _write_stream(
         if declared is None:
             transport.write(b"0\r\n\r\n")
         elif sent != declared:
-            raise _Closed("the body is shorter than its Content-Length")
+            raise _LengthMismatch(f"{sent} bytes, not {declared}")
     except BaseException as exc:
         conn.sourcing = False
         # The request must never reach MLflow looking whole: the connection is cut.

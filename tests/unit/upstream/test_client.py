@@ -230,6 +230,9 @@ INJECTIONS = [
     ("GET", "/a HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /b", [("host", "h")]),
     ("GET", "/a b", [("host", "h")]),
     ("GET", "/a\0", [("host", "h")]),
+    ("GET", "/a\tb", [("host", "h")]),
+    ("GET", "/a\x7f", [("host", "h")]),
+    ("GÉT", "/", [("host", "h")]),
     ("GET\r\n", "/", [("host", "h")]),
     ("G T", "/", [("host", "h")]),
     ("GET", "/", [("host", "h\r\nX-Evil: 1")]),
@@ -339,6 +342,7 @@ def test_a_streamed_body_that_breaks_its_length_never_arrives_whole(
             with pytest.raises(UpstreamError) as caught:
                 await fetch(client, "PUT", headers=headers, body=chunks(*parts))
             assert caught.value.refusal.reason == "upstream_unreachable"
+            assert client.connection_failures == 0  # the caller's fault, not MLflow's
             await fetch(client)
             await client.close()
         assert [r.line for r in server.seen.requests] == [b"GET / HTTP/1.1"]
