@@ -914,16 +914,17 @@ def test_a_bursts_extra_connections_are_closed_once_expired(
 ) -> None:
     async def main() -> None:
         async with Server(answering(OK)) as server:
-            client = client_for(server, keepalive_expiry=0.1)
+            client = client_for(server, keepalive_expiry=0.3)
             await asyncio.gather(*(fetch(client) for _ in range(3)))
-            await asyncio.sleep(0.2)
-            for _ in range(3):  # each release closes the oldest expired idle connection
+            # One connection stays in use; a release closes the oldest idle one once expired.
+            for _ in range(40):
                 await fetch(client)
-            await asyncio.sleep(0.05)
-            closed = sorted(server.seen.closed)
+                await asyncio.sleep(0.02)
+            closed = len(server.seen.closed)
             await client.close()
-        assert server.seen.connections == 4
-        assert closed == [1, 2, 3]
+        assert server.seen.connections == 3
+        assert closed == 2
+        assert len({r.connection for r in server.seen.requests[3:]}) == 1
 
     run(main())
 
@@ -980,5 +981,31 @@ def test_an_https_upstream_is_verified(
             assert server.seen.requests[0].header(b"host") == b"mlflow"
         else:
             assert server.seen.requests == []
+
+    run(main())
+
+
+def test_a_connection_that_does_not_open_is_upstream_timeout(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    async def main() -> None:
+        with socket.socket() as listener, socket.socket() as first:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)  # never accepts: once its backlog is full, SYNs go unanswered
+            port = listener.getsockname()[1]
+            first.connect(("127.0.0.1", port))
+            client = UpstreamClient(
+                f"http://127.0.0.1:{port}",
+                UpstreamLimits(
+                    connect_timeout=0.2, read_timeout=5, pool_timeout=1, max_connections=2,
+                    keepalive_expiry=5,
+                ),
+            )  # fmt: skip
+            client.open()
+            with pytest.raises(UpstreamError) as caught:
+                await client.request("GET", "/", [("host", "h")], None)
+            assert caught.value.refusal.reason == "upstream_timeout"
+            assert client.connection_failures == 1
+            await client.close()
 
     run(main())
