@@ -330,16 +330,20 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
+        writer = self.writer
+        finished = not self.busy or (
+            self.complete and self.error is None and (writer is None or writer.done())
+        )
         self.alive = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.writer is not None and not self.writer.done():
-            self.writer.cancel()
-        if self.busy:
-            self.transport.abort()  # an unfinished exchange must not look finished
-        else:
+        if writer is not None and not writer.done():
+            writer.cancel()
+        if finished:
             self.transport.close()
+        else:
+            self.transport.abort()  # an unfinished exchange must not look finished
 
 
 def _refusal(exc: BaseException) -> Refusal:
