@@ -27,7 +27,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 
 from guard.audit.chain import Head
-from guard.audit.spool import Spool, read_records, read_stored, segments, write_stored
+from guard.audit.spool import Spool, read_lines, read_stored, segments, write_stored
 from guard.audit.store import AuditStore
 
 logger = logging.getLogger("guard.audit")
@@ -49,6 +49,7 @@ class Shipper:
         self._cursor: tuple[Path, int] | None = None
         self._pending: tuple[Path, int] | None = None
         self._wake = asyncio.Event()
+        self._wanted = False  # a commit since the last read should wake the task
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = False
@@ -57,8 +58,10 @@ class Shipper:
         self._stored: Head | None = None  # what stored.json says (it never moves back)
 
     def notify(self) -> None:
-        """Called from the spool's thread after each commit."""
-        if self._loop is not None:
+        """Called from the spool's thread after each commit: wakes the task once per read it
+        makes, not once per commit."""
+        if self._loop is not None and self._wanted:
+            self._wanted = False
             self._loop.call_soon_threadsafe(self._wake.set)
 
     @property
@@ -97,11 +100,11 @@ class Shipper:
                     self._started = True
                 if 0 < self.depth < self.batch_size:
                     await asyncio.sleep(SETTLE)  # let a few commits gather into one transaction
-                batch = await anyio.to_thread.run_sync(self._read)
+                self._wake.clear()
+                self._wanted = True  # (a commit from now on wakes the wait below)
+                batch, lines = await anyio.to_thread.run_sync(self._read)
                 if batch:
-                    await anyio.to_thread.run_sync(self.store.insert, batch, self.spool.key)
-                    await anyio.to_thread.run_sync(self._note_stored, batch[-1])
-                    await anyio.to_thread.run_sync(self._prune_segments)
+                    await anyio.to_thread.run_sync(self._store, batch, lines)
                     self.shipped = int(batch[-1]["seq"])  # last: stop() waits for this
                     self.replayed += len(batch)
                     if self.last_error:
@@ -124,7 +127,6 @@ class Shipper:
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
@@ -133,13 +135,19 @@ class Shipper:
         self.shipped = self.store.max_seq(self.spool.writer)
         self._check_stored(False)
         stored = 0
-        while batch := self._read():
-            self.store.insert(batch, self.spool.key)
-            self._note_stored(batch[-1])
-            self._prune_segments()
+        while (read := self._read())[0]:
+            batch, lines = read
+            self._store(batch, lines)
             self.shipped = int(batch[-1]["seq"])
             stored += len(batch)
         return stored
+
+    def _store(self, batch: list[dict[str, Any]], lines: list[str]) -> None:
+        """One batch into the database (its lines as the spool holds them: canonical), then
+        stored.json moved and the segments stored whole deleted."""
+        self.store.insert(batch, self.spool.key, lines)
+        self._note_stored(batch[-1])
+        self._prune_segments()
 
     def _check_stored(self, note: bool) -> None:
         """Compare the database with what stored.json says was stored: records missing below
@@ -188,37 +196,39 @@ class Shipper:
                 "heads": {w: list(h) for w, h in sorted(heads.items())},
             })  # fmt: skip
 
-    def _read(self) -> list[dict[str, Any]]:
-        """The next batch not yet stored, from the durable part of the spool. Where it ends
-        becomes the cursor once the batch is stored. Reads at most a batch at a time, so a
-        long backlog is read once, not once per batch."""
+    def _read(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The next batch not yet stored, from the durable part of the spool, with each
+        record's line. Where it ends becomes the cursor once the batch is stored. Reads at
+        most a batch at a time, so a long backlog is read once, not once per batch."""
         writing, durable = self.spool.committed()
         cursor = self._cursor
         batch: list[dict[str, Any]] = []
+        lines: list[str] = []
         for path in segments(self.spool.directory):
             if cursor is not None and path.name < cursor[0].name:
                 continue
             start = cursor[1] if cursor is not None and cursor[0] == path else 0
             current = int(path.stem) == writing
             while True:
-                chunk = read_records(path, start, durable if current else None, self.batch_size)
-                for record, after in chunk:
+                chunk = read_lines(path, start, durable if current else None, self.batch_size)
+                for record, line, after in chunk:
                     cursor = (path, after)
                     if int(record["seq"]) <= self.shipped:
                         continue  # stored before a restart: the spool replays from its start
                     batch.append(record)
+                    lines.append(line)
                     if len(batch) >= self.batch_size:
                         self._pending = cursor
-                        return batch
+                        return batch, lines
                 if len(chunk) < self.batch_size:
                     break
-                start = chunk[-1][1]
+                start = chunk[-1][2]
             if current:
                 break
         self._pending = cursor
         if not batch:
             self._cursor = cursor  # only stored records were passed over
-        return batch
+        return batch, lines
 
     def _prune_segments(self) -> None:
         """Advance the cursor; delete segments before it that the spool no longer writes."""

@@ -124,7 +124,14 @@ def read_records(
     """Whole records in ``path`` from byte ``start`` (up to ``end``, at most ``limit`` of
     them), each with the offset just after it. Stops at the first line that is not whole (a
     write cut short by a crash)."""
-    records: list[tuple[dict[str, Any], int]] = []
+    return [(record, after) for record, _, after in read_lines(path, start, end, limit)]
+
+
+def read_lines(
+    path: Path, start: int = 0, end: int | None = None, limit: int | None = None
+) -> list[tuple[dict[str, Any], str, int]]:
+    """``read_records``, each record with its line as stored (without the newline)."""
+    records: list[tuple[dict[str, Any], str, int]] = []
     offset = start
     with path.open("rb") as file:
         file.seek(start)
@@ -132,13 +139,14 @@ def read_records(
             if (end is not None and offset + len(line) > end) or not line.endswith(b"\n"):
                 break
             try:
-                record = json.loads(line)
+                text = line[:-1].decode("utf-8", "surrogatepass")
+                record = json.loads(text)
             except ValueError:
                 break
             if not isinstance(record, dict):
                 break
             offset += len(line)
-            records.append((record, offset))
+            records.append((record, text, offset))
             if limit is not None and len(records) >= limit:
                 break
     return records

@@ -33,15 +33,14 @@ def parse_time(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def row_of(record: dict[str, Any]) -> dict[str, Any]:
+def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
+    """The row of a record; ``line``: its canonical JSON, as the spool holds it."""
     row = {name: record.get(name) or default for name, default in COLUMNS.items()}
     row["resource"] = str(row["resource"])[:512]
-    row.update(
-        writer=record["writer"],
-        seq=record["seq"],
-        time=parse_time(record["time"]),
-        record=canonical(record).decode(),
-    )
+    row["writer"] = record["writer"]
+    row["seq"] = record["seq"]
+    row["time"] = parse_time(record["time"])
+    row["record"] = canonical(record).decode() if line is None else line
     return row
 
 
@@ -74,18 +73,29 @@ class AuditStore:
             return anchor.seq if anchor else 0
         return int(value)
 
-    def insert(self, records: Sequence[dict[str, Any]], key: bytes | None = None) -> None:
+    def insert(
+        self,
+        records: Sequence[dict[str, Any]],
+        key: bytes | None = None,
+        lines: Sequence[str] | None = None,
+    ) -> None:
         """Store a batch in one transaction (all or nothing); with ``key``, each writer's head
-        row moves to its newest record in the same transaction, signed."""
+        row moves to its newest record in the same transaction, signed. ``lines``: each
+        record's canonical JSON as the spool holds it (stored as it is, not encoded again)."""
         if not records:
             return
+        rows = (
+            [row_of(r) for r in records]
+            if lines is None
+            else [row_of(r, line) for r, line in zip(records, lines, strict=True)]
+        )
         newest: dict[str, Head] = {}
         for record in records if key is not None else ():
             writer, seq = str(record["writer"]), int(record["seq"])
             if seq > newest.get(writer, Head(writer)).seq:
                 newest[writer] = Head(writer, seq, str(record["mac"]))
         with self.engine.begin() as conn:
-            conn.execute(audit_records.insert(), [row_of(r) for r in records])
+            conn.execute(audit_records.insert(), rows)
             if key is None:
                 return
             now = dt.datetime.now(dt.UTC)

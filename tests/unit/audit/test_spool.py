@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from guard.audit.chain import Head, derive_key, verify
+from guard.audit.chain import Head, canonical, derive_key, verify
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool, SpoolError, read_records, segments
 from guard.audit.store import AuditStore
@@ -224,6 +224,9 @@ def test_the_shipper_stores_everything_exactly_once(tmp_path: Path, store: Audit
     assert [r["seq"] for r in records] == list(range(1, 111))
     assert verify(KEY, records) == []
     assert len(segments(tmp_path / "spool")) == 1  # shipped segments are deleted
+    with store.engine.connect() as conn:  # each row holds the line as spooled, not re-encoded
+        rows = conn.execute(sa.select(audit_records.c.record)).scalars().all()
+    assert all(row == canonical(json.loads(row)).decode() for row in rows) and len(rows) == 110
 
 
 class FlakyStore(AuditStore):
@@ -233,13 +236,13 @@ class FlakyStore(AuditStore):
         super().__init__(store.engine)
         self.failures = failures
 
-    def insert(self, records: Any, key: bytes | None = None) -> None:
+    def insert(self, records: Any, key: bytes | None = None, lines: Any = None) -> None:
         if self.failures > 0:
             self.failures -= 1
             if self.failures % 2:
-                super().insert(records, key)  # stored, but the caller hears of an error
+                super().insert(records, key, lines)  # stored, but the caller hears of an error
             raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
-        super().insert(records, key)
+        super().insert(records, key, lines)
 
 
 def test_a_database_outage_is_replayed_exactly_once(
