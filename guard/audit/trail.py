@@ -6,8 +6,8 @@ A read (``is_read``) inside ``DurableAnswerMiddleware`` (and, with ``audit.sync_
 "before-response"``, any request there) waits only until its record is written, and is fsynced
 while MLflow answers: the answer's first message waits for that fsync, and a failed one answers
 ``audit_unavailable`` instead, so no byte leaves whose record a power loss could still take.
-``outcome`` runs when the response is complete, for every request, refusals included; it queues
-the record without waiting (what it describes has already happened).
+``outcome`` runs when the response is complete, for every request, refusals included; it writes
+the record without waiting for its fsync (what it describes has already happened).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class AuditTrail:
         await self.shipper.start()
 
     async def stop(self) -> None:
-        """Write every queued record to the spool, then ship what the grace period allows."""
+        """Summarize what is counted and fsync everything written, then ship what the grace
+        period allows."""
         if self.limiter is not None:
             for summary in self.limiter.summaries(final=True):
                 self._summarize(summary)
