@@ -1009,3 +1009,29 @@ def test_a_connection_that_does_not_open_is_upstream_timeout(
             await client.close()
 
     run(main())
+
+
+def test_a_cancelled_request_gives_back_its_slot_and_connection(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    async def first_silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
+    ) -> None:
+        if n == 1:
+            await read_request(reader, n)
+            await reader.read()  # no answer: the caller gives up (a readiness probe's deadline)
+            seen.closed.append(n)
+            return
+        await answering(OK)(reader, writer, n, seen)
+
+    async def main() -> None:
+        async with Server(first_silent) as server:
+            client = client_for(server, max_connections=1)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.request("GET", "/", [("host", "h")], None), 0.2)
+            assert (await fetch(client))[2] == b"{}"  # the one slot is free again
+            await asyncio.sleep(0.05)
+            assert server.seen.closed == [1]  # the abandoned connection was closed
+            await client.close()
+
+    run(main())
