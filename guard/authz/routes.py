@@ -207,16 +207,18 @@ def validate_path(path: str) -> bool:
     The ASGI server has already percent-decoded the path once, so ``%2e%2e`` and ``%2F`` arrive
     here as ``..`` and ``/`` and are judged like their plain spellings.
     """
-    if not path.startswith("/") or "\\" in path or "//" in path:
-        return False
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        return False
-    return all(segment not in {".", ".."} for segment in path.split("/"))
+    return _CANONICAL_PATH.fullmatch(path) is not None
 
 
 def validate_query(query: bytes) -> bool:
     """True for a query string that can be forwarded byte for byte: printable ASCII only."""
-    return all(0x20 < b < 0x7F for b in query)
+    return _PRINTABLE_QUERY.fullmatch(query) is not None
+
+
+# Segments after a "/": none empty, ".", ".." or holding "\\" or a control character.
+_SEGMENT: Final = r"(?!\.{1,2}(?:/|\Z))[^/\\\x00-\x1f\x7f]+"
+_CANONICAL_PATH: Final = re.compile(rf"/(?:{_SEGMENT}(?:/{_SEGMENT})*/?)?")
+_PRINTABLE_QUERY: Final = re.compile(rb"[\x21-\x7e]*")
 
 
 class RouteTable:

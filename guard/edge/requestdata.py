@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -25,6 +26,7 @@ class RequestDataError(Exception):
         self.refusal = refusal
 
 
+@lru_cache(maxsize=1024)  # field names the route table and the code know: a few hundred
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)

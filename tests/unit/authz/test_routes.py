@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from importlib import metadata
@@ -177,6 +178,44 @@ def test_validate_path(path: str, canonical: bool) -> None:
 )  # fmt: skip
 def test_validate_query(query: bytes, ok: bool) -> None:
     assert validate_query(query) is ok
+
+
+def _canonical_by_hand(path: str) -> bool:
+    """validate_path's meaning spelled out (it is one regular expression, for speed)."""
+    if not path.startswith("/") or "\\" in path or "//" in path:
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return False
+    return all(segment not in {".", ".."} for segment in path.split("/"))
+
+
+def test_validate_path_agrees_with_its_meaning_on_random_paths() -> None:
+    rng = random.Random(13)
+    alphabet = [
+        "/",
+        "/",
+        ".",
+        ".",
+        "a",
+        "-",
+        "%",
+        "\\",
+        "\x00",
+        "\x1f",
+        "\x7f",
+        "\n",
+        "é",
+        "\u2028",
+    ]
+    for _ in range(20000):
+        path = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9)))
+        assert validate_path(path) is _canonical_by_hand(path), repr(path)
+
+
+def test_validate_query_agrees_with_its_meaning_on_every_byte() -> None:
+    for byte in range(256):
+        query = b"a=" + bytes([byte]) + b"&b"
+        assert validate_query(query) is (0x20 < byte < 0x7F), byte
 
 
 @pytest.mark.parametrize(
