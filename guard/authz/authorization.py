@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,7 +22,7 @@ from guard.authz.answers import (
     forward_scorer_configs_filtered,
     forward_workspaces_filtered,
 )
-from guard.authz.engine import PolicyIndex
+from guard.authz.engine import PolicyIndex, carried_groups
 from guard.authz.graphql import graphql_plan
 from guard.authz.identifiers import Unresolved, describe, sent
 from guard.authz.judge import Judge, Refused
@@ -79,6 +80,18 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
     return headers
 
 
+_UNCONDITIONAL_SIZE: Final = 4096  # remembered shortcuts; all forgotten when full
+
+
+@dataclass(frozen=True, slots=True)
+class _Shortcut:
+    """A caller allowed every action of ``route`` everywhere: what its requests record."""
+
+    route: Route  # the row itself (it is remembered by id)
+    action: str
+    rule: str
+
+
 def _creates(route: Route) -> bool:
     """A route whose creator is granted manage on what it creates (when MLflow confirms it)."""
     return route.path.endswith(_CREATES) or (route.kind == "skill" and route.action == "create")
@@ -105,6 +118,10 @@ class AuthorizationMiddleware:
         self.search = search
         self.on_created = on_created
         self.before_search = before_search  # a filtered search reaches MLflow itself: audit it
+        # Callers allowed a route's every action on every resource, remembered per policy
+        # index: (route, subject, groups, workspace) -> the action and rule to record.
+        self._unconditional: dict[tuple[int, str, tuple[str, ...], str | None], _Shortcut] = {}
+        self._unconditional_index: PolicyIndex | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: Route = scope["guard.route"]
@@ -257,9 +274,16 @@ class AuthorizationMiddleware:
             return None, []  # the reviewed open list: UI files, version, health, server info
         subject = scope["guard"].principal.subject
         index = self._index(scope)
-        resolver = self._resolver(scope)
         context = scope["guard"]
         context.policy_version = index.version
+        if self.policies.index is not self._unconditional_index:
+            self._unconditional, self._unconditional_index = {}, self.policies.index
+        key = (id(route), subject, carried_groups(subject), scope.get("guard.workspace"))
+        if (known := self._unconditional.get(key)) is not None and known.route is route:
+            scope[_UNCHECKED_REFERENCES] = True
+            context.action, context.rule = known.action, known.rule
+            return None, []
+        resolver = self._resolver(scope)
         data: RequestData | None = None
         needs = Requirements()
         try:
@@ -298,6 +322,10 @@ class AuthorizationMiddleware:
                 )
                 if index.workspace is not None and route.kind == "artifact":
                     return await self._held_here(scope, route, resolver, subject), []
+                if data is None:  # nothing in the request changed what was decided: remember
+                    if len(self._unconditional) >= _UNCONDITIONAL_SIZE:
+                        self._unconditional.clear()
+                    self._unconditional[key] = _Shortcut(route, context.action, context.rule)
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
