@@ -22,7 +22,7 @@ Every body is read under the deadlines of ``guard.edge.deadlines``: a buffered o
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -53,10 +53,16 @@ def too_large(limit: int) -> Refusal:
     return Refusal("body_too_large", f"The limit is {limit} bytes.")
 
 
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
+
+
 def check_framing(headers: list[tuple[bytes, bytes]]) -> tuple[Refusal | None, int | None, bool]:
     """Validate Content-Length / Transfer-Encoding. Returns (refusal, length, chunked)."""
-    lengths = {v.strip() for k, v in headers if k == b"content-length"}
-    encodings = [v.strip().lower() for k, v in headers if k == b"transfer-encoding"]
+    framing = [item for item in headers if item[0] in _FRAMING_NAMES]
+    if not framing:  # a request without a body: most of them
+        return None, None, False
+    lengths = {v.strip() for k, v in framing if k == b"content-length"}
+    encodings = [v.strip().lower() for k, v in framing if k == b"transfer-encoding"]
     if encodings and (lengths or encodings != [b"chunked"]):
         return Refusal("invalid_body_framing"), None, False
     if len(lengths) > 1:
@@ -93,17 +99,23 @@ async def read_body(
             return b"".join(chunks)
 
 
+# Refusals are frozen values: built once here rather than for every GET with a query string.
+_HEAD_BODY: Final = Refusal("body_not_allowed", "A HEAD request carries no body.")
+_GET_QUERY_BODY: Final = Refusal("body_not_allowed", "A GET with a query string carries no body.")
+_GET_BODY: Final = Refusal("body_not_allowed", "A GET on this route carries no body.")
+
+
 def body_refusal(method: str, query_string: bytes, route: BodyRoute) -> Refusal | None:
     """Why a request of this method, query string and route may not carry a body, if it may
     not: where MLflow would read it otherwise than the gateway, or not at all."""
     if method == "HEAD":
-        return Refusal("body_not_allowed", "A HEAD request carries no body.")
+        return _HEAD_BODY
     if method != "GET":
         return None
     if query_string:
-        return Refusal("body_not_allowed", "A GET with a query string carries no body.")
+        return _GET_QUERY_BODY
     if not route.get_body:
-        return Refusal("body_not_allowed", "A GET on this route carries no body.")
+        return _GET_BODY
     return None
 
 

@@ -15,7 +15,8 @@ merged with the gateway's directives, which win where both name the same directi
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable, Iterable
+from typing import Final, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,6 +51,48 @@ OWNED: Final = frozenset(
         b"x-xss-protection",
     }
 )
+_REPLACED: Final = OWNED | {CSP}
+T = TypeVar("T")
+
+
+class NameMemo(dict[bytes, T]):
+    """``memo[key]`` is ``classify(key)``, remembered for up to ``size`` names of at most 64
+    bytes: a request's header names are nearly always the same few, and one dict lookup costs
+    less than decoding, lower-casing and comparing each of them again. Names past the bounds are
+    classified every time, so a caller inventing names gains nothing but its own slowness."""
+
+    def __init__(self, classify: Callable[[bytes], T], size: int = 1024) -> None:
+        super().__init__()
+        self.classify = classify
+        self.size = size
+
+    def __missing__(self, key: bytes) -> T:
+        value = self.classify(key)
+        if len(key) <= 64 and len(self) < self.size:
+            self[key] = value
+        return value
+
+
+def singular_name(key: bytes) -> str | None:
+    """The name a singular header goes by (lower case, dashes for underscores), or None for a
+    header that may repeat."""
+    name = key.decode("latin-1").lower().replace("_", "-")
+    if name in SINGLE_VALUED or name.startswith(SINGLE_VALUED_PREFIX):
+        return name
+    return None
+
+
+def first_repeated(headers: list[tuple[bytes, bytes]], names: NameMemo[str | None]) -> str | None:
+    """The first singular header name (``singular_name``) that the headers repeat, if any."""
+    seen: set[str] = set()
+    for key, _ in headers:
+        name = names[key]
+        if name is None:
+            continue
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 class SingleValuedHeadersMiddleware:
@@ -57,19 +100,16 @@ class SingleValuedHeadersMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.names = NameMemo(singular_name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            seen: set[str] = set()
-            for key, _ in scope["headers"]:
-                name = key.decode("latin-1").lower().replace("_", "-")
-                if name not in SINGLE_VALUED and not name.startswith(SINGLE_VALUED_PREFIX):
-                    continue
-                if name in seen:
-                    refusal = Refusal("ambiguous_parameter", f"The header {name} is repeated.")
-                    await send_refusal(scope, send, refusal)
-                    return
-                seen.add(name)
+        if (
+            scope["type"] == "http"
+            and (name := first_repeated(scope["headers"], self.names)) is not None
+        ):
+            refusal = Refusal("ambiguous_parameter", f"The header {name} is repeated.")
+            await send_refusal(scope, send, refusal)
+            return
         await self.app(scope, receive, send)
 
 
@@ -120,30 +160,39 @@ class SecurityHeadersMiddleware:
         self.headers = headers
         self.csp = f"frame-ancestors {frame_ancestors}".encode()
         self.hsts = (b"strict-transport-security", f"max-age={hsts_max_age}".encode())
+        # What every answer ends with when it brings no policy of its own, per scheme.
+        self.own = [*headers, (CSP, self.csp)]
+        self.own_tls = [*self.own, self.hsts]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        tls = scope["guard"].scheme == "https"
+        own = self.own_tls if scope["guard"].scheme == "https" else self.own
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept, inner = [], []
-                for key, value in message.get("headers", ()):
-                    name = key.lower()
-                    if name == CSP:
-                        inner.append(value)
-                    elif name not in OWNED:
-                        kept.append((key, value))
-                kept.extend(self.headers)
-                if inner:
-                    kept.extend((CSP, policy) for policy in merge_policies(self.csp, inner))
-                else:
-                    kept.append((CSP, self.csp))
-                if tls:
-                    kept.append(self.hsts)
-                message["headers"] = kept
+                message["headers"] = self._replace(message.get("headers", ()), own)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _replace(
+        self, headers: Iterable[tuple[bytes, bytes]], own: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """A response's headers without those the gateway owns, then the gateway's (``own``:
+        for this scheme, its policy last); an inner policy is merged into the gateway's."""
+        headers = list(headers)
+        kept = [item for item in headers if item[0].lower() not in _REPLACED]
+        if len(kept) == len(headers):  # nothing owned, no inner policy: the common answer
+            kept += own
+            return kept
+        inner = [value for key, value in headers if key.lower() == CSP]
+        if not inner:
+            kept += own
+            return kept
+        kept.extend(self.headers)
+        kept.extend((CSP, policy) for policy in merge_policies(self.csp, inner))
+        if own is self.own_tls:
+            kept.append(self.hsts)
+        return kept

@@ -104,6 +104,22 @@ def validate_host(value: str | None, scheme: str, patterns: tuple[HostPattern, .
     return any(p.matches(host, effective_port) for p in patterns)
 
 
+class _Verdicts(dict[tuple[str | None, str], bool]):
+    """``validate_host`` for one set of patterns, remembered for up to 256 (host, scheme)
+    pairs: a gateway is addressed by few names, so nearly every request is one lookup."""
+
+    def __init__(self, patterns: tuple[HostPattern, ...]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
+    def __missing__(self, key: tuple[str | None, str]) -> bool:
+        value, scheme = key
+        verdict = validate_host(value, scheme, self.patterns)
+        if len(self) < 256 and (value is None or len(value) <= 300):
+            self[key] = verdict
+        return verdict
+
+
 class AllowedHostsMiddleware:
     """Answer 400 ``host_not_allowed`` unless the request's host is allowed."""
 
@@ -116,6 +132,7 @@ class AllowedHostsMiddleware:
     ) -> None:
         self.app = app
         self.patterns = tuple(parse_host_pattern(p) for p in allowed_hosts)
+        self.verdicts = _Verdicts(self.patterns)
         # Orchestrator probes address the pod by IP; these paths reveal nothing and act on nothing.
         self.exempt_paths = exempt_paths
 
@@ -124,7 +141,7 @@ class AllowedHostsMiddleware:
             await self.app(scope, receive, send)
             return
         context = scope["guard"]
-        if not validate_host(context.host, context.scheme, self.patterns):
+        if not self.verdicts[context.host, context.scheme]:
             await send_refusal(scope, send, Refusal("host_not_allowed"))
             return
         await self.app(scope, receive, send)
