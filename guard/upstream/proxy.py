@@ -48,6 +48,7 @@ from starlette.types import Message, Receive, Scope, Send
 from guard.edge.artifactpaths import DOWNLOADS
 from guard.edge.bodies import ClientDisconnected
 from guard.edge.deadlines import TIMED_OUT, BodyTimeout
+from guard.edge.headers import NameMemo
 from guard.errors import send_refusal
 from guard.upstream.client import UpstreamClient, UpstreamError, VersionGate
 
@@ -93,38 +94,67 @@ _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 _WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
 
 
+_RESPONSE_DROPPED_BYTES: Final = frozenset(name.encode() for name in RESPONSE_DROPPED)
+
+
+def _forwarded_name(key: bytes) -> str | None:
+    """The name a request header is forwarded under (lower case), None if it is not.
+    Compared in bytes: a latin-1 character outside ASCII never lower-cases into ASCII."""
+    name = key.lower().decode("latin-1")
+    return name if name in FORWARDED else None
+
+
+def _response_name(key: bytes) -> bytes | None:
+    """The name a response header is passed on under (lower case), None if it is dropped."""
+    name = key.lower()
+    if name in _RESPONSE_DROPPED_BYTES or name.startswith(b"access-control-"):
+        return None
+    return name
+
+
+# Memoized per header name (both functions are pure): see guard.edge.headers.NameMemo.
+_REQUEST_NAMES: Final = NameMemo(_forwarded_name)
+_RESPONSE_NAMES: Final = NameMemo(_response_name)
+
+
 def upstream_request_headers(
     headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """The allowed inbound headers (``FORWARDED``), followed by the gateway's own."""
-    connection_listed: set[str] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            connection_listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    """The allowed inbound headers (``FORWARDED``) that ``Connection`` does not name (its
+    tokens stripped and lower-cased as text), followed by the gateway's own."""
+    names = _REQUEST_NAMES
     result = []
+    listed: set[str] | None = None
     for key, value in headers:
-        name = key.decode("latin-1").lower()
-        if name in FORWARDED and name not in connection_listed:
+        name = names[key]
+        if name is not None:
             result.append((name, value.decode("latin-1")))
+        elif key.lower() == b"connection":
+            if listed is None:
+                listed = set()
+            listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
+    if listed is not None and not listed.isdisjoint(FORWARDED):
+        result = [(name, value) for name, value in result if name not in listed]
     result.extend(extra)
     return result
 
 
 def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
-    connection_listed: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            connection_listed.update(t.strip().lower() for t in value.split(b","))
+    """An upstream answer's headers, lower-cased, without ``RESPONSE_DROPPED``, CORS headers
+    and whatever its ``Connection`` names."""
+    names = _RESPONSE_NAMES
     result = []
+    listed: set[bytes] | None = None
     for key, value in headers:
-        name = key.lower()
-        if (
-            name.decode("latin-1") in RESPONSE_DROPPED
-            or name in connection_listed
-            or name.startswith(b"access-control-")
-        ):
-            continue
-        result.append((name, value))
+        name = names[key]
+        if name is not None:
+            result.append((name, value))
+        elif key.lower() == b"connection":
+            if listed is None:
+                listed = set()
+            listed.update(t.strip().lower() for t in value.split(b","))
+    if listed:
+        result = [(name, value) for name, value in result if name not in listed]
     return result
 
 
