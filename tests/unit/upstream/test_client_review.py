@@ -18,11 +18,13 @@ import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import uvloop
 
-from guard.upstream.client import UpstreamClient, UpstreamError
+from guard.upstream.client import BUFFER_LIMIT, UpstreamClient, UpstreamError
+from tests.slapd import make_certificates
 from tests.unit.upstream.test_client import (
     LIMITS,
     OK,
@@ -870,6 +872,89 @@ def test_a_request_cancelled_while_connecting_gives_back_its_slot(run: Run) -> N
                 await asyncio.wait_for(client.request("GET", "/", [("host", "h")], None), 0.1)
             assert_pool_whole(client)
             assert client._all == set()
+            await client.close()
+
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    make_certificates(directory)  # a CA, a server certificate for 127.0.0.1, an unrelated CA
+    return directory
+
+
+async def tls_server(handler: Handler, certificates: Path) -> Server:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates / "server.crt", certificates / "server.key")
+    server = Server(handler)
+    server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
+    return server
+
+
+def test_a_slow_reader_holds_a_bounded_buffer_over_tls(
+    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    size = 16 * 1024 * 1024
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
+
+    async def main() -> None:
+        async with await tls_server(answering(answer), certificates) as server:
+            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
+            client.open()
+            response = await client.request("GET", "/", [("host", "h")], None)
+            total, largest = 0, 0
+            async with response:
+                async for chunk in response.body():
+                    total += len(chunk)
+                    largest = max(largest, len(chunk))
+                    if total < 2 * 1024 * 1024:
+                        await asyncio.sleep(0.01)
+            await client.close()
+        assert total == size
+        assert largest <= BUFFER_LIMIT + 1024 * 1024
+
+    run(main())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding 3: over TLS, a TCP FIN without close_notify (a truncation an on-path "
+    "attacker can cause) ends an answer read until close as if it were whole",
+)
+def test_a_tls_answer_read_until_close_needs_close_notify(
+    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    async def truncated(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
+    ) -> None:
+        await read_request(reader, n)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN, no close_notify
+        await asyncio.sleep(0.5)
+
+    async def main() -> None:
+        async with await tls_server(truncated, certificates) as server:
+            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
+            client.open()
+            response = await client.request("GET", "/", [("host", "h")], None)
+            got: list[bytes] = []
+
+            async def read() -> None:
+                async with response:
+                    async for chunk in response.body():
+                        got.append(chunk)
+
+            with pytest.raises(UpstreamError):
+                await read()
+            assert b"".join(got) == b"partial"
             await client.close()
 
     run(main())
