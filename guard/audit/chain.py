@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -57,18 +58,24 @@ class Head:
 
     def seal_line(self, key: bytes, body: Mapping[str, Any]) -> tuple[bytes, Head]:
         """``body`` sealed as the next record, as the line the spool stores (the canonical JSON
-        of ``seal``'s record and a newline), and the chain's new head. Encoded once: the keys
-        sorting before ``mac`` and those after it are encoded apart, the MAC is taken over the
-        two joined, and the line is the two with the MAC between them."""
-        low = {k: v for k, v in body.items() if k < "mac"}
-        high = {k: v for k, v in body.items() if k > "mac"}
-        high["prev"], high["seq"], high["writer"] = self.mac, self.seq + 1, self.writer
-        first, rest = _ENCODE(low)[:-1], _ENCODE(high)[1:]  # "{...", "...}"
-        if len(first) > 1:
-            first += ","
-        mac = hmac.new(key, (first + rest).encode(), hashlib.sha256).hexdigest()
-        line = f'{first}"mac":"{mac}",{rest}\n'.encode()
-        return line, Head(self.writer, self.seq + 1, mac)
+        of ``seal``'s record and a newline), and the chain's new head. Encoded once, with a
+        stand-in for the MAC that nothing else in the record can hold (this process's random
+        ``_STAND_IN``): the MAC is taken over the text without that member, then takes its
+        place."""
+        record = {**body, "writer": self.writer, "seq": self.seq + 1, "prev": self.mac}
+        record["mac"] = _STAND_IN
+        text = _ENCODE(record)
+        mac = hmac.new(key, text.replace(_STAND_IN_MEMBER, "", 1).encode(), hashlib.sha256)
+        digest = mac.hexdigest()
+        return (text.replace(_STAND_IN, digest, 1) + "\n").encode(), Head(
+            self.writer, self.seq + 1, digest
+        )
+
+
+# seal_line's stand-in for a MAC: 256 random bits per process, so no value a request carries
+# can equal it (``mac`` sorts before prev, seq and writer: a comma always follows it).
+_STAND_IN: Final = secrets.token_hex(32)
+_STAND_IN_MEMBER: Final = f'"mac":"{_STAND_IN}",'
 
 
 def sign_head(key: bytes, head: Head, purpose: str = "head") -> str:
