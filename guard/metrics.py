@@ -135,6 +135,7 @@ class Metrics:
             "mlflow_guard_requests", "Requests by decision and HTTP status.",
             ["decision", "status"], registry=self.registry,
         )  # fmt: skip
+        self._by_outcome: dict[tuple[str, int], Counter] = {}  # the labelled children
         self.total = Histogram(
             "mlflow_guard_request_seconds", "Whole requests, as the gateway saw them.",
             buckets=_SLOW, registry=self.registry,
@@ -184,7 +185,11 @@ class Metrics:
         refusal = context.refusal
         decision = "allow" if refusal is None else "deny" if refusal.status in (401, 403, 429) \
             else "error"  # fmt: skip
-        self.requests.labels(decision, str(context.status)).inc()
+        key = (decision, context.status)
+        counter = self._by_outcome.get(key)
+        if counter is None:  # labels() takes a lock and builds a key: once per pair
+            counter = self._by_outcome[key] = self.requests.labels(decision, str(context.status))
+        counter.inc()
         self.total.observe(context.elapsed())
         if context.upstream_status:
             self.upstream.observe(context.upstream_seconds)
