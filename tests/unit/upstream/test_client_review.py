@@ -14,6 +14,8 @@ connection's transport closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -956,5 +958,28 @@ def test_a_tls_answer_read_until_close_needs_close_notify(
                 await read()
             assert b"".join(got) == b"partial"
             await client.close()
+
+    run(main())
+
+
+def test_failures_leave_no_open_file_descriptors(run: Run) -> None:
+    async def main() -> None:
+        handlers = [handler for _, handler, _ in _failures()]
+        servers = [Server(h) for h in handlers]
+        for server in servers:
+            await server.__aenter__()
+        before = len(os.listdir("/proc/self/fd"))
+        for server in servers:
+            client = client_for(server, max_connections=2, read_timeout=0.1)
+            for body in (None, b"abc", chunks(b"a", b"b")):
+                with contextlib.suppress(UpstreamError):
+                    await fetch(client, "POST", body=body)
+            assert_pool_whole(client)
+            await client.close()
+        for server in servers:
+            await server.__aexit__()
+        await asyncio.sleep(0.1)
+        servers_fds = len(servers)  # each listening socket is closed by __aexit__
+        assert len(os.listdir("/proc/self/fd")) <= before - servers_fds
 
     run(main())
