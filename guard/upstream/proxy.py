@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Final
@@ -91,6 +92,8 @@ FORWARDED: Final = frozenset(
 RESPONSE_DROPPED: Final = HOP_BY_HOP | {"set-cookie", "date", "server", "www-authenticate"}
 ARTIFACT_CSP: Final = b"sandbox"
 _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
+# A path that ``quote(path, safe=_PATH_SAFE)`` leaves as it is (ASCII letters, digits, safe).
+_PLAIN_PATH: Final = re.compile(r"[A-Za-z0-9/!$&'()*+,;=:@\-._~]*")
 _WATCH_DISCONNECT_ABOVE: Final = 1024 * 1024
 
 
@@ -228,7 +231,8 @@ class ProxyApp:
         body: bytes | AsyncIterator[bytes] | None,
         extra: list[tuple[str, str]],
     ) -> None:
-        target = quote(scope["path"], safe=_PATH_SAFE)
+        path = scope["path"]
+        target = path if _PLAIN_PATH.fullmatch(path) else quote(path, safe=_PATH_SAFE)
         if query := scope["query_string"]:
             target += "?" + query.decode("latin-1")
         headers = upstream_request_headers(scope["headers"], extra)
@@ -274,19 +278,32 @@ class ProxyApp:
         chunks: AsyncIterator[bytes],
         headers: tuple[tuple[bytes, bytes], ...],
     ) -> None:
-        lengths = [v for k, v in headers if k.lower() == b"content-length"]
-        small = (
-            bool(lengths) and lengths[0].isdigit() and int(lengths[0]) <= _WATCH_DISCONNECT_ABOVE
-        )
+        names = _RESPONSE_NAMES  # content-length is never dropped: its lower-case name
+        lengths = [v for k, v in headers if names[k] == b"content-length"]
+        declared = int(lengths[0]) if lengths and lengths[0].isdigit() else None
+        small = declared is not None and declared <= _WATCH_DISCONNECT_ABOVE
         # A large download whose reader hung up must stop pulling from MLflow; watching costs a
         # task, so small answers (nearly all API calls) do without.
         watcher = None if small else asyncio.ensure_future(_wait_for_disconnect(receive))
+        # The chunk that completes a declared length ends the response (the same bytes on the
+        # wire as an empty last message after it, one message fewer through every layer).
+        remaining = declared
+        ended = False
         try:
             async for chunk in chunks:
                 if watcher is not None and watcher.done():
                     raise ClientDisconnected
+                if remaining is not None and chunk:
+                    remaining -= len(chunk)
+                    if remaining == 0:
+                        await send({"type": "http.response.body", "body": chunk})
+                        ended = True
+                        continue
+                elif ended:
+                    continue  # an empty chunk adds nothing to an ended answer
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            if not ended:
+                await send({"type": "http.response.body", "body": b""})
         except UpstreamError as exc:
             # Too late for an error response: the status line is out. Leaving the response
             # incomplete makes the server close the connection, so the client sees the failure.
