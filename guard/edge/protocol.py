@@ -125,14 +125,19 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.uncertain_read = False  # this read began in a message body: not counted
         self.prefix = b""  # the first bytes of the current head, for the method
         self.prefix_open = False
-        self.header_count = 0
         self.header_size = 0
+        # Read per header: kept on the instance rather than looked up through ``limits``.
+        self.max_header_count = self.limits.max_header_count
+        self.max_header_size = self.limits.max_header_size
         self.message_has_cycle = False
         self.feeding = False
         self.deferred: list[tuple[RequestResponseCycle, ASGI3Application]] = []
         self.refused = False  # nothing more is parsed on this connection
         self.lingering = False
         self.discarded = 0
+        # The head's deadline is kept as a time; one timer fires at or before it and looks
+        # (re-armed while the deadline moved on), so a keep-alive request costs no timer.
+        self.header_deadline: float | None = None
         self.header_timer: asyncio.TimerHandle | None = None
         self.linger_timer: asyncio.TimerHandle | None = None
 
@@ -155,6 +160,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self.header_timer = self.linger_timer = None
+        self.header_deadline = None
         if self.counted is not None:
             left = self.open_by_client.get(self.counted, 1) - 1
             if left > 0:
@@ -192,9 +198,10 @@ class GuardHttpProtocol(HttpToolsProtocol):
             self._parser_failed(classify_parser_error(exc))
         finally:
             self.feeding = False
-        deferred, self.deferred = self.deferred, []
-        for cycle, app in deferred:
-            super()._start_asgi_task(cycle, app)
+        if self.deferred:
+            deferred, self.deferred = self.deferred, []
+            for cycle, app in deferred:
+                super()._start_asgi_task(cycle, app)
         if self.refused or self.phase == "body" or self.uncertain_read:
             return
         self.head_bytes += len(data)
@@ -206,7 +213,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.phase = "head"
-        self.header_count = self.header_size = 0
+        self.header_size = 0
         self.message_has_cycle = False
 
     def on_url(self, url: bytes) -> None:
@@ -216,14 +223,14 @@ class GuardHttpProtocol(HttpToolsProtocol):
             raise ProtocolRefusal("uri_too_long", f"(limit {limit} bytes)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        self.header_size += len(name) + len(value) + 4  # "name: value\r\n"
-        if self.header_count > self.limits.max_header_count:
-            limit = self.limits.max_header_count
+        # The fields so far are uvicorn's list of them (emptied when a message begins).
+        self.header_size = size = self.header_size + len(name) + len(value) + 4  # "name: value\r\n"
+        if len(self.headers) >= self.max_header_count:
+            limit = self.max_header_count
             raise ProtocolRefusal("headers_too_large", f"(limit {limit} header fields)")
-        if self.header_size > self.limits.max_header_size:
+        if size > self.max_header_size:
             raise ProtocolRefusal("headers_too_large", self._size_detail())
-        super().on_header(name, value)
+        HttpToolsProtocol.on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
@@ -307,16 +314,26 @@ class GuardHttpProtocol(HttpToolsProtocol):
         return f"(limit {self.limits.max_header_size} bytes)"
 
     def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self.header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout)
+        """The next request head must be complete ``header_timeout`` seconds from now."""
+        self.header_deadline = deadline = self.loop.time() + self.limits.header_timeout
+        if self.header_timer is None:  # a timer already set fires earlier, and looks again
+            self.header_timer = self.loop.call_at(deadline, self._header_timer_fired)
 
     def _cancel_header_timer(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
+        self.header_deadline = None  # a timer still set finds no deadline when it fires
+
+    def _header_timer_fired(self) -> None:
+        self.header_timer = None
+        deadline = self.header_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # re-armed since this timer was set
+            self.header_timer = self.loop.call_at(deadline, self._header_timer_fired)
+            return
+        self._header_timeout()
 
     def _header_timeout(self) -> None:
-        self.header_timer = None
+        self.header_deadline = None
         if self.refused or self.transport.is_closing():
             return
         if self.phase != "head":  # nothing of a next request arrived: an idle connection

@@ -495,6 +495,39 @@ def test_a_slow_head_gets_408_and_an_idle_connection_is_closed(serve: Any) -> No
         assert [a.status for a in parse(read_all(sock))] == [200, 200]
 
 
+def read_one(sock: socket.socket) -> bytes:
+    """One answer (with a Content-Length) from a connection that stays open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head_, _, body = data.partition(b"\r\n\r\n")
+    fields = dict(line.split(b": ", 1) for line in head_.split(b"\r\n")[1:])
+    while len(body) < int(fields[b"content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head_
+
+
+def test_each_keep_alive_head_gets_the_whole_deadline_and_a_later_slow_head_a_408(
+    serve: Any,
+) -> None:
+    """The header deadline moves with every answer (its timer re-arms, rather than being set
+    anew for every request): requests past the first deadline are served, then a slow head on
+    the same connection is still cut off."""
+    running = serve(**{"gateway.header_timeout": "1s"})
+    with connect(running.port) as sock:
+        for _ in range(3):  # 0 s, ~0.6 s, ~1.2 s: the last one after the first deadline
+            sock.sendall(head("GET", "/guard/health"))
+            assert read_one(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.6)
+        sock.sendall(b"GET /api/2.0/mlflow/experiments/get HTTP/1.1\r\nHost: loc")
+        (answer,) = parse(read_all(sock))
+    assert answer.refusal()["reason"] == "header_timeout" and answer.status == 408
+
+
 def test_connections_per_address_are_capped(serve: Any) -> None:
     running = serve(**{"gateway.max_connections_per_client": "3"})
     held = [connect(running.port) for _ in range(3)]
