@@ -92,6 +92,8 @@ SKILL_ROOT: Final = "skills"
 _WORKSPACES: Final = "workspaces"
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _FORBIDDEN: Final = frozenset("#?\\\x7f") | frozenset(chr(c) for c in range(0x20))
+# Any of them, found by one search rather than a loop over the path's characters.
+_FORBIDDEN_CHAR: Final = re.compile("[" + re.escape("".join(sorted(_FORBIDDEN))) + "]")
 
 
 def _decoded_by_mlflow(path: str) -> str:
@@ -101,7 +103,7 @@ def _decoded_by_mlflow(path: str) -> str:
 
 def validate_artifact_path(path: str) -> str | None:
     """None for a canonical relative artifact path; otherwise what is wrong with it."""
-    if any(c in _FORBIDDEN for c in path):
+    if _FORBIDDEN_CHAR.search(path):
         return "It holds '#', '?', a backslash or a control character."
     try:
         if _decoded_by_mlflow(path) != path:
@@ -156,11 +158,16 @@ class ArtifactPathMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = scope["guard.route"]
+        param = scope["guard.params"].get(URL_PARAM)
+        fields = PATH_FIELDS.get(route.path, ())
+        if param is None and not fields:  # no artifact path on this route: most requests
+            await self.app(scope, receive, send)
+            return
         candidates: list[object] = []
         try:
-            if (param := scope["guard.params"].get(URL_PARAM)) is not None:
+            if param is not None:
                 candidates.append(param)
-            for field, source in PATH_FIELDS.get(route.path, ()):
+            for field, source in fields:
                 candidates.extend(_values(scope, field, source))
         except RequestDataError as exc:
             await send_refusal(scope, send, exc.refusal)
@@ -174,7 +181,6 @@ class ArtifactPathMiddleware:
             if problem is not None:
                 await send_refusal(scope, send, Refusal("artifact_path_invalid", problem))
                 return
-        param = scope["guard.params"].get(URL_PARAM)
         writes = param is not None and writes_content(route.method, route.path)
         if writes and in_skill_content(param):
             await send_refusal(scope, send, Refusal("skill_content_immutable"))

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from guard.edge.artifactpaths import _SCHEME, _decoded_by_mlflow, validate_artifact_path
 from guard.edge.bodies import body_refusal, check_framing
 from guard.edge.headers import (
     CSP,
@@ -249,3 +250,34 @@ def test_host_verdicts_match_validate_host() -> None:
         assert layer.verdicts[value, scheme] == expected, (value, scheme)
         assert layer.verdicts[value, scheme] == expected, (value, scheme)  # remembered
     assert len(layer.verdicts) <= 256
+
+
+def old_validate_artifact_path(path: str) -> str | None:
+    forbidden = frozenset("#?\\\x7f") | frozenset(chr(c) for c in range(0x20))
+    if any(c in forbidden for c in path):
+        return "It holds '#', '?', a backslash or a control character."
+    try:
+        if _decoded_by_mlflow(path) != path:
+            return "It is still percent-encoded, or not a plain path."
+    except ValueError:
+        return "It is not a plain path."
+    if path.startswith("/") or _SCHEME.match(path):
+        return "It must be relative, without a scheme or drive."
+    segments = path.split("/")
+    if segments[-1] == "":
+        segments.pop()
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "It holds an empty, '.' or '..' segment."
+    return None
+
+
+def test_artifact_paths_are_judged_as_before() -> None:
+    rng = random.Random(17)
+    pieces = ["a", "b/", "/", ".", "..", "%2e", "%25", "%2F", "#", "?", "\\", "\x00", "\x1f",
+              "\x7f", "\x80", "\xe9", "\u2028", "C:", "s3:", "//[x", "skills", " ", "\t",
+              ";"]  # fmt: skip
+    for _ in range(20000):
+        path = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 6)))
+        assert validate_artifact_path(path) == old_validate_artifact_path(path), repr(path)
+    for code in range(0x3000):
+        assert validate_artifact_path(chr(code)) == old_validate_artifact_path(chr(code))
