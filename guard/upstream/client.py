@@ -63,6 +63,9 @@ logger = logging.getLogger("guard.upstream")
 # Methods that carry no body: a request of any other method without one says Content-Length: 0
 # (as aiohttp and browsers do; a server may otherwise wait for a body or answer 411).
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+# Methods whose request may go twice: a stale connection's failure never sends anything else
+# again (MLflow's POST, PUT, PATCH and DELETE change state, and may have been applied).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 # Bytes of an answer buffered before reading from MLflow pauses until the caller takes them.
 BUFFER_LIMIT = 256 * 1024
 # A request body this large is written after its head rather than copied into one buffer.
@@ -533,7 +536,8 @@ class UpstreamClient:
         close: bool,
     ) -> _Connection:
         """Send the request on a pooled (or new) connection and wait for the answer's head."""
-        replayable = not (body is not None and not isinstance(body, bytes))
+        # Sent again only when it may be: an idempotent method, and a body it still holds.
+        replayable = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
         conn = self._pooled()
         reused = conn is not None
         while True:
@@ -545,8 +549,8 @@ class UpstreamClient:
             except _Closed as exc:
                 self._drop(conn)
                 if reused and replayable and not conn.received:
-                    # MLflow closed the idle connection just as the request went out: the
-                    # request never reached it, so it goes again once, on a new connection.
+                    # MLflow closed the idle connection just as the request went out (or took
+                    # the request and died): a read goes again once, on a new connection.
                     conn, reused = None, False
                     continue
                 self.connection_failures += 1
