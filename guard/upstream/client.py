@@ -71,6 +71,11 @@ BUFFER_LIMIT = 256 * 1024
 # A request body this large is written after its head rather than copied into one buffer.
 _JOIN_BELOW = 16 * 1024
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
+# An answer's head (informational answers before it included) is bounded as the gateway bounds
+# a request's (gateway.max_header_size, 32 KiB, and max_header_count, 100), with room to spare:
+# more is a malformed answer, and the connection is closed.
+MAX_HEAD_SIZE = 64 * 1024
+MAX_HEAD_FIELDS = 128
 
 
 class UpstreamError(Exception):
@@ -122,6 +127,9 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received = False  # some byte of the answer arrived
+        self.head_read = 0  # bytes read while no answer's head was whole
+        self.head_fields = 0  # header fields (and their size) of the answers so far
+        self.head_size = 0
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.reading_paused = False
@@ -157,6 +165,13 @@ class _Connection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self.fail(_Malformed(str(exc)))
             return
+        if not self.headers_done:
+            # Every byte so far belongs to a head: llhttp keeps an unfinished field whole, so
+            # the head is bounded here as it arrives, not only once a field ends.
+            self.head_read += len(data)
+            if self.head_read > MAX_HEAD_SIZE:
+                self.fail(_Malformed(f"an answer head larger than {MAX_HEAD_SIZE} bytes"))
+                return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -209,6 +224,13 @@ class _Connection(asyncio.Protocol):
             self.alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp refuses a name that is not a token, a value with a control character and a
+        # Content-Length that is not ASCII digits; here the number and size of fields is bounded
+        # (a trailer's too). Raised in a callback, this is an HttpParserCallbackError.
+        self.head_fields += 1
+        self.head_size += len(name) + len(value) + 4
+        if self.head_fields > MAX_HEAD_FIELDS or self.head_size > MAX_HEAD_SIZE:
+            raise _Malformed("an answer head with too many or too large fields")
         if not self.headers_done:
             self.headers.append((name, value))
 
@@ -324,6 +346,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.headers_done = self.complete = self.received = False
+        self.head_read = self.head_fields = self.head_size = 0
         if self.chunks:
             self.chunks.clear()
         self.buffered = 0

@@ -626,11 +626,6 @@ def test_a_read_is_retried_once_on_a_stale_connection(
 # Resource exhaustion
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: an answer's header block is buffered without a bound (aiohttp "
-    "refused lines and fields over 8190 bytes)",
-)
 @pytest.mark.parametrize(
     "headers",
     [
