@@ -177,25 +177,41 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool:
-        self._ended(None)
+        self._ended(None, self._clean_eof())
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._ended(exc)
+        self._ended(exc, False)
         drain = self.drain_waiter
         if drain is not None and not drain.done():
             drain.set_exception(_Closed("connection lost"))
 
-    def _ended(self, exc: BaseException | None) -> None:
+    def _ended(self, exc: BaseException | None, clean: bool) -> None:
         self.alive = False
         if not self.busy or self.complete or self.error is not None:
             return
-        if self.headers_done and not self._framed():
-            self._message_complete()  # an answer read until the server closes
+        if clean and self.headers_done and not self._framed():
+            # An answer read until the server closes ends with a clean end of stream only: a
+            # reset, or a TLS connection closed without close_notify, cut it short.
+            self._message_complete()
             self.keep_alive = False
         else:
             self.error = _Closed(str(exc) if exc else "closed by MLflow")
         self._wake()
+
+    def _clean_eof(self) -> bool:
+        """Whether the end of stream just received is one the server meant to send.
+
+        Over TLS, only a close_notify is. uvloop calls ``eof_received`` for a close_notify only
+        (a bare TCP FIN goes straight to ``connection_lost``); asyncio's own loop calls it for
+        both, a close_notify while its SSL protocol is still wrapped (or flushing) and a bare
+        FIN once it is shut down, which is all a protocol can tell them apart by.
+        """
+        ssl_protocol = getattr(self.transport, "_ssl_protocol", None)
+        if ssl_protocol is None:
+            return True  # plain TCP, or uvloop's TLS transport
+        state = getattr(ssl_protocol, "_state", None)
+        return getattr(state, "name", "SHUTDOWN") != "SHUTDOWN"
 
     def _framed(self) -> bool:
         """Whether the answer said how long its body is (else it ends when MLflow closes)."""
