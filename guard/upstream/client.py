@@ -263,7 +263,7 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.headers_done = True
         if self.head:
-            self.keep_alive = self.parser.should_keep_alive() and not self.last_use
+            self.keep_alive = self._keeps_alive()
             self._message_complete()
             # The parser still expects the body the headers announce: a fresh one reads the
             # next answer, and any byte this one sees is stray (see on_body).
@@ -285,8 +285,23 @@ class _Connection(asyncio.Protocol):
             return
         if self.complete:
             return
-        self.keep_alive = self.parser.should_keep_alive() and not self.last_use
+        self.keep_alive = self._keeps_alive()
         self._message_complete()
+
+    def _keeps_alive(self) -> bool:
+        """Whether the answer lets the connection be used again (neither side said close)."""
+        parser = self.parser
+        if self.last_use or not parser.should_keep_alive():
+            return False
+        if parser.get_http_version() != "1.1":
+            # llhttp keeps an HTTP/1.0 connection that says keep-alive even when it also says
+            # close (for HTTP/1.1 it reads close among any tokens).
+            for name, value in self.headers:
+                if name.lower() == b"connection" and any(
+                    token.strip(b" \t") == b"close" for token in value.lower().split(b",")
+                ):
+                    return False
+        return True
 
     def _message_complete(self) -> None:
         self.complete = True

@@ -239,22 +239,8 @@ def test_trailers_end_a_chunked_answer_that_is_reused(run: Run) -> None:
         b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n",
         b"HTTP/1.0 200 OK\r\n",
         b"HTTP/1.0 200 OK\r\nConnection: close\r\n",
-        pytest.param(
-            b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\n",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="review finding 4: llhttp's should_keep_alive() keeps an HTTP/1.0 "
-                "connection that says both keep-alive and close",
-            ),
-        ),
-        pytest.param(
-            b"HTTP/1.0 200 OK\r\nConnection: close, Keep-Alive\r\n",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="review finding 4: llhttp's should_keep_alive() keeps an HTTP/1.0 "
-                "connection that says both keep-alive and close",
-            ),
-        ),
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\n",
+        b"HTTP/1.0 200 OK\r\nConnection: close, Keep-Alive\r\n",
     ],
 )
 def test_an_answer_that_says_close_is_never_reused(run: Run, connection: bytes) -> None:
