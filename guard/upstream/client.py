@@ -71,6 +71,10 @@ BUFFER_LIMIT = 256 * 1024
 # A request body this large is written after its head rather than copied into one buffer.
 _JOIN_BELOW = 16 * 1024
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
+# A header name is an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Header names found to be tokens are remembered (per client, up to this many).
+_KNOWN_NAMES = 1024
 # An answer's head (informational answers before it included) is bounded as the gateway bounds
 # a request's (gateway.max_header_size, 32 KiB, and max_header_count, 100), with room to spare:
 # more is a malformed answer, and the connection is closed.
@@ -479,6 +483,7 @@ class UpstreamClient:
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
         self._opened = False
+        self._names: set[str] = set()  # request header names known to be tokens
         # Connections to MLflow that failed: the version gate reads /version again after one.
         self.connection_failures = 0
 
@@ -530,7 +535,13 @@ class UpstreamClient:
         lines = [f"{method} {target} HTTP/1.1\r\n"]
         host = close = False
         length: str | None = None
+        names = self._names
         for name, value in headers:
+            if name not in names:
+                if _TOKEN.fullmatch(name) is None:
+                    raise UpstreamError(Refusal("malformed_request"))
+                if len(names) < _KNOWN_NAMES:
+                    names.add(name)
             lowered = name.lower()
             if lowered == "host":
                 host = True
