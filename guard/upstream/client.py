@@ -558,17 +558,18 @@ class UpstreamClient:
         declared: int | None
         if isinstance(body, bytes):
             declared = len(body)
-            if length is not None and length.strip() != str(declared):
+            if length is not None and length.strip(" \t") != str(declared):
                 raise UpstreamError(Refusal("invalid_body_framing"))
             lines.append(f"content-length: {declared}\r\n")
         elif body is None:
             declared = 0
-            if length is not None and length.strip() != "0":
+            if length is not None and length.strip(" \t") != "0":
                 raise UpstreamError(Refusal("invalid_body_framing"))
             if method not in _BODYLESS:
                 lines.append("content-length: 0\r\n")
         elif length is not None:
-            if not length.isdigit():
+            length = length.strip(" \t")
+            if not (length.isascii() and length.isdigit()) or len(length) > 18:
                 raise UpstreamError(Refusal("invalid_body_framing"))
             declared = int(length)
             lines.append(f"content-length: {declared}\r\n")

@@ -512,11 +512,6 @@ def test_a_header_name_that_is_not_a_token_is_refused(run: Run, name: str) -> No
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: a streamed body's Content-Length is read with str.isdigit() and "
-    "int(): non-ASCII digits pass, and some raise ValueError instead of invalid_body_framing",
-)
 @pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "9" * 5000, "\uff13"])
 def test_a_streamed_bodys_length_is_ascii_digits_only(run: Run, length: str) -> None:
     async def main() -> None:
