@@ -70,7 +70,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 BUFFER_LIMIT = 256 * 1024
 # A request body this large is written after its head rather than copied into one buffer.
 _JOIN_BELOW = 16 * 1024
-_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
+# A request target is printable ASCII without spaces: a C1 control or a non-ASCII space (NEL,
+# NBSP) is a separator to servers that split the request line with str.split().
+_UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Header names found to be tokens are remembered (per client, up to this many).
@@ -584,6 +586,7 @@ class UpstreamClient:
             text.count("\n") != len(lines)
             or text.count("\r") != len(lines)
             or "\0" in text
+            or not target
             or _UNSAFE_TARGET.search(target) is not None
             or not (method.isascii() and method.isalpha())
         ):
