@@ -392,11 +392,17 @@ class _Connection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
+    def sent(self) -> bool:
+        """Whether the request went out whole: its body written and nothing left to send."""
+        writer = self.writer
+        return (
+            writer is None
+            or (writer.done() and not writer.cancelled() and writer.exception() is None)
+        ) and self.transport.get_write_buffer_size() == 0
+
     def close(self) -> None:
         writer = self.writer
-        finished = not self.busy or (
-            self.complete and self.error is None and (writer is None or writer.done())
-        )
+        finished = not self.busy or (self.complete and self.error is None and self.sent())
         self.alive = False
         if self.timer is not None:
             self.timer.cancel()
@@ -701,16 +707,15 @@ class UpstreamClient:
         return conn
 
     def _release(self, conn: _Connection) -> None:
-        writer = conn.writer
+        # Reused only when the request went out whole, the answer was read whole and neither
+        # said close: an answer that came before the upload ended leaves MLflow reading (or
+        # not) the rest of it, and the next request would queue behind it.
         if (
             conn.complete
             and conn.keep_alive
             and conn.alive
             and conn.error is None
-            and (
-                writer is None
-                or (writer.done() and not writer.cancelled() and writer.exception() is None)
-            )
+            and conn.sent()
             and self._opened
         ):
             conn.reset()

@@ -763,11 +763,6 @@ def test_tls_verifies_certificates_and_host_names_with_no_old_protocols() -> Non
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 8: a connection is reused after an answer that came before a bytes "
-    "body left the send buffer; the next request then waits behind that upload",
-)
 def test_an_early_answer_to_an_unsent_upload_never_reuses_its_connection(run: Run) -> None:
     """MLflow answers after the head while most of a bytes body still waits in the gateway's
     send buffer (as a streamed body's unfinished writer already does): reusing the connection
