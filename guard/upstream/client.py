@@ -14,21 +14,34 @@ requests with), one future and one timer per exchange, and the socket calls.
 
 It is as careful as the library it replaces:
 - a request is written as given (method, a canonical target never re-quoted, the caller's
-  headers and Host) and refused before any byte is written if a name or value holds a CR, LF or
-  NUL (request splitting); the framing is this client's: Content-Length for bytes, the
-  caller's Content-Length or chunked for a streamed body (a body that is longer or shorter than
-  it said cuts the connection), Content-Length: 0 for a method that carries a body but has none
-  (as aiohttp sends it); a streamed body is written at MLflow's pace (flow control);
-- an answer is parsed by llhttp (Content-Length, chunked, or read until the server closes; none
-  after HEAD, 1xx, 204 and 304; informational answers skipped) and its body is streamed with a
-  bounded buffer: reading from MLflow pauses while ``BUFFER_LIMIT`` bytes wait for the caller;
+  headers and Host) and refused (400 ``malformed_request``) before any byte is written if a
+  header name is not an RFC 9110 token, a name or value holds a CR, LF or NUL (request
+  splitting), or the target is not printable ASCII without spaces (a C1 control or NBSP is a
+  separator to some servers); the framing is this client's: Content-Length for bytes, the
+  caller's Content-Length (ASCII digits only) or chunked for a streamed body (a body that is
+  longer or shorter than it said cuts the connection), Content-Length: 0 for a method that
+  carries a body but has none (as aiohttp sends it); a streamed body is written at MLflow's
+  pace (flow control);
+- an answer is parsed by llhttp (Content-Length of ASCII digits, chunked, or read until the
+  server closes; none after HEAD, 1xx, 204 and 304; informational answers skipped; header
+  names must be tokens) and its body is streamed with a bounded buffer: reading from MLflow
+  pauses while ``BUFFER_LIMIT`` bytes wait for the caller. Its head, informational answers
+  before it included, is bounded (``MAX_HEAD_SIZE`` bytes, ``MAX_HEAD_FIELDS`` fields, as the
+  gateway bounds a request's): more is a malformed answer. An answer read until the server
+  closes ends only with a clean end of stream: a reset, or over TLS a FIN without close_notify
+  (as far as the event loop tells them apart, see ``_Connection._clean_eof``), is a failure
+  raised from ``body()``, never a shorter answer served as whole;
 - the pool holds at most ``max_connections`` (a slot per request; waiting for one longer than
   ``pool_timeout`` is 503 ``upstream_busy``), reuses the most recently used idle connection,
-  never one idle longer than ``keepalive_expiry``, one the server closed or sent stray bytes
-  on, or one whose answer was not read whole or said ``Connection: close`` (or was HTTP/1.0
-  without keep-alive). A request whose reused connection dies before any byte of the answer
-  (MLflow closed it just as the request went out) is sent once more on a new connection when
-  its body can be sent again (bytes or none), never a streamed one;
+  never one idle longer than ``keepalive_expiry`` or one the server closed or sent stray bytes
+  on: a connection goes back to the pool only when the request went out whole (its body
+  written, nothing left in the send buffer: an answer that came before the upload ended closes
+  it), its answer was read whole and neither side said ``Connection: close`` (HTTP/1.0: unless
+  it said keep-alive and not close). A request whose reused connection dies before any byte of
+  the answer (MLflow closed it just as the request went out, or took it and died) is sent once
+  more on a new connection only when it is a read (GET, HEAD, OPTIONS) whose body can be sent
+  again (bytes or none): never a streamed body, and never POST, PUT, PATCH or DELETE, which
+  MLflow may already have applied (logged a metric, created a run) and would apply twice;
 - ``connect_timeout`` bounds opening a connection; ``read_timeout`` bounds each silence of
   MLflow while the gateway waits for it (aiohttp's ``sock_read``), not the time the caller
   takes to send its body or take the answer; there is no total timeout;
