@@ -1,10 +1,10 @@
 """Adversarial review of the hand-written HTTP/1.1 upstream client (guard/upstream/client.py).
 
 Every test talks to a real local asyncio server that answers with scripted bytes (the helpers
-of test_client.py), on asyncio's loop and on uvloop. Tests marked ``xfail(strict=True)`` are
-review findings: each one states what the client should do and fails today; once the client is
-fixed it passes, the strict xfail turns into a failure, and the marker is to be removed. The
-other tests are probes that found nothing: they pin the behaviour the review relied on.
+of test_client.py), on asyncio's loop and on uvloop. The review's eight findings (each test
+says which) were strict xfails until the client was fixed; the tests at the end probe the edges
+of each fix. The other tests are probes that found nothing: they pin the behaviour the review
+relied on.
 
 After every failure a test can provoke, the pool must be whole again: every slot given back
 (``_slots``), no connection left in use (``_all`` holds only idle ones) and every dropped
@@ -934,5 +934,269 @@ def test_failures_leave_no_open_file_descriptors(run: Run) -> None:
         await asyncio.sleep(0.1)
         servers_fds = len(servers)  # each listening socket is closed by __aexit__
         assert len(os.listdir("/proc/self/fd")) <= before - servers_fds
+
+    run(main())
+
+
+# The edges of the fixes
+
+
+def test_a_tls_answer_read_until_close_ends_with_close_notify(
+    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 3's other side: a server that closes TLS properly ends an unframed answer."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    async def whole(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
+    ) -> None:
+        await read_request(reader, n)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"w" * 300_000)
+        await writer.drain()
+        writer.close()  # close_notify, then FIN
+        await writer.wait_closed()
+
+    async def main() -> None:
+        async with await tls_server(whole, certificates) as server:
+            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
+            client.open()
+            assert (await fetch(client))[2] == b"w" * 300_000
+            assert_pool_whole(client)
+            await client.close()
+
+    run(main())
+
+
+def _fields(count: int, size: int = 8) -> bytes:
+    return b"".join(b"X-%05d: %s\r\n" % (i, b"v" * size) for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("head", "served"),
+    [
+        (_fields(120, 400), True),  # ~50 KB in 120 fields
+        (_fields(127), True),  # with Content-Length, 128 fields
+        (_fields(128), False),
+        (b"X-Big: " + b"a" * 70_000 + b"\r\n", False),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 2, True),
+    ],
+    ids=["50KB", "128-fields", "129-fields", "70KB-field", "two-103s"],
+)
+@pytest.mark.parametrize("pieces", [1, 97])
+def test_an_answer_head_is_bounded_at_its_limits(
+    run: Run, head: bytes, served: bool, pieces: int
+) -> None:
+    """Finding 2: heads up to the bounds are served whether they arrive at once or in pieces;
+    one past them is 502 and the next request gets a new connection."""
+    if head.startswith(b"HTTP/"):
+        answer = head + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    else:
+        answer = b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\n{}"
+
+    async def in_pieces(writer: asyncio.StreamWriter) -> None:
+        step = -(-len(answer) // pieces)
+        for start in range(0, len(answer), step):
+            writer.write(answer[start : start + step])
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        async with Server(script(in_pieces, OK)) as server:
+            client = client_for(server)
+            if served:
+                assert (await fetch(client))[2] == b"{}"
+            else:
+                with pytest.raises(UpstreamError) as caught:
+                    await fetch(client)
+                assert caught.value.refusal.reason == "upstream_unreachable"
+            assert_pool_whole(client)
+            assert (await fetch(client))[2] == b"{}"
+            await client.close()
+        assert server.seen.connections == (1 if served else 2)
+
+    run(main())
+
+
+def test_informational_answers_count_toward_the_head_bound(run: Run) -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\nLink: </b>\r\n\r\n" * 70
+
+    async def main() -> None:
+        async with Server(answering(hints + OK)) as server:
+            client = client_for(server)
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client)
+            assert caught.value.refusal.reason == "upstream_unreachable"
+            assert_pool_whole(client)
+            await client.close()
+
+    run(main())
+
+
+def test_a_flood_of_trailers_fails_the_body(run: Run) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        + _fields(200)
+        + b"\r\n"
+    )
+
+    async def main() -> None:
+        async with Server(answering(answer)) as server:
+            client = client_for(server)
+            response = await client.request("GET", "/", [("host", "h")], None)
+            with pytest.raises(UpstreamError):
+                async with response:
+                    [chunk async for chunk in response.body()]
+            assert_pool_whole(client)
+            await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\n: empty\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-\xc3\xa9: v\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX(a): v\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX\ta: v\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xd9\xa2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xef\xbc\x92\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\xc2\xa0\r\n\r\n{}",
+    ],
+    ids=["empty-name", "non-ascii-name", "separator-name", "tab-name", "arabic-2",
+         "fullwidth-2", "nbsp-after-2"],
+)  # fmt: skip
+def test_an_answer_header_name_or_length_out_of_grammar_is_malformed(
+    run: Run, answer: bytes
+) -> None:
+    """Findings 5 and 6 for answers: llhttp refuses these (pinned here)."""
+
+    async def main() -> None:
+        async with Server(script(answer, OK)) as server:
+            client = client_for(server)
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client)
+            assert caught.value.refusal.reason == "upstream_unreachable"
+            assert_pool_whole(client)
+            assert (await fetch(client))[2] == b"{}"
+            await client.close()
+        assert server.seen.connections == 2
+
+    run(main())
+
+
+def test_every_token_character_is_a_name_and_the_name_memo_is_bounded(run: Run) -> None:
+    name = "x!#$%&'*+-.^_`|~09AZaz"
+
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server)
+            assert (await fetch(client, headers=[("host", "h"), (name, "1")]))[0] == 200
+            client._names.update(f"n{i}" for i in range(2000))  # a full memo
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client, headers=[("host", "h"), ("x y", "1")])
+            assert caught.value.refusal.reason == "malformed_request"
+            assert (await fetch(client, headers=[("host", "h"), ("x-new", "1")]))[0] == 200
+            assert "x-new" not in client._names
+            await client.close()
+        first, second = server.seen.requests
+        assert (name.encode(), b"1") in first.headers  # written as given
+        assert (b"x-new", b"1") in second.headers
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("length", "body"),
+    [(" 3\u00a0", b"abc"), ("\u20070", None), ("\u00a03", "stream"), ("3\u3000", "stream")],
+)
+def test_a_length_padded_with_unicode_spaces_is_refused(
+    run: Run, length: str, body: bytes | str | None
+) -> None:
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server)
+            data = chunks(b"abc") if body == "stream" else body
+            headers = [("host", "h"), ("content-length", length)]
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client, "POST", headers=headers, body=data)  # type: ignore[arg-type]
+            assert caught.value.refusal.reason == "invalid_body_framing"
+            assert_pool_whole(client)
+            await client.close()
+        assert server.seen.requests == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("target", ["", "/a b", "/a\tb", "/a\x7f", "/a\u2028"])
+def test_a_target_with_a_space_or_nothing_is_refused(run: Run, target: str) -> None:
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server)
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client, "GET", target)
+            assert caught.value.refusal.reason == "malformed_request"
+            await client.close()
+        assert server.seen.requests == []
+
+    run(main())
+
+
+def test_a_head_answer_that_says_keep_alive_and_close_is_never_reused(run: Run) -> None:
+    answer = b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"
+
+    async def main() -> None:
+        async with Server(script(answer)) as server:
+            client = client_for(server)
+            await fetch(client, "HEAD")
+            await fetch(client, "HEAD")
+            await client.close()
+        assert server.seen.connections == 2
+
+    run(main())
+
+
+def test_a_read_that_mlflow_answered_in_part_is_not_sent_again(run: Run) -> None:
+    """Finding 1's other bound: once a byte of the answer came, not even a read goes twice."""
+
+    async def half_then_reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
+    ) -> None:
+        while (request := await read_request(reader, n)) is not None:
+            seen.requests.append(request)
+            if len(seen.requests) == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nCont")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.transport.abort()
+                return
+            writer.write(OK)
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(half_then_reset) as server:
+            client = client_for(server)
+            await fetch(client)
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(client)
+            assert caught.value.refusal.reason == "upstream_unreachable"
+            assert_pool_whole(client)
+            await client.close()
+        assert len(server.seen.requests) == 2
+
+    run(main())
+
+
+def test_a_small_upload_answered_after_it_was_read_keeps_its_connection(run: Run) -> None:
+    """Finding 8's fix closes only connections with bytes left to send."""
+
+    async def main() -> None:
+        async with Server(answering(OK)) as server:
+            client = client_for(server)
+            for size in (0, 10, 64 * 1024, 4 * 1024 * 1024):
+                assert (await fetch(client, "PUT", body=b"u" * size))[2] == b"{}"
+            await client.close()
+        assert server.seen.connections == 1
 
     run(main())
