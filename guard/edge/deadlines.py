@@ -48,6 +48,15 @@ class BodyTimeout(Exception):
         self.refusal = refusal
 
 
+def _why(which: str, deadlines: BodyDeadlines) -> str:
+    """The detail of a ``body_timeout`` refusal: which deadline passed (written only then)."""
+    if which == "total":
+        return f"(limit {deadlines.total:g} s for a body)"
+    if which == "idle":
+        return f"(nothing arrived for {deadlines.idle:g} s)"
+    return f"(slower than {deadlines.min_rate} bytes/s)"
+
+
 def timed_receive(
     scope: Scope, receive: Receive, deadlines: BodyDeadlines, *, whole: bool, pending: bool = True
 ) -> Receive:
@@ -62,17 +71,17 @@ def timed_receive(
         nonlocal credit, waited, done
         if done:
             return await receive()
-        limit, why = credit, f"(slower than {deadlines.min_rate} bytes/s)"
+        limit, which = credit, "rate"
         if credit >= deadlines.idle:
-            why = f"(nothing arrived for {deadlines.idle:g} s)"
+            which = "idle"
         if whole and deadlines.total - waited < limit:
-            limit, why = deadlines.total - waited, f"(limit {deadlines.total:g} s for a body)"
+            limit, which = deadlines.total - waited, "total"
         started = time.monotonic()
         try:
             async with asyncio.timeout(max(limit, 0.0)):
                 message = await receive()
         except TimeoutError:
-            refusal = Refusal("body_timeout", why)
+            refusal = Refusal("body_timeout", _why(which, deadlines))
             scope[TIMED_OUT] = refusal
             raise BodyTimeout(refusal) from None
         finally:

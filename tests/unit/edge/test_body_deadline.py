@@ -383,6 +383,30 @@ def test_a_fast_start_banks_no_more_than_the_idle_timeout() -> None:
     assert caught.value.refusal.detail == "(slower than 1000 bytes/s)"
 
 
+@pytest.mark.parametrize(
+    ("deadlines", "whole", "interval", "detail"),
+    [
+        (BodyDeadlines(total=60, idle=0.2, min_rate=1000), False, 5, "(nothing arrived for 0.2 s)"),
+        (BodyDeadlines(total=0.3, idle=60, min_rate=0), True, 0.05, "(limit 0.3 s for a body)"),
+        (BodyDeadlines(total=60, idle=0.2, min_rate=0), True, 5, "(nothing arrived for 0.2 s)"),
+    ],
+)
+def test_each_deadline_names_itself(
+    deadlines: BodyDeadlines, whole: bool, interval: float, detail: str
+) -> None:
+    """The refusal says which deadline passed (its words written only when one does)."""
+    scope: dict[str, Any] = {}
+    timed = timed_receive(scope, receiver([b"x"] * 1000, interval), deadlines, whole=whole)
+
+    async def drain() -> None:
+        while (await timed()).get("more_body"):
+            pass
+
+    with pytest.raises(BodyTimeout) as caught:
+        asyncio.run(asyncio.wait_for(drain(), 10))
+    assert caught.value.refusal.detail == detail
+
+
 def test_a_complete_body_passes_through_untimed() -> None:
     """Once the body is in, receive only waits for the client to go: no deadline applies."""
     deadlines = BodyDeadlines(total=0.1, idle=0.1, min_rate=1000)
