@@ -101,42 +101,64 @@ _RESPONSE_DROPPED_BYTES: Final = frozenset(name.encode() for name in RESPONSE_DR
 
 
 def _forwarded_name(key: bytes) -> str | None:
-    """The name a request header is forwarded under (lower case), None if it is not.
-    Compared in bytes: a latin-1 character outside ASCII never lower-cases into ASCII."""
+    """The name a request header is forwarded under (lower case), ``""`` for ``Connection``,
+    None for any other. Compared in bytes: a latin-1 character outside ASCII never lower-cases
+    into ASCII."""
     name = key.lower().decode("latin-1")
-    return name if name in FORWARDED else None
+    if name in FORWARDED:
+        return name
+    return "" if name == "connection" else None
+
+
+def _listed_forwarded(value: bytes) -> frozenset[str]:
+    """The allowed names a request's ``Connection`` value lists (its tokens stripped and
+    lower-cased as text): the only ones that can take a header out of the forwarded list."""
+    return FORWARDED.intersection(t.strip().lower() for t in value.decode("latin-1").split(","))
+
+
+# The marker the response memo answers for ``Connection`` (compared by identity).
+_CONNECTION: Final = b"connection"
 
 
 def _response_name(key: bytes) -> bytes | None:
-    """The name a response header is passed on under (lower case), None if it is dropped."""
+    """The name a response header is passed on under (lower case), None if it is dropped,
+    ``_CONNECTION`` itself for a ``Connection`` header (dropped too, its list read)."""
     name = key.lower()
+    if name == _CONNECTION:
+        return _CONNECTION
     if name in _RESPONSE_DROPPED_BYTES or name.startswith(b"access-control-"):
         return None
     return name
 
 
-# Memoized per header name (both functions are pure): see guard.edge.headers.NameMemo.
+def _listed(value: bytes) -> frozenset[bytes]:
+    """The names an answer's ``Connection`` value lists (tokens stripped and lower-cased)."""
+    return frozenset(t.strip().lower() for t in value.split(b","))
+
+
+# Memoized per header name, and per Connection value (all four functions are pure): see
+# guard.edge.headers.NameMemo (bytes in, bounded in count and length).
 _REQUEST_NAMES: Final = NameMemo(_forwarded_name)
+_REQUEST_LISTED: Final = NameMemo(_listed_forwarded)
 _RESPONSE_NAMES: Final = NameMemo(_response_name)
+_RESPONSE_LISTED: Final = NameMemo(_listed)
 
 
 def upstream_request_headers(
     headers: list[tuple[bytes, bytes]], extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """The allowed inbound headers (``FORWARDED``) that ``Connection`` does not name (its
-    tokens stripped and lower-cased as text), followed by the gateway's own."""
+    """The allowed inbound headers (``FORWARDED``) that ``Connection`` does not name, followed
+    by the gateway's own."""
     names = _REQUEST_NAMES
     result = []
-    listed: set[str] | None = None
+    listed: frozenset[str] = frozenset()
     for key, value in headers:
         name = names[key]
-        if name is not None:
+        if name:
             result.append((name, value.decode("latin-1")))
-        elif key.lower() == b"connection":
-            if listed is None:
-                listed = set()
-            listed.update(t.strip().lower() for t in value.decode("latin-1").split(","))
-    if listed is not None and not listed.isdisjoint(FORWARDED):
+        elif name is not None:  # Connection
+            listed |= _REQUEST_LISTED[value]
+    if listed:
         result = [(name, value) for name, value in result if name not in listed]
     result.extend(extra)
     return result
@@ -147,15 +169,15 @@ def client_response_headers(headers: tuple[tuple[bytes, bytes], ...]) -> list[tu
     and whatever its ``Connection`` names."""
     names = _RESPONSE_NAMES
     result = []
-    listed: set[bytes] | None = None
+    listed: frozenset[bytes] = frozenset()
     for key, value in headers:
         name = names[key]
-        if name is not None:
-            result.append((name, value))
-        elif key.lower() == b"connection":
-            if listed is None:
-                listed = set()
-            listed.update(t.strip().lower() for t in value.split(b","))
+        if name is None:
+            continue
+        if name is _CONNECTION:
+            listed |= _RESPONSE_LISTED[value]
+            continue
+        result.append((name, value))
     if listed:
         result = [(name, value) for name, value in result if name not in listed]
     return result
