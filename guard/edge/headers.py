@@ -183,7 +183,7 @@ class SecurityHeadersMiddleware:
         """A response's headers without those the gateway owns, then the gateway's (``own``:
         for this scheme, its policy last); an inner policy is merged into the gateway's."""
         headers = list(headers)
-        kept = [item for item in headers if item[0].lower() not in _REPLACED]
+        kept = [(key, value) for key, value in headers if key.lower() not in _REPLACED]
         if len(kept) == len(headers):  # nothing owned, no inner policy: the common answer
             kept += own
             return kept

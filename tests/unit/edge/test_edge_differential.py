@@ -193,6 +193,8 @@ def test_security_headers_match_the_former_loop(tls: bool, frame_ancestors: str)
         expected = old_secure(headers, layer.headers, layer.csp, layer.hsts, tls)
         assert layer._replace(headers, own) == expected, headers
         assert layer._replace(tuple(headers), own) == expected  # any iterable of pairs
+        as_lists = [[key, value] for key, value in headers]  # pairs of any kind become tuples
+        assert layer._replace(as_lists, own) == expected  # type: ignore[arg-type]
 
 
 def test_check_framing_matches_the_former_function() -> None:
