@@ -146,8 +146,8 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received = False  # some byte of the answer arrived
-        self.head_read = 0  # bytes read while no answer's head was whole
-        self.head_fields = 0  # header fields (and their size) of the answers so far
+        self.head_read = 0  # bytes read until the answer's head was whole (a bound on its size)
+        self.head_fields = 0  # fields and size of the informational answers' heads, then trailers
         self.head_size = 0
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -179,18 +179,18 @@ class _Connection(asyncio.Protocol):
             return
         self.received = True
         self.last_progress = self.loop.time()
+        if not self.headers_done:
+            self.head_read += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self.fail(_Malformed(str(exc)))
             return
-        if not self.headers_done:
+        if not self.headers_done and self.head_read > MAX_HEAD_SIZE:
             # Every byte so far belongs to a head: llhttp keeps an unfinished field whole, so
             # the head is bounded here as it arrives, not only once a field ends.
-            self.head_read += len(data)
-            if self.head_read > MAX_HEAD_SIZE:
-                self.fail(_Malformed(f"an answer head larger than {MAX_HEAD_SIZE} bytes"))
-                return
+            self.fail(_Malformed(f"an answer head larger than {MAX_HEAD_SIZE} bytes"))
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -258,27 +258,41 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
             self.alive = False
 
+    # llhttp refuses a header name that is not a token, a value with a control character and a
+    # Content-Length that is not ASCII digits; the number and size of fields is bounded here. An
+    # exception raised in a callback comes out of feed_data as an HttpParserCallbackError.
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp refuses a name that is not a token, a value with a control character and a
-        # Content-Length that is not ASCII digits; here the number and size of fields is bounded
-        # (a trailer's too). Raised in a callback, this is an HttpParserCallbackError.
+        if not self.headers_done:
+            self.headers.append((name, value))
+            return
+        # A trailer: never kept, but bounded as a head is.
         self.head_fields += 1
         self.head_size += len(name) + len(value) + 4
         if self.head_fields > MAX_HEAD_FIELDS or self.head_size > MAX_HEAD_SIZE:
-            raise _Malformed("an answer head with too many or too large fields")
-        if not self.headers_done:
-            self.headers.append((name, value))
+            raise _Malformed("too many or too large trailers")
 
     def on_headers_complete(self) -> None:
         if self.headers_done:
             return
+        headers = self.headers
+        fields = self.head_fields + len(headers)
+        if fields > MAX_HEAD_FIELDS or (
+            # The bytes read so far bound the head's size; only when they exceed the limit
+            # (a large first read holds body bytes too) are the fields measured.
+            self.head_read > MAX_HEAD_SIZE and self.head_size + _size(headers) > MAX_HEAD_SIZE
+        ):
+            raise _Malformed("an answer head with too many or too large fields")
         status = self.parser.get_status_code()
         if status == 101:  # never asked for: the connection would stop speaking HTTP
             raise _Malformed("an upgrade nobody asked for")
         if status < 200:
             self.informational = True  # 100 Continue, 103 Early Hints: the answer follows
+            self.head_fields = fields
+            self.head_size += _size(headers)
             self.headers = []
             return
+        self.head_fields = self.head_size = 0  # from now on, the trailers'
         self.status = status
         self.headers_done = True
         if self.head:
@@ -426,6 +440,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
         else:
             self.transport.abort()  # an unfinished exchange must not look finished
+
+
+def _size(headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes these header fields took on the wire, give or take their spaces."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _refusal(exc: BaseException) -> Refusal:

@@ -1200,3 +1200,25 @@ def test_a_small_upload_answered_after_it_was_read_keeps_its_connection(run: Run
         assert server.seen.connections == 1
 
     run(main())
+
+
+def test_trailers_and_heads_are_counted_per_answer(run: Run) -> None:
+    """Bounds apply to each answer: 100 trailers on one answer and 100 fields on the next one,
+    on the same connection, are both served."""
+    first = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        + _fields(100)
+        + b"\r\n"
+    )
+    second = b"HTTP/1.1 200 OK\r\n" + _fields(100) + b"Content-Length: 2\r\n\r\n{}"
+
+    async def main() -> None:
+        async with Server(script(first, second)) as server:
+            client = client_for(server)
+            assert (await fetch(client))[2] == b"abc"
+            assert (await fetch(client))[2] == b"{}"
+            assert (await fetch(client))[2] == b"{}"
+            await client.close()
+        assert server.seen.connections == 1
+
+    run(main())
