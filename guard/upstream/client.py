@@ -149,6 +149,8 @@ class _Connection(asyncio.Protocol):
         self.head_read = 0  # bytes read until the answer's head was whole (a bound on its size)
         self.head_fields = 0  # fields and size of the informational answers' heads, then trailers
         self.head_size = 0
+        self.chunked = False  # a chunk header was read: what is not body is counted
+        self.framing = 0  # bytes read since the last chunk header that were not body
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.reading_paused = False
@@ -181,6 +183,8 @@ class _Connection(asyncio.Protocol):
         self.last_progress = self.loop.time()
         if not self.headers_done:
             self.head_read += len(data)
+        elif self.chunked:
+            self.framing += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -190,6 +194,10 @@ class _Connection(asyncio.Protocol):
             # Every byte so far belongs to a head: llhttp keeps an unfinished field whole, so
             # the head is bounded here as it arrives, not only once a field ends.
             self.fail(_Malformed(f"an answer head larger than {MAX_HEAD_SIZE} bytes"))
+            return
+        if self.framing > MAX_HEAD_SIZE:
+            # A chunk extension or a trailer that never ends: llhttp would keep it whole.
+            self.fail(_Malformed(f"chunk framing larger than {MAX_HEAD_SIZE} bytes"))
             return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -302,10 +310,17 @@ class _Connection(asyncio.Protocol):
             # next answer, and any byte this one sees is stray (see on_body).
             self.parser = httptools.HttpResponseParser(self)
 
+    def on_chunk_header(self) -> None:
+        # Counted from here, framing is bounded to a read's worth of body beyond the limit.
+        self.chunked = True
+        self.framing = 0
+
     def on_body(self, body: bytes) -> None:
         if self.complete:  # after an answer to HEAD
             self.keep_alive = False
             return
+        if self.chunked:
+            self.framing -= len(body)
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > BUFFER_LIMIT and not self.reading_paused:
@@ -409,8 +424,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.status = 0
         self.headers = []
-        self.headers_done = self.complete = self.received = False
-        self.head_read = self.head_fields = self.head_size = 0
+        self.headers_done = self.complete = self.received = self.chunked = False
+        self.head_read = self.head_fields = self.head_size = self.framing = 0
         if self.chunks:
             self.chunks.clear()
         self.buffered = 0

@@ -1222,3 +1222,48 @@ def test_trailers_and_heads_are_counted_per_answer(run: Run) -> None:
         assert server.seen.connections == 1
 
     run(main())
+
+
+@pytest.mark.parametrize("chunks_before", [0, 1, 3000])
+def test_a_trailer_that_never_ends_is_bounded(run: Run, chunks_before: int) -> None:
+    """llhttp keeps a trailer's value whole until it ends (as a header's): the body fails and
+    the connection is closed. (A chunk extension is skipped, not kept: it streams as body.)"""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"3\r\nabc\r\n" * chunks_before
+        + b"0\r\nX-Big: "
+        + b"t" * (4 * 1024 * 1024)
+        + b"\r\n\r\n"
+    )
+
+    async def main() -> None:
+        async with Server(script(answer, OK)) as server:
+            client = client_for(server)
+            response = await client.request("GET", "/", [("host", "h")], None)
+            with pytest.raises(UpstreamError) as caught:
+                async with response:
+                    [chunk async for chunk in response.body()]
+            assert caught.value.refusal.reason == "upstream_unreachable"
+            assert_pool_whole(client)
+            assert (await fetch(client))[2] == b"{}"
+            await client.close()
+        assert server.seen.connections == 2
+
+    run(main())
+
+
+def test_many_small_chunks_are_not_framing_past_the_bound(run: Run) -> None:
+    body = b"".join(b"1\r\n%c\r\n" % (97 + i % 26) for i in range(100_000))
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+
+    async def main() -> None:
+        async with Server(answering(answer)) as server:
+            client = client_for(server)
+            data = (await fetch(client))[2]
+            assert len(data) == 100_000
+            assert data[:3] == b"abc"
+            assert (await fetch(client))[0] == 200
+            await client.close()
+        assert server.seen.connections == 1
+
+    run(main())
