@@ -27,7 +27,8 @@ It is as careful as the library it replaces:
   names must be tokens) and its body is streamed with a bounded buffer: reading from MLflow
   pauses while ``BUFFER_LIMIT`` bytes wait for the caller. Its head, informational answers
   before it included, is bounded (``MAX_HEAD_SIZE`` bytes, ``MAX_HEAD_FIELDS`` fields, as the
-  gateway bounds a request's): more is a malformed answer. An answer read until the server
+  gateway bounds a request's), and so is a chunked answer's framing (a trailer llhttp would
+  keep whole until it ends): more is a malformed answer. An answer read until the server
   closes ends only with a clean end of stream: a reset, or over TLS a FIN without close_notify
   (as far as the event loop tells them apart, see ``_Connection._clean_eof``), is a failure
   raised from ``body()``, never a shorter answer served as whole;
