@@ -79,7 +79,7 @@ class Route:
         ``locations[].mlflow_experiment.experiment_id``), and the experiments a dataset is
         linked to or unlinked from. Other references in a body are counted where they are read
         (guard/authz/references.py). The edge's body layer counts them (guard/edge/bodies.py)."""
-        return _id_lists(self)
+        return _id_lists(self.id_from, self.kind, self.path)  # (strings hash once; a row each time)
 
     def params(self, path: str) -> dict[str, str] | None:
         match = self.pattern.fullmatch(path)
@@ -87,10 +87,10 @@ class Route:
 
 
 @cache
-def _id_lists(route: Route) -> tuple[str, tuple[str, ...]]:
-    source, _, spec = route.id_from.partition(":")
+def _id_lists(id_from: str, kind: str, path: str) -> tuple[str, tuple[str, ...]]:
+    source, _, spec = id_from.partition(":")
     key = spec.split("+", 1)[0]
-    if route.kind == "dataset" and route.path.endswith(DATASET_LINKS):
+    if kind == "dataset" and path.endswith(DATASET_LINKS):
         return "body", ("experiment_ids",)
     if source not in ("query", "body") or "[]" not in key:
         return source, ()
