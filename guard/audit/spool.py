@@ -205,7 +205,8 @@ class Spool:
         # newest fsync:
         self.open_intents: dict[str, list[int]] = {}  # request id -> its intents' seq
         self.tallies: dict[str, int] = {}  # address -> refusals counted, not yet summarized
-        self._tallied = 0  # changes to the counts in head.json (they are in no record)
+        self._telling: list[_Told] = []  # waiters the fsync being noted has covered
+        self._tallied = 0  # changes to the counts in head.json (refusals, losses: in no record)
         self._tallied_synced = 0  # ... of them covered by an fsync of head.json
         self._head_size = HEAD_SIZE
         self._lock = threading.Lock()  # everything below, and the files
@@ -435,7 +436,7 @@ class Spool:
         self.failures += tried
         if waiter is None and settles is None:
             self.lost += 1
-            self._write_head()  # a crash now still says how many were lost
+            self._head_changed()  # a crash now still says how many were lost
 
     def _undo(self, offset: int, exc: OSError) -> None:
         """Cut a failed write back off the file, or stop accepting records if that fails."""
@@ -486,7 +487,9 @@ class Spool:
                 with self._lock:
                     self.error = "audit spool failed unexpectedly"
                     self._break("a bug")
-                    told = self._fail_written(SpoolError(self.error))
+                    # Those an fsync covered before the bug hear so; the rest fail.
+                    told = [*self._telling, *self._fail_written(SpoolError(self.error))]
+                    self._telling = []
                 self._tell(told)
             if stopping:
                 return
@@ -515,14 +518,16 @@ class Spool:
             self._tell(told)
             return
         self.last_fsync = time.perf_counter() - started
+        head_synced = False
         if head_file is not None:  # the counts in it (they are in no record yet)
             try:
                 assert self._head_fd is not None  # noqa: S101 - checked when due
                 os.fsync(self._head_fd)
-            except OSError as exc:
+                head_synced = True
+            except OSError as exc:  # due again with the next fsync
                 logger.warning("audit head file not fsynced: %s", exc)
         with self._lock:
-            if head_file is not None:
+            if head_synced and head_file is not None:
                 self._tallied_synced = head_file  # (counted since? then due again)
             told = self._synced(head, ends)
         self._tell(told)
@@ -533,9 +538,10 @@ class Spool:
         """Everything up to ``head`` is durable: head.json learns of it before anyone
         hears."""
         told: list[_Told] = []
+        self._telling = told  # (told even if something below fails: see _run)
         records = 0
         while self._written and self._written[0].seq <= head.seq:
-            record = self._written.popleft()
+            record = self._written[0]  # taken off once noted: a bug leaves it to _fail_written
             self._note(record)
             records += 1
             if record.waiter is not None:
@@ -544,6 +550,7 @@ class Spool:
                 record.durable.set_result(None)  # (its callbacks only wake an event loop)
                 if (waiter := self._awaited.pop(record.durable, None)) is not None:
                     told.append((waiter, None))
+            self._written.popleft()
         for segment, end in ends:
             segment.named = True
             segment.synced = max(segment.synced, end)
@@ -562,6 +569,7 @@ class Spool:
                 logger.warning("audit spool writable again")
                 self.healthy, self.error = True, ""
             self._write_head()
+        self._telling = []
         return told
 
     def _cut_back(self, exc: OSError) -> list[_Told]:
@@ -585,7 +593,15 @@ class Spool:
             for segment in segments[1:]:
                 with contextlib.suppress(OSError):
                     os.close(segment.fd)
+                try:
                     (self.directory / segment_name(segment.first)).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as again:  # its name would be taken again, behind stale bytes
+                    self._break(f"a segment cut back cannot be removed ({again.strerror})")
+            if len(segments) > 1:
+                with contextlib.suppress(OSError):  # (a failing disk: the next fsync says)
+                    _fsync_directory(self.directory)  # the removals outlive a power loss
             self._full, self._segment = [], segments[0] if segments else None
             self.head = self.fsynced
         return self._fail_written(SpoolError(self.error))
@@ -600,7 +616,8 @@ class Spool:
             if record.waiter is not None:
                 told.append((record.waiter, error))
             elif record.durable is not None:
-                record.durable.set_exception(error)
+                if not record.durable.done():
+                    record.durable.set_exception(error)
                 if (waiter := self._awaited.pop(record.durable, None)) is not None:
                     told.append((waiter, error))
             elif record.notes:
@@ -613,7 +630,9 @@ class Spool:
         if lost:
             logger.error("%d audit records lost: %s", lost, error)
             self.lost += lost
-        self._write_head()  # a crash now still says how many were lost
+            self._head_changed()  # a crash now still says how many were lost
+        else:
+            self._write_head()
         return told
 
     def _tell(self, told: list[_Told]) -> None:
@@ -654,6 +673,12 @@ class Spool:
         else:
             _settle(self.tallies, client, count)
         self._tallied += 1
+
+    def _head_changed(self) -> None:
+        """head.json holds a count no record holds yet (a loss): written now, and fsynced by
+        the next fsync, within FLUSH_INTERVAL at the latest."""
+        self._tallied += 1
+        self._write_head()
 
     def _write_head(self) -> None:
         """The durable head of the chain beside the spool, for ``audit verify`` to detect

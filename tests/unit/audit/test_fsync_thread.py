@@ -10,10 +10,13 @@ everything written since the last one that worked.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +275,105 @@ def test_a_crash_between_write_and_fsync_loses_nothing_written(tmp_path: Path) -
     assert verify(KEY, records) == []
     outcomes = [(r["request_id"], r.get("reason", "")) for r in records if r["kind"] == "outcome"]
     assert outcomes == [("r0", ""), ("r1", "outcome_unknown"), ("r2", "outcome_unknown")]
+
+
+class HeadFsyncs:
+    """Counts the fsyncs of head.json (``fail``: they fail with EIO)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: Spool) -> None:
+        self.spool = spool
+        self.calls = 0
+        self.fail = False
+        self.real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if fd == self.spool._head_fd:
+            self.calls += 1
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+        self.real(fd)
+
+    def wait(self, calls: int) -> bool:
+        deadline = time.monotonic() + 5
+        while self.calls < calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.calls >= calls
+
+
+def test_a_loss_counted_in_the_head_is_fsynced_within_the_flush_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome that cannot be written is a loss only head.json knows of until a later
+    record says so: a power loss before then must not forget it."""
+    spool = open_spool(tmp_path)
+    real_write = os.write
+
+    def full_disk(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        asyncio.run(spool.append(body(1)))
+        fsyncs = HeadFsyncs(monkeypatch, spool)
+        monkeypatch.setattr(os, "write", full_disk)
+        spool.append_nowait(body(2))  # an outcome, nobody waits: lost, counted in the head
+        monkeypatch.setattr(os, "write", real_write)
+        assert head_file(tmp_path)["lost"] == 1
+        assert fsyncs.wait(1), "head.json was not fsynced after the loss"
+    finally:
+        spool.close()
+
+
+def test_a_head_whose_fsync_failed_is_fsynced_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        fsyncs = HeadFsyncs(monkeypatch, spool)
+        fsyncs.fail = True
+        spool.tally("203.0.113.9")  # a counted refusal: only head.json holds it
+        assert fsyncs.wait(1)
+        fsyncs.fail = False
+        assert fsyncs.wait(2), "a failed fsync of head.json was taken as done"
+    finally:
+        spool.close()
+
+
+def test_a_bug_while_noting_an_fsync_leaves_no_waiter_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync thread must outlive any bug and answer every waiter: those the fsync covered
+    before the bug hear success, the rest fail; nobody waits forever."""
+    spool = open_spool(tmp_path)
+    real_note = Spool._note
+    noted: list[int] = []
+
+    def buggy(self: Spool, record: Any) -> None:
+        noted.append(record.seq)
+        if len(noted) == 2:
+            raise RuntimeError("a bug")
+        real_note(self, record)
+
+    try:
+        asyncio.run(spool.append(body(0)))
+        assert spool._fd is not None
+        fsync = GatedFsync(monkeypatch, spool._fd)
+        monkeypatch.setattr(Spool, "_note", buggy)
+        noted.clear()
+
+        async def scenario() -> list[Any]:
+            first = asyncio.ensure_future(spool.append(body(1)))
+            await asyncio.sleep(0)
+            assert fsync.entered.wait(5)
+            second = asyncio.ensure_future(spool.append(body(2)))  # for the next fsync
+            await asyncio.sleep(0)
+            fsync.release()
+            return await asyncio.wait_for(
+                asyncio.gather(first, second, return_exceptions=True), timeout=5
+            )
+
+        results = asyncio.run(scenario())
+        assert results[0] is None and isinstance(results[1], SpoolError), results
+        assert spool.broken
+    finally:
+        spool.close()
