@@ -56,10 +56,10 @@ T = TypeVar("T")
 
 
 class NameMemo(dict[bytes, T]):
-    """``memo[key]`` is ``classify(key)``, remembered for up to ``size`` names of at most 64
-    bytes: a request's header names are nearly always the same few, and one dict lookup costs
-    less than decoding, lower-casing and comparing each of them again. Names past the bounds are
-    classified every time, so a caller inventing names gains nothing but its own slowness."""
+    """``memo[key]`` is ``classify(key)``, remembered for names of at most 64 bytes, up to
+    ``size`` of them: a request's header names are nearly always the same few, and one dict
+    lookup costs less than decoding, lower-casing and comparing each of them again. When full
+    it starts over, so names a caller invents cannot keep the usual ones out for good."""
 
     def __init__(self, classify: Callable[[bytes], T], size: int = 1024) -> None:
         super().__init__()
@@ -68,7 +68,9 @@ class NameMemo(dict[bytes, T]):
 
     def __missing__(self, key: bytes) -> T:
         value = self.classify(key)
-        if len(key) <= 64 and len(self) < self.size:
+        if len(key) <= 64:
+            if len(self) >= self.size:
+                self.clear()
             self[key] = value
         return value
 

@@ -106,7 +106,8 @@ def validate_host(value: str | None, scheme: str, patterns: tuple[HostPattern, .
 
 class _Verdicts(dict[tuple[str | None, str], bool]):
     """``validate_host`` for one set of patterns, remembered for up to 256 (host, scheme)
-    pairs: a gateway is addressed by few names, so nearly every request is one lookup."""
+    pairs: a gateway is addressed by few names, so nearly every request is one lookup. When
+    full it starts over, so hosts a caller invents cannot keep the usual ones out for good."""
 
     def __init__(self, patterns: tuple[HostPattern, ...]) -> None:
         super().__init__()
@@ -115,7 +116,9 @@ class _Verdicts(dict[tuple[str | None, str], bool]):
     def __missing__(self, key: tuple[str | None, str]) -> bool:
         value, scheme = key
         verdict = validate_host(value, scheme, self.patterns)
-        if len(self) < 256 and (value is None or len(value) <= 300):
+        if value is None or len(value) <= 300:
+            if len(self) >= 256:
+                self.clear()
             self[key] = verdict
         return verdict
 

@@ -149,7 +149,16 @@ def test_first_repeated_matches_the_former_loop() -> None:
         expected = old_first_repeated(headers)
         assert first_repeated(headers, memo) == expected, headers
         assert first_repeated(headers, fresh) == expected, headers
-    assert len(memo) == 64
+    assert 0 < len(memo) <= 64  # bounded: full, it starts over
+
+
+def test_a_full_memo_starts_over_so_invented_names_cannot_keep_the_usual_ones_out() -> None:
+    memo = NameMemo(singular_name, size=8)
+    for number in range(100):
+        assert memo[f"x-invented-{number}".encode()] is None
+    assert len(memo) <= 8
+    assert memo[b"authorization"] == "authorization"
+    assert b"authorization" in memo  # remembered again after the flood
 
 
 def test_repeated_names_are_found_in_every_spelling() -> None:

@@ -3,6 +3,7 @@ import pytest
 from guard.edge.context import RequestContextMiddleware
 from guard.edge.hosts import (
     AllowedHostsMiddleware,
+    _Verdicts,
     default_allowed_hosts,
     parse_host_pattern,
     split_host,
@@ -144,3 +145,12 @@ def test_probe_paths_are_exempt() -> None:
     app, _ = _stack()
     assert call(app, path="/guard/health", headers=[("host", "10.0.0.9:5000")]).status == 200
     assert call(app, path="/guard/healthz", headers=[("host", "10.0.0.9")]).status == 400
+
+
+def test_remembered_verdicts_start_over_when_full_and_stay_right() -> None:
+    verdicts = _Verdicts(tuple(parse_host_pattern(p) for p in ["gateway.example.com"]))
+    for number in range(300):  # a caller inventing Host values
+        assert verdicts[f"h{number}.invalid", "https"] is False
+    assert len(verdicts) <= 256
+    assert verdicts["gateway.example.com", "https"] is True
+    assert ("gateway.example.com", "https") in verdicts
