@@ -81,6 +81,7 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
 
 
 _UNCONDITIONAL_SIZE: Final = 4096  # remembered shortcuts; all forgotten when full
+_ShortcutKey = tuple[int, str, tuple[str, ...], str | None]  # AuthorizationMiddleware._shortcut_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,7 @@ class AuthorizationMiddleware:
         self.before_search = before_search  # a filtered search reaches MLflow itself: audit it
         # Callers allowed a route's every action on every resource, remembered per policy
         # index: (route, subject, groups, workspace) -> the action and rule to record.
-        self._unconditional: dict[tuple[int, str, tuple[str, ...], str | None], _Shortcut] = {}
+        self._unconditional: dict[_ShortcutKey, _Shortcut] = {}
         self._unconditional_index: PolicyIndex | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -276,9 +277,7 @@ class AuthorizationMiddleware:
         index = self._index(scope)
         context = scope["guard"]
         context.policy_version = index.version
-        if self.policies.index is not self._unconditional_index:
-            self._unconditional, self._unconditional_index = {}, self.policies.index
-        key = (id(route), subject, carried_groups(subject), scope.get("guard.workspace"))
+        key = self._shortcut_key(scope, route, subject)
         if (known := self._unconditional.get(key)) is not None and known.route is route:
             scope[_UNCHECKED_REFERENCES] = True
             context.action, context.rule = known.action, known.rule
@@ -322,10 +321,8 @@ class AuthorizationMiddleware:
                 )
                 if index.workspace is not None and route.kind == "artifact":
                     return await self._held_here(scope, route, resolver, subject), []
-                if data is None:  # nothing in the request changed what was decided: remember
-                    if len(self._unconditional) >= _UNCONDITIONAL_SIZE:
-                        self._unconditional.clear()
-                    self._unconditional[key] = _Shortcut(route, context.action, context.rule)
+                if data is None:  # decided on the key alone (see _shortcut_key): remember
+                    self._remember(key, _Shortcut(route, context.action, context.rule))
                 return None, []
             if route.open:
                 # Searches are open to all once results are filtered; until then only to those
@@ -588,6 +585,22 @@ class AuthorizationMiddleware:
                 return
             raise Refused(Refusal("source_not_allowed", f"{field} {uri!r} is not allowed."))
         judge.require(resources, ["read"], label)
+
+    def _shortcut_key(self, scope: Scope, route: Route, subject: str) -> _ShortcutKey:
+        """What an unconditional decision is remembered by: the row, the caller with its
+        directory groups, and the workspace, under the policy index in force (the memory is
+        emptied when it changes). Remembered only when nothing else was read: ``_check``
+        stores a shortcut only when it read no request data (no promotion or skill needs), and
+        everything it reads before that is the row's (its static needs) or the index's; headers
+        and parameters are read only after it."""
+        if self.policies.index is not self._unconditional_index:
+            self._unconditional, self._unconditional_index = {}, self.policies.index
+        return (id(route), subject, carried_groups(subject), scope.get("guard.workspace"))
+
+    def _remember(self, key: _ShortcutKey, shortcut: _Shortcut) -> None:
+        if len(self._unconditional) >= _UNCONDITIONAL_SIZE:
+            self._unconditional.clear()
+        self._unconditional[key] = shortcut
 
     def _index(self, scope: Scope) -> PolicyIndex:
         """The policy index in force, deciding in the request's MLflow workspace (if any)."""

@@ -315,14 +315,14 @@ class ProxyApp:
             async for chunk in chunks:
                 if watcher is not None and watcher.done():
                     raise ClientDisconnected
-                if remaining is not None and chunk:
+                if ended:  # (the client ends a body at its declared length: nothing follows)
+                    continue
+                if remaining is not None:
                     remaining -= len(chunk)
                     if remaining == 0:
                         await send({"type": "http.response.body", "body": chunk})
                         ended = True
                         continue
-                elif ended:
-                    continue  # an empty chunk adds nothing to an ended answer
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not ended:
                 await send({"type": "http.response.body", "body": b""})
