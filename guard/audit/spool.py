@@ -330,13 +330,15 @@ class Spool:
 
     async def durable(self, done: Durable) -> None:
         """Return once a record ``write`` wrote is fsynced; SpoolError if it was not. (The
-        waiters of one fsync are woken with one call into their event loop.)"""
-        waiter: Waiter | None = None
-        with self._lock:
-            if not done.done():
-                waiter = self._awaited[done] = asyncio.get_running_loop().create_future()
-        if waiter is not None:
-            await waiter
+        waiters of one fsync are woken with one call into their event loop; one already
+        fsynced, as a read's often is by the time MLflow answers, needs neither lock nor wake.)"""
+        if not done.done():
+            waiter: Waiter | None = None
+            with self._lock:
+                if not done.done():
+                    waiter = self._awaited[done] = asyncio.get_running_loop().create_future()
+            if waiter is not None:
+                await waiter
         done.result()
 
     def append_nowait(self, body: dict[str, Any]) -> None:

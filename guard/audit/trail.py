@@ -168,10 +168,7 @@ class AuditTrail:
         if it failed."""
         started = time.monotonic()
         try:
-            if done.done():
-                done.result()
-            else:
-                await self.spool.durable(done)
+            await self.spool.durable(done)
         except SpoolError as exc:
             logger.error("request %s answered 503: %s", scope["guard"].request_id, exc)
             return Refusal("audit_unavailable")
