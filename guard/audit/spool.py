@@ -294,7 +294,7 @@ class Spool:
             self._thread.join()
             self._thread = None
         self._accepting = False
-        for segment in [*self._full, *([self._segment] if self._segment else [])]:
+        for segment in self._segments():
             with contextlib.suppress(OSError):
                 os.close(segment.fd)
         self._full, self._segment = [], None
@@ -461,6 +461,11 @@ class Spool:
         self.error += f"; {why}: restart the gateway"
         logger.critical("%s", self.error)
 
+    def _segments(self) -> list[_Segment]:
+        """The segments open: those written to their size and not all fsynced, oldest first,
+        then the one being written."""
+        return [*self._full, self._segment] if self._segment is not None else list(self._full)
+
     def _open_segment(self, first_seq: int) -> _Segment:
         """A new segment file; its name is fsynced into the directory by the next fsync."""
         path = self.directory / segment_name(first_seq)
@@ -499,7 +504,7 @@ class Spool:
     def _due(self) -> _Sync | None:
         """What the next fsync covers: every segment written since the last one (and new
         segments' names), head.json if it changed since it was last fsynced."""
-        segments = [*self._full, *([self._segment] if self._segment is not None else [])]
+        segments = self._segments()
         ends = [(s, s.end) for s in segments if s.end > s.synced or not s.named]
         head_file = self._tallied != self._tallied_synced and self._head_fd is not None
         if not ends and not head_file:
@@ -580,7 +585,7 @@ class Spool:
         first = self.healthy
         self.healthy = False
         self.error = f"audit spool write failed: {exc.strerror or exc}"
-        segments = [*self._full, *([self._segment] if self._segment is not None else [])]
+        segments = self._segments()
         try:
             for segment in segments:
                 if segment.end > segment.synced:
