@@ -186,10 +186,8 @@ class SecurityHeadersMiddleware:
         for this scheme, its policy last); an inner policy is merged into the gateway's."""
         headers = list(headers)
         kept = [(key, value) for key, value in headers if key.lower() not in _REPLACED]
-        if len(kept) == len(headers):  # nothing owned, no inner policy: the common answer
-            kept += own
-            return kept
-        inner = [value for key, value in headers if key.lower() == CSP]
+        # Nothing owned and no inner policy is the common answer: no second look.
+        inner = [] if len(kept) == len(headers) else [v for k, v in headers if k.lower() == CSP]
         if not inner:
             kept += own
             return kept
