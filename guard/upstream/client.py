@@ -200,9 +200,7 @@ class _Connection(asyncio.Protocol):
             # A chunk extension or a trailer that never ends: llhttp would keep it whole.
             self.fail(_Malformed(f"chunk framing larger than {MAX_HEAD_SIZE} bytes"))
             return
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def eof_received(self) -> bool:
         self._ended(None, self._clean_eof())
