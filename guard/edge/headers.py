@@ -20,6 +20,7 @@ from typing import Final, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.edge.memo import Memo
 from guard.errors import Refusal, send_refusal
 
 SINGLE_VALUED: Final = frozenset(
@@ -55,24 +56,17 @@ _REPLACED: Final = OWNED | {CSP}
 T = TypeVar("T")
 
 
-class NameMemo(dict[bytes, T]):
-    """``memo[key]`` is ``classify(key)``, remembered for names of at most 64 bytes, up to
-    ``size`` of them: a request's header names are nearly always the same few, and one dict
-    lookup costs less than decoding, lower-casing and comparing each of them again. When full
-    it starts over, so names a caller invents cannot keep the usual ones out for good."""
+class NameMemo(Memo[bytes, T]):
+    """A memo of what a header name means (``classify(name)``), for names of at most 64 bytes,
+    up to ``size`` of them: a request's header names are nearly always the same few, and one
+    dict lookup costs less than decoding, lower-casing and comparing each of them again."""
 
     def __init__(self, classify: Callable[[bytes], T], size: int = 1024) -> None:
-        super().__init__()
-        self.classify = classify
-        self.size = size
+        super().__init__(classify, size, keep=_short)
 
-    def __missing__(self, key: bytes) -> T:
-        value = self.classify(key)
-        if len(key) <= 64:
-            if len(self) >= self.size:
-                self.clear()
-            self[key] = value
-        return value
+
+def _short(name: bytes) -> bool:
+    return len(name) <= 64
 
 
 def singular_name(key: bytes) -> str | None:

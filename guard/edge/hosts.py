@@ -15,6 +15,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.edge.memo import Memo
 from guard.errors import Refusal, send_refusal
 
 _LABEL: Final = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -104,23 +105,17 @@ def validate_host(value: str | None, scheme: str, patterns: tuple[HostPattern, .
     return any(p.matches(host, effective_port) for p in patterns)
 
 
-class _Verdicts(dict[tuple[str | None, str], bool]):
+class _Verdicts(Memo[tuple[str | None, str], bool]):
     """``validate_host`` for one set of patterns, remembered for up to 256 (host, scheme)
-    pairs: a gateway is addressed by few names, so nearly every request is one lookup. When
-    full it starts over, so hosts a caller invents cannot keep the usual ones out for good."""
+    pairs: a gateway is addressed by few names, so nearly every request is one lookup."""
 
     def __init__(self, patterns: tuple[HostPattern, ...]) -> None:
-        super().__init__()
+        super().__init__(lambda key: validate_host(*key, patterns), 256, keep=_plausible)
         self.patterns = patterns
 
-    def __missing__(self, key: tuple[str | None, str]) -> bool:
-        value, scheme = key
-        verdict = validate_host(value, scheme, self.patterns)
-        if value is None or len(value) <= 300:
-            if len(self) >= 256:
-                self.clear()
-            self[key] = verdict
-        return verdict
+
+def _plausible(key: tuple[str | None, str]) -> bool:
+    return key[0] is None or len(key[0]) <= 300
 
 
 class AllowedHostsMiddleware:
