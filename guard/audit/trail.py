@@ -311,16 +311,18 @@ def cli_spool_dir(settings: Settings) -> Path:
     return spool.with_name(spool.name + "-cli")
 
 
+def _spool_at(directory: Path, settings: Settings, secret_key: bytes) -> Spool:
+    """The spool in ``directory`` (not opened), as the gateway's own writers have theirs."""
+    key = derive_key(secret_key, "audit-chain")
+    return Spool(directory, key, segment_size=settings.audit.segment_size)
+
+
 def record_cli_event(
     settings: Settings, engine: Engine, secret_key: bytes, body: dict[str, Any]
 ) -> str:
     """Record a change the CLI made (a token, a policy change): fsynced into the CLI's chain,
     then stored with whatever that chain has not stored yet. Returns a warning, or ""."""
-    spool = Spool(
-        cli_spool_dir(settings),
-        derive_key(secret_key, "audit-chain"),
-        segment_size=settings.audit.segment_size,
-    )
+    spool = _spool_at(cli_spool_dir(settings), settings, secret_key)
     spool.open(wait=True)  # two CLI runs take turns
     try:
         asyncio.run(spool.append({"kind": "event", "time": records.now(), **body}))
@@ -366,11 +368,7 @@ def ship_leftover_spools(
     for index, directory in sorted(worker_spool_dirs(settings).items()):
         if index < workers:
             continue
-        spool = Spool(
-            directory,
-            derive_key(secret_key, "audit-chain"),
-            segment_size=settings.audit.segment_size,
-        )
+        spool = _spool_at(directory, settings, secret_key)
         try:
             spool.open()
         except SpoolError as exc:
