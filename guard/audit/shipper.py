@@ -27,7 +27,14 @@ import anyio.to_thread
 import sqlalchemy as sa
 
 from guard.audit.chain import Head
-from guard.audit.spool import Spool, read_lines, read_stored, segments, write_stored
+from guard.audit.spool import (
+    Spool,
+    read_lines,
+    read_stored,
+    running_loop,
+    segments,
+    write_stored,
+)
 from guard.audit.store import AuditStore
 
 logger = logging.getLogger("guard.audit")
@@ -58,11 +65,14 @@ class Shipper:
         self._stored: Head | None = None  # what stored.json says (it never moves back)
 
     def notify(self) -> None:
-        """Called from the spool's thread after each commit: wakes the task once per read it
-        makes, not once per commit."""
+        """Called after each commit (on the event loop, or the spool's thread): wakes the task
+        once per read it makes, not once per commit."""
         if self._loop is not None and self._wanted:
             self._wanted = False
-            self._loop.call_soon_threadsafe(self._wake.set)
+            if running_loop() is self._loop:
+                self._wake.set()
+            else:
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     @property
     def depth(self) -> int:

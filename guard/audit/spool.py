@@ -2,12 +2,17 @@
 
 A record is sealed into the chain and appended with one ``write`` by the thread that asks for
 it (the event loop's): in the kernel at once, so a crash of the process no longer loses it.
-One thread of the spool's own does the ``fsync``s: each covers everything written before it
-(group commit), and the records someone waits for are told once theirs is done, all of one
-``fsync`` with one call into their event loop. A request waits for its intent record this way
-before it is forwarded, or (``write``: a read, see ``guard.audit.trail``) goes on at once and
-its answer waits for the ``fsync``. Records nobody waits for (outcomes: the request already
-happened) are fsynced with the next record someone waits for, or within ``FLUSH_INTERVAL``.
+Each ``fsync`` covers everything written before it (group commit). While fsyncs are quick
+(``LOOP_FSYNC_LIMIT``) the event loop does them itself, once the callbacks ready when a record
+was written have run (every request that got that far has written its record too): this costs
+the fsync's own CPU and nothing else, where handing it to a thread costs twice that in wakes
+and GIL hand-offs on a small VM. A slower one would stall every request the loop serves, so
+after one the next go to the spool's own thread, which tells the waiters of each ``fsync``
+with one call into their event loop, until one there is quick again. A request waits for its
+intent record this way before it is forwarded, or (``write``: a read, see
+``guard.audit.trail``) goes on at once and its answer waits for the ``fsync``. Records nobody
+waits for (outcomes: the request already happened) are fsynced with the next record someone
+waits for, or by the thread within ``FLUSH_INTERVAL``.
 
 The journal is a directory of segments named by their first sequence number
 (``00000000000000000001.jsonl``), one canonical JSON record per line. Only bytes up to the last
@@ -63,6 +68,9 @@ HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple 
 MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
 OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
+# An fsync on the event loop blocks it; one that took longer than this sends the next to the
+# spool's thread (the loop goes on serving meanwhile), until one there is this quick again.
+LOOP_FSYNC_LIMIT: Final = 0.001
 _HEAD_JSON: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -184,8 +192,10 @@ class Spool:
         *,
         segment_size: int,
         on_commit: Callable[[], None] | None = None,
+        loop_fsync_limit: float = LOOP_FSYNC_LIMIT,
     ) -> None:
         self.directory = directory
+        self.loop_fsync_limit = loop_fsync_limit  # 0: every fsync on the spool's thread
         self.key = key
         self.segment_size = segment_size
         self.on_commit = on_commit or (lambda: None)
@@ -212,6 +222,8 @@ class Spool:
         self._lock = threading.Lock()  # everything below, and the files
         self._bell = threading.Lock()  # released to wake the fsync thread
         self._bell.acquire()
+        self._syncing = threading.Lock()  # held by whoever fsyncs: the loop or the thread
+        self._soon = False  # an fsync is due on the event loop once its ready callbacks ran
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
@@ -290,18 +302,19 @@ class Spool:
                         with contextlib.suppress(SpoolError):
                             self._put(self._summary(client, count), settles=(client, count))
                 self._accepting, self._stopping = False, True
-            self._ring()
+            self._bell_thread()
             self._thread.join()
             self._thread = None
         self._accepting = False
-        for segment in self._segments():
-            with contextlib.suppress(OSError):
-                os.close(segment.fd)
-        self._full, self._segment = [], None
-        if self._head_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._head_fd)
-            self._head_fd = None
+        with self._syncing:  # (not under an fsync the event loop is doing)
+            for segment in self._segments():
+                with contextlib.suppress(OSError):
+                    os.close(segment.fd)
+            self._full, self._segment = [], None
+            if self._head_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._head_fd)
+                self._head_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -474,32 +487,62 @@ class Spool:
         return _Segment(fd, first_seq, size, size, named=False)
 
     def _ring(self) -> None:
+        """Have what is written fsynced. Called on an event loop while fsyncs are quick: on
+        that loop, once the callbacks ready now have run (they may write too: one fsync for
+        all of them), with no thread to wake and none to wake the loop again; its CPU is the
+        fsync's own. Else by the spool's thread, the loop serving on meanwhile."""
+        if self.last_fsync <= self.loop_fsync_limit and (loop := running_loop()) is not None:
+            if not self._soon:
+                self._soon = True
+                loop.call_soon(self._sync_on_loop)
+            return
+        self._bell_thread()
+
+    def _bell_thread(self) -> None:
         """Wake the fsync thread (once, however many ring before it wakes)."""
         with contextlib.suppress(RuntimeError):  # rung already
             self._bell.release()
+
+    def _sync_on_loop(self) -> None:
+        self._soon = False
+        if not self._syncing.acquire(blocking=False):
+            self._bell_thread()  # the thread is fsyncing: it fsyncs again once done
+            return
+        try:
+            self._commit()
+        finally:
+            self._syncing.release()
 
     # -- the fsync thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             self._bell.acquire(timeout=FLUSH_INTERVAL)
-            try:
-                with self._lock:
-                    stopping = self._stopping
-                    sync = self._due()
-                if sync is not None:
-                    self._sync(sync)
-            except Exception:  # the thread must outlive any bug: fail loudly, never hang
-                logger.exception("audit spool failed unexpectedly")
-                with self._lock:
-                    self.error = "audit spool failed unexpectedly"
-                    self._break("a bug")
-                    # Those an fsync covered before the bug hear so; the rest fail.
-                    told = [*self._telling, *self._fail_written(SpoolError(self.error))]
-                    self._telling = []
-                self._tell(told)
+            with self._syncing:
+                stopping = self._commit()
             if stopping:
                 return
+
+    def _commit(self) -> bool:
+        """One group commit of what is due (holding ``_syncing``); whether the spool is
+        stopping. Survives any bug: fails loudly, never hangs a waiter."""
+        stopping = False
+        try:
+            with self._lock:
+                stopping = self._stopping
+                sync = self._due()
+            if sync is not None:
+                self._sync(sync)
+        except Exception:
+            logger.exception("audit spool failed unexpectedly")
+            with self._lock:
+                self.error = "audit spool failed unexpectedly"
+                self._break("a bug")
+                # Those an fsync covered before the bug hear so; the rest fail.
+                told = [*self._telling, *self._fail_written(SpoolError(self.error))]
+                self._telling = []
+            self._tell(told)
+        return stopping
 
     def _due(self) -> _Sync | None:
         """What the next fsync covers: every segment written since the last one (and new
@@ -643,13 +686,18 @@ class Spool:
         return told
 
     def _tell(self, told: list[_Told]) -> None:
-        """Wake the waiters: one call into each event loop."""
+        """Wake the waiters: at once on the event loop running here, with one call into each
+        other one."""
         if not told:
             return
+        running = running_loop()
         loops: dict[asyncio.AbstractEventLoop, list[_Told]] = {}
         for waiter, error in told:
             loops.setdefault(waiter.get_loop(), []).append((waiter, error))
         for loop, some in loops.items():
+            if loop is running:
+                _resolve(some)
+                continue
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_resolve, some)
 
@@ -857,6 +905,14 @@ def _settle(tallies: dict[str, int], client: str, count: int) -> None:
             del tallies[name]
         elif taken:
             tallies[name] -= taken
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(told: list[_Told]) -> None:

@@ -111,8 +111,7 @@ def open_segment(trail: AuditTrail, monkeypatch: pytest.MonkeyPatch) -> GatedFsy
     """Write one record first (the segment is opened, its directory fsynced), then hold the
     segment's fsyncs."""
     asyncio.run(trail.spool.append({"kind": "event", "event": "opened"}))
-    assert trail.spool._fd is not None
-    return GatedFsync(monkeypatch, trail.spool._fd)
+    return GatedFsync(monkeypatch, trail.spool)
 
 
 async def until(condition: Any) -> None:

@@ -58,7 +58,7 @@ def test_an_outcome_is_written_at_once_while_an_fsync_is_in_flight(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
 
         async def scenario() -> None:
             done = await spool.write(intent(1))
@@ -89,7 +89,7 @@ def test_the_waiters_of_one_fsync_are_woken_with_one_call_into_their_loop(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
 
         async def scenario() -> None:
             first = asyncio.ensure_future(spool.append(body(1)))
@@ -114,7 +114,7 @@ def test_the_waiters_of_one_fsync_are_woken_with_one_call_into_their_loop(
 def test_a_read_fsynced_before_its_answer_needs_no_call_into_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path)
+    spool = open_spool(tmp_path, loop_fsync_limit=0.0)  # (fsyncs on the thread)
     try:
 
         async def scenario() -> None:
@@ -139,7 +139,7 @@ def test_a_failed_fsync_fails_every_waiter_and_takes_back_what_was_written_since
     try:
         asyncio.run(spool.append(intent(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
         fsync.fail = True
 
         async def scenario() -> None:
@@ -180,7 +180,7 @@ def test_a_failed_fsync_across_a_new_segment_goes_on_in_the_old_one(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
         fsync.fail = True
 
         async def scenario() -> None:
@@ -357,7 +357,7 @@ def test_a_bug_while_noting_an_fsync_leaves_no_waiter_hanging(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
         monkeypatch.setattr(Spool, "_note", buggy)
         noted.clear()
 

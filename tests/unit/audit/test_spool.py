@@ -437,11 +437,14 @@ def test_the_head_names_a_bounded_number_of_addresses(tmp_path: Path) -> None:
 
 
 class GatedFsync:
-    """``os.fsync`` held until ``release()`` (or failing with EIO once ``fail`` is set); counts
-    the fsyncs of ``fd`` and notes when each one finished."""
+    """``os.fsync`` of the segment ``spool`` writes held until ``release()`` (or failing with
+    EIO once ``fail`` is set); counts those fsyncs. Held on the event loop it would hold the
+    test too: the spool's fsyncs go to its thread."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: Spool) -> None:
+        assert spool._fd is not None
+        self.fd = spool._fd
+        monkeypatch.setattr(spool, "loop_fsync_limit", 0.0)
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.fail = False
@@ -469,7 +472,7 @@ def test_write_returns_once_written_and_its_future_once_fsynced(
     try:
         asyncio.run(spool.append(body(0)))  # the segment is open: its fsyncs are the gated ones
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
 
         async def read() -> None:
             done = await spool.write(body(1))
@@ -495,7 +498,7 @@ def test_reads_written_during_an_fsync_share_the_next_one(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
 
         async def many() -> None:
             first = await spool.write(body(1))
@@ -521,7 +524,7 @@ def test_a_failed_fsync_fails_a_written_record_and_cuts_it_back(
     try:
         asyncio.run(spool.append(body(0)))
         assert spool._fd is not None
-        fsync = GatedFsync(monkeypatch, spool._fd)
+        fsync = GatedFsync(monkeypatch, spool)
         fsync.fail = True
 
         async def read() -> None:

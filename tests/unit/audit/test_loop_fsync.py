@@ -1,0 +1,222 @@
+"""Group commit on the event loop: while fsyncs are quick, the loop that wrote the records
+fsyncs them itself, once the callbacks ready at the time have run, with no thread to wake and
+none waking it back. A slow fsync sends the next ones to the spool's thread (the loop serves on
+meanwhile) until one there is quick again; the thread and the loop never fsync at once."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.audit.chain import verify
+from guard.audit.spool import LOOP_FSYNC_LIMIT, Spool, SpoolError
+from tests.unit.audit.test_fsync_thread import LoopCalls, intent
+from tests.unit.audit.test_spool import KEY, body, open_spool, spooled
+
+
+class Fsyncs:
+    """Notes which thread does each fsync of the segment ``spool`` writes; ``slow``: the next
+    ones take that long; ``fail``: the next fails with EIO; ``gate``: those on another thread
+    than the test's wait for it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: Spool) -> None:
+        assert spool._fd is not None
+        self.fd = spool._fd
+        self.threads: list[int] = []
+        self.slow = 0.0
+        self.fail = False
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if fd == self.fd:
+            self.threads.append(threading.get_ident())
+            if self.gate is not None and threading.get_ident() != MAIN:
+                self.entered.set()
+                assert self.gate.wait(10), "the test never opened the gate"
+            if self.fail:
+                self.fail = False
+                raise OSError(errno.EIO, "Input/output error")
+            time.sleep(self.slow)
+        self.real(fd)
+
+    @property
+    def on_loop(self) -> list[bool]:
+        return [ident == MAIN for ident in self.threads]
+
+
+MAIN = threading.get_ident()  # the tests' thread, where asyncio.run runs their loops
+
+
+def test_an_awaited_record_is_fsynced_on_its_loop_with_no_thread_woken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))  # the segment opened
+        fsyncs = Fsyncs(monkeypatch, spool)
+
+        async def scenario() -> None:
+            calls = LoopCalls(monkeypatch)
+            await spool.append(intent(1))
+            assert calls.count == 0  # nobody called into the loop: it fsynced itself
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True]
+        assert spool.head.seq == spool.fsynced.seq == 2
+    finally:
+        spool.close()
+
+
+def test_records_written_in_one_turn_of_the_loop_share_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+
+        async def read(i: int) -> None:
+            await spool.durable(await spool.write(body(i)))
+
+        async def scenario() -> None:  # requests started together, reads and writes
+            await asyncio.gather(*(read(i) if i % 3 else spool.append(intent(i))
+                                   for i in range(1, 31)))  # fmt: skip
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True]  # 30 records, one fsync
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == list(range(1, 32)) and verify(KEY, records) == []
+
+
+def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What lets a read's fsync overlap MLflow's work: ``write`` returns with the record only
+    written; the fsync runs once the request has gone on (and the loop is free)."""
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+
+        async def scenario() -> None:
+            done = await spool.write(intent(1))
+            assert not done.done() and fsyncs.threads == []  # forwarded before any fsync
+            await asyncio.sleep(0)
+            assert done.done() and fsyncs.on_loop == [True]
+            await spool.durable(done)
+
+        asyncio.run(scenario())
+    finally:
+        spool.close()
+
+
+def test_a_slow_fsync_sends_the_next_to_the_thread_until_one_is_quick_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+
+        async def scenario() -> None:
+            fsyncs.slow = LOOP_FSYNC_LIMIT * 5
+            await spool.append(intent(1))  # on the loop, and slow
+            await spool.append(intent(2))  # so this one on the thread (slow too)
+            fsyncs.slow = 0.0
+            await spool.append(intent(3))  # on the thread, and quick
+            await spool.append(intent(4))  # so back on the loop
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True, False, False, True]
+    finally:
+        spool.close()
+    assert verify(KEY, spooled(tmp_path)) == []
+
+
+def test_a_failed_fsync_on_the_loop_fails_its_waiters_and_cuts_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+        size = os.fstat(fsyncs.fd).st_size
+
+        async def scenario() -> None:
+            fsyncs.fail = True
+            reading = asyncio.ensure_future(spool.write(intent(1)))
+            write = asyncio.ensure_future(spool.append(intent(2)))  # (in the same turn)
+            read = await reading
+            with pytest.raises(SpoolError, match="Input/output error"):
+                await write
+            with pytest.raises(SpoolError):
+                await spool.durable(read)
+            assert os.fstat(fsyncs.fd).st_size == size  # both cut back off the file
+            assert not spool.healthy
+            await spool.append(intent(3))  # the chain goes on from the durable head
+            assert spool.healthy
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True, True]
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [r["request_id"] for r in records] == ["r0", "r3"] and verify(KEY, records) == []
+
+
+def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never two fsyncs at once: a record awaited while the thread is in an fsync (one nobody
+    waited for: an outcome's, within FLUSH_INTERVAL) is fsynced by the thread right after."""
+    spool = open_spool(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+        fsyncs.gate = threading.Event()
+
+        async def scenario() -> None:
+            spool.append_nowait(body(1))
+            assert fsyncs.entered.wait(5)  # the thread's flush holds
+            task = asyncio.ensure_future(spool.append(intent(2)))
+            await asyncio.sleep(0.05)
+            assert not task.done() and len(fsyncs.threads) == 1
+            assert fsyncs.gate is not None
+            fsyncs.gate.set()
+            await asyncio.wait_for(task, 5)
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [False, False]
+    finally:
+        spool.close()
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == [1, 2, 3] and verify(KEY, records) == []
+
+
+def test_closing_with_an_fsync_due_on_the_loop_fsyncs_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path)
+    asyncio.run(spool.append(body(0)))
+    fsyncs = Fsyncs(monkeypatch, spool)
+
+    async def scenario() -> None:
+        await spool.write(intent(1))  # its fsync due on the loop
+        await asyncio.to_thread(spool.close)  # as the gateway stops, meanwhile
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert len(fsyncs.threads) == 1  # the loop or the thread, whichever came first
+    records = spooled(tmp_path)
+    assert [r["seq"] for r in records] == [1, 2] and verify(KEY, records) == []
