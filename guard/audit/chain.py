@@ -56,20 +56,19 @@ class Head:
         record["mac"] = mac_of(key, record)
         return record, Head(self.writer, self.seq + 1, record["mac"])
 
-    def seal_line(self, key: bytes, body: Mapping[str, Any]) -> tuple[bytes, Head]:
-        """``body`` sealed as the next record, as the line the spool stores (the canonical JSON
-        of ``seal``'s record and a newline), and the chain's new head. Encoded once, with a
-        stand-in for the MAC that nothing else in the record can hold (this process's random
-        ``_STAND_IN``): the MAC is taken over the text without that member, then takes its
-        place."""
+    def seal_line(self, key: bytes, body: Mapping[str, Any]) -> tuple[bytes, dict[str, Any], Head]:
+        """``body`` sealed as the next record: the line the spool stores (the canonical JSON
+        of ``seal``'s record and a newline), that record, and the chain's new head. Encoded
+        once, with a stand-in for the MAC that nothing else in the record can hold (this
+        process's random ``_STAND_IN``): the MAC is taken over the text without that member,
+        then takes its place."""
         record = {**body, "writer": self.writer, "seq": self.seq + 1, "prev": self.mac}
         record["mac"] = _STAND_IN
         text = _ENCODE(record)
         mac = hmac.new(key, text.replace(_STAND_IN_MEMBER, "", 1).encode(), hashlib.sha256)
-        digest = mac.hexdigest()
-        return (text.replace(_STAND_IN, digest, 1) + "\n").encode(), Head(
-            self.writer, self.seq + 1, digest
-        )
+        record["mac"] = digest = mac.hexdigest()
+        line = (text.replace(_STAND_IN, digest, 1) + "\n").encode()
+        return line, record, Head(self.writer, self.seq + 1, digest)
 
 
 # seal_line's stand-in for a MAC: 256 random bits per process, so no value a request carries

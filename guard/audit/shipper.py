@@ -32,6 +32,7 @@ from guard.audit.spool import (
     read_lines,
     read_stored,
     running_loop,
+    segment_name,
     segments,
     write_stored,
 )
@@ -125,13 +126,14 @@ class Shipper:
                     if time.monotonic() - self._vouched_at >= VOUCH_INTERVAL:
                         await anyio.to_thread.run_sync(self._vouch)
                     continue
-            except (sa.exc.SQLAlchemyError, OSError) as exc:
+            except Exception as exc:  # the database, the files, or a bug: retried, never gone
                 self.failures += 1
                 message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 if message != self.last_error:
                     logger.error(
-                        "audit records not stored yet (%s); they wait in the spool", message
-                    )
+                        "audit records not stored yet (%s); they wait in the spool", message,
+                        exc_info=not isinstance(exc, sa.exc.SQLAlchemyError | OSError),
+                    )  # fmt: skip
                 self.last_error = message
                 self._started = self._started and not isinstance(exc, sa.exc.IntegrityError)
                 await asyncio.sleep(delay)
@@ -208,8 +210,15 @@ class Shipper:
 
     def _read(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The next batch not yet stored, from the durable part of the spool, with each
-        record's line. Where it ends becomes the cursor once the batch is stored. Reads at
-        most a batch at a time, so a long backlog is read once, not once per batch."""
+        record's line. Where it ends becomes the cursor once the batch is stored. Taken from
+        the spool's memory while it holds what comes next; else read from the files, at most a
+        batch at a time, so a long backlog is read once, not once per batch."""
+        kept = self.spool.kept(self.shipped, self.batch_size)
+        if kept is not None:
+            if kept:
+                _, _, _, first, end = kept[-1]
+                self._pending = (self.spool.directory / segment_name(first), end)
+            return [entry[1] for entry in kept], [entry[2][:-1].decode() for entry in kept]
         writing, durable = self.spool.committed()
         cursor = self._cursor
         batch: list[dict[str, Any]] = []

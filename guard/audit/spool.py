@@ -71,6 +71,9 @@ FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written b
 # An fsync on the event loop blocks it; one that took longer than this sends the next to the
 # spool's thread (the loop goes on serving meanwhile), until one there is this quick again.
 LOOP_FSYNC_LIMIT: Final = 0.001
+# Records kept in memory, as sealed, until the shipper stores them (it reads the files for
+# older ones: a database outage, a restart).
+KEPT_RECORDS: Final = 4096
 _HEAD_JSON: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -115,6 +118,9 @@ class _Segment:
 # the counts in head.json to fsync with it (how many changes they had then) or None.
 _Sync = tuple[Head, list[tuple[_Segment, int]], int | None]
 _Told = tuple[Waiter, SpoolError | None]  # a waiter and what it is told
+# A record kept for the shipper: its seq, the record, its line, and where it ends (the first
+# seq of its segment, the offset after it).
+Kept = tuple[int, dict[str, Any], bytes, int, int]
 
 
 def segment_name(first_seq: int) -> str:
@@ -234,6 +240,7 @@ class Spool:
         self._written: deque[_Written] = deque()  # oldest first
         self._noting = 0  # losses stated by records_lost events written, not fsynced yet
         self._awaited: dict[Durable, Waiter] = {}  # written records someone awaits (``durable``)
+        self._kept: deque[Kept] = deque()  # the newest records written, not yet shipped
         self._committed = (0, 0)
 
     @property
@@ -387,6 +394,26 @@ class Spool:
             except SpoolError as exc:
                 logger.error("audit record lost, the spool is unavailable: %s", exc)
 
+    def kept(self, after: int, limit: int) -> list[Kept] | None:
+        """The durable records after seq ``after`` (at most ``limit``), as kept in memory since
+        they were written, for the shipper: no file to read, no line to parse. None if memory
+        does not hold the one right after ``after`` (then the files do)."""
+        with self._lock:
+            kept = self._kept
+            while kept and kept[0][0] <= after:
+                kept.popleft()  # stored
+            if self.fsynced.seq <= after:
+                return []
+            if not kept or kept[0][0] != after + 1:
+                return None
+            durable = self.fsynced.seq
+            found: list[Kept] = []
+            for entry in kept:
+                if entry[0] > durable or len(found) >= limit:
+                    break
+                found.append(entry)
+            return found
+
     def committed(self) -> tuple[int, int]:
         """(first sequence number of the segment being written, bytes of it made durable)."""
         return self._committed
@@ -405,21 +432,23 @@ class Spool:
         if self.broken or not self._accepting:
             self.failures += waiter is None and durable is None
             raise SpoolError(self.error or "the audit spool is closed")
-        head, lines, written = self.head, [], []
+        head, lines, records, written = self.head, [], [], []
         unstated = self.lost - self._noting
         if unstated > 0:  # the first write that works says how many records could not be
             note = {"kind": "event", "event": "records_lost", "count": unstated,
                     "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}  # fmt: skip
-            line, head = head.seal_line(self.key, note)
+            line, record, head = head.seal_line(self.key, note)
             lines.append(line)
+            records.append(record)
             written.append(_Written(head.seq, "event", "", notes=unstated))
         try:
-            line, head = head.seal_line(self.key, body)
+            line, record, head = head.seal_line(self.key, body)
         except (TypeError, ValueError) as exc:  # one bad record fails only its own request
             logger.error("audit record refused: %s", exc)
             self._lose(waiter or durable, settles, 1)
             raise SpoolError(f"audit record cannot be written: {exc}") from None
         lines.append(line)
+        records.append(record)
         kind, request_id = str(body.get("kind", "")), str(body.get("request_id", ""))
         written.append(_Written(head.seq, kind, request_id, waiter, durable, settles))
         data = lines[0] if len(lines) == 1 else b"".join(lines)
@@ -438,6 +467,11 @@ class Spool:
             raise SpoolError(self.error) from None
         segment.end = offset + len(data)
         self.head = head
+        for line, record in zip(lines, records, strict=True):
+            offset += len(line)
+            self._kept.append((record["seq"], record, line, segment.first, offset))
+        while len(self._kept) > KEPT_RECORDS:
+            self._kept.popleft()
         self._noting += unstated if unstated > 0 else 0
         self._written.extend(written)
         if segment.end >= self.segment_size:  # the next write starts a new segment
@@ -654,6 +688,8 @@ class Spool:
                     _fsync_directory(self.directory)  # the removals outlive a power loss
             self._full, self._segment = [], segments[0] if segments else None
             self.head = self.fsynced
+            while self._kept and self._kept[-1][0] > self.head.seq:
+                self._kept.pop()  # (their numbers are taken again)
         return self._fail_written(SpoolError(self.error))
 
     def _fail_written(self, error: SpoolError) -> list[_Told]:

@@ -11,7 +11,7 @@ import hmac
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -33,15 +33,35 @@ def parse_time(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+# The longest text each column takes (what is longer is cut there; the record holds it whole).
+_SIZES: Final = {
+    name: column.type.length
+    for name in COLUMNS
+    if isinstance((column := audit_records.c[name]).type, sa.String) and column.type.length
+}
+
+
 def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     """The row of a record; ``line``: its canonical JSON, as the spool holds it."""
     row = {name: record.get(name) or default for name, default in COLUMNS.items()}
-    row["resource"] = str(row["resource"])[:512]
+    row["resource"] = str(row["resource"])
+    for name, size in _SIZES.items():
+        value = row[name]
+        if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
+            row[name] = storable(value)[:size]
     row["writer"] = record["writer"]
     row["seq"] = record["seq"]
     row["time"] = parse_time(record["time"])
     row["record"] = canonical(record).decode() if line is None else line
     return row
+
+
+def storable(text: str) -> str:
+    """``text`` as every database stores it: a lone surrogate (a request's JSON may carry one)
+    or a NUL (PostgreSQL refuses it) backslash-escaped. Only the columns queries filter on get
+    this; the record itself, escaped by its canonical JSON, holds the exact value."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_a_sealed_line_is_the_canonical_sealed_record(seed: int) -> None:
     head = Head("gw-a", rng.randrange(100), mac_of(KEY, {"n": seed}))
     body = {_key(rng): _value(rng) for _ in range(rng.randrange(12))}
     record, after = head.seal(KEY, body)
-    line, sealed = head.seal_line(KEY, body)
-    assert line == canonical(record) + b"\n" and sealed == after
+    line, kept, sealed = head.seal_line(KEY, body)
+    assert line == canonical(record) + b"\n" and kept == record and sealed == after
     parsed = json.loads(line)
     assert parsed["mac"] == mac_of(KEY, parsed) and verify(KEY, [parsed], {"gw-a": head}) == []

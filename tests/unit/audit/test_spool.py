@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import guard.audit.shipper as shipper_module
 from guard.audit.chain import Head, canonical, derive_key, verify
 from guard.audit.shipper import Shipper
-from guard.audit.spool import Spool, SpoolError, read_records, segments
+from guard.audit.spool import Spool, SpoolError, read_records, segment_name, segments
 from guard.audit.store import AuditStore
 from guard.store.db import audit_records, build_engine, migrate
 
@@ -265,6 +266,134 @@ def test_a_database_outage_is_replayed_exactly_once(
     asyncio.run(run())
     records = stored(store)
     assert [r["seq"] for r in records] == list(range(1, 31))
+
+
+# -- the shipper takes what the spool kept in memory ------------------------------------------
+
+
+def test_the_shipper_takes_records_from_memory_as_sealed_and_stores_them_as_the_files_say(
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file read, no line parsed: and still each row is what verification derives from the
+    line it holds (columns included), including values that need escaping."""
+
+    def unread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the shipper read the spool's files")
+
+    monkeypatch.setattr("guard.audit.shipper.read_lines", unread)
+
+    async def run() -> None:
+        spool = open_spool(tmp_path / "spool", segment_size=3000)
+        shipper = Shipper(spool, store, batch_size=7)
+        spool.on_commit = shipper.notify
+        await shipper.start()
+        # What a request can put into the columns: a lone surrogate and a NUL (from JSON
+        # escapes), longer than a column: stored, cut and escaped, by SQLite and PostgreSQL.
+        odd = {"principal": "user:\u00e9\ud800\"x" + "p" * 300,
+               "resource": "model:\x00" + "m" * 600, "reason": "", "status": 0}  # fmt: skip
+        await asyncio.gather(*(spool.append({**body(i), **(odd if i % 2 else {})})
+                               for i in range(40)))  # fmt: skip
+        await shipper.stop(grace=10)
+        spool.close()
+        assert shipper.replayed == 40
+
+    asyncio.run(run())
+    records = stored(store)
+    assert [r["seq"] for r in records] == list(range(1, 41))
+    assert not any(r.get("columns_differ") for r in records) and verify(KEY, records) == []
+    # Shipped segments are deleted (the cursor follows what memory said): the last one is left.
+    assert segments(tmp_path / "spool")[0].name > segment_name(1)
+
+
+def test_a_bug_while_storing_is_retried_not_the_end_of_the_shipper(
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("guard.audit.shipper.RETRY_MIN", 0.01)
+    failing = [ValueError("a value no database takes")]
+
+    class Buggy(AuditStore):
+        def insert(self, records: Any, key: bytes | None = None, lines: Any = None) -> None:
+            if failing:
+                raise failing.pop()
+            super().insert(records, key, lines)
+
+    async def run() -> None:
+        spool = open_spool(tmp_path / "spool")
+        shipper = Shipper(spool, Buggy(store.engine))
+        spool.on_commit = shipper.notify
+        await shipper.start()
+        for i in range(5):
+            await spool.append(body(i))
+        await shipper.stop(grace=10)
+        spool.close()
+        assert shipper.failures == 1 and shipper.last_error == ""  # (logged, then cleared)
+
+    asyncio.run(run())
+    assert [r["seq"] for r in stored(store)] == [1, 2, 3, 4, 5]
+
+
+def test_after_an_outage_longer_than_memory_the_files_fill_the_gap(
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("guard.audit.spool.KEPT_RECORDS", 5)
+    monkeypatch.setattr("guard.audit.shipper.RETRY_MIN", 0.01)
+    flaky = FlakyStore(store, failures=6)
+    reads = Counter[str]()
+    real = shipper_module.read_lines
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads["files"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("guard.audit.shipper.read_lines", counted)
+
+    async def run() -> None:
+        spool = open_spool(tmp_path / "spool", segment_size=2000)
+        shipper = Shipper(spool, flaky, batch_size=4)
+        spool.on_commit = shipper.notify
+        await shipper.start()
+        for i in range(30):
+            await spool.append(body(i))
+        await shipper.stop(grace=10)
+        spool.close()
+        assert shipper.failures >= 6 and shipper.depth == 0
+
+    asyncio.run(run())
+    records = stored(store)
+    assert [r["seq"] for r in records] == list(range(1, 31)) and verify(KEY, records) == []
+    assert reads["files"] > 0  # the first ones came from the files
+
+
+def test_records_cut_back_are_never_taken_from_memory(
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path / "spool")
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsync = GatedFsync(monkeypatch, spool)
+        fsync.fail = True
+
+        async def scenario() -> None:
+            waiting = asyncio.ensure_future(spool.append(body(1)))
+            await asyncio.sleep(0)
+            assert fsync.entered.wait(5)
+            during = spool.kept(0, 10)  # the second is written, not durable: not offered
+            assert during is not None and [seq for seq, *_ in during] == [1]
+            fsync.release()
+            with pytest.raises(SpoolError):
+                await waiting
+            fsync.fail = False
+            await spool.append(body(2))  # takes seq 2 again
+
+        asyncio.run(scenario())
+        kept = spool.kept(0, 10)
+        assert kept is not None
+        assert [(seq, record["request_id"]) for seq, record, *_ in kept] == [(1, "r0"), (2, "r2")]
+        shipper = Shipper(spool, store)
+        assert shipper.ship_all() == 2
+    finally:
+        spool.close()
+    assert [r["request_id"] for r in stored(store)] == ["r0", "r2"]
 
 
 def test_columns_that_disagree_with_their_record_fail_verification(
