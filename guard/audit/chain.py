@@ -65,8 +65,8 @@ class Head:
         record = {**body, "writer": self.writer, "seq": self.seq + 1, "prev": self.mac}
         record["mac"] = _STAND_IN
         text = _ENCODE(record)
-        mac = hmac.new(key, text.replace(_STAND_IN_MEMBER, "", 1).encode(), hashlib.sha256)
-        record["mac"] = digest = mac.hexdigest()
+        mac = hmac.digest(key, text.replace(_STAND_IN_MEMBER, "", 1).encode(), "sha256")
+        record["mac"] = digest = mac.hex()
         line = (text.replace(_STAND_IN, digest, 1) + "\n").encode()
         return line, record, Head(self.writer, self.seq + 1, digest)
 

@@ -14,7 +14,6 @@ times" without the trail holding it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import re
 from typing import Any, Final
@@ -23,6 +22,7 @@ from urllib.parse import parse_qsl
 from starlette.types import Scope
 
 from guard.edge.context import RequestContext
+from guard.edge.memo import Memo
 from guard.edge.requestdata import RequestData, RequestDataError, _camel
 from guard.identity.base import Credentials, parse_authorization
 
@@ -46,6 +46,10 @@ _NAME: Final = re.compile(r"(?!mlg_)[A-Za-z0-9._@+-]{1,32}")
 _USERINFO: Final = re.compile(r"(?<=://)[^/@\s]*@")
 
 
+def _short(name: str) -> bool:
+    return len(name) <= 128
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
@@ -55,17 +59,22 @@ class Redactor:
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+        # Whether a field or parameter name looks secret (names repeat: run_id, key, ...).
+        self._secret: Memo[str, bool] = Memo(
+            lambda name: _SECRET.search(name) is not None, size=1024, keep=_short
+        )
 
     def fingerprint(self, value: str) -> str:
-        digest = hmac.new(self.key, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
-        return "hmac:" + digest.hexdigest()[:16]
+        digest = hmac.digest(self.key, value.encode("utf-8", "surrogatepass"), "sha256")
+        return "hmac:" + digest.hex()[:16]
 
     def value(self, name: str, value: object) -> object:
         """``value`` as it may be recorded under the field or tag name ``name``."""
         if isinstance(value, str):
-            if _SECRET.search(name):
+            if self._secret[name]:
                 return self.fingerprint(value)
-            value = _USERINFO.sub(lambda m: self.fingerprint(m.group(0)) + "@", value)
+            if "@" in value:
+                value = _USERINFO.sub(lambda m: self.fingerprint(m.group(0)) + "@", value)
             return value if len(value) <= MAX_VALUE else value[:MAX_VALUE] + "..."
         if isinstance(value, bool | int | float) or value is None:
             return value

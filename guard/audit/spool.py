@@ -41,7 +41,6 @@ that the database no longer holds were deleted from it, even if its head row wen
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
@@ -86,8 +85,29 @@ class SpoolError(Exception):
 
 # What a waiter is told once its record's fsync is over: None (durable), or why it is not.
 Waiter = asyncio.Future[SpoolError | None]
-# A record ``write`` wrote: done once its fsync is over, or failed with SpoolError.
-Durable = concurrent.futures.Future[None]
+
+
+class Durable:
+    """A record ``write`` wrote: done once its fsync is over, with ``error`` if that failed (it
+    was cut back). Settled under the spool's lock, by whoever fsyncs; ``Spool.durable`` awaits
+    it. (A future of concurrent.futures costs a Condition per request for nothing.)"""
+
+    __slots__ = ("_done", "error", "waiter")
+
+    def __init__(self) -> None:
+        self._done = False
+        self.error: SpoolError | None = None
+        self.waiter: Waiter | None = None  # someone awaits it (``Spool.durable``)
+
+    def done(self) -> bool:
+        return self._done
+
+    def settle(self, error: SpoolError | None) -> Waiter | None:
+        """Done (once); the waiter to tell, if any."""
+        if self._done:
+            return None
+        self._done, self.error = True, error
+        return self.waiter
 
 
 @dataclass(slots=True)
@@ -239,7 +259,6 @@ class Spool:
         self._full: list[_Segment] = []  # segments written to their size, not all fsynced
         self._written: deque[_Written] = deque()  # oldest first
         self._noting = 0  # losses stated by records_lost events written, not fsynced yet
-        self._awaited: dict[Durable, Waiter] = {}  # written records someone awaits (``durable``)
         self._kept: deque[Kept] = deque()  # the newest records written, not yet shipped
         self._committed = (0, 0)
 
@@ -342,7 +361,7 @@ class Spool:
         power loss still may); SpoolError if it could not be. The future returned is done once
         the record is fsynced too, or fails with SpoolError (it was cut back); ``durable``
         awaits it."""
-        done: Durable = concurrent.futures.Future()
+        done = Durable()
         with self._lock:
             self._put(body, durable=done)
         self._ring()
@@ -356,10 +375,11 @@ class Spool:
             waiter: Waiter | None = None
             with self._lock:
                 if not done.done():
-                    waiter = self._awaited[done] = asyncio.get_running_loop().create_future()
+                    waiter = done.waiter = asyncio.get_running_loop().create_future()
             if waiter is not None:
                 await waiter
-        done.result()
+        if done.error is not None:
+            raise done.error
 
     def append_nowait(self, body: dict[str, Any]) -> None:
         """Write ``body`` without waiting for its fsync (an outcome: the request already
@@ -630,10 +650,8 @@ class Spool:
             records += 1
             if record.waiter is not None:
                 told.append((record.waiter, None))
-            elif record.durable is not None:
-                record.durable.set_result(None)  # (its callbacks only wake an event loop)
-                if (waiter := self._awaited.pop(record.durable, None)) is not None:
-                    told.append((waiter, None))
+            elif record.durable is not None and (waiter := record.durable.settle(None)):
+                told.append((waiter, None))
             self._written.popleft()
         for segment, end in ends:
             segment.named = True
@@ -702,9 +720,7 @@ class Spool:
             if record.waiter is not None:
                 told.append((record.waiter, error))
             elif record.durable is not None:
-                if not record.durable.done():
-                    record.durable.set_exception(error)
-                if (waiter := self._awaited.pop(record.durable, None)) is not None:
+                if waiter := record.durable.settle(error):
                     told.append((waiter, error))
             elif record.notes:
                 self._noting -= record.notes

@@ -288,7 +288,7 @@ def test_a_refusal_passes_unheld_and_writes_no_intent(
         await app(request("GET", "/api/2.0/mlflow/runs/get"), receive, client.send)
         assert client.messages[0]["status"] == 403 and not other.done()
         fsync.release()
-        await asyncio.wrap_future(other)
+        await trail.spool.durable(other)
 
     try:
         asyncio.run(scenario())

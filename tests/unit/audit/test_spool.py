@@ -610,7 +610,7 @@ def test_write_returns_once_written_and_its_future_once_fsynced(
             assert fsync.entered.wait(5) and not done.done()
             assert spool.committed()[1] < segments(tmp_path)[0].stat().st_size  # not shipped yet
             fsync.release()
-            await asyncio.wrap_future(done)
+            await spool.durable(done)
             assert spool.committed()[1] == segments(tmp_path)[0].stat().st_size
 
         asyncio.run(read())
@@ -636,7 +636,7 @@ def test_reads_written_during_an_fsync_share_the_next_one(
             await asyncio.sleep(0)  # every one of them is queued
             fsync.release()
             futures = await asyncio.gather(*tasks)
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in [first, *futures]))
+            await asyncio.gather(*(spool.durable(f) for f in [first, *futures]))
 
         asyncio.run(many())
         assert fsync.calls == 2  # group commit: the fifty queued reads shared one fsync
@@ -660,7 +660,7 @@ def test_a_failed_fsync_fails_a_written_record_and_cuts_it_back(
             done = await spool.write(body(1))  # written; MLflow would be answering now
             fsync.release()
             with pytest.raises(SpoolError, match="Input/output error"):
-                await asyncio.wrap_future(done)
+                await spool.durable(done)
 
         asyncio.run(read())
         assert not spool.healthy
