@@ -443,6 +443,7 @@ def build_gateway(
             shutdown_grace=a.shutdown_grace,
             limiter=limiter,
             sync_writes=a.sync_writes,
+            loop_fsync_limit=a.loop_fsync_limit,
         )
         if ldap_provider is not None and ldap_provider.throttle is not None:
             ldap_provider.throttle.on_locked = login_locked_event(trail, ldap_provider.throttle)

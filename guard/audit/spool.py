@@ -67,9 +67,11 @@ HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple 
 MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
 OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
-# An fsync on the event loop blocks it; one that took longer than this sends the next to the
-# spool's thread (the loop goes on serving meanwhile), until one there is this quick again.
-LOOP_FSYNC_LIMIT: Final = 0.001
+# A group commit on the event loop blocks it: one that took longer than this sends the commits
+# of the next LOOP_RETRY seconds to the spool's thread (the loop serves on meanwhile), so a slow
+# disk stalls the loop at most once per LOOP_RETRY.
+LOOP_FSYNC_LIMIT: Final = 0.002
+LOOP_RETRY: Final = 1.0
 # Records kept in memory, as sealed, until the shipper stores them (it reads the files for
 # older ones: a database outage, a restart).
 KEPT_RECORDS: Final = 4096
@@ -235,7 +237,6 @@ class Spool:
         self.commits = 0
         self.failures = 0
         self.lost = 0  # records that could not be written, not yet stated by a durable event
-        self.last_fsync = 0.0  # seconds the last group commit's fsync took
         self.unknown = 0  # intents left open by a crash, given outcome_unknown on open
         # Kept in head.json so a crash cannot lose them (see the module docstring), as of the
         # newest fsync:
@@ -249,7 +250,8 @@ class Spool:
         self._bell = threading.Lock()  # released to wake the fsync thread
         self._bell.acquire()
         self._syncing = threading.Lock()  # held by whoever fsyncs: the loop or the thread
-        self._soon = False  # an fsync is due on the event loop once its ready callbacks ran
+        self._soon: asyncio.AbstractEventLoop | None = None  # the loop an fsync is due on
+        self._thread_until = 0.0  # (monotonic) till then, commits go to the thread
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
@@ -545,9 +547,13 @@ class Spool:
         that loop, once the callbacks ready now have run (they may write too: one fsync for
         all of them), with no thread to wake and none to wake the loop again; its CPU is the
         fsync's own. Else by the spool's thread, the loop serving on meanwhile."""
-        if self.last_fsync <= self.loop_fsync_limit and (loop := running_loop()) is not None:
-            if not self._soon:
-                self._soon = True
+        if (
+            self.loop_fsync_limit > 0
+            and (loop := running_loop()) is not None
+            and time.monotonic() >= self._thread_until
+        ):
+            if self._soon is not loop:  # (one dropped with a loop that stopped does not count)
+                self._soon = loop
                 loop.call_soon(self._sync_on_loop)
             return
         self._bell_thread()
@@ -558,14 +564,17 @@ class Spool:
             self._bell.release()
 
     def _sync_on_loop(self) -> None:
-        self._soon = False
+        self._soon = None
         if not self._syncing.acquire(blocking=False):
             self._bell_thread()  # the thread is fsyncing: it fsyncs again once done
             return
+        started = time.perf_counter()
         try:
             self._commit()
         finally:
             self._syncing.release()
+            if time.perf_counter() - started > self.loop_fsync_limit:  # (failed or not)
+                self._thread_until = time.monotonic() + LOOP_RETRY
 
     # -- the fsync thread ------------------------------------------------------------------
 
@@ -610,7 +619,6 @@ class Spool:
 
     def _sync(self, sync: _Sync) -> None:
         head, ends, head_file = sync
-        started = time.perf_counter()
         try:
             for segment, _ in ends:
                 if not segment.named:
@@ -621,7 +629,6 @@ class Spool:
                 told = self._cut_back(exc)
             self._tell(told)
             return
-        self.last_fsync = time.perf_counter() - started
         head_synced = False
         if head_file is not None:  # the counts in it (they are in no record yet)
             try:

@@ -28,7 +28,7 @@ from guard.audit import records
 from guard.audit.chain import derive_key
 from guard.audit.records import Redactor
 from guard.audit.shipper import Shipper
-from guard.audit.spool import Durable, Spool, SpoolError
+from guard.audit.spool import LOOP_FSYNC_LIMIT, Durable, Spool, SpoolError
 from guard.audit.store import AuditStore
 from guard.edge.ratelimit import FailureLimiter
 from guard.errors import Refusal, send_refusal
@@ -112,12 +112,15 @@ class AuditTrail:
         shutdown_grace: float,
         limiter: FailureLimiter | None = None,
         sync_writes: str = "before-forward",
+        loop_fsync_limit: float = LOOP_FSYNC_LIMIT,
     ) -> None:
         self.limiter = limiter
         self.writes_overlap = sync_writes == "before-response"
         self.redactor = Redactor(derive_key(secret_key, "audit-redact"))
         self.chain_key = derive_key(secret_key, "audit-chain")
-        self.spool = Spool(spool_dir, self.chain_key, segment_size=segment_size)
+        self.spool = Spool(
+            spool_dir, self.chain_key, segment_size=segment_size, loop_fsync_limit=loop_fsync_limit
+        )
         self.store = AuditStore(engine)
         self.shipper = Shipper(self.spool, self.store, batch_size=batch_size)
         self.spool.on_commit = self.shipper.notify

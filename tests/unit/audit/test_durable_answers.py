@@ -9,7 +9,10 @@ requests count as reads is checked against the route table itself.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +188,37 @@ def test_a_failed_fsync_answers_503_and_nothing_of_mlflows_answer(
     assert json.loads(client.body)["reason"] == "audit_unavailable"
     assert scope["guard"].refusal == Refusal("audit_unavailable")
     assert spooled_intents(trail) == []  # cut back; the outcome will say what happened
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["fsynced", "failed"])
+def test_fsynced_on_the_loop_the_answer_waits_for_that_fsync_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """The gateway's usual path: MLflow answers in the very turn the read was forwarded, before
+    the loop's commit ran; the answer leaves after it, or a 503 instead if it failed."""
+    trail = make_trail(tmp_path)
+    try:
+        asyncio.run(trail.spool.append({"kind": "event", "event": "opened"}))
+        segment, real, fsyncs = trail.spool._fd, os.fsync, []
+
+        def fsync(fd: int) -> None:
+            if fd == segment:
+                fsyncs.append(threading.get_ident())
+                if fails:
+                    raise OSError(errno.EIO, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        mlflow, client = Mlflow(chunks=2), Client()
+        app = DurableAnswerMiddleware(IntentMiddleware(mlflow, trail=trail), trail=trail)
+        asyncio.run(app(request("GET", "/api/2.0/mlflow/runs/get"), receive, client.send))
+    finally:
+        trail.spool.close()
+    assert mlflow.started and fsyncs == [threading.get_ident()]  # one commit, on the loop
+    if fails:
+        assert client.messages[0]["status"] == 503 and SECRET not in client.body
+    else:
+        assert client.messages[0]["status"] == 200 and client.body == SECRET * 2
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Group commit on the event loop: while fsyncs are quick, the loop that wrote the records
+"""Group commit on the event loop: while commits are quick, the loop that wrote the records
 fsyncs them itself, once the callbacks ready at the time have run, with no thread to wake and
-none waking it back. A slow fsync sends the next ones to the spool's thread (the loop serves on
-meanwhile) until one there is quick again; the thread and the loop never fsync at once."""
+none waking it back. A slow one (failed or not) sends the commits of the next LOOP_RETRY seconds
+to the spool's thread (the loop serves on meanwhile); the thread and the loop never fsync at
+once. The tests' limit is far above any real fsync: only the ones they slow down are slow."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from guard.audit.chain import verify
-from guard.audit.spool import LOOP_FSYNC_LIMIT, Spool, SpoolError
+from guard.audit.spool import Durable, Spool, SpoolError
 from tests.unit.audit.test_fsync_thread import LoopCalls, intent
 from tests.unit.audit.test_spool import KEY, body, open_spool, spooled
 
@@ -42,10 +43,10 @@ class Fsyncs:
             if self.gate is not None and threading.get_ident() != MAIN:
                 self.entered.set()
                 assert self.gate.wait(10), "the test never opened the gate"
+            time.sleep(self.slow)
             if self.fail:
                 self.fail = False
                 raise OSError(errno.EIO, "Input/output error")
-            time.sleep(self.slow)
         self.real(fd)
 
     @property
@@ -54,12 +55,17 @@ class Fsyncs:
 
 
 MAIN = threading.get_ident()  # the tests' thread, where asyncio.run runs their loops
+LIMIT = 0.05  # loop_fsync_limit
+
+
+def open_quick(directory: Path, **kwargs: object) -> Spool:
+    return open_spool(directory, loop_fsync_limit=LIMIT, **kwargs)
 
 
 def test_an_awaited_record_is_fsynced_on_its_loop_with_no_thread_woken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))  # the segment opened
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -79,7 +85,7 @@ def test_an_awaited_record_is_fsynced_on_its_loop_with_no_thread_woken(
 def test_records_written_in_one_turn_of_the_loop_share_one_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -104,7 +110,7 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
 ) -> None:
     """What lets a read's fsync overlap MLflow's work: ``write`` returns with the record only
     written; the fsync runs once the request has gone on (and the loop is free)."""
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -121,21 +127,27 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
         spool.close()
 
 
-def test_a_slow_fsync_sends_the_next_to_the_thread_until_one_is_quick_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fails", [False, True], ids=["slow", "slow-and-failing"])
+def test_a_slow_commit_on_the_loop_sends_the_next_seconds_commits_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
 ) -> None:
-    spool = open_spool(tmp_path)
+    monkeypatch.setattr("guard.audit.spool.LOOP_RETRY", 0.3)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
 
         async def scenario() -> None:
-            fsyncs.slow = LOOP_FSYNC_LIMIT * 5
-            await spool.append(intent(1))  # on the loop, and slow
-            await spool.append(intent(2))  # so this one on the thread (slow too)
+            fsyncs.slow, fsyncs.fail = LIMIT * 2, fails
+            try:
+                await spool.append(intent(1))  # on the loop, and slow
+            except SpoolError:
+                assert fails
             fsyncs.slow = 0.0
-            await spool.append(intent(3))  # on the thread, and quick
-            await spool.append(intent(4))  # so back on the loop
+            await spool.append(intent(2))  # so on the thread, quick or not
+            await spool.append(intent(3))
+            await asyncio.sleep(0.3)
+            await spool.append(intent(4))  # the loop tries again
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True, False, False, True]
@@ -144,10 +156,64 @@ def test_a_slow_fsync_sends_the_next_to_the_thread_until_one_is_quick_again(
     assert verify(KEY, spooled(tmp_path)) == []
 
 
+def test_a_commit_whose_head_file_fsync_is_slow_counts_as_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop stalls for every fsync of a commit, head.json's too (counted refusals)."""
+    spool = open_quick(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+        real = fsyncs.real
+        head_fd = spool._head_fd
+
+        def slow_head(fd: int) -> None:
+            if fd == head_fd:
+                time.sleep(LIMIT * 2)
+            real(fd)
+
+        fsyncs.real = slow_head
+
+        async def scenario() -> None:
+            spool.tally("203.0.113.9")  # head.json holds a count: due with the next commit
+            await spool.append(intent(1))  # on the loop, head.json's fsync slow
+            await spool.append(intent(2))
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True, False]
+    finally:
+        spool.close()
+
+
+def test_an_fsync_dropped_with_a_stopped_loop_does_not_keep_the_next_loop_from_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_quick(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+        loop = asyncio.new_event_loop()
+
+        async def write_and_stop() -> Durable:
+            done = await spool.write(intent(1))
+            loop.stop()  # in the turn that made its fsync due
+            return done
+
+        task = loop.create_task(write_and_stop())
+        loop.run_forever()
+        loop.close()
+        done = task.result()
+        assert not done.done() and fsyncs.threads == []
+        asyncio.run(spool.append(intent(2)))  # a new loop fsyncs both
+        assert done.done() and done.error is None and fsyncs.on_loop == [True]
+    finally:
+        spool.close()
+
+
 def test_a_failed_fsync_on_the_loop_fails_its_waiters_and_cuts_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -180,7 +246,7 @@ def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
 ) -> None:
     """Never two fsyncs at once: a record awaited while the thread is in an fsync (one nobody
     waited for: an outcome's, within FLUSH_INTERVAL) is fsynced by the thread right after."""
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -207,7 +273,7 @@ def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
 def test_closing_with_an_fsync_due_on_the_loop_fsyncs_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path)
+    spool = open_quick(tmp_path)
     asyncio.run(spool.append(body(0)))
     fsyncs = Fsyncs(monkeypatch, spool)
 
