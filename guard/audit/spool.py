@@ -67,10 +67,13 @@ HEAD_SIZE: Final = 512  # head.json is rewritten in place, padded to a multiple 
 MAX_TALLIES: Final = 64  # addresses whose unwritten refusals the head names; the rest are "*"
 OTHER: Final = "*"
 FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written but not fsynced
-# A group commit on the event loop blocks it: one that took longer than this sends the commits
-# of the next LOOP_RETRY seconds to the spool's thread (the loop serves on meanwhile), so a slow
-# disk stalls the loop at most once per LOOP_RETRY.
+# A group commit on the event loop blocks it. When the loop's commits take longer than this on
+# average (over about LOOP_WINDOW of them: a disk's occasional slow fsync does not count, one
+# longer than LOOP_WINDOW times it does at once), the commits of the next LOOP_RETRY seconds go
+# to the spool's thread (the loop serves on meanwhile): a slow disk stalls the loop about once
+# per LOOP_RETRY.
 LOOP_FSYNC_LIMIT: Final = 0.002
+LOOP_WINDOW: Final = 16
 LOOP_RETRY: Final = 1.0
 # Records kept in memory, as sealed, until the shipper stores them (it reads the files for
 # older ones: a database outage, a restart).
@@ -252,6 +255,7 @@ class Spool:
         self._syncing = threading.Lock()  # held by whoever fsyncs: the loop or the thread
         self._soon: asyncio.AbstractEventLoop | None = None  # the loop an fsync is due on
         self._thread_until = 0.0  # (monotonic) till then, commits go to the thread
+        self._loop_commits = 0.0  # the loop's commits: how long they take, a moving average
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
@@ -573,8 +577,11 @@ class Spool:
             self._commit()
         finally:
             self._syncing.release()
-            if time.perf_counter() - started > self.loop_fsync_limit:  # (failed or not)
+            took = time.perf_counter() - started  # (failed or not)
+            self._loop_commits += (took - self._loop_commits) / LOOP_WINDOW
+            if self._loop_commits > self.loop_fsync_limit:
                 self._thread_until = time.monotonic() + LOOP_RETRY
+                self._loop_commits = self.loop_fsync_limit  # the next try decides afresh
 
     # -- the fsync thread ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from guard.audit.chain import verify
-from guard.audit.spool import Durable, Spool, SpoolError
+from guard.audit.spool import LOOP_WINDOW, Durable, Spool, SpoolError
 from tests.unit.audit.test_fsync_thread import LoopCalls, intent
 from tests.unit.audit.test_spool import KEY, body, open_spool, spooled
 
@@ -127,40 +127,87 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
         spool.close()
 
 
+SMALL = 0.004  # the limit where a test slows commits down on purpose
+STALL = SMALL * LOOP_WINDOW * 1.25  # one commit this slow leaves the loop at once
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["slow", "slow-and-failing"])
-def test_a_slow_commit_on_the_loop_sends_the_next_seconds_commits_to_the_thread(
+def test_a_commit_far_slower_than_the_limit_sends_the_next_seconds_commits_to_the_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
 ) -> None:
     monkeypatch.setattr("guard.audit.spool.LOOP_RETRY", 0.3)
-    spool = open_quick(tmp_path)
+    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
 
         async def scenario() -> None:
-            fsyncs.slow, fsyncs.fail = LIMIT * 2, fails
+            fsyncs.slow, fsyncs.fail = STALL, fails
             try:
-                await spool.append(intent(1))  # on the loop, and slow
+                await spool.append(intent(1))  # on the loop, and far too slow
             except SpoolError:
                 assert fails
             fsyncs.slow = 0.0
             await spool.append(intent(2))  # so on the thread, quick or not
             await spool.append(intent(3))
             await asyncio.sleep(0.3)
-            await spool.append(intent(4))  # the loop tries again
+            await spool.append(intent(4))  # the loop tries again: quick, it stays
+            await spool.append(intent(5))
 
         asyncio.run(scenario())
-        assert fsyncs.on_loop == [True, False, False, True]
+        assert fsyncs.on_loop == [True, False, False, True, True]
     finally:
         spool.close()
     assert verify(KEY, spooled(tmp_path)) == []
+
+
+def test_one_slow_commit_now_and_then_keeps_commits_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk's occasional slow fsync (a journal commit) costs one stall, not a second of
+    hand-offs."""
+    spool = open_quick(tmp_path)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+
+        async def scenario() -> None:
+            fsyncs.slow = LIMIT * 3
+            await spool.append(intent(1))
+            fsyncs.slow = 0.0
+            await spool.append(intent(2))
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop == [True, True]
+    finally:
+        spool.close()
+
+
+def test_commits_slower_than_the_limit_on_average_go_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
+    try:
+        asyncio.run(spool.append(body(0)))
+        fsyncs = Fsyncs(monkeypatch, spool)
+        fsyncs.slow = SMALL * 3
+
+        async def scenario() -> None:
+            for i in range(1, 13):
+                await spool.append(intent(i))
+
+        asyncio.run(scenario())
+        assert fsyncs.on_loop[:4] == [True] * 4  # the average needs a few
+        assert fsyncs.on_loop[-1] is False and fsyncs.on_loop.count(False) >= 4
+    finally:
+        spool.close()
 
 
 def test_a_commit_whose_head_file_fsync_is_slow_counts_as_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop stalls for every fsync of a commit, head.json's too (counted refusals)."""
-    spool = open_quick(tmp_path)
+    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
     try:
         asyncio.run(spool.append(body(0)))
         fsyncs = Fsyncs(monkeypatch, spool)
@@ -169,7 +216,7 @@ def test_a_commit_whose_head_file_fsync_is_slow_counts_as_slow(
 
         def slow_head(fd: int) -> None:
             if fd == head_fd:
-                time.sleep(LIMIT * 2)
+                time.sleep(STALL)
             real(fd)
 
         fsyncs.real = slow_head
