@@ -2,17 +2,17 @@
 
 A record is sealed into the chain and appended with one ``write`` by the thread that asks for
 it (the event loop's): in the kernel at once, so a crash of the process no longer loses it.
-Each ``fsync`` covers everything written before it (group commit). While fsyncs are quick
-(``LOOP_FSYNC_LIMIT``) the event loop does them itself, once the callbacks ready when a record
-was written have run (every request that got that far has written its record too): this costs
-the fsync's own CPU and nothing else, where handing it to a thread costs twice that in wakes
-and GIL hand-offs on a small VM. A slower one would stall every request the loop serves, so
-after one the next go to the spool's own thread, which tells the waiters of each ``fsync``
-with one call into their event loop, until one there is quick again. A request waits for its
-intent record this way before it is forwarded, or (``write``: a read, see
-``guard.audit.trail``) goes on at once and its answer waits for the ``fsync``. Records nobody
-waits for (outcomes: the request already happened) are fsynced with the next record someone
-waits for, or by the thread within ``FLUSH_INTERVAL``.
+Each ``fsync`` covers everything written before it (group commit). While such commits are
+quick on average (``loop_fsync_limit``) the event loop does them itself, once the callbacks
+ready when a record was written have run (every request that got that far has written its
+record too): this costs the fsync's own CPU and nothing else, where handing it to a thread
+costs as much again in wakes and GIL hand-offs on a small VM. Slow ones would stall every
+request the loop serves, so then the commits of the next ``LOOP_RETRY`` seconds go to the
+spool's own thread, which tells the waiters of each ``fsync`` with one call into their event
+loop. A request waits for its intent record this way before it is forwarded, or (``write``: a
+read, see ``guard.audit.trail``) goes on at once and its answer waits for the ``fsync``.
+Records nobody waits for (outcomes: the request already happened) are fsynced with the next
+record someone waits for, or by the thread within ``FLUSH_INTERVAL``.
 
 The journal is a directory of segments named by their first sequence number
 (``00000000000000000001.jsonl``), one canonical JSON record per line. Only bytes up to the last
@@ -73,7 +73,7 @@ FLUSH_INTERVAL: Final = 0.1  # longest a record nobody waits for stays written b
 # to the spool's thread (the loop serves on meanwhile): a slow disk stalls the loop about once
 # per LOOP_RETRY.
 LOOP_FSYNC_LIMIT: Final = 0.002
-LOOP_WINDOW: Final = 16
+LOOP_WINDOW: Final = 64
 LOOP_RETRY: Final = 1.0
 # Records kept in memory, as sealed, until the shipper stores them (it reads the files for
 # older ones: a database outage, a restart).
@@ -364,9 +364,9 @@ class Spool:
 
     async def write(self, body: dict[str, Any]) -> Durable:
         """Write ``body`` now: in the kernel, so a crash of this process no longer loses it (a
-        power loss still may); SpoolError if it could not be. The future returned is done once
-        the record is fsynced too, or fails with SpoolError (it was cut back); ``durable``
-        awaits it."""
+        power loss still may); SpoolError if it could not be. The ``Durable`` returned is done
+        once the record is fsynced too, or with an error (it was cut back); ``durable`` awaits
+        it."""
         done = Durable()
         with self._lock:
             self._put(body, durable=done)

@@ -45,10 +45,8 @@ def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     """The row of a record; ``line``: its canonical JSON, as the spool holds it."""
     row = {name: record.get(name) or default for name, default in COLUMNS.items()}
     row["resource"] = str(row["resource"])
-    for name, size in _SIZES.items():
-        value = row[name]
-        if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
-            row[name] = storable(value)[:size]
+    for name in _SIZES:
+        row[name] = column_value(name, row[name])
     row["writer"] = record["writer"]
     row["seq"] = record["seq"]
     row["time"] = parse_time(record["time"])
@@ -56,12 +54,17 @@ def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     return row
 
 
-def storable(text: str) -> str:
-    """``text`` as every database stores it: a lone surrogate (a request's JSON may carry one)
-    or a NUL (PostgreSQL refuses it) backslash-escaped. Only the columns queries filter on get
-    this; the record itself, escaped by its canonical JSON, holds the exact value."""
-    text = text.replace("\x00", "\\x00")
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+def column_value(name: str, value: Any) -> Any:
+    """``value`` as column ``name`` holds it: a text every database takes (a lone surrogate,
+    which a request's JSON may carry, or a NUL, which PostgreSQL refuses, backslash-escaped),
+    cut to the column's size. Only the columns queries filter on get this (a query's value
+    too, so it matches); the record itself, escaped by its canonical JSON, holds the exact
+    value."""
+    size = _SIZES[name]
+    if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
+        value = value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+        return value[:size]
+    return value
 
 
 @dataclass(frozen=True)
@@ -160,20 +163,20 @@ class AuditStore:
         else:
             query = query.where(c.id > after).order_by(c.id)
         if filters.principal:
-            query = query.where(c.principal == filters.principal)
+            query = query.where(c.principal == column_value("principal", filters.principal))
         if filters.since:
             query = query.where(c.time >= filters.since)
         if filters.until:
             query = query.where(c.time < filters.until)
         if filters.action:
-            query = query.where(c.action == filters.action)
+            query = query.where(c.action == column_value("action", filters.action))
         if filters.decision:
-            query = query.where(c.decision == filters.decision)
+            query = query.where(c.decision == column_value("decision", filters.decision))
         if filters.request_id:
-            query = query.where(c.request_id == filters.request_id)
+            query = query.where(c.request_id == column_value("request_id", filters.request_id))
         if filters.kind:
-            query = query.where(c.kind == filters.kind)
-        pattern = filters.resource
+            query = query.where(c.kind == column_value("kind", filters.kind))
+        pattern = column_value("resource", filters.resource)  # (as the column holds it)
         if pattern and (filters.literal or ("*" not in pattern and "?" not in pattern)):
             query = query.where(c.resource == pattern)
             pattern = None  # matched exactly in SQL

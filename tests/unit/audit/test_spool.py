@@ -20,7 +20,7 @@ import guard.audit.shipper as shipper_module
 from guard.audit.chain import Head, canonical, derive_key, verify
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool, SpoolError, read_records, segment_name, segments
-from guard.audit.store import AuditStore
+from guard.audit.store import AuditStore, Filters
 from guard.store.db import audit_records, build_engine, migrate
 
 KEY = derive_key(b"k" * 40, "audit-chain")
@@ -303,6 +303,23 @@ def test_the_shipper_takes_records_from_memory_as_sealed_and_stores_them_as_the_
     assert not any(r.get("columns_differ") for r in records) and verify(KEY, records) == []
     # Shipped segments are deleted (the cursor follows what memory said): the last one is left.
     assert segments(tmp_path / "spool")[0].name > segment_name(1)
+
+
+def test_a_query_for_a_value_no_database_takes_as_it_is_finds_its_records(
+    store: AuditStore,
+) -> None:
+    """The query's value is escaped and cut as the column's is: no driver error, a match."""
+    principal, resource = "user:\u00e9\ud800" + "p" * 300, "model:\x00m\ud800"
+    record, _ = Head("gw-q").seal(KEY, {**body(0), "principal": principal, "resource": resource})
+    store.insert([record], KEY)
+    for filters in (
+        Filters(principal=principal),
+        Filters(resource=resource),
+        Filters(resource="model:\x00*"),
+        Filters(resource=resource, literal=True),
+    ):
+        assert [r["seq"] for _, r in store.query(filters)] == [1], filters
+    assert store.query(Filters(principal="user:\u00e9")) == []
 
 
 def test_a_bug_while_storing_is_retried_not_the_end_of_the_shipper(
