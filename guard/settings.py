@@ -520,7 +520,7 @@ class AuditSettings:
         0.002,
         "How long a group commit (the fsync of what the requests of one event-loop turn "
         "wrote) may block the event loop, on average: while commits are this quick the loop "
-        "does them itself, the cheapest way; slower (or one 16 times slower), the next "
+        "does them itself, the cheapest way; slower (or one 64 times slower), the next "
         "second's commits go to the spool's own thread. 0 sends every one there: for a disk "
         "whose fsync may hang (network storage), which would otherwise stop the loop, probes "
         "included.",

@@ -22,9 +22,9 @@ from tests.unit.audit.test_spool import KEY, body, open_spool, spooled
 
 
 class Fsyncs:
-    """Notes which thread does each fsync of the segment ``spool`` writes; ``slow``: the next
-    ones take that long; ``fail``: the next fails with EIO; ``gate``: those on another thread
-    than the test's wait for it."""
+    """Notes which thread does each fsync of the segment ``spool`` writes, and takes no time
+    unless ``slow`` says how long; ``fail``: the next fails with EIO; ``gate``: those on
+    another thread than the test's wait for it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: Spool) -> None:
         assert spool._fd is not None
@@ -47,6 +47,7 @@ class Fsyncs:
             if self.fail:
                 self.fail = False
                 raise OSError(errno.EIO, "Input/output error")
+            return  # (not the disk's: its own time would be part of what these tests time)
         self.real(fd)
 
     @property
@@ -127,7 +128,7 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
         spool.close()
 
 
-SMALL = 0.004  # the limit where a test slows commits down on purpose
+SMALL = 0.002  # the limit where a test slows commits down on purpose
 STALL = SMALL * LOOP_WINDOW * 1.25  # one commit this slow leaves the loop at once
 
 
@@ -193,11 +194,11 @@ def test_commits_slower_than_the_limit_on_average_go_to_the_thread(
         fsyncs.slow = SMALL * 3
 
         async def scenario() -> None:
-            for i in range(1, 13):
+            for i in range(1, 61):
                 await spool.append(intent(i))
 
         asyncio.run(scenario())
-        assert fsyncs.on_loop[:4] == [True] * 4  # the average needs a few
+        assert fsyncs.on_loop[:10] == [True] * 10  # the average needs a few
         assert fsyncs.on_loop[-1] is False and fsyncs.on_loop.count(False) >= 4
     finally:
         spool.close()
