@@ -7,10 +7,12 @@ once. The tests' limit is far above any real fsync: only the ones they slow down
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,17 +61,23 @@ MAIN = threading.get_ident()  # the tests' thread, where asyncio.run runs their 
 LIMIT = 0.05  # loop_fsync_limit
 
 
-def open_quick(directory: Path, **kwargs: object) -> Spool:
-    return open_spool(directory, loop_fsync_limit=LIMIT, **kwargs)
+@contextlib.contextmanager
+def opened(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, limit: float = LIMIT
+) -> Iterator[tuple[Spool, Fsyncs]]:
+    """A spool with ``limit`` as its loop_fsync_limit, its segment open, its fsyncs watched."""
+    spool = open_spool(directory, loop_fsync_limit=limit)
+    try:
+        asyncio.run(spool.append(body(0)))  # (the segment and its name fsynced)
+        yield spool, Fsyncs(monkeypatch, spool)
+    finally:
+        spool.close()
 
 
 def test_an_awaited_record_is_fsynced_on_its_loop_with_no_thread_woken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))  # the segment opened
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
 
         async def scenario() -> None:
             calls = LoopCalls(monkeypatch)
@@ -79,17 +87,12 @@ def test_an_awaited_record_is_fsynced_on_its_loop_with_no_thread_woken(
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True]
         assert spool.head.seq == spool.fsynced.seq == 2
-    finally:
-        spool.close()
 
 
 def test_records_written_in_one_turn_of_the_loop_share_one_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
 
         async def read(i: int) -> None:
             await spool.durable(await spool.write(body(i)))
@@ -100,8 +103,6 @@ def test_records_written_in_one_turn_of_the_loop_share_one_fsync(
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True]  # 30 records, one fsync
-    finally:
-        spool.close()
     records = spooled(tmp_path)
     assert [r["seq"] for r in records] == list(range(1, 32)) and verify(KEY, records) == []
 
@@ -111,10 +112,7 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
 ) -> None:
     """What lets a read's fsync overlap MLflow's work: ``write`` returns with the record only
     written; the fsync runs once the request has gone on (and the loop is free)."""
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
 
         async def scenario() -> None:
             done = await spool.write(intent(1))
@@ -124,8 +122,6 @@ def test_a_read_goes_on_before_its_fsync_which_the_loop_does_next(
             await spool.durable(done)
 
         asyncio.run(scenario())
-    finally:
-        spool.close()
 
 
 SMALL = 0.002  # the limit where a test slows commits down on purpose
@@ -137,10 +133,7 @@ def test_a_commit_far_slower_than_the_limit_sends_the_next_seconds_commits_to_th
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
 ) -> None:
     monkeypatch.setattr("guard.audit.spool.LOOP_RETRY", 0.3)
-    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch, SMALL) as (spool, fsyncs):
 
         async def scenario() -> None:
             fsyncs.slow, fsyncs.fail = STALL, fails
@@ -157,8 +150,6 @@ def test_a_commit_far_slower_than_the_limit_sends_the_next_seconds_commits_to_th
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True, False, False, True, True]
-    finally:
-        spool.close()
     assert verify(KEY, spooled(tmp_path)) == []
 
 
@@ -167,10 +158,7 @@ def test_one_slow_commit_now_and_then_keeps_commits_on_the_loop(
 ) -> None:
     """A disk's occasional slow fsync (a journal commit) costs one stall, not a second of
     hand-offs."""
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
 
         async def scenario() -> None:
             fsyncs.slow = LIMIT * 3
@@ -180,17 +168,12 @@ def test_one_slow_commit_now_and_then_keeps_commits_on_the_loop(
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True, True]
-    finally:
-        spool.close()
 
 
 def test_commits_slower_than_the_limit_on_average_go_to_the_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch, SMALL) as (spool, fsyncs):
         fsyncs.slow = SMALL * 3
 
         async def scenario() -> None:
@@ -200,18 +183,13 @@ def test_commits_slower_than_the_limit_on_average_go_to_the_thread(
         asyncio.run(scenario())
         assert fsyncs.on_loop[:10] == [True] * 10  # the average needs a few
         assert fsyncs.on_loop[-1] is False and fsyncs.on_loop.count(False) >= 4
-    finally:
-        spool.close()
 
 
 def test_a_commit_whose_head_file_fsync_is_slow_counts_as_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop stalls for every fsync of a commit, head.json's too (counted refusals)."""
-    spool = open_spool(tmp_path, loop_fsync_limit=SMALL)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch, SMALL) as (spool, fsyncs):
         real = fsyncs.real
         head_fd = spool._head_fd
 
@@ -229,17 +207,12 @@ def test_a_commit_whose_head_file_fsync_is_slow_counts_as_slow(
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True, False]
-    finally:
-        spool.close()
 
 
 def test_an_fsync_dropped_with_a_stopped_loop_does_not_keep_the_next_loop_from_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
         loop = asyncio.new_event_loop()
 
         async def write_and_stop() -> Durable:
@@ -254,17 +227,12 @@ def test_an_fsync_dropped_with_a_stopped_loop_does_not_keep_the_next_loop_from_i
         assert not done.done() and fsyncs.threads == []
         asyncio.run(spool.append(intent(2)))  # a new loop fsyncs both
         assert done.done() and done.error is None and fsyncs.on_loop == [True]
-    finally:
-        spool.close()
 
 
 def test_a_failed_fsync_on_the_loop_fails_its_waiters_and_cuts_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
         size = os.fstat(fsyncs.fd).st_size
 
         async def scenario() -> None:
@@ -283,8 +251,6 @@ def test_a_failed_fsync_on_the_loop_fails_its_waiters_and_cuts_back(
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [True, True]
-    finally:
-        spool.close()
     records = spooled(tmp_path)
     assert [r["request_id"] for r in records] == ["r0", "r3"] and verify(KEY, records) == []
 
@@ -294,10 +260,7 @@ def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
 ) -> None:
     """Never two fsyncs at once: a record awaited while the thread is in an fsync (one nobody
     waited for: an outcome's, within FLUSH_INTERVAL) is fsynced by the thread right after."""
-    spool = open_quick(tmp_path)
-    try:
-        asyncio.run(spool.append(body(0)))
-        fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
         fsyncs.gate = threading.Event()
 
         async def scenario() -> None:
@@ -312,8 +275,6 @@ def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
 
         asyncio.run(scenario())
         assert fsyncs.on_loop == [False, False]
-    finally:
-        spool.close()
     records = spooled(tmp_path)
     assert [r["seq"] for r in records] == [1, 2, 3] and verify(KEY, records) == []
 
@@ -321,16 +282,14 @@ def test_while_the_thread_fsyncs_the_loop_leaves_the_next_fsync_to_it(
 def test_closing_with_an_fsync_due_on_the_loop_fsyncs_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = open_quick(tmp_path)
-    asyncio.run(spool.append(body(0)))
-    fsyncs = Fsyncs(monkeypatch, spool)
+    with opened(tmp_path, monkeypatch) as (spool, fsyncs):
 
-    async def scenario() -> None:
-        await spool.write(intent(1))  # its fsync due on the loop
-        await asyncio.to_thread(spool.close)  # as the gateway stops, meanwhile
-        await asyncio.sleep(0)
+        async def scenario() -> None:
+            await spool.write(intent(1))  # its fsync due on the loop
+            await asyncio.to_thread(spool.close)  # as the gateway stops, meanwhile
+            await asyncio.sleep(0)
 
-    asyncio.run(scenario())
-    assert len(fsyncs.threads) == 1  # the loop or the thread, whichever came first
+        asyncio.run(scenario())
+        assert len(fsyncs.threads) == 1  # the loop or the thread, whichever came first
     records = spooled(tmp_path)
     assert [r["seq"] for r in records] == [1, 2] and verify(KEY, records) == []

@@ -246,26 +246,39 @@ class FlakyStore(AuditStore):
         super().insert(records, key, lines)
 
 
+@pytest.mark.parametrize("kept", [None, 5], ids=["from-memory", "outage-longer-than-memory"])
 def test_a_database_outage_is_replayed_exactly_once(
-    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch, kept: int | None
 ) -> None:
+    """From the spool's memory, or (what an outage outlasted there) from its files first."""
     monkeypatch.setattr("guard.audit.shipper.RETRY_MIN", 0.01)
-    flaky = FlakyStore(store, failures=4)
+    if kept is not None:
+        monkeypatch.setattr("guard.audit.spool.KEPT_RECORDS", kept)
+    flaky = FlakyStore(store, failures=6)
+    reads = Counter[str]()
+    real = shipper_module.read_lines
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads["files"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("guard.audit.shipper.read_lines", counted)
 
     async def run() -> None:
-        spool = open_spool(tmp_path / "spool")
-        shipper = Shipper(spool, flaky, batch_size=10)
+        spool = open_spool(tmp_path / "spool", segment_size=2000)
+        shipper = Shipper(spool, flaky, batch_size=4)
         spool.on_commit = shipper.notify
         await shipper.start()
         for i in range(30):
             await spool.append(body(i))
         await shipper.stop(grace=10)
         spool.close()
-        assert shipper.failures >= 4 and shipper.depth == 0
+        assert shipper.failures >= 6 and shipper.depth == 0
 
     asyncio.run(run())
     records = stored(store)
-    assert [r["seq"] for r in records] == list(range(1, 31))
+    assert [r["seq"] for r in records] == list(range(1, 31)) and verify(KEY, records) == []
+    assert (reads["files"] > 0) == (kept is not None)  # the first ones from the files
 
 
 # -- the shipper takes what the spool kept in memory ------------------------------------------
@@ -347,38 +360,6 @@ def test_a_bug_while_storing_is_retried_not_the_end_of_the_shipper(
 
     asyncio.run(run())
     assert [r["seq"] for r in stored(store)] == [1, 2, 3, 4, 5]
-
-
-def test_after_an_outage_longer_than_memory_the_files_fill_the_gap(
-    tmp_path: Path, store: AuditStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("guard.audit.spool.KEPT_RECORDS", 5)
-    monkeypatch.setattr("guard.audit.shipper.RETRY_MIN", 0.01)
-    flaky = FlakyStore(store, failures=6)
-    reads = Counter[str]()
-    real = shipper_module.read_lines
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        reads["files"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("guard.audit.shipper.read_lines", counted)
-
-    async def run() -> None:
-        spool = open_spool(tmp_path / "spool", segment_size=2000)
-        shipper = Shipper(spool, flaky, batch_size=4)
-        spool.on_commit = shipper.notify
-        await shipper.start()
-        for i in range(30):
-            await spool.append(body(i))
-        await shipper.stop(grace=10)
-        spool.close()
-        assert shipper.failures >= 6 and shipper.depth == 0
-
-    asyncio.run(run())
-    records = stored(store)
-    assert [r["seq"] for r in records] == list(range(1, 31)) and verify(KEY, records) == []
-    assert reads["files"] > 0  # the first ones came from the files
 
 
 def test_records_cut_back_are_never_taken_from_memory(
