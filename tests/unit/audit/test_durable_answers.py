@@ -196,6 +196,7 @@ def test_fsynced_on_the_loop_the_answer_waits_for_that_fsync_too(
 ) -> None:
     """The gateway's usual path: MLflow answers in the very turn the read was forwarded, before
     the loop's commit ran; the answer leaves after it, or a 503 instead if it failed."""
+    monkeypatch.setattr("guard.audit.spool.FLUSH_INTERVAL", 60.0)  # (no timed thread commit)
     trail = make_trail(tmp_path)
     try:
         asyncio.run(trail.spool.append({"kind": "event", "event": "opened"}))
