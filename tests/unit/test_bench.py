@@ -1,5 +1,6 @@
 """The bench harness's own helpers: figures, their verdicts, the summary table, quick mode and
-interleaving (no measurement here: nothing is started, nothing is timed)."""
+interleaving, and bench.audit's spool rows against the spool as it is (no measurement here: no
+server is started, no figure is judged)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,23 @@ def test_quick_results_are_marked_and_an_empty_directory_fails(
     (tmp_path / "empty").mkdir()
     monkeypatch.setattr("sys.argv", ["bench.summary", str(tmp_path / "empty")])
     assert main() == 2
+
+
+@pytest.mark.parametrize(
+    ("reads", "ship"),
+    [(False, False), (True, False), (False, True)],
+    ids=["appends", "reads", "ship"],
+)
+def test_the_spool_rows_run_against_the_spool_as_it_is(
+    tmp_path: Path, reads: bool, ship: bool
+) -> None:
+    """bench.audit drives the spool's own interface (a change to it must not wait for a
+    `make bench` to break the bench): a few requests, each an intent and its outcome."""
+    import asyncio
+
+    from bench.audit import spool_run
+
+    ship_to = f"sqlite:///{tmp_path / 'ship.db'}" if ship else None
+    run = asyncio.run(spool_run(tmp_path / "spool", 2, 10, 30.0, ship_to, reads=reads))
+    # (the last outcomes of the two tasks may not be fsynced yet when the run is measured)
+    assert 18 <= run.records <= 20 and run.commits >= 1 and len(run.latencies) == 10
