@@ -15,7 +15,6 @@ import pytest
 import uvloop
 
 from guard.upstream.client import BUFFER_LIMIT, UpstreamClient, UpstreamError, UpstreamLimits
-from tests.slapd import make_certificates
 
 LIMITS = UpstreamLimits(
     connect_timeout=2.0, read_timeout=5.0, pool_timeout=0.2, max_connections=4, keepalive_expiry=30
@@ -932,11 +931,14 @@ def test_a_bursts_extra_connections_are_closed_once_expired(
 # https upstreams
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tls")
-    make_certificates(directory)  # a CA, a server certificate for 127.0.0.1, an unrelated CA
-    return directory
+async def tls_server(handler: Handler, certificates: Path) -> Server:
+    """A ``Server`` over TLS with the certificate ``certificates`` (conftest.py) has for
+    127.0.0.1."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates / "server.crt", certificates / "server.key")
+    server = Server(handler)
+    server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
+    return server
 
 
 @pytest.mark.parametrize(
@@ -957,15 +959,10 @@ def test_an_https_upstream_is_verified(
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(certificates / ca))
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificates / "server.crt", certificates / "server.key")
 
     async def main() -> None:
-        server = Server(answering(OK))
-        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
-        port = server.server.sockets[0].getsockname()[1]
-        async with server:
-            client = UpstreamClient(f"https://{host}:{port}", LIMITS)
+        async with await tls_server(answering(OK), certificates) as server:
+            client = UpstreamClient(f"https://{host}:{server.port}", LIMITS)
             client.open()
             try:
                 for _ in range(2):

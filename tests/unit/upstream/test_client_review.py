@@ -26,7 +26,6 @@ import pytest
 import uvloop
 
 from guard.upstream.client import BUFFER_LIMIT, UpstreamClient, UpstreamError
-from tests.slapd import make_certificates
 from tests.unit.upstream.test_client import (
     LIMITS,
     OK,
@@ -38,6 +37,7 @@ from tests.unit.upstream.test_client import (
     client_for,
     fetch,
     read_request,
+    tls_server,
 )
 
 Run = Callable[[Awaitable[None]], None]
@@ -835,33 +835,31 @@ def test_a_request_cancelled_while_connecting_gives_back_its_slot(run: Run) -> N
     run(main())
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tls")
-    make_certificates(directory)  # a CA, a server certificate for 127.0.0.1, an unrelated CA
-    return directory
+@pytest.fixture
+def tls_client(
+    certificates: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Server], UpstreamClient]:
+    """Opens a client of a ``tls_server`` that trusts the tests' CA only."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
+    def client(server: Server) -> UpstreamClient:
+        opened = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
+        opened.open()
+        return opened
 
-async def tls_server(handler: Handler, certificates: Path) -> Server:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificates / "server.crt", certificates / "server.key")
-    server = Server(handler)
-    server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
-    return server
+    return client
 
 
 def test_a_slow_reader_holds_a_bounded_buffer_over_tls(
-    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+    run: Run, certificates: Path, tls_client: Callable[[Server], UpstreamClient]
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     size = 16 * 1024 * 1024
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
 
     async def main() -> None:
         async with await tls_server(answering(answer), certificates) as server:
-            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
-            client.open()
+            client = tls_client(server)
             response = await client.request("GET", "/", [("host", "h")], None)
             total, largest = 0, 0
             async with response:
@@ -878,10 +876,8 @@ def test_a_slow_reader_holds_a_bounded_buffer_over_tls(
 
 
 def test_a_tls_answer_read_until_close_needs_close_notify(
-    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+    run: Run, certificates: Path, tls_client: Callable[[Server], UpstreamClient]
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
     async def truncated(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
@@ -897,8 +893,7 @@ def test_a_tls_answer_read_until_close_needs_close_notify(
 
     async def main() -> None:
         async with await tls_server(truncated, certificates) as server:
-            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
-            client.open()
+            client = tls_client(server)
             response = await client.request("GET", "/", [("host", "h")], None)
             got: list[bytes] = []
 
@@ -942,11 +937,9 @@ def test_failures_leave_no_open_file_descriptors(run: Run) -> None:
 
 
 def test_a_tls_answer_read_until_close_ends_with_close_notify(
-    run: Run, certificates: Path, monkeypatch: pytest.MonkeyPatch
+    run: Run, certificates: Path, tls_client: Callable[[Server], UpstreamClient]
 ) -> None:
     """Finding 3's other side: a server that closes TLS properly ends an unframed answer."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.crt"))
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
     async def whole(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, seen: Seen
@@ -959,8 +952,7 @@ def test_a_tls_answer_read_until_close_ends_with_close_notify(
 
     async def main() -> None:
         async with await tls_server(whole, certificates) as server:
-            client = UpstreamClient(f"https://127.0.0.1:{server.port}", LIMITS)
-            client.open()
+            client = tls_client(server)
             assert (await fetch(client))[2] == b"w" * 300_000
             assert_pool_whole(client)
             await client.close()
