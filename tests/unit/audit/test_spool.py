@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,23 @@ def stored(store: AuditStore) -> list[dict[str, Any]]:
     return list(store.chain())
 
 
+@contextlib.asynccontextmanager
+async def shipping(
+    directory: Path, store: AuditStore, batch_size: int = 500, segment_size: int = 1 << 20
+) -> AsyncIterator[tuple[Spool, Shipper]]:
+    """A spool and its shipper, as the gateway runs them; on leaving, the shipper stores what
+    it can within 10 s and stops, and the spool closes."""
+    spool = open_spool(directory, segment_size=segment_size)
+    try:
+        shipper = Shipper(spool, store, batch_size=batch_size)
+        spool.on_commit = shipper.notify
+        await shipper.start()
+        yield spool, shipper
+        await shipper.stop(grace=10)
+    finally:
+        spool.close()
+
+
 def test_the_shipper_stores_everything_exactly_once(tmp_path: Path, store: AuditStore) -> None:
     async def run() -> None:
         shipper: Shipper | None = None
@@ -265,14 +283,9 @@ def test_a_database_outage_is_replayed_exactly_once(
     monkeypatch.setattr("guard.audit.shipper.read_lines", counted)
 
     async def run() -> None:
-        spool = open_spool(tmp_path / "spool", segment_size=2000)
-        shipper = Shipper(spool, flaky, batch_size=4)
-        spool.on_commit = shipper.notify
-        await shipper.start()
-        for i in range(30):
-            await spool.append(body(i))
-        await shipper.stop(grace=10)
-        spool.close()
+        async with shipping(tmp_path / "spool", flaky, 4, 2000) as (spool, shipper):
+            for i in range(30):
+                await spool.append(body(i))
         assert shipper.failures >= 6 and shipper.depth == 0
 
     asyncio.run(run())
@@ -295,19 +308,15 @@ def test_the_shipper_takes_records_from_memory_as_sealed_and_stores_them_as_the_
 
     monkeypatch.setattr("guard.audit.shipper.read_lines", unread)
 
+    # What a request can put into the columns: a lone surrogate and a NUL (from JSON escapes),
+    # longer than a column: stored, cut and escaped, by SQLite and PostgreSQL.
+    odd = {"principal": "user:\u00e9\ud800\"x" + "p" * 300,
+           "resource": "model:\x00" + "m" * 600, "reason": "", "status": 0}  # fmt: skip
+
     async def run() -> None:
-        spool = open_spool(tmp_path / "spool", segment_size=3000)
-        shipper = Shipper(spool, store, batch_size=7)
-        spool.on_commit = shipper.notify
-        await shipper.start()
-        # What a request can put into the columns: a lone surrogate and a NUL (from JSON
-        # escapes), longer than a column: stored, cut and escaped, by SQLite and PostgreSQL.
-        odd = {"principal": "user:\u00e9\ud800\"x" + "p" * 300,
-               "resource": "model:\x00" + "m" * 600, "reason": "", "status": 0}  # fmt: skip
-        await asyncio.gather(*(spool.append({**body(i), **(odd if i % 2 else {})})
-                               for i in range(40)))  # fmt: skip
-        await shipper.stop(grace=10)
-        spool.close()
+        async with shipping(tmp_path / "spool", store, 7, 3000) as (spool, shipper):
+            await asyncio.gather(*(spool.append({**body(i), **(odd if i % 2 else {})})
+                                   for i in range(40)))  # fmt: skip
         assert shipper.replayed == 40
 
     asyncio.run(run())
@@ -348,14 +357,9 @@ def test_a_bug_while_storing_is_retried_not_the_end_of_the_shipper(
             super().insert(records, key, lines)
 
     async def run() -> None:
-        spool = open_spool(tmp_path / "spool")
-        shipper = Shipper(spool, Buggy(store.engine))
-        spool.on_commit = shipper.notify
-        await shipper.start()
-        for i in range(5):
-            await spool.append(body(i))
-        await shipper.stop(grace=10)
-        spool.close()
+        async with shipping(tmp_path / "spool", Buggy(store.engine)) as (spool, shipper):
+            for i in range(5):
+                await spool.append(body(i))
         assert shipper.failures == 1 and shipper.last_error == ""  # (logged, then cleared)
 
     asyncio.run(run())
