@@ -45,6 +45,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -425,20 +426,15 @@ class Spool:
         they were written, for the shipper: no file to read, no line to parse. None if memory
         does not hold the one right after ``after`` (then the files do)."""
         with self._lock:
-            kept = self._kept
+            kept, durable = self._kept, self.fsynced.seq
             while kept and kept[0][0] <= after:
                 kept.popleft()  # stored
-            if self.fsynced.seq <= after:
+            if durable <= after:
                 return []
             if not kept or kept[0][0] != after + 1:
                 return None
-            durable = self.fsynced.seq
-            found: list[Kept] = []
-            for entry in kept:
-                if entry[0] > durable or len(found) >= limit:
-                    break
-                found.append(entry)
-            return found
+            # Kept records are consecutive (written in order, cut back from the newest).
+            return list(itertools.islice(kept, min(durable - after, limit)))
 
     def committed(self) -> tuple[int, int]:
         """(first sequence number of the segment being written, bytes of it made durable)."""
