@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import json
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 
 from guard.audit.chain import Head, canonical, sign_head
 from guard.patterns import resource_match
@@ -45,13 +46,41 @@ def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     """The row of a record; ``line``: its canonical JSON, as the spool holds it."""
     row = {name: record.get(name) or default for name, default in COLUMNS.items()}
     row["resource"] = str(row["resource"])
-    for name in _SIZES:
-        row[name] = column_value(name, row[name])
+    for name, size in _SIZES.items():  # column_value, inline (the shipper's per-record cost)
+        value = row[name]
+        if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
+            row[name] = _fitted(value, size)
     row["writer"] = record["writer"]
     row["seq"] = record["seq"]
     row["time"] = parse_time(record["time"])
     row["record"] = canonical(record).decode() if line is None else line
     return row
+
+
+def _driver_insert(
+    dialect: Dialect,
+) -> tuple[str, Callable[[dict[str, Any]], list[Any]], list[tuple[int, Any]]] | None:
+    """On SQLite, the audit table's INSERT as the driver takes it: its SQL, a row's values in
+    the order it names them, and the conversions the dialect does (by position). Handed the
+    rows of a batch directly, it takes a third less CPU per record than the Core statement,
+    whose per-row parameter handling is most of what shipping costs there. Other databases
+    keep the Core statement (on PostgreSQL it batches rows into one multi-row INSERT)."""
+    if dialect.name != "sqlite" or dialect.paramstyle != "qmark":
+        return None
+    columns = [c for c in audit_records.c if not c.primary_key]
+    names = [c.name for c in columns]
+    statement = audit_records.insert().values({name: sa.bindparam(name) for name in names})
+    compiled = statement.compile(dialect=dialect)
+    if list(compiled.positiontup or ()) != names:  # (SQLAlchemy orders them as the table does)
+        return None
+    getter = operator.itemgetter(*names)
+    # SQLite's DATETIME text for ``time``: the text time filters compare with.
+    conversions = [
+        (index, convert)
+        for index, c in enumerate(columns)
+        if (convert := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+    ]
+    return str(compiled), lambda row: list(getter(row)), conversions
 
 
 def column_value(name: str, value: Any) -> Any:
@@ -62,9 +91,12 @@ def column_value(name: str, value: Any) -> Any:
     value."""
     size = _SIZES[name]
     if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
-        value = value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
-        return value[:size]
+        return _fitted(value, size)
     return value
+
+
+def _fitted(value: str, size: int) -> str:
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()[:size]
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,7 @@ class Filters:
 class AuditStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._insert = _driver_insert(engine.dialect)
 
     def max_seq(self, writer: str) -> int:
         """The newest sequence number stored for ``writer`` (0 if none)."""
@@ -118,22 +151,34 @@ class AuditStore:
             if seq > newest.get(writer, Head(writer)).seq:
                 newest[writer] = Head(writer, seq, str(record["mac"]))
         with self.engine.begin() as conn:
-            conn.execute(audit_records.insert(), rows)
+            if self._insert is None:
+                conn.execute(audit_records.insert(), rows)
+            else:
+                sql, values, conversions = self._insert
+                converted = [values(row) for row in rows]
+                for index, convert in conversions:
+                    for one in converted:
+                        one[index] = convert(one[index])
+                conn.exec_driver_sql(sql, list(map(tuple, converted)))
             if key is None:
                 return
             now = dt.datetime.now(dt.UTC)
             for writer, head in newest.items():
                 row = {"seq": head.seq, "mac": head.mac, "signature": sign_head(key, head),
                        "updated_at": now}  # fmt: skip
-                stored = conn.execute(
-                    sa.select(audit_heads.c.seq).where(audit_heads.c.writer == writer)
-                ).scalar()
-                if stored is None:
+                moved = conn.execute(  # one writer per chain: nobody moves it meanwhile
+                    audit_heads.update()
+                    .where(audit_heads.c.writer == writer, audit_heads.c.seq < head.seq)
+                    .values(**row)
+                )
+                if (
+                    moved.rowcount == 0
+                    and conn.execute(
+                        sa.select(audit_heads.c.seq).where(audit_heads.c.writer == writer)
+                    ).first()
+                    is None
+                ):
                     conn.execute(audit_heads.insert().values(writer=writer, **row))
-                elif stored < head.seq:  # one writer per chain: nobody moves it meanwhile
-                    conn.execute(
-                        audit_heads.update().where(audit_heads.c.writer == writer).values(**row)
-                    )
 
     def heads(self, key: bytes) -> tuple[dict[str, Head], list[str]]:
         """Each writer's anchored head whose signature holds, and the writers whose does not."""

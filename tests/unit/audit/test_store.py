@@ -1,0 +1,134 @@
+"""The audit table as the shipper fills it: SQLite's lean INSERT (rows handed to the driver)
+stores exactly what SQLAlchemy's Core statement stores, so queries, verify and history read
+both alike; the writer's head row moves forward only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from guard.audit.chain import Head, derive_key
+from guard.audit.store import AuditStore, Filters
+from guard.store.db import audit_heads, audit_records, build_engine, migrate
+
+KEY = derive_key(b"s" * 40, "audit-chain")
+
+
+@pytest.fixture
+def engine(database_uri: str) -> Iterator[Engine]:
+    engine = build_engine(database_uri)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def sealed(
+    bodies: list[dict[str, Any]], writer: str = "gw-a"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``bodies`` sealed as one chain: the records and their lines, as the spool holds them."""
+    head, records, lines = Head(writer), [], []
+    for body in bodies:
+        line, record, head = head.seal_line(KEY, body)
+        records.append(record)
+        lines.append(line[:-1].decode())
+    return records, lines
+
+
+# Values that test a column's conversion: a lone surrogate, a NUL, text over the column's size,
+# non-ASCII, a time given with an offset and one in the far past, no optional field at all.
+BODIES: list[dict[str, Any]] = [
+    {"kind": "intent", "time": "2026-12-05T10:15:07.708143+00:00", "request_id": "r1",
+     "principal": "user:alice", "action": "read", "resource": "model:fraud", "decision": "allow"},
+    {"kind": "outcome", "time": "2026-12-05T11:15:07.000001+01:00", "request_id": "r1",
+     "principal": "user:\ud800x", "resource": "model:a\x00b", "status": 200, "reason": ""},
+    {"kind": "outcome", "time": "1999-01-01T00:00:00+00:00", "request_id": "r" * 300,
+     "principal": "p" * 400, "resource": "experiment:Straße", "status": 403,
+     "decision": "deny", "reason": "forbidden"},
+    {"kind": "event", "time": "2026-12-05T10:15:08Z"},
+]  # fmt: skip
+
+
+def stored(engine: Engine) -> list[tuple[Any, ...]]:
+    """Every row as the database holds it (the time as its own text on SQLite)."""
+    columns = [c for c in audit_records.c if not c.primary_key]
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(
+            f"SELECT {', '.join(c.name for c in columns)} FROM {audit_records.name} ORDER BY seq"  # noqa: S608 - the table's names
+        )]  # fmt: skip
+
+
+def test_the_lean_insert_stores_what_the_core_statement_stores(tmp_path: Path) -> None:
+    records, lines = sealed(BODIES)
+    engines = [build_engine(f"sqlite:///{tmp_path / name}.db") for name in ("lean", "core")]
+    try:
+        for engine in engines:
+            migrate(engine)
+        lean, core = AuditStore(engines[0]), AuditStore(engines[1])
+        assert lean._insert is not None  # the lean path is what this compares
+        core._insert = None  # the Core statement, as other databases use it
+        lean.insert(records, KEY, lines)
+        core.insert(records, KEY, lines)
+        rows = stored(engines[0])
+        assert len(rows) == len(BODIES)
+        assert rows == stored(engines[1])
+        # The time is stored as SQLAlchemy stores it, so time filters compare alike (the
+        # second record's 11:15:07.000001+01:00 is before this; the first is at it).
+        since = dt.datetime(2026, 12, 5, 10, 15, 7, 708143, tzinfo=dt.UTC)
+        for store in (lean, core):
+            found = [r["seq"] for _, r in store.query(Filters(since=since), limit=10)]
+            assert found == [1, 4]
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_stored_rows_read_back_and_filter_on_either_database(engine: Engine) -> None:
+    records, lines = sealed(BODIES)
+    store = AuditStore(engine)
+    store.insert(records, KEY, lines)
+    assert [r for _, r in store.query(Filters(), limit=10)] == records
+    by_principal = store.query(Filters(principal="user:\ud800x"), limit=10)
+    assert [r["seq"] for _, r in by_principal] == [2]
+    by_resource = store.query(Filters(resource="model:a\x00b", literal=True), limit=10)
+    assert [r["seq"] for _, r in by_resource] == [2]
+    long = store.query(Filters(principal="p" * 400, request_id="r" * 300), limit=10)
+    assert [r["seq"] for _, r in long] == [3]
+    old = store.query(Filters(until=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)), limit=10)
+    assert [r["seq"] for _, r in old] == [3]
+    assert store.max_seq("gw-a") == len(BODIES)
+
+
+def test_the_head_row_moves_forward_only(engine: Engine) -> None:
+    records, lines = sealed([{"kind": "event", "time": "2026-12-05T10:00:00Z"}] * 5)
+    store = AuditStore(engine)
+
+    def head() -> tuple[int, str]:
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(audit_heads.c.seq, audit_heads.c.mac)).one()
+        return int(row.seq), str(row.mac)
+
+    store.insert(records[:3], KEY, lines[:3])  # the first batch makes the row
+    assert head() == (3, records[2]["mac"])
+    store.insert(records[3:], KEY, lines[3:])
+    assert head() == (5, records[4]["mac"])
+    other, other_lines = sealed([{"kind": "event", "time": "2026-12-05T10:00:00Z"}], "gw-b")
+    store.insert(other, KEY, other_lines)  # another writer: its own row
+    with engine.connect() as conn:
+        heads = dict(conn.execute(sa.select(audit_heads.c.writer, audit_heads.c.seq)).all())
+    assert heads == {"gw-a": 5, "gw-b": 1}
+    # A batch replayed below the head (a restart storing again) leaves the row where it is.
+    with engine.begin() as conn:
+        conn.execute(audit_records.delete().where(audit_records.c.seq <= 2,
+                                                  audit_records.c.writer == "gw-a"))  # fmt: skip
+    store.insert(records[:2], KEY, lines[:2])
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(audit_heads.c.seq, audit_heads.c.mac).where(audit_heads.c.writer == "gw-a")
+        ).one()
+    assert (row.seq, row.mac) == (5, records[4]["mac"])
