@@ -145,6 +145,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.answers = _Coalescing(transport, self.loop)
         address = self.client[0] if self.client else ""  # none on a Unix socket: not counted
         if address and not self._is_trusted(address):
             self.counted = address
@@ -239,6 +240,8 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.prefix_open = False
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.transport is self.transport:
+            self.cycle.transport = self.answers  # type: ignore[assignment]
         self.message_has_cycle = True
         if self.parser.should_upgrade():
             self.cycle.keep_alive = False  # the parser reads nothing after an upgrade request
@@ -457,6 +460,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         if self.lingering or self.transport.is_closing():
             return
         self.lingering = True
+        self.answers.flush()
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -473,7 +477,7 @@ class _LingeringTransport(asyncio.Transport):
         self.protocol = protocol
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.protocol.transport.write(data)
+        self.protocol.answers.write(data)
 
     def is_closing(self) -> bool:
         return self.protocol.lingering or self.protocol.transport.is_closing()
@@ -483,3 +487,46 @@ class _LingeringTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.protocol.transport.get_extra_info(name, default)
+
+
+HELD_BELOW: Final = 16 * 1024  # a write this small may wait for the next (an answer's head)
+
+
+class _Coalescing:
+    """The transport answers are written to: a small write (an answer's status line and
+    headers, written on ``http.response.start``) waits for the next write (its body) and goes
+    out with it in one send, or alone once the event loop's current turn ends. uvicorn writes
+    the two apart: with TCP_NODELAY that is two segments, two wakes of the client and a
+    second ``send`` for every answer. At most one write waits, never past the turn."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.transport.writelines([held, data])
+        elif len(data) < HELD_BELOW and not self.transport.is_closing():
+            # (a copy of a buffer the writer may reuse once this returns, as a transport may)
+            self.held = data if isinstance(data, bytes) else bytes(data)
+            self.loop.call_soon(self.flush)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        held, self.held = self.held, None
+        if held is not None and not self.transport.is_closing():
+            self.transport.write(held)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
