@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from tests.idp import OidcProvider
     from tests.slapd import Slapd
 
@@ -157,3 +159,15 @@ def database_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'guard.db'}"
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     return cluster.create_database()
+
+
+@pytest.fixture
+def engine(database_uri: str) -> Iterator[Engine]:
+    """An engine on ``database_uri``, migrated to the newest schema. (A test module that needs
+    another, such as one SQLite file it also hands to a gateway, defines its own.)"""
+    from guard.store.db import build_engine, migrate
+
+    engine = build_engine(database_uri)
+    migrate(engine)
+    yield engine
+    engine.dispose()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,10 @@ from guard.audit.prune import prune
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool
 from guard.audit.store import AuditStore
-from guard.store.db import audit_heads, audit_records, build_engine, migrate
+from guard.store.db import audit_heads, audit_records
 
 SECRET = b"s" * 40
 KEY = derive_key(SECRET, "audit-chain")
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def record(n: int, **fields: Any) -> dict[str, Any]:

@@ -5,11 +5,9 @@ both alike; the writer's head row moves forward only."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -18,14 +16,6 @@ from guard.audit.store import AuditStore, Filters
 from guard.store.db import audit_heads, audit_records, build_engine, migrate
 
 KEY = derive_key(b"s" * 40, "audit-chain")
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def sealed(

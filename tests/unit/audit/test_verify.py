@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,13 @@ from guard.audit.shipper import Shipper
 from guard.audit.spool import STORED, Spool, read_stored
 from guard.audit.store import AuditStore, Filters
 from guard.cli.main import main
-from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine, migrate
+from guard.store.db import audit_anchors, audit_heads, audit_records, build_engine
 
 SECRET = b"s" * 40
 KEY = derive_key(SECRET, "audit-chain")
 NEWEST_FIVE = (  # the reviewer's statement
     "delete from guard_audit where id in (select id from guard_audit order by id desc limit 5)"
 )
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def record(n: int, when: dt.datetime | None = None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from guard.audit.trail import ship_leftover_spools, worker_spool_dir, worker_spo
 from guard.cli.workers import bind_socket
 from guard.config import load_settings
 from guard.settings import Settings
-from guard.store.db import build_engine, migrate
 
 SECRET = b"s" * 40
 ENVIRON = {"MLFLOW_GUARD_SECRET_KEY": SECRET.decode()}
@@ -32,14 +30,6 @@ ENVIRON = {"MLFLOW_GUARD_SECRET_KEY": SECRET.decode()}
 def settings(tmp_path: Path) -> Settings:
     flags = {"storage.data_dir": str(tmp_path), "upstream.url": "http://127.0.0.1:9"}
     return load_settings(flags, {}, None).settings
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 async def _nodelay_of_accepted(sock: socket.socket) -> int:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from guard.identity.bindings import IdentityBindings
 from guard.identity.ldap import stable_id
-from guard.store.db import build_engine, identities, migrate
+from guard.store.db import build_engine, identities
 
 
 class Clock:
@@ -27,14 +26,6 @@ class Clock:
 
     def wall(self) -> dt.datetime:
         return self.now
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[sa.Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def bindings(engine: sa.Engine, clock: Clock | None = None, ttl: float = 60.0) -> IdentityBindings:

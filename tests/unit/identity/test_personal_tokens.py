@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +23,7 @@ from guard.identity.tokens import (
     TokenStore,
     personal_name,
 )
-from guard.store.db import build_engine, identities, migrate
+from guard.store.db import identities
 
 KEY = b"k" * 32
 DAY = 86400.0
@@ -43,14 +42,6 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[sa.Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -30,14 +30,6 @@ ORIGIN = "http://127.0.0.1:8080"
 
 
 @pytest.fixture
-def engine(database_uri: str) -> Iterator[sa.Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[sa.Engine]:
     engine = build_engine(f"sqlite:///{tmp_path / 'guard.db'}")
     migrate(engine)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +16,7 @@ from guard.identity.sessions import (
     UserBlocks,
     read_cookies,
 )
-from guard.store.db import build_engine, migrate
+from guard.store.db import build_engine
 
 KEY = b"k" * 32
 START = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -40,14 +39,6 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += dt.timedelta(**delta)
-
-
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -53,14 +53,6 @@ class Clock:
         self.at += dt.timedelta(seconds=seconds)
 
 
-@pytest.fixture
-def engine(database_uri: str) -> Iterator[sa.Engine]:
-    engine = build_engine(database_uri)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
 def rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
         return list(conn.execute(sa.select(login_failures)).all())
