@@ -13,9 +13,15 @@ The limits bite while parsing: httptools buffers a header's name and value until
 so the bytes of an unfinished request head are counted after every read, and a head is cut off
 once it exceeds ``max_url_length + max_header_size`` (plus one read).
 
+Answers are written through ``_CoalescingTransport``, which sends an answer's head together
+with its body (uvicorn writes them apart). It replaces each request cycle's ``transport``, which
+the cycle only writes to, closes and asks ``is_closing``; what uvicorn writes to or closes on
+the connection itself (its shutdown, the keep-alive timeout) comes between answers, and nothing
+is held then: an answer's last write goes out when it completes.
+
 This module reaches into uvicorn's ``HttpToolsProtocol`` (its parser callbacks, ``cycle``,
-``pipeline``, ``_start_asgi_task``); pyproject.toml pins uvicorn's minor version and
-tests/unit/edge/test_protocol.py fails if those assumptions break.
+``pipeline``, ``_start_asgi_task``) and ``RequestResponseCycle.transport``; pyproject.toml pins
+uvicorn's minor version and tests/unit/edge/test_protocol.py fails if those assumptions break.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ REFUSAL_KEY: Final = "guard.protocol_refusal"
 DETAIL_KEY: Final = "guard.protocol_detail"
 # Request-line bytes beyond the target ("OPTIONS ", " HTTP/1.1\r\n") and the final CRLF.
 HEAD_SLACK: Final = 1024
+HELD_BELOW: Final = 16 * 1024  # an answer's write this small may wait for the next one
 MAX_SHOWN_PATH: Final = 256
 _METHOD: Final = re.compile(rb"[\r\n]*([!#$%&'*+.^_`|~0-9A-Za-z-]{1,20})")
 _SHOWN_PATH: Final = re.compile(rb"/[\x21-\x7e]*")
@@ -132,6 +139,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.message_has_cycle = False
         self.feeding = False
         self.deferred: list[tuple[RequestResponseCycle, ASGI3Application]] = []
+        self.answers: _CoalescingTransport  # what answers are written to (connection_made)
         self.refused = False  # nothing more is parsed on this connection
         self.lingering = False
         self.discarded = 0
@@ -145,7 +153,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.answers = _Coalescing(transport, self.loop)
+        self.answers = _CoalescingTransport(transport, self.loop)
         address = self.client[0] if self.client else ""  # none on a Unix socket: not counted
         if address and not self._is_trusted(address):
             self.counted = address
@@ -240,8 +248,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.prefix_open = False
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.transport is self.transport:
-            self.cycle.transport = self.answers  # type: ignore[assignment]
+        self.cycle.transport = self.answers
         self.message_has_cycle = True
         if self.parser.should_upgrade():
             self.cycle.keep_alive = False  # the parser reads nothing after an upgrade request
@@ -254,6 +261,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.prefix, self.prefix_open = b"", False
 
     def on_response_complete(self) -> None:
+        self.answers.flush()  # a complete answer is all in the transport, whoever closes it
         if self.refused:  # a refusal waits for the requests before it, then closes
             self.server_state.total_requests += 1
             if self.pipeline and not self.lingering:
@@ -365,7 +373,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         self.refused = True
         self.flow.pause_reading()
         if cycle.response_started:
-            self.transport.close()
+            self.answers.close()
             return
         scope = cast(dict[str, Any], cycle.scope)
         scope[REFUSAL_KEY] = refusal.reason
@@ -375,7 +383,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()
         guard = scope.get("guard")
         request_id = getattr(guard, "request_id", "") or uuid.uuid4().hex
-        self.transport.write(self._encode(refusal, request_id))
+        self.answers.write(self._encode(refusal, request_id))
         self._linger()
 
     def _refuse_head(self, refusal: Refusal, with_request: bool) -> None:
@@ -460,7 +468,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         if self.lingering or self.transport.is_closing():
             return
         self.lingering = True
-        self.answers.flush()
+        self.answers.end()
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -489,28 +497,32 @@ class _LingeringTransport(asyncio.Transport):
         return self.protocol.transport.get_extra_info(name, default)
 
 
-HELD_BELOW: Final = 16 * 1024  # a write this small may wait for the next (an answer's head)
-
-
-class _Coalescing:
-    """The transport answers are written to: a small write (an answer's status line and
-    headers, written on ``http.response.start``) waits for the next write (its body) and goes
-    out with it in one send, or alone once the event loop's current turn ends. uvicorn writes
-    the two apart: with TCP_NODELAY that is two segments, two wakes of the client and a
-    second ``send`` for every answer. At most one write waits, never past the turn."""
+class _CoalescingTransport(asyncio.Transport):
+    """The transport a connection's answers are written to. uvicorn writes an answer's status
+    line and headers on ``http.response.start`` and its body apart: with TCP_NODELAY two
+    segments, two wakes of the client and a second ``send`` for every answer. Here a small
+    write waits for the next one (its body) and both go out in one ``send``; or it goes out
+    alone when the event loop's current turn ends, or when its answer is complete
+    (``on_response_complete``), so nothing is held once uvicorn may close the connection
+    itself (shutdown, the keep-alive timeout). At most one write waits. Once ``end`` is called
+    (a refusal's FIN), nothing more is written."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.transport = transport
         self.loop = loop
         self.held: bytes | None = None
+        self.ended = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.ended:
+            return
         held = self.held
         if held is not None:
             self.held = None
             self.transport.writelines([held, data])
         elif len(data) < HELD_BELOW and not self.transport.is_closing():
-            # (a copy of a buffer the writer may reuse once this returns, as a transport may)
+            # Kept as bytes: a caller may reuse its buffer once write returns.
             self.held = data if isinstance(data, bytes) else bytes(data)
             self.loop.call_soon(self.flush)
         else:
@@ -521,8 +533,13 @@ class _Coalescing:
         if held is not None and not self.transport.is_closing():
             self.transport.write(held)
 
+    def end(self) -> None:
+        """What is held goes out; later writes are dropped."""
+        self.flush()
+        self.ended = True
+
     def is_closing(self) -> bool:
-        return self.transport.is_closing()
+        return self.ended or self.transport.is_closing()
 
     def close(self) -> None:
         self.flush()

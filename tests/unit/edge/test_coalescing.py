@@ -1,12 +1,16 @@
-"""An answer's head goes out with its body in one send (guard.edge.protocol._Coalescing): held
-at most until the next write or the end of the event loop's turn, never reordered, never past
-a close, never a buffer the writer may reuse; through a real uvicorn, a streamed answer's head
-still arrives before its slow body, and HEAD, 100-continue and pipelined answers are whole."""
+"""An answer's head goes out with its body in one send (``_CoalescingTransport`` in
+guard.edge.protocol): held at most until the next write, the end of the event loop's turn or
+the end of its answer; never reordered, never lost to a close that bypasses it, never a buffer
+the writer may reuse, nothing after a refusal's FIN. Through a real uvicorn: a streamed
+answer's head arrives before its body; HEAD, 100-continue and pipelined answers are whole."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +19,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.edge import protocol
-from guard.edge.protocol import HELD_BELOW, _Coalescing
+from guard.edge.protocol import HELD_BELOW, _CoalescingTransport
 from tests.servers import ServerThread, read_request_body
 from tests.unit.edge.test_protocol import ADMIN, Servers, connect
 
@@ -44,9 +48,9 @@ class Recording(asyncio.Transport):
         self.closing = True
 
 
-def coalescing() -> tuple[_Coalescing, Recording]:
+def coalescing() -> tuple[_CoalescingTransport, Recording]:
     transport = Recording()
-    return _Coalescing(transport, asyncio.get_running_loop()), transport
+    return _CoalescingTransport(transport, asyncio.get_running_loop()), transport
 
 
 def test_a_head_goes_out_with_the_body_that_follows_it() -> None:
@@ -126,11 +130,13 @@ async def _test_a_held_buffer_is_copied_and_nothing_is_written_once_closing() ->
 
 # Through a real uvicorn serving the gateway.
 
-STREAM_PAUSE = 1.0  # seconds the fake MLflow waits before the body of a streamed answer
+HEAD_READ = threading.Event()  # set by the test once a streamed answer's head has arrived
+BODY_WAIT = 10.0  # seconds the fake MLflow waits for that before sending the body anyway
 
 
 async def streaming_mlflow(scope: Scope, receive: Receive, send: Send) -> None:
-    """Content-Length answers, but runs/get: its head at once, its body a while later."""
+    """Content-Length answers, but runs/get: its head at once, its body once the client has
+    read the head (HEAD_READ), or after BODY_WAIT if it never does."""
     if scope["type"] != "http":
         return
     await read_request_body(receive)
@@ -142,7 +148,9 @@ async def streaming_mlflow(scope: Scope, receive: Receive, send: Send) -> None:
         return
     headers = [(b"content-type", b"application/json")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await asyncio.sleep(STREAM_PAUSE)
+    deadline = time.monotonic() + BODY_WAIT
+    while not HEAD_READ.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     await send({"type": "http.response.body", "body": b'{"run": ', "more_body": True})
     await send({"type": "http.response.body", "body": b"{}}"})
 
@@ -173,15 +181,16 @@ def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
     return data
 
 
-def test_a_streamed_answers_head_arrives_before_its_slow_body(gateway: int) -> None:
+def test_a_streamed_answers_head_arrives_before_its_body(gateway: int) -> None:
+    HEAD_READ.clear()
     with connect(gateway) as sock:
-        started = time.monotonic()
+        sock.settimeout(BODY_WAIT * 2)
         sock.sendall(request("GET", "/api/2.0/mlflow/runs/get?run_id=r1"))
-        head = read_until(sock, b"\r\n\r\n")
-        assert time.monotonic() - started < STREAM_PAUSE * 0.8, "the head waited for the body"
+        head = read_until(sock, b"\r\n\r\n")  # (a head held for its body: the body's wait)
+        assert b'{"run": ' not in head, "the head waited for the body"
+        HEAD_READ.set()
         assert head.startswith(b"HTTP/1.1 200 ")
         answer = read_until(sock, b"0\r\n\r\n", head)
-        assert b'{"run": ' in answer and b"{}}" in answer
         assert answer.index(b'{"run": ') < answer.index(b"{}}")
 
 
@@ -218,14 +227,14 @@ def test_every_answer_of_the_gateway_goes_through_it(
 ) -> None:
     """The coalescing transport is the one answers are written to (not uvicorn's own)."""
     joined: list[list[bytes]] = []
-    original = protocol._Coalescing.write
+    original = protocol._CoalescingTransport.write
 
-    def write(self: _Coalescing, data: Any) -> None:
+    def write(self: _CoalescingTransport, data: Any) -> None:
         if self.held is not None and b"x-request-id:" in self.held:  # (not the fake MLflow's)
             joined.append([self.held, bytes(data)])
         original(self, data)
 
-    monkeypatch.setattr(protocol._Coalescing, "write", write)
+    monkeypatch.setattr(protocol._CoalescingTransport, "write", write)
     target = "/api/2.0/mlflow/experiments/get?experiment_id=1"
     with connect(gateway) as sock:
         sock.sendall(request("GET", target))
@@ -234,3 +243,141 @@ def test_every_answer_of_the_gateway_goes_through_it(
     head, body = joined[0]
     assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
     assert body == EXPERIMENT
+
+
+# Found by review: nothing held may be lost or reordered by what bypasses this transport.
+
+
+class Plain(ServerThread):
+    """uvicorn with the gateway's protocol serving ``app`` (no gateway in front)."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app, lifespan="off")
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+SHUTTING: list[ServerThread] = []
+
+
+async def shut_down_after(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers, then closes every connection as uvicorn's graceful shutdown does, in the same
+    step: what happens when the shutdown lands in the turn an answer completes."""
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+    if scope["path"] == "/chunked":  # its end written a turn after the rest
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b""})
+    elif scope["path"] == "/head":  # a HEAD's answer: the head, then an empty body
+        await send(start)
+        await send({"type": "http.response.body", "body": b""})
+    else:  # as the proxy relays MLflow: the head, the body a turn later
+        await send(start)
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"hello"})
+    for connection in list(SHUTTING[0].server.server_state.connections):
+        connection.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "ending"),
+    [
+        ("GET", "/chunked", b"0\r\n\r\n"),
+        ("GET", "/plain", b"hello"),
+        ("HEAD", "/head", b"\r\n\r\n"),
+    ],
+)
+def test_an_answer_is_whole_when_a_shutdown_closes_its_connection(
+    method: str, path: str, ending: bytes
+) -> None:
+    with Plain(shut_down_after) as served, connect(served.port) as sock:
+        SHUTTING[:] = [served]
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        raw = read_all(sock)
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(ending), raw
+
+
+async def slow_get_then_post(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["method"] == "GET":  # the body comes later; meanwhile a broken chunk arrives
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"5")]})  # fmt: skip
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_refusal_after_a_pipelined_answer_follows_it_whole() -> None:
+    with Plain(slow_get_then_post) as served, connect(served.port) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n")  # fmt: skip
+        time.sleep(0.05)
+        sock.sendall(b"zz\r\n\r\n")  # a broken chunk: refused with 400
+        raw = read_all(sock)
+    first, _, _ = raw.partition(b"HTTP/1.1 400 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\nhello"), raw
+    assert b"HTTP/1.1 400 " in raw
+
+
+RECEIVED: list[Any] = []
+
+
+async def busy_then_read(scope: Scope, receive: Receive, send: Send) -> None:
+    time.sleep(0.3)  # (blocking the loop) the client's broken chunk arrives meanwhile
+    try:
+        RECEIVED.append(await receive())  # would send "100 Continue"
+    except RuntimeError as exc:
+        RECEIVED.append(exc)
+
+
+def test_no_interim_answer_after_a_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    RECEIVED.clear()
+    with Plain(busy_then_read) as served, connect(served.port) as sock:
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        time.sleep(0.1)
+        sock.sendall(b"zz\r\n\r\n")
+        raw = read_all(sock)
+        deadline = time.monotonic() + 10
+        while not RECEIVED and time.monotonic() < deadline:
+            time.sleep(0.02)
+    final = raw.index(b"HTTP/1.1 400 ")  # (an interim answer before it is fine)
+    assert b"100 Continue" not in raw[final:], raw
+    assert RECEIVED == [{"type": "http.disconnect"}]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def wait_then_read(scope: Scope, receive: Receive, send: Send) -> None:
+    await asyncio.sleep(0.4)  # (checking who is calling) the broken chunk is refused meanwhile
+    try:
+        RECEIVED.append(await receive())  # would send "100 Continue" after the refusal's FIN
+    except RuntimeError as exc:
+        RECEIVED.append(exc)
+
+
+def test_nothing_is_written_after_a_refusals_fin(caplog: pytest.LogCaptureFixture) -> None:
+    RECEIVED.clear()
+    with Plain(wait_then_read) as served, connect(served.port) as sock:
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        time.sleep(0.1)
+        sock.sendall(b"zz\r\n\r\n")
+        raw = read_all(sock)
+        deadline = time.monotonic() + 10
+        while not RECEIVED and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # (a flush scheduled by a late write would have run)
+    assert raw.startswith(b"HTTP/1.1 400 ") and b"100 Continue" not in raw, raw
+    assert RECEIVED == [{"type": "http.disconnect"}]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

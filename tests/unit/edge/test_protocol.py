@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import socket
 import threading
 import time
@@ -74,9 +75,12 @@ def test_uvicorn_internals_the_protocol_overrides_still_exist() -> None:
     assert "self.pipeline.appendleft" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
     assert "self._start_asgi_task(" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
     assert "self.pipeline.pop()" in inspect.getsource(HttpToolsProtocol.on_response_complete)
-    # A cycle sends on self.transport and closes it when not keep-alive.
+    # A cycle sends on self.transport and closes it when not keep-alive; it asks nothing else
+    # of it (the gateway hands it a transport of its own: _CoalescingTransport).
     send = inspect.getsource(RequestResponseCycle.send)
     assert "self.transport.close()" in send and "if self.disconnected:" in send
+    used = set(re.findall(r"self\.transport\.(\w+)", inspect.getsource(RequestResponseCycle)))
+    assert used == {"write", "close", "is_closing"}, used
     assert "ws_protocol_class is None" in inspect.getsource(HttpToolsProtocol._should_upgrade_to_ws)
 
 
