@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import itertools
 import json
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -57,30 +58,58 @@ def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     return row
 
 
-def _driver_insert(
-    dialect: Dialect,
-) -> tuple[str, Callable[[dict[str, Any]], list[Any]], list[tuple[int, Any]]] | None:
-    """On SQLite, the audit table's INSERT as the driver takes it: its SQL, a row's values in
-    the order it names them, and the conversions the dialect does (by position). Handed the
-    rows of a batch directly, it takes a third less CPU per record than the Core statement,
-    whose per-row parameter handling is most of what shipping costs there. Other databases
-    keep the Core statement (on PostgreSQL it batches rows into one multi-row INSERT)."""
-    if dialect.name != "sqlite" or dialect.paramstyle != "qmark":
-        return None
-    columns = [c for c in audit_records.c if not c.primary_key]
-    names = [c.name for c in columns]
-    statement = audit_records.insert().values({name: sa.bindparam(name) for name in names})
-    compiled = statement.compile(dialect=dialect)
-    if list(compiled.positiontup or ()) != names:  # (SQLAlchemy orders them as the table does)
-        return None
-    getter = operator.itemgetter(*names)
-    # SQLite's DATETIME text for ``time``: the text time filters compare with.
-    conversions = [
-        (index, convert)
-        for index, c in enumerate(columns)
-        if (convert := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
-    ]
-    return str(compiled), lambda row: list(getter(row)), conversions
+# Rows per INSERT on SQLite: the driver releases the GIL around each statement it steps, and
+# every hand-back makes the event loop's thread wait for it; one statement per 64 rows rather
+# than one per row took ~7% off the gateway's CPU per request at c=32.
+ROWS_PER_STATEMENT: Final = 64
+
+
+class _SqliteInsert:
+    """On SQLite, a batch's rows handed to the driver: the INSERT compiled once from the Core
+    statement, each row's values taken in its column order with the conversions the dialect
+    does (SQLite's DATETIME text for ``time``: the text time filters compare with), several
+    rows per statement. A third less CPU per record than the Core statement, whose per-row
+    parameter handling is most of what shipping costs there. Other databases keep the Core
+    statement (on PostgreSQL it batches rows into multi-row INSERTs itself)."""
+
+    @classmethod
+    def of(cls, dialect: Dialect) -> _SqliteInsert | None:
+        if dialect.name != "sqlite" or dialect.paramstyle != "qmark":
+            return None
+        columns = [c for c in audit_records.c if not c.primary_key]
+        names = [c.name for c in columns]
+        statement = audit_records.insert().values({name: sa.bindparam(name) for name in names})
+        compiled = statement.compile(dialect=dialect)
+        if list(compiled.positiontup or ()) != names:  # (it orders them as the table does)
+            return None
+        conversions: list[tuple[int, Callable[[Any], Any]]] = [
+            (index, convert)
+            for index, c in enumerate(columns)
+            if (convert := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        return cls(str(compiled), operator.itemgetter(*names), conversions)
+
+    def __init__(
+        self, sql: str, values: Callable[[dict[str, Any]], tuple[Any, ...]],
+        conversions: list[tuple[int, Callable[[Any], Any]]],
+    ) -> None:  # fmt: skip
+        self._head, _, self._row = sql.partition(" VALUES ")
+        self._values = values
+        self._conversions = conversions
+        self._full = self._sql(ROWS_PER_STATEMENT)
+
+    def _sql(self, rows: int) -> str:
+        return f"{self._head} VALUES {', '.join([self._row] * rows)}"
+
+    def execute(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        values = [list(self._values(row)) for row in rows]
+        for index, convert in self._conversions:
+            for one in values:
+                one[index] = convert(one[index])
+        for start in range(0, len(values), ROWS_PER_STATEMENT):
+            chunk = values[start : start + ROWS_PER_STATEMENT]
+            sql = self._full if len(chunk) == ROWS_PER_STATEMENT else self._sql(len(chunk))
+            conn.exec_driver_sql(sql, tuple(itertools.chain.from_iterable(chunk)))
 
 
 def column_value(name: str, value: Any) -> Any:
@@ -117,7 +146,7 @@ class Filters:
 class AuditStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._insert = _driver_insert(engine.dialect)
+        self._insert = _SqliteInsert.of(engine.dialect)
 
     def max_seq(self, writer: str) -> int:
         """The newest sequence number stored for ``writer`` (0 if none)."""
@@ -154,12 +183,7 @@ class AuditStore:
             if self._insert is None:
                 conn.execute(audit_records.insert(), rows)
             else:
-                sql, values, conversions = self._insert
-                converted = [values(row) for row in rows]
-                for index, convert in conversions:
-                    for one in converted:
-                        one[index] = convert(one[index])
-                conn.exec_driver_sql(sql, list(map(tuple, converted)))
+                self._insert.execute(conn, rows)
             if key is None:
                 return
             now = dt.datetime.now(dt.UTC)

@@ -5,14 +5,16 @@ both alike; the writer's head row moves forward only."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from guard.audit.chain import Head, derive_key
-from guard.audit.store import AuditStore, Filters
+from guard.audit.store import ROWS_PER_STATEMENT, AuditStore, Filters
 from guard.store.db import audit_heads, audit_records, build_engine, migrate
 
 KEY = derive_key(b"s" * 40, "audit-chain")
@@ -53,29 +55,50 @@ def stored(engine: Engine) -> list[tuple[Any, ...]]:
         )]  # fmt: skip
 
 
-def test_the_lean_insert_stores_what_the_core_statement_stores(tmp_path: Path) -> None:
-    records, lines = sealed(BODIES)
+@pytest.fixture
+def lean_and_core(tmp_path: Path) -> Iterator[tuple[AuditStore, AuditStore]]:
+    """Two SQLite stores: one as the gateway has it (the lean INSERT), one with the Core
+    statement other databases use."""
     engines = [build_engine(f"sqlite:///{tmp_path / name}.db") for name in ("lean", "core")]
-    try:
-        for engine in engines:
-            migrate(engine)
-        lean, core = AuditStore(engines[0]), AuditStore(engines[1])
-        assert lean._insert is not None  # the lean path is what this compares
-        core._insert = None  # the Core statement, as other databases use it
-        lean.insert(records, KEY, lines)
-        core.insert(records, KEY, lines)
-        rows = stored(engines[0])
-        assert len(rows) == len(BODIES)
-        assert rows == stored(engines[1])
-        # The time is stored as SQLAlchemy stores it, so time filters compare alike (the
-        # second record's 11:15:07.000001+01:00 is before this; the first is at it).
-        since = dt.datetime(2026, 12, 5, 10, 15, 7, 708143, tzinfo=dt.UTC)
-        for store in (lean, core):
-            found = [r["seq"] for _, r in store.query(Filters(since=since), limit=10)]
-            assert found == [1, 4]
-    finally:
-        for engine in engines:
-            engine.dispose()
+    for engine in engines:
+        migrate(engine)
+    lean, core = AuditStore(engines[0]), AuditStore(engines[1])
+    assert lean._insert is not None  # the lean path is what this compares
+    core._insert = None
+    yield lean, core
+    for engine in engines:
+        engine.dispose()
+
+
+def test_the_lean_insert_stores_what_the_core_statement_stores(
+    lean_and_core: tuple[AuditStore, AuditStore],
+) -> None:
+    records, lines = sealed(BODIES)
+    for store in lean_and_core:
+        store.insert(records, KEY, lines)
+    rows = stored(lean_and_core[0].engine)
+    assert len(rows) == len(BODIES)
+    assert rows == stored(lean_and_core[1].engine)
+    # The time is stored as SQLAlchemy stores it, so time filters compare alike (the second
+    # record's 11:15:07.000001+01:00 is before this; the first is at it).
+    since = dt.datetime(2026, 12, 5, 10, 15, 7, 708143, tzinfo=dt.UTC)
+    for store in lean_and_core:
+        assert [r["seq"] for _, r in store.query(Filters(since=since), limit=10)] == [1, 4]
+
+
+@pytest.mark.parametrize(
+    "count", [ROWS_PER_STATEMENT - 1, ROWS_PER_STATEMENT, 2 * ROWS_PER_STATEMENT + 3]
+)
+def test_batches_of_several_statements_store_every_row_in_order(
+    lean_and_core: tuple[AuditStore, AuditStore], count: int
+) -> None:
+    records, lines = sealed([dict(BODIES[n % len(BODIES)], n=n) for n in range(count)])
+    for store in lean_and_core:
+        store.insert(records, KEY, lines)
+    rows = stored(lean_and_core[0].engine)
+    assert [row[1] for row in rows] == list(range(1, count + 1))
+    assert rows == stored(lean_and_core[1].engine)
+    assert [r for _, r in lean_and_core[0].query(Filters(), limit=count)] == records
 
 
 def test_stored_rows_read_back_and_filter_on_either_database(engine: Engine) -> None:
