@@ -21,6 +21,7 @@ from guard.authz.engine import EMPTY, Decision, PolicyIndex
 from guard.authz.policy import PolicyError
 from guard.authz.store import PolicyStore
 from guard.authz.workspaces import problems as workspace_problems
+from guard.store.polling import Poller
 
 logger = logging.getLogger("guard.authz")
 
@@ -35,7 +36,12 @@ class PolicyRuntime:
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
         self._rejected: list[str] = []  # the problems of the last policy refused
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(
+            self.refresh, poll_interval, logger,
+            failing=lambda error: f"policy poll failed ({error}); keeping version "
+            f"{self.index.version}",
+            recovered="policy store reachable again",
+        )  # fmt: skip
         self._pending: asyncio.Future[None] | None = None
         self._last_check = 0.0  # when the newest version check began
         self._last_done = 0.0  # when the newest finished check began
@@ -50,13 +56,10 @@ class PolicyRuntime:
         await self.refresh()
         if self.index is EMPTY and self._rejected:
             raise PolicyError(["the stored policy cannot be enforced", *self._rejected])
-        self._task = asyncio.ensure_future(self._follow())
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._poller.stop()
 
     async def refresh_soon(self, since: float | None = None, key: str = "") -> bool:
         """Before a refusal: make sure the stored policy version was read after ``since`` (the
@@ -128,20 +131,3 @@ class PolicyRuntime:
         if problems := workspace_problems(policy, self.store.workspaces):
             raise PolicyError(problems)
         return PolicyIndex(policy, version)
-
-    async def _follow(self) -> None:
-        failing = False  # one line per failed poll, a traceback never (it is always the same)
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.refresh()
-            except sa.exc.SQLAlchemyError as exc:
-                logger.warning(
-                    "policy poll failed (%s); keeping version %d",
-                    type(exc).__name__, self.index.version,
-                )  # fmt: skip
-                failing = True
-            else:
-                if failing:
-                    logger.warning("policy store reachable again")
-                failing = False

@@ -16,8 +16,6 @@ a time, so the work per tick is bounded whatever piled up).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import Final
@@ -26,6 +24,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 
 from guard.identity.sessions import SessionStore, UserBlocks
+from guard.store.polling import Poller
 
 logger = logging.getLogger("guard.sessions")
 
@@ -53,7 +52,12 @@ class BlockedSubjects:
         self.prune_every = prune_every
         self.subjects: frozenset[str] = frozenset()
         self._pruned_at: float | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(
+            self._poll, poll_interval, logger,
+            failing=lambda error: f"reading user blocks failed ({error}); keeping "
+            f"{len(self.subjects)} blocked subjects",
+            recovered="user blocks readable again",
+        )  # fmt: skip
 
     def __contains__(self, subject: object) -> bool:
         return isinstance(subject, str) and blockable(subject) and subject in self.subjects
@@ -64,13 +68,15 @@ class BlockedSubjects:
     async def start(self) -> None:
         await self.refresh()
         await self._prune()
-        self._task = asyncio.ensure_future(self._follow())
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._poller.stop()
+
+    async def _poll(self) -> None:
+        await self.refresh()
+        if self._pruned_at is None or time.monotonic() - self._pruned_at >= self.prune_every:
+            await self._prune()
 
     async def _prune(self) -> None:
         if self.sessions is None:
@@ -83,23 +89,3 @@ class BlockedSubjects:
             return
         if count:
             logger.info("pruned %d ended sessions", count)
-
-    async def _follow(self) -> None:
-        failing = False  # one line per outage, not one per poll
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.refresh()
-            except sa.exc.SQLAlchemyError as exc:
-                if not failing:
-                    logger.warning(
-                        "reading user blocks failed (%s); keeping %d blocked subjects",
-                        type(exc).__name__, len(self.subjects),
-                    )  # fmt: skip
-                failing = True
-                continue
-            if failing:
-                logger.warning("user blocks readable again")
-            failing = False
-            if self._pruned_at is None or time.monotonic() - self._pruned_at >= self.prune_every:
-                await self._prune()

@@ -21,7 +21,6 @@ poll sees the revocation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -34,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from guard.store.db import revocation_state
+from guard.store.polling import Poller
 
 logger = logging.getLogger("guard.revocations")
 
@@ -85,7 +85,12 @@ class Revocations(Counter):
         self.poll_interval = poll_interval
         self._listeners: list[Listener] = []
         self._owed = False  # a listener failed after the last move: call them all again
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(
+            self.refresh, poll_interval, logger,
+            failing=lambda error: f"reading the revocation counter failed ({error}); cached "
+            "credentials are trusted for their cache time only",
+            recovered="revocation counter readable again",
+        )  # fmt: skip
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -104,31 +109,10 @@ class Revocations(Counter):
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.ensure_future(self._follow())
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        failing = False  # one line per outage, not one per poll
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.refresh()
-            except sa.exc.SQLAlchemyError as exc:
-                if not failing:
-                    logger.warning(
-                        "reading the revocation counter failed (%s); cached credentials are "
-                        "trusted for their cache time only", type(exc).__name__,
-                    )  # fmt: skip
-                failing = True
-                continue
-            if failing:
-                logger.warning("revocation counter readable again")
-            failing = False
+        await self._poller.stop()
 
 
 class RevocableCache(Generic[K, V]):
