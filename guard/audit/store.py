@@ -47,10 +47,8 @@ def row_of(record: dict[str, Any], line: str | None = None) -> dict[str, Any]:
     """The row of a record; ``line``: its canonical JSON, as the spool holds it."""
     row = {name: record.get(name) or default for name, default in COLUMNS.items()}
     row["resource"] = str(row["resource"])
-    for name, size in _SIZES.items():  # column_value, inline (the shipper's per-record cost)
-        value = row[name]
-        if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
-            row[name] = _fitted(value, size)
+    for name in _SIZES:
+        row[name] = column_value(name, row[name])
     row["writer"] = record["writer"]
     row["seq"] = record["seq"]
     row["time"] = parse_time(record["time"])
@@ -120,12 +118,9 @@ def column_value(name: str, value: Any) -> Any:
     value."""
     size = _SIZES[name]
     if isinstance(value, str) and (len(value) > size or not value.isascii() or "\x00" in value):
-        return _fitted(value, size)
+        value = value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+        return value[:size]
     return value
-
-
-def _fitted(value: str, size: int) -> str:
-    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()[:size]
 
 
 @dataclass(frozen=True)
