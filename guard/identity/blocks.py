@@ -47,7 +47,6 @@ class BlockedSubjects:
         prune_every: float = PRUNE_EVERY,
     ) -> None:
         self.blocks = blocks
-        self.poll_interval = poll_interval
         self.sessions = sessions
         self.prune_every = prune_every
         self.subjects: frozenset[str] = frozenset()

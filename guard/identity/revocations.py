@@ -82,7 +82,6 @@ class Revocations(Counter):
     def __init__(self, engine: Engine, poll_interval: float = POLL_INTERVAL) -> None:
         super().__init__()
         self.engine = engine
-        self.poll_interval = poll_interval
         self._listeners: list[Listener] = []
         self._owed = False  # a listener failed after the last move: call them all again
         self._poller = Poller(
