@@ -4,7 +4,8 @@ generator, and the figures each module reports for ``python -m bench.summary``.
 Processes: ``spawn`` starts one in its own session and registers its stop (SIGTERM to its
 process group by pid, SIGKILL after 15 s) on an ExitStack; everything listens on 127.0.0.1.
 ``start_mlflow`` (a lean MLflow: SQLite, one worker, no job execution), ``start_noop``
-(bench/noop.py, to show the gateway's own cost) and ``start_gateway`` build on it.
+(bench/noop.py, to show the gateway's own cost), ``start_hop`` (bench/hop.py: the floor, a hop
+with no layers) and ``start_gateway`` build on it.
 
 Load: ``load`` runs a request mix over keep-alive connections at a concurrency for a number of
 seconds (and at most MAX_REQUESTS_PER_RUN requests), after one warm-up request per connection,
@@ -157,6 +158,21 @@ def start_noop(stack: ExitStack, home: Path) -> str:
     url = f"http://127.0.0.1:{port}"
     wait_for(url + "/health", proc)
     return url
+
+
+def start_hop(stack: ExitStack, home: Path, upstream: str) -> tuple[str, ProcessTree]:
+    """bench/hop.py (a hop and nothing else) in front of ``upstream``: its URL and process."""
+    port = free_port()
+    proc = spawn(
+        stack,
+        [sys.executable, "-m", "uvicorn", "bench.hop:app", "--host", "127.0.0.1", "--port",
+         str(port), "--no-access-log", "--log-level", "warning"],
+        clean_env(PYTHONPATH=str(ROOT), UPSTREAM=upstream),
+        home / f"hop-{port}.log",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(url + "/health", proc)
+    return url, ProcessTree(psutil.Process(proc.pid))
 
 
 def start_gateway(

@@ -8,12 +8,15 @@
    MLflow and through the gateway, ``--repeats`` pairs of runs per level at c=1, 8 and 32, the
    two taking turns going first. Printed per level: throughput, the gateway/direct ratio, the
    added p50 and p99 latency, and the added p50 of reads and of writes apart (a read's intent
-   fsync overlaps MLflow's work; a write's comes before forwarding).
+   fsync overlaps MLflow's work; a write's comes before forwarding). The hop alone
+   (bench/hop.py: the gateway's upstream client behind uvicorn, no layers) runs the same mix in
+   the same rounds: the floor, what any gateway written this way costs before it decides or
+   records anything.
 2. The gateway's own cost: two gateways in front of a no-op upstream (bench/noop.py), one
    with everything on, one with the audit trail off, the same keep-alive runs/get against
    each, interleaved, at each level; printed: the gateway's CPU per request (its process tree's
-   CPU time over the run / requests answered). These rows are the gateway's own cost, not a
-   comparison with a direct upstream.
+   CPU time over the run / requests answered), and the hop alone's beside them. These rows
+   are the gateway's own cost, not a comparison with a direct upstream.
 
 Each figure is the median of the runs, with its spread (min..max over them); ratios and added
 latencies are computed per pair of runs. ``--admin`` also runs section 1 with the bootstrap
@@ -61,6 +64,7 @@ from bench.common import (  # re-exported: /tmp tools and older scripts import t
     run_load,
     spread,
     start_gateway,
+    start_hop,
     start_mlflow,
     start_noop,
 )
@@ -91,38 +95,47 @@ def added(pairs: list[tuple[Run, Run]], q: float, kind: str = "") -> list[float]
 
 def versus_direct(
     title: str, direct: str, via: str, gateway: ProcessTree, mix: list[Request],
-    levels: list[int], repeats: int, seconds: float, authorization: str,
-) -> dict[int, list[tuple[Run, Run]]]:  # fmt: skip
-    """Pairs of runs (direct, gateway) per level, interleaved; prints a row per level."""
+    levels: list[int], repeats: int, seconds: float, authorization: str, hop: str | None = None,
+) -> dict[int, list[tuple[Run, Run, Run | None]]]:  # fmt: skip
+    """Runs (direct, gateway, and the hop alone if ``hop`` is given) per level, interleaved;
+    prints a row per level."""
     print(f"\n== {title}: {repeats} interleaved pairs of {seconds:g} s runs per level; "
           "median (min..max) ==")  # fmt: skip
     print(f"{'c':>3} {'direct rps':>10} {'gateway rps':>11} {'ratio':>19} {'+p50 ms':>8} "
           f"{'+p99 ms':>8} {'gw cpu/req ms':>13} {'+p50 reads ms':>21} {'+p50 writes ms':>21} "
-          f"{'errors':>6}")  # fmt: skip
+          f"{'hop alone ratio':>19} {'hop +p50 ms':>11} {'errors':>6}")  # fmt: skip
     results = {}
+    names = ["direct", "gateway", "hop"] if hop else ["direct", "gateway"]
     for c in levels:
-        pairs = []
+        runs = []
         for r in range(repeats):
-            got = {}
-            for name in rotated(["direct", "gateway"], r):
+            got: dict[str, Run] = {}
+            for name in rotated(names, r):
                 if name == "direct":
                     got[name] = run_load(direct, mix, c, seconds)
+                elif name == "hop":
+                    got[name] = run_load(hop or "", mix, c, seconds, authorization)
                 else:
                     got[name] = run_load(via, mix, c, seconds, authorization, gateway)
-            pairs.append((got["direct"], got["gateway"]))
-        results[c] = pairs
-        errors = sum(d.errors + g.errors for d, g in pairs)
+            runs.append((got["direct"], got["gateway"], got.get("hop")))
+        results[c] = runs
+        pairs = [(d, g) for d, g, _ in runs]
+        hops = [(d, h) for d, _, h in runs if h is not None]
+        errors = sum(d.errors + g.errors + (h.errors if h else 0) for d, g, h in runs)
         if errors:
             print(f"    {errors} non-200 answers: the row below measures refusals, not work")
         by_kind = [spread(added(pairs, 0.5, kind), 2) if any(kind in g.kinds for _, g in pairs)
                    else "-" for kind in ("read", "write")]  # fmt: skip
+        hop_ratio = spread([h.rps / d.rps for d, h in hops]) if hops else "-"
+        hop_p50 = f"{statistics.median(added(hops, 0.5)):.2f}" if hops else "-"
         print(f"{c:>3} {statistics.median(d.rps for d, _ in pairs):>10.1f} "
               f"{statistics.median(g.rps for _, g in pairs):>11.1f} "
               f"{spread([g.rps / d.rps for d, g in pairs]):>19} "
               f"{statistics.median(added(pairs, 0.5)):>8.2f} "
               f"{statistics.median(added(pairs, 0.99)):>8.2f} "
               f"{statistics.median(g.cpu_ms for _, g in pairs):>13.3f} "
-              f"{by_kind[0]:>21} {by_kind[1]:>21} {errors:>6}", flush=True)  # fmt: skip
+              f"{by_kind[0]:>21} {by_kind[1]:>21} {hop_ratio:>19} {hop_p50:>11} "
+              f"{errors:>6}", flush=True)  # fmt: skip
     return results
 
 
@@ -155,16 +168,22 @@ def own_cost(
 
 
 def report_mlflow(
-    report: Report, label: str, results: dict[int, list[tuple[Run, Run]]], targets: bool
-) -> None:
-    for c, pairs in results.items():
-        errors = sum(d.errors + g.errors for d, g in pairs)
+    report: Report, label: str, results: dict[int, list[tuple[Run, Run, Run | None]]],
+    targets: bool,
+) -> None:  # fmt: skip
+    for c, runs in results.items():
+        errors = sum(d.errors + g.errors for d, g, _ in runs)
         report.add(Figure(f"{label} gateway/direct rps, c={c}",
-                          [g.rps / d.rps for d, g in pairs], "x",
+                          [g.rps / d.rps for d, g, _ in runs], "x",
                           TARGET_RATIO if targets else None,
                           note=f"{errors} non-200 answers" if errors else ""))  # fmt: skip
+    for c, runs in results.items():
+        if hops := [(d, h) for d, _, h in runs if h is not None]:
+            report.add(Figure(f"{label} hop alone/direct rps, c={c}",
+                              [h.rps / d.rps for d, h in hops], "x",
+                              note="the floor: bench/hop.py, no layers"))  # fmt: skip
     if 1 in results:
-        pairs = results[1]
+        pairs = [(d, g) for d, g, _ in results[1]]
         report.add(Figure(f"{label} added p50 reads, c=1", added(pairs, 0.5, "read"), "ms",
                           TARGET_READ_MS if targets else None, at_least=False))  # fmt: skip
         report.add(Figure(f"{label} added p50 writes, c=1", added(pairs, 0.5, "write"), "ms",
@@ -199,13 +218,14 @@ def main() -> int:
                 (home / "mlflow").mkdir()
                 mlflow = start_mlflow(stack, home / "mlflow")
                 via, gateway = start_gateway(stack, home / "gw", mlflow)
+                hop, _ = start_hop(stack, home / "mlflow", mlflow)
                 mix = mlflow_mix(via)
                 token = non_admin(home / "gw", args.policy_rows)
                 time.sleep(2.5)  # the gateway picks the new policy up (authz.poll_interval)
                 title = (f"MLflow, everything on, a non-admin editor among {args.policy_rows} "
                          "policy rows")  # fmt: skip
                 results = versus_direct(title, mlflow, via, gateway, mix, levels, args.repeats,
-                                        args.seconds, bearer(token))  # fmt: skip
+                                        args.seconds, bearer(token), hop)  # fmt: skip
                 report_mlflow(report, "MLflow, all on:", results, targets=True)
                 if args.admin:
                     results = versus_direct("MLflow, everything on, the admin token", mlflow,
@@ -214,12 +234,13 @@ def main() -> int:
                     report_mlflow(report, "MLflow, admin:", results, targets=False)
         with ExitStack() as stack:
             print("\nstarting a no-op upstream and two gateways in front of it (everything on; "
-                  "audit off) ...", flush=True)  # fmt: skip
+                  "audit off), and the hop alone ...", flush=True)  # fmt: skip
             noop = start_noop(stack, home)
             gateways = {
                 "all on": start_gateway(stack, home / "noop-on", noop),
                 "audit off": start_gateway(stack, home / "noop-off", noop,
                                            MLFLOW_GUARD_AUDIT_ENABLED="false"),
+                "hop alone": start_hop(stack, home, noop),
             }  # fmt: skip
             costs = own_cost(gateways, levels, args.repeats, args.seconds)
         for c, runs in costs.items():
@@ -231,6 +252,10 @@ def main() -> int:
         for c, runs in costs.items():
             report.add(Figure(f"own CPU/request (no-op), audit off, c={c}",
                               [x.cpu_ms for x in runs["audit off"]], "ms"))  # fmt: skip
+        for c, runs in costs.items():
+            report.add(Figure(f"own CPU/request (no-op), hop alone, c={c}",
+                              [x.cpu_ms for x in runs["hop alone"]], "ms",
+                              note="the floor: bench/hop.py, no layers"))  # fmt: skip
     report.finish()
     return 0
 

@@ -146,3 +146,55 @@ def test_the_spool_rows_run_against_the_spool_as_it_is(
     run = asyncio.run(spool_run(tmp_path / "spool", 2, 10, 30.0, ship_to, reads=reads))
     # (the last outcomes of the two tasks may not be fsynced yet when the run is measured)
     assert 18 <= run.records <= 20 and run.commits >= 1 and len(run.latencies) == 10
+
+
+def test_the_hop_alone_forwards_a_request_and_relays_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bench/hop.py (the floor bench.proxy compares with): the method, target, body and the
+    upstream's own Host go up; the status, the headers but hop-by-hop ones, and the body come
+    back. (No process is started: an asyncio server answers in this one.)"""
+    import asyncio
+
+    import httpx
+
+    from bench import hop
+    from guard.upstream.client import UpstreamClient
+
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        seen.append(head + await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n"
+                     b"keep-alive: timeout=5\r\ncontent-length: 7\r\n\r\n{\"a\":1}")  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async def main() -> httpx.Response:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setattr(
+            hop, "client", UpstreamClient(f"http://127.0.0.1:{port}", hop.client.limits)
+        )
+        hop.client.open()
+        try:
+            transport = httpx.ASGITransport(app=hop.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                return await client.post("/api/2.0/mlflow/runs/create?x=1", content=b'{"b":2}',
+                                         headers={"content-type": "application/json"})  # fmt: skip
+        finally:
+            await hop.client.close()
+            server.close()
+            await server.wait_closed()
+
+    answer = asyncio.run(asyncio.wait_for(main(), 20))
+    assert answer.status_code == 201
+    assert answer.content == b'{"a":1}'
+    assert "keep-alive" not in answer.headers
+    (request,) = seen
+    assert request.startswith(b"POST /api/2.0/mlflow/runs/create?x=1 HTTP/1.1\r\n")
+    assert f"\r\nhost: {hop.client.host_header}\r\n".encode() in request.lower()
+    assert request.endswith(b'\r\n\r\n{"b":2}')
