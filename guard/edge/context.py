@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.edge.protocol import DETAIL_KEY, REFUSAL_KEY
+from guard.edge.requestid import new_request_id
 from guard.errors import Refusal, render, send_refusal
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def build_context(scope: Scope, trusted: tuple[Network, ...]) -> RequestContext:
         if ids := _header_values(headers, b"x-request-id"):
             request_id = ids[0] if _REQUEST_ID.fullmatch(ids[0]) else ""
     return RequestContext(
-        request_id=request_id or os.urandom(16).hex(),  # uuid4's randomness at a sixth the cost
+        request_id=request_id or new_request_id(),
         peer=peer,
         client=address,
         scheme=scheme,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, cast
 
@@ -43,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.server import ServerState
 
+from guard.edge.requestid import new_request_id
 from guard.errors import Refusal, render
 
 REFUSAL_KEY: Final = "guard.protocol_refusal"
@@ -382,7 +382,7 @@ class GuardHttpProtocol(HttpToolsProtocol):
         cycle.disconnected = True
         cycle.message_event.set()
         guard = scope.get("guard")
-        request_id = getattr(guard, "request_id", "") or uuid.uuid4().hex
+        request_id = getattr(guard, "request_id", "") or new_request_id()
         self.answers.write(self._encode(refusal, request_id))
         self._linger()
 
