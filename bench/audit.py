@@ -7,7 +7,9 @@
 2. The shipper: a spool holding a backlog is drained into SQLite and into a throwaway
    PostgreSQL (tests/conftest.py's cluster; skipped with a note if it cannot start); records/s
    from spool to table, at two backlog sizes (a rate that falls as the backlog grows means the
-   shipper's cost per record grows with it).
+   shipper's cost per record grows with it), then into a SQLite table already holding
+   ``--prefilled`` records (a gateway that has run a while: whether each index grows at its
+   end shows here; request ids are made as the gateway makes them).
 3. The gateway with the audit trail on and off: direct, gateway (audit on) and gateway (audit
    off) runs interleaved at c=8 with bench/proxy.py's request mix against real MLflow (and,
    with ``--noop``, against the no-op upstream, where the trail's own cost shows; bench.proxy
@@ -61,10 +63,11 @@ from bench.common import (
     start_mlflow,
     start_noop,
 )
-from guard.audit.chain import derive_key
+from guard.audit.chain import Head, derive_key
 from guard.audit.shipper import Shipper
 from guard.audit.spool import Spool
 from guard.audit.store import AuditStore
+from guard.edge.requestid import new_request_id
 from guard.settings import AuditSettings
 from guard.store.db import audit_records, build_engine, migrate
 
@@ -219,14 +222,37 @@ def bench_spool(root: Path, levels: list[int], count: int, max_seconds: float) -
 def fill_spool(directory: Path, count: int) -> None:
     spool = Spool(directory, KEY, segment_size=DEFAULTS.segment_size)
     spool.open()
+    request_id = ""
     for i in range(count):
         # An intent, then its outcome: no request is left open, so the next start recovers
-        # nothing (it would add an outcome_unknown record for each open intent).
-        body = record_body(i // 2)
+        # nothing (it would add an outcome_unknown record for each open intent). Request ids
+        # are made as the gateway makes them: how they sort decides where the table's index
+        # of them grows.
+        request_id = new_request_id() if i % 2 == 0 else request_id
+        body = record_body(i // 2) | {"request_id": request_id}
         if i % 2:
             body |= {"kind": "outcome", "status": 200}
         spool.append_nowait(body)
     spool.close()  # writes everything queued
+
+
+def prefill(uri: str, count: int) -> None:
+    """``count`` records of an earlier writer stored in the table at ``uri`` (a gateway that
+    has run a while), inserted as the shipper does, in batches."""
+    engine = build_engine(uri)
+    migrate(engine)
+    store = AuditStore(engine)
+    head = Head("gw-earlier")
+    batch: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for i in range(count):
+        line, record, head = head.seal_line(KEY, record_body(i) | {"request_id": new_request_id()})
+        batch.append(record)
+        lines.append(line.decode().rstrip("\n"))
+        if len(batch) == DEFAULTS.batch_size or i == count - 1:
+            store.insert(batch, KEY, lines)
+            batch, lines = [], []
+    engine.dispose()
 
 
 async def drain(
@@ -257,7 +283,7 @@ async def drain(
 
 
 def bench_shipper(
-    root: Path, backlogs: list[int], batch_size: int, max_seconds: float
+    root: Path, backlogs: list[int], batch_size: int, max_seconds: float, prefilled: int = 0
 ) -> dict[str, dict[int, float]]:
     print(f"\n== shipper: a backlog drained from the spool into the table, {batch_size} records "
           f"per transaction (audit.batch_size), at most {max_seconds:.0f} s each ==")  # fmt: skip
@@ -286,6 +312,20 @@ def bench_shipper(
                 print(f"{'':>10} records/s falls {rates[fewest] / rates[most]:.1f}x as the "
                       f"backlog grows {most / fewest:.0f}x: the cost per record grows with "
                       "it")  # fmt: skip
+    if prefilled:
+        # The same backlog into a table that already holds many records: where each index
+        # grows (at its end, or on a random page each time) decides the cost per record here.
+        backlog, uri = max(backlogs), f"sqlite:///{root}/ship-prefilled.db"
+        prefill(uri, prefilled)
+        directory = root / "ship-prefilled"
+        fill_spool(directory, backlog)
+        in_table, seconds = asyncio.run(drain(directory, uri, batch_size, max_seconds))
+        stored = in_table - prefilled
+        name = f"sqlite holding {prefilled}"
+        results[name] = {backlog: stored / seconds}
+        print(f"{'sqlite':>10} {backlog:>8} {stored:>8} {seconds:>8.2f} "
+              f"{stored / seconds:>10.0f}  (into a table holding {prefilled} records)",
+              flush=True)  # fmt: skip
     return results
 
 
@@ -481,6 +521,8 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=20000, help="records per spool run")
     parser.add_argument("--tasks", default="1,8,64", help="concurrent appenders per spool run")
     parser.add_argument("--backlogs", default="5000,20000", help="records the shipper drains")
+    parser.add_argument("--prefilled", type=int, default=300000,
+                        help="records the table holds before the last shipper row")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each gateway run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -492,6 +534,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.records, args.backlogs = min(args.records, 2000), "500,2000"
+        args.prefilled = min(args.prefilled, 20000)
         args.seconds, args.repeats = min(args.seconds, 1.0), min(args.repeats, 2)
     limit = 60.0 if not args.quick else 15.0  # seconds any one spool or shipper run may take
     # A spool row's rate needs no more than this (1 appender waits for every fsync: at 4 ms
@@ -511,7 +554,7 @@ def main() -> int:
             for r in spool_runs
         }  # fmt: skip
         backlogs = [int(n) for n in args.backlogs.split(",")]
-        shipped = bench_shipper(home, backlogs, DEFAULTS.batch_size, limit)
+        shipped = bench_shipper(home, backlogs, DEFAULTS.batch_size, limit, args.prefilled)
         results["shipper"] = shipped
         gateway = bench_gateway(home, args.concurrency, args.repeats, args.seconds,
                                 not args.no_mlflow, args.noop)  # fmt: skip
