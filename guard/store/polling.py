@@ -5,7 +5,6 @@ made through any replica reaches all of them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -13,11 +12,14 @@ import sqlalchemy as sa
 
 
 class Poller:
-    """Calls ``poll`` every ``interval`` seconds, in a task of its own, from ``start`` until
-    ``stop``. While the database cannot be read, what was read last stays in use: ``logger``
-    says so once when the polls start failing (``failing`` words it, given the error's type)
-    and once when they work again (``recovered``), not once per poll. Any other error (a bug)
-    is said the same way, with its traceback, and polling goes on: it never stops silently."""
+    """Calls ``poll`` every ``interval`` seconds (from the start of one poll to the start of the
+    next, so a slow poll does not stretch the period), in a task of its own, from ``start``
+    until ``stop``. While the database cannot be read, what was read last stays in use:
+    ``logger`` says so once when the polls start failing (``failing`` words it, given the
+    error's type) and once when they work again (``recovered``), not once per poll. Any other
+    error (a bug) is said the same way, with its traceback, and polling goes on: it never stops
+    silently. A failure of another kind than the one last said (a bug during an outage) is said
+    too."""
 
     def __init__(
         self,
@@ -39,26 +41,36 @@ class Poller:
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # (a cancellation of the caller itself still reaches it)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.logger.error("polling ended by a bug", exc_info=error)
 
     async def _follow(self) -> None:
-        failing = False
+        loop = asyncio.get_running_loop()
+        failing = ""  # the kind of failure last said
+        due = loop.time() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = max(due + self.interval, loop.time())
             try:
                 await self.poll()
-            except Exception as exc:  # the database, or a bug (with its traceback): polled again
-                if not failing:
+            except (Exception, asyncio.CancelledError) as exc:  # polled again, but for stop()
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+                    raise
+                # The database, or a bug (said with its traceback), such as something the poll
+                # awaited cancelled by someone else.
+                if type(exc).__name__ != failing:
                     database = isinstance(exc, sa.exc.SQLAlchemyError)
                     self.logger.warning(
                         "%s", self.failing(type(exc).__name__), exc_info=not database
                     )
-                failing = True
+                failing = type(exc).__name__
                 continue
             if failing:
                 self.logger.warning("%s", self.recovered)
-            failing = False
+            failing = ""

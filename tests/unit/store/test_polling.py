@@ -4,7 +4,9 @@ when it starts and once when it ends, never once per poll; stopped, it polls no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -87,3 +89,99 @@ def test_stop_before_start_and_twice_is_fine() -> None:
         await poller.stop()
 
     asyncio.run(main())
+
+
+async def polled(poller: Poller, enough: Callable[[], bool]) -> None:
+    poller.start()
+    for _ in range(5000):  # (bounded: at most ~5 s)
+        if enough():
+            break
+        await asyncio.sleep(0.001)
+    await poller.stop()
+
+
+def test_a_failure_of_another_kind_is_said_too(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug that shows during an outage (or an outage during a bug) is said when it starts,
+    with its traceback: one flag for both would hide it for as long as it lasts."""
+    outcomes = ["down", "down", "bug", "bug", "down", None]
+    polls = 0
+
+    async def poll() -> None:
+        nonlocal polls
+        outcome = outcomes[min(polls, len(outcomes) - 1)]
+        polls += 1
+        if outcome == "down":
+            raise sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+        if outcome == "bug":
+            raise KeyError("grants")
+
+    poller = Poller(poll, 0.001, logger, failing=lambda e: f"down ({e})", recovered="back")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        asyncio.run(polled(poller, lambda: polls >= len(outcomes) + 2))
+    records = [r for r in caplog.records if r.name == logger.name]
+    assert [(r.getMessage(), bool(r.exc_info)) for r in records] == [
+        ("down (OperationalError)", False), ("down (KeyError)", True),
+        ("down (OperationalError)", False), ("back", False),
+    ]  # fmt: skip
+
+
+def test_a_cancellation_from_inside_a_poll_is_a_bug_and_polling_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only stop() ends the polling: a poll that awaited something another task cancelled
+    is said (with its traceback) and polled past."""
+    polls = 0
+
+    async def poll() -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled
+
+    poller = Poller(poll, 0.001, logger, failing=lambda e: f"down ({e})", recovered="back")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        asyncio.run(polled(poller, lambda: polls >= 5))
+    assert polls >= 5
+    records = [r for r in caplog.records if r.name == logger.name]
+    assert [r.getMessage() for r in records] == ["down (CancelledError)", "back"]
+    assert records[0].exc_info is not None
+
+
+def test_stop_leaves_the_callers_own_cancellation_alone() -> None:
+    """A shutdown task cancelled while it stops a poller (its deadline passed) is cancelled:
+    stop() must not swallow that cancellation as if it were the poller's."""
+    went_on: list[str] = []
+
+    async def main() -> None:
+        release = asyncio.Event()
+        polling = asyncio.Event()
+
+        async def poll() -> None:  # a read that finishes before it ends (as a worker thread's)
+            polling.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                await release.wait()
+                raise
+
+        poller = Poller(poll, 0.0, logger, failing=str, recovered="")
+        poller.start()
+        await polling.wait()
+
+        async def shutdown() -> None:
+            await poller.stop()
+            went_on.append("after stop")
+
+        task = asyncio.ensure_future(shutdown())
+        for _ in range(100):  # until stop() waits for the poll (bounded)
+            await asyncio.sleep(0)
+        task.cancel()
+        release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert went_on == []
