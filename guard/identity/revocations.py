@@ -83,28 +83,46 @@ class Revocations(Counter):
         super().__init__()
         self.engine = engine
         self._listeners: list[Listener] = []
-        self._owed = False  # a listener failed after the last move: call them all again
+        self._owed = False  # a move the listeners have not all followed yet
+        self._listening: asyncio.Task[None] | None = None
         self._poller = Poller(
             self.refresh, poll_interval, logger,
-            failing=lambda error: f"reading the revocation counter failed ({error}); cached "
-            "credentials are trusted for their cache time only",
-            recovered="revocation counter readable again",
+            failing=lambda error: f"following revocations failed ({error}); cached "
+            "credentials are trusted for their cache time only, blocks as last read",
+            recovered="revocations followed again",
         )  # fmt: skip
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     async def refresh(self) -> bool:
-        """Read the counter; True if it moved (listeners are then called)."""
+        """Read the counter; True if it moved. The listeners then run in a task of their own,
+        waited for at most one poll interval: one that hangs (a read behind a locked table)
+        must not keep this replica from reading the counter again, so the next revocation is
+        still seen within a poll. A move seen while they run is owed to them too; a listener's
+        error is raised here, when it is seen, and the listeners are called again."""
         value = await anyio.to_thread.run_sync(read, self.engine)
         moved = value != self.counter
         self.counter = value  # from here on no cached credential of before is trusted
-        if moved or self._owed:
-            self._owed = True
-            for listener in self._listeners:
-                await listener()
-            self._owed = False
+        self._owed = self._owed or moved
+        if self._listening is None and self._owed:
+            self._listening = asyncio.ensure_future(self._call_listeners())
+        if (task := self._listening) is not None:
+            await asyncio.wait([task], timeout=self._poller.interval)
+            if task.done():
+                self._listening = None
+                task.result()
         return moved
+
+    async def _call_listeners(self) -> None:
+        while self._owed:
+            self._owed = False
+            try:
+                for listener in self._listeners:
+                    await listener()
+            except BaseException:
+                self._owed = True
+                raise
 
     async def start(self) -> None:
         await self.refresh()
@@ -112,6 +130,13 @@ class Revocations(Counter):
 
     async def stop(self) -> None:
         await self._poller.stop()
+        if (task := self._listening) is not None:
+            self._listening = None
+            task.cancel()
+            # (a listener in a worker thread ends when its read does: not waited for longer)
+            await asyncio.wait([task], timeout=self._poller.interval)
+            if task.done() and not task.cancelled():
+                task.exception()  # (retrieved: it failed as it was being stopped)
 
 
 class RevocableCache(Generic[K, V]):

@@ -177,6 +177,85 @@ def test_the_poll_follows_the_counter_and_calls_listeners_until_they_succeed(
     asyncio.run(scenario())
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.005)):  # bounded
+        if condition():
+            return True
+        await asyncio.sleep(0.005)
+    return condition()
+
+
+def test_a_listener_that_hangs_does_not_stop_the_counter_being_followed(
+    sqlite_engine: sa.Engine,
+) -> None:
+    """The blocked users' read stuck behind a locked table must not keep the replica from
+    seeing the next revocation (its caches would trust a revoked token for their whole TTL);
+    the listener is called again for the moves seen while it hung."""
+    revocations = Revocations(sqlite_engine, poll_interval=0.01)
+    gate = asyncio.Event()
+    calls: list[int] = []
+
+    async def listener() -> None:
+        calls.append(revocations.counter)
+        if len(calls) == 2:
+            await gate.wait()  # the second call hangs until released
+
+    revocations.listen(listener)
+
+    async def scenario() -> None:
+        await revocations.start()
+        try:
+            for counter in (1, 2, 3):
+                with sqlite_engine.begin() as conn:
+                    bump(conn)
+                assert await until(lambda c=counter: revocations.counter == c)  # type: ignore[misc]
+            assert await until(lambda: len(calls) == 2)
+            assert calls == [1, 2]  # hung since the second move; the third is seen all the same
+            gate.set()
+            assert await until(lambda: len(calls) == 3)
+            assert calls == [1, 2, 3]  # called again for what it missed
+        finally:
+            await revocations.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.postgresql
+def test_a_locked_block_table_does_not_stop_revocations_on_postgresql(postgres: object) -> None:
+    """The same with the real listener: a transaction holding guard_user_block (a migration, a
+    LOCK TABLE) makes the blocked users' read wait; revoked tokens are still seen."""
+    engine = build_engine(postgres.create_database())  # type: ignore[attr-defined]
+    migrate(engine)
+    locker = engine.connect()
+
+    def revoke() -> None:
+        with engine.begin() as conn:
+            bump(conn)
+
+    async def scenario() -> None:
+        revocations = Revocations(engine, poll_interval=0.01)
+        blocked = BlockedSubjects(UserBlocks(engine), poll_interval=3600)
+        revocations.listen(blocked.refresh)
+        await blocked.start()
+        await revocations.start()
+        try:
+            with locker.begin():
+                locker.exec_driver_sql("LOCK TABLE guard_user_block IN ACCESS EXCLUSIVE MODE")
+                await asyncio.to_thread(revoke)
+                assert await until(lambda: revocations.counter == 1)
+                await asyncio.to_thread(revoke)  # while the listener waits for the lock
+                assert await until(lambda: revocations.counter == 2)
+        finally:
+            await revocations.stop()
+            await blocked.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        locker.close()
+        engine.dispose()
+
+
 def test_a_block_is_seen_by_the_blocked_subjects_when_the_counter_moves(
     sqlite_engine: sa.Engine,
 ) -> None:
