@@ -43,6 +43,7 @@ class PolicyRuntime:
             recovered="policy store reachable again",
         )  # fmt: skip
         self._pending: asyncio.Future[None] | None = None
+        self._refreshing = asyncio.Lock()  # the poll's and the refusals' checks, one at a time
         self._last_check = 0.0  # when the newest version check began
         self._last_done = 0.0  # when the newest finished check began
         self._waited: OrderedDict[str, float] = OrderedDict()
@@ -95,12 +96,15 @@ class PolicyRuntime:
             await self.refresh()
 
     async def refresh(self) -> bool:
-        """Load and swap in the stored policy if its version moved; True if it did."""
-        started = self._last_check = time.monotonic()
-        try:
-            return await self._refresh()
-        finally:
-            self._last_done = max(self._last_done, started)
+        """Load and swap in the stored policy if its version moved; True if it did. One check
+        at a time: two at once (the poll's and a refusal's) could swap in last an older
+        version the slower of them had read, putting a removed grant back in force."""
+        async with self._refreshing:
+            started = self._last_check = time.monotonic()
+            try:
+                return await self._refresh()
+            finally:
+                self._last_done = max(self._last_done, started)
 
     async def _refresh(self) -> bool:
         version = await anyio.to_thread.run_sync(self.store.version)

@@ -4,6 +4,7 @@ arrived, and such looks are shared and paced."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -90,3 +91,44 @@ def test_a_failing_store_does_not_keep_a_refusal_waiting(database_uri: str) -> N
         return await asyncio.wait_for(runtime.refresh_soon(time.monotonic(), "user:x"), 5)
 
     assert asyncio.run(scenario()) is False
+
+
+class SlowLoad(CountingStore):
+    """The store; the first load after ``hold()`` keeps what it read (a large policy's slow
+    load and build, in the poll's worker thread) until ``release``."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        super().__init__(store)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding = False
+
+    def load(self):  # type: ignore[no-untyped-def]
+        loaded = self.store.load()
+        if self.holding:
+            self.holding = False
+            self.held.set()
+            self.release.wait(10)
+        return loaded
+
+
+def test_the_policy_in_force_never_goes_back_a_version(store: PolicyStore) -> None:
+    """A poll that read version 2 and builds it slowly, while a refusal's look puts version 3
+    (a grant removed) in force: the poll, finishing last, swapped version 2 back in, the
+    removed grant in force again until the next poll. Looks are taken one at a time now."""
+
+    async def scenario() -> tuple[int, bool]:
+        slow = SlowLoad(store)
+        runtime = PolicyRuntime(slow, poll_interval=60)  # type: ignore[arg-type]
+        await runtime.refresh()
+        store.change("test", add=[Grant("user:bob", "viewer", "experiment:x")])  # version 2
+        slow.holding = True
+        poll = asyncio.ensure_future(runtime.refresh())  # as the poller calls it
+        await asyncio.to_thread(slow.held.wait, 10)  # it read version 2 and is building it
+        store.change("test", remove=[Grant("user:bob", "viewer", "experiment:x")])  # version 3
+        refusal = asyncio.ensure_future(runtime.refresh_soon(time.monotonic(), "user:bob"))
+        await asyncio.wait([refusal], timeout=2)  # (done at once before: it built version 3)
+        slow.release.set()
+        await asyncio.gather(poll, refusal)
+        return runtime.index.version, runtime.decide("user:bob", "experiment:x", "read").allowed
+
+    assert asyncio.run(scenario()) == (3, False)
