@@ -14,14 +14,13 @@ import logging
 import time
 from collections import OrderedDict
 
-import anyio.to_thread
 import sqlalchemy as sa
 
 from guard.authz.engine import EMPTY, Decision, PolicyIndex
 from guard.authz.policy import PolicyError
 from guard.authz.store import PolicyStore
 from guard.authz.workspaces import problems as workspace_problems
-from guard.store.polling import Poller
+from guard.store.polling import Poller, in_poll_thread
 
 logger = logging.getLogger("guard.authz")
 
@@ -107,12 +106,12 @@ class PolicyRuntime:
                 self._last_done = max(self._last_done, started)
 
     async def _refresh(self) -> bool:
-        version = await anyio.to_thread.run_sync(self.store.version)
+        version = await in_poll_thread(self.store.version)
         if version == self.index.version and self.index is not EMPTY:
             return False
         started = time.monotonic()
         try:
-            index = await anyio.to_thread.run_sync(self._build)
+            index = await in_poll_thread(self._build)
         except PolicyError as exc:
             self._rejected = exc.problems
             message = (

@@ -20,11 +20,10 @@ import logging
 import time
 from typing import Final
 
-import anyio.to_thread
 import sqlalchemy as sa
 
 from guard.identity.sessions import SessionStore, UserBlocks
-from guard.store.polling import Poller
+from guard.store.polling import Poller, in_poll_thread
 
 logger = logging.getLogger("guard.sessions")
 
@@ -62,7 +61,7 @@ class BlockedSubjects:
         return isinstance(subject, str) and blockable(subject) and subject in self.subjects
 
     async def refresh(self) -> None:
-        self.subjects = await anyio.to_thread.run_sync(self.blocks.subjects)
+        self.subjects = await in_poll_thread(self.blocks.subjects)
 
     async def start(self) -> None:
         await self.refresh()
@@ -82,7 +81,7 @@ class BlockedSubjects:
             return
         self._pruned_at = time.monotonic()
         try:
-            count = await anyio.to_thread.run_sync(self.sessions.prune)
+            count = await in_poll_thread(self.sessions.prune)
         except sa.exc.SQLAlchemyError as exc:
             logger.warning("session prune failed (%s)", type(exc).__name__)
             return

@@ -28,12 +28,11 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Final, Generic, TypeVar
 
-import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from guard.store.db import revocation_state
-from guard.store.polling import Poller
+from guard.store.polling import Poller, in_poll_thread
 
 logger = logging.getLogger("guard.revocations")
 
@@ -101,7 +100,7 @@ class Revocations(Counter):
         must not keep this replica from reading the counter again, so the next revocation is
         still seen within a poll. A move seen while they run is owed to them too; a listener's
         error is raised here, when it is seen, and the listeners are called again."""
-        value = await anyio.to_thread.run_sync(read, self.engine)
+        value = await in_poll_thread(lambda: read(self.engine))
         moved = value != self.counter
         self.counter = value  # from here on no cached credential of before is trusted
         self._owed = self._owed or moved

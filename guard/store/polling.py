@@ -7,8 +7,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
+import anyio
+import anyio.to_thread
 import sqlalchemy as sa
+from anyio.lowlevel import RunVar
+
+T = TypeVar("T")
+
+# Worker threads of the pollers' own, apart from anyio's default pool (40 threads) that the
+# request path's database lookups share: requests holding every one of those (a slow database
+# under load) must not hold back the read that makes a revocation seen.
+POLL_THREADS: Final = 4
+_threads: RunVar[anyio.CapacityLimiter] = RunVar("guard_poll_threads")
+
+
+async def in_poll_thread(call: Callable[[], T]) -> T:
+    """``call()`` in one of the pollers' worker threads (of this event loop)."""
+    try:
+        limiter = _threads.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(POLL_THREADS)
+        _threads.set(limiter)
+    return await anyio.to_thread.run_sync(call, limiter=limiter)
 
 
 class Poller:

@@ -4,9 +4,11 @@ transaction, followed by each replica's poll, and obeyed by every cache of crede
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 import sqlalchemy as sa
 
@@ -215,6 +217,35 @@ def test_a_listener_that_hangs_does_not_stop_the_counter_being_followed(
             assert await until(lambda: len(calls) == 3)
             assert calls == [1, 2, 3]  # called again for what it missed
         finally:
+            await revocations.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_revocation_is_seen_while_the_request_paths_threads_are_all_busy(
+    sqlite_engine: sa.Engine,
+) -> None:
+    """Requests whose database lookups hold every thread of anyio's default pool (a slow
+    database under load) must not hold back the poll: it has worker threads of its own."""
+    revocations = Revocations(sqlite_engine, poll_interval=0.01)
+    release = threading.Event()
+
+    async def scenario() -> None:
+        await revocations.start()
+        default = anyio.to_thread.current_default_thread_limiter()
+        busy = [
+            asyncio.ensure_future(anyio.to_thread.run_sync(release.wait, 10))
+            for _ in range(int(default.total_tokens))
+        ]
+        try:
+            assert await until(lambda: default.borrowed_tokens == default.total_tokens)
+            with sqlite_engine.begin() as conn:
+                bump(conn)
+            assert await until(lambda: revocations.counter == 1)
+            assert not any(task.done() for task in busy)  # seen while they all still wait
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
             await revocations.stop()
 
     asyncio.run(scenario())
