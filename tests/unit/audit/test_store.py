@@ -145,3 +145,11 @@ def test_the_head_row_moves_forward_only(engine: Engine) -> None:
             sa.select(audit_heads.c.seq, audit_heads.c.mac).where(audit_heads.c.writer == "gw-a")
         ).one()
     assert (row.seq, row.mac) == (5, records[4]["mac"])
+
+
+def test_a_full_statement_binds_no_more_values_than_any_sqlite_allows() -> None:
+    """ROWS_PER_STATEMENT rows of every column but the id, in one INSERT: SQLite builds before
+    3.32 allow 999 values per statement (later ones 32,766), so a column added to the table
+    must not take a full statement past that, or every batch of 64 would fail to store."""
+    bound = [c for c in audit_records.c if not c.primary_key]
+    assert len(bound) * ROWS_PER_STATEMENT <= 999
