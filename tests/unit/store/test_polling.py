@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import sqlalchemy as sa
@@ -16,31 +16,44 @@ from guard.store.polling import Poller
 logger = logging.getLogger("guard.test_polling")
 
 
+def scripted(outcomes: list[str | None]) -> tuple[Callable[[], Awaitable[None]], list[int]]:
+    """A poll failing as ``outcomes`` say, one per poll, the last repeated ("down": a database
+    error, "bug": any other), and the count of polls so far (in a list, to be read live)."""
+    polls = [0]
+
+    async def poll() -> None:
+        outcome = outcomes[min(polls[0], len(outcomes) - 1)]
+        polls[0] += 1
+        if outcome == "down":
+            raise sa.exc.OperationalError("SELECT 1", {}, Exception("database is locked"))
+        if outcome == "bug":
+            raise KeyError("grants")
+
+    return poll, polls
+
+
+async def polled(poller: Poller, enough: Callable[[], bool]) -> None:
+    poller.start()
+    for _ in range(5000):  # (bounded: at most ~5 s)
+        if enough():
+            break
+        await asyncio.sleep(0.001)
+    await poller.stop()
+
+
 def test_an_outage_is_said_once_when_it_starts_and_once_when_it_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     outcomes = [None, "down", "down", "down", None, None, "down", None]  # one poll each
-    polls = 0
-
-    async def poll() -> None:
-        nonlocal polls
-        outcome = outcomes[min(polls, len(outcomes) - 1)]
-        polls += 1
-        if outcome == "down":
-            raise sa.exc.OperationalError("SELECT 1", {}, Exception("database is locked"))
+    poll, polls = scripted(outcomes)
 
     async def main() -> int:
         poller = Poller(poll, 0.001, logger, failing=lambda error: f"down ({error})",
                         recovered="back")  # fmt: skip
-        poller.start()
-        for _ in range(5000):  # (bounded: at most ~5 s)
-            if polls >= len(outcomes) + 2:
-                break
-            await asyncio.sleep(0.001)
-        await poller.stop()
-        stopped_at = polls
+        await polled(poller, lambda: polls[0] >= len(outcomes) + 2)
+        stopped_at = polls[0]
         await asyncio.sleep(0.02)
-        assert polls == stopped_at  # no poll after stop
+        assert polls[0] == stopped_at  # no poll after stop
         return stopped_at
 
     with caplog.at_level(logging.WARNING, logger=logger.name):
@@ -91,33 +104,14 @@ def test_stop_before_start_and_twice_is_fine() -> None:
     asyncio.run(main())
 
 
-async def polled(poller: Poller, enough: Callable[[], bool]) -> None:
-    poller.start()
-    for _ in range(5000):  # (bounded: at most ~5 s)
-        if enough():
-            break
-        await asyncio.sleep(0.001)
-    await poller.stop()
-
-
 def test_a_failure_of_another_kind_is_said_too(caplog: pytest.LogCaptureFixture) -> None:
     """A bug that shows during an outage (or an outage during a bug) is said when it starts,
     with its traceback: one flag for both would hide it for as long as it lasts."""
     outcomes = ["down", "down", "bug", "bug", "down", None]
-    polls = 0
-
-    async def poll() -> None:
-        nonlocal polls
-        outcome = outcomes[min(polls, len(outcomes) - 1)]
-        polls += 1
-        if outcome == "down":
-            raise sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
-        if outcome == "bug":
-            raise KeyError("grants")
-
+    poll, polls = scripted(outcomes)
     poller = Poller(poll, 0.001, logger, failing=lambda e: f"down ({e})", recovered="back")
     with caplog.at_level(logging.WARNING, logger=logger.name):
-        asyncio.run(polled(poller, lambda: polls >= len(outcomes) + 2))
+        asyncio.run(polled(poller, lambda: polls[0] >= len(outcomes) + 2))
     records = [r for r in caplog.records if r.name == logger.name]
     assert [(r.getMessage(), bool(r.exc_info)) for r in records] == [
         ("down (OperationalError)", False), ("down (KeyError)", True),
