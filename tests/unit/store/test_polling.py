@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -179,3 +180,19 @@ def test_stop_leaves_the_callers_own_cancellation_alone() -> None:
 
     asyncio.run(main())
     assert went_on == []
+
+
+def test_a_slow_poll_is_not_followed_back_to_back() -> None:
+    """Polls that take longer than the interval (a database answering slowly) start an
+    interval apart from start to start, but a tenth of one at least after the last ended."""
+    spans: list[tuple[float, float]] = []
+
+    async def poll() -> None:
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.03)  # three intervals
+        spans.append((started, asyncio.get_running_loop().time()))
+
+    poller = Poller(poll, 0.01, logger, failing=str, recovered="")
+    asyncio.run(polled(poller, lambda: len(spans) >= 4))
+    gaps = [after[0] - before[1] for before, after in itertools.pairwise(spans)]
+    assert len(gaps) >= 3 and min(gaps) >= 0.001 - 1e-6  # (sleeps never end early)
