@@ -116,6 +116,7 @@ from guard.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from guard.metrics import Metrics
 from guard.settings import Settings
 from guard.store.db import build_engine, migrate, ping
+from guard.store.polling import POLL_CONNECTIONS, wait_for_poll_threads
 from guard.upstream.client import UpstreamClient, UpstreamError, UpstreamLimits, VersionGate
 from guard.upstream.proxy import ProxyApp
 from server.supervisor import EmbeddedConfig, MlflowSupervisor
@@ -123,6 +124,7 @@ from server.supervisor import EmbeddedConfig, MlflowSupervisor
 logger = logging.getLogger("guard")
 
 PROBE_TIMEOUT = 2.0
+POLL_SHUTDOWN_WAIT = 5.0  # seconds a poll read left in its thread is waited for at shutdown
 CREATOR_ROLE = "manager"
 GUARD_PREFIX = "/guard/"
 API_PREFIX = "/guard/api/"
@@ -166,6 +168,7 @@ class Gateway:
     provider_http: ProviderHttp | None = None  # OpenID Connect providers' HTTP session
     worker: WorkerRole | None = None  # one of several processes: the parent prepared
     metrics: Metrics | None = None
+    poll_engine: Engine | None = None  # the pollers' own connections (guard.store.polling)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -238,6 +241,11 @@ class Gateway:
             await self.provider_http.close()
         if self.trail is not None:
             await self.trail.stop()
+        # A poll read a stopped poller left in its thread (waiting for a lock) gives its
+        # connection back first, or is abandoned after POLL_SHUTDOWN_WAIT.
+        await anyio.to_thread.run_sync(wait_for_poll_threads, POLL_SHUTDOWN_WAIT)
+        if self.poll_engine is not None:
+            self.poll_engine.dispose()
         self.engine.dispose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -380,8 +388,11 @@ def build_gateway(
     if problem := validate_bootstrap_token(environ):
         raise TokenError(problem)
     engine = build_engine(settings.database_uri)
+    # What every replica follows (revocations, blocks, the policy) is read through connections
+    # of its own: requests holding all of the main pool's (a slow database) must not delay it.
+    poll_engine = build_engine(settings.database_uri, connections=POLL_CONNECTIONS)
     store = TokenStore(engine, load_secret_key(settings.secret_key_file, environ))
-    revocations = Revocations(engine, settings.authz.revocation_poll_interval)
+    revocations = Revocations(poll_engine, settings.authz.revocation_poll_interval)
     token_provider = TokenProvider(store, settings.tokens.cache_ttl, revocations)
     ldap_provider = build_ldap_provider(settings, engine, store.key)
     if ldap_provider is not None:
@@ -463,8 +474,9 @@ def build_gateway(
         return 200, {"status": "ready", "checks": result}
 
     policies = PolicyRuntime(
-        PolicyStore(engine, workspaces=u.workspaces), settings.authz.poll_interval
-    )
+        PolicyStore(engine, workspaces=u.workspaces), settings.authz.poll_interval,
+        reads=PolicyStore(poll_engine, workspaces=u.workspaces),
+    )  # fmt: skip
     resolver = Resolver(
         upstream,
         settings.authz.cache_size,
@@ -542,7 +554,7 @@ def build_gateway(
         secure=settings.public_url.startswith("https:"),
         max_age=round(settings.sessions.absolute_timeout),
     )  # fmt: skip
-    blocked = BlockedSubjects(UserBlocks(engine), settings.authz.poll_interval, session_store)
+    blocked = BlockedSubjects(UserBlocks(poll_engine), settings.authz.poll_interval, session_store)
     revocations.listen(blocked.refresh)  # a block moves the counter: re-read who is blocked
     personal = PersonalTokens(
         governance=Governance(store, policies.store), policies=policies,
@@ -649,6 +661,7 @@ def build_gateway(
         settings=settings,
         app=app,
         engine=engine,
+        poll_engine=poll_engine,
         tokens=store,
         token_provider=token_provider,
         policies=policies,

@@ -29,8 +29,14 @@ MAX_WAITERS = 10_000  # callers remembered as having waited for a check, oldest 
 
 
 class PolicyRuntime:
-    def __init__(self, store: PolicyStore, poll_interval: float) -> None:
+    """``store`` is the policy's (changes go through it); ``reads``, if given, the same store
+    through the pollers' own engine, which the polls and loads read."""
+
+    def __init__(
+        self, store: PolicyStore, poll_interval: float, reads: PolicyStore | None = None
+    ) -> None:
         self.store = store
+        self.reads = reads or store
         self.poll_interval = poll_interval
         self.index: PolicyIndex = EMPTY
         self.last_error = ""
@@ -106,7 +112,7 @@ class PolicyRuntime:
                 self._last_done = max(self._last_done, started)
 
     async def _refresh(self) -> bool:
-        version = await in_poll_thread(self.store.version)
+        version = await in_poll_thread(self.reads.version)
         if version == self.index.version and self.index is not EMPTY:
             return False
         started = time.monotonic()
@@ -130,7 +136,7 @@ class PolicyRuntime:
         return True
 
     def _build(self) -> PolicyIndex:
-        version, policy = self.store.load()
-        if problems := workspace_problems(policy, self.store.workspaces):
+        version, policy = self.reads.load()
+        if problems := workspace_problems(policy, self.reads.workspaces):
             raise PolicyError(problems)
         return PolicyIndex(policy, version)

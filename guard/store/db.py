@@ -233,16 +233,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(uri: str) -> Engine:
-    """Create the engine for ``uri``; SQLite gets WAL and a busy timeout for several processes."""
+def build_engine(uri: str, connections: int | None = None) -> Engine:
+    """Create the engine for ``uri``; SQLite gets WAL and a busy timeout for several processes.
+    ``connections``: a pool of exactly that many (the pollers' own engine); else 5 kept and up
+    to 10 more."""
     url = sa.make_url(uri)
+    pool = {"pool_size": 5, "max_overflow": 10} if connections is None else {
+        "pool_size": connections, "max_overflow": 0,
+    }  # fmt: skip
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+        else:
+            pool = {}  # (one in-memory database per connection: its own pool class)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **pool)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return sa.create_engine(url, pool_pre_ping=True, **pool)
 
 
 def migrate(engine: Engine) -> None:
