@@ -104,14 +104,23 @@ class Revocations(Counter):
         moved = value != self.counter
         self.counter = value  # from here on no cached credential of before is trusted
         self._owed = self._owed or moved
+        error = self._finished()  # (a task that ended after the last wait: raised below)
         if self._listening is None and self._owed:
             self._listening = asyncio.ensure_future(self._call_listeners())
         if (task := self._listening) is not None:
             await asyncio.wait([task], timeout=self._poller.interval)
-            if task.done():
-                self._listening = None
-                task.result()
+            error = self._finished() or error
+        if error is not None:
+            raise error
         return moved
+
+    def _finished(self) -> BaseException | None:
+        """Forget the listeners' task if it ended; its error, if it failed."""
+        task = self._listening
+        if task is None or not task.done():
+            return None
+        self._listening = None
+        return None if task.cancelled() else task.exception()
 
     async def _call_listeners(self) -> None:
         while self._owed:
@@ -131,8 +140,7 @@ class Revocations(Counter):
         await self._poller.stop()
         if (task := self._listening) is not None:
             self._listening = None
-            task.cancel()
-            # (a listener in a worker thread ends when its read does: not waited for longer)
+            task.cancel()  # (a read it began in a worker thread finishes there on its own)
             await asyncio.wait([task], timeout=self._poller.interval)
             if task.done() and not task.cancelled():
                 task.exception()  # (retrieved: it failed as it was being stopped)

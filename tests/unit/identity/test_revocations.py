@@ -25,6 +25,7 @@ from guard.identity.revocations import Counter, RevocableCache, Revocations, bum
 from guard.identity.sessions import SessionCookie, SessionStore, UserBlocks
 from guard.identity.tokens import TokenError, TokenProvider, TokenRecord, TokenStore
 from guard.store.db import build_engine, migrate, revocation_state
+from guard.store.polling import wait_for_poll_threads
 
 KEY = b"k" * 32
 HOUR = 3600.0
@@ -222,6 +223,38 @@ def test_a_listener_that_hangs_does_not_stop_the_counter_being_followed(
     asyncio.run(scenario())
 
 
+def test_a_move_seen_after_the_listeners_ended_unwatched_is_followed_at_once(
+    sqlite_engine: sa.Engine,
+) -> None:
+    """The listeners' task outlived one poll's wait and ended before the next poll, which saw
+    another move: that poll calls them again itself, not the one after it."""
+    revocations = Revocations(sqlite_engine, poll_interval=0.01)
+    gate = asyncio.Event()
+    calls: list[int] = []
+
+    async def listener() -> None:
+        calls.append(revocations.counter)
+        if len(calls) == 1:
+            await gate.wait()
+
+    revocations.listen(listener)
+
+    async def scenario() -> None:
+        with sqlite_engine.begin() as conn:
+            bump(conn)
+        assert await revocations.refresh()  # waits one interval, the listener still waiting
+        gate.set()
+        assert await until(
+            lambda: revocations._listening is not None and revocations._listening.done()
+        )
+        with sqlite_engine.begin() as conn:
+            bump(conn)
+        assert await revocations.refresh()
+        assert calls == [1, 2]
+
+    asyncio.run(scenario())
+
+
 def test_a_revocation_is_seen_while_the_request_paths_threads_are_all_busy(
     sqlite_engine: sa.Engine,
 ) -> None:
@@ -284,6 +317,7 @@ def test_a_locked_block_table_does_not_stop_revocations_on_postgresql(postgres: 
         asyncio.run(scenario())
     finally:
         locker.close()
+        assert wait_for_poll_threads(10)  # the stopped listener's read, done once unlocked
         engine.dispose()
 
 
