@@ -16,6 +16,7 @@ a time, so the work per tick is bounded whatever piled up).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Final
@@ -50,6 +51,7 @@ class BlockedSubjects:
         self.prune_every = prune_every
         self.subjects: frozenset[str] = frozenset()
         self._pruned_at: float | None = None
+        self._refreshing = asyncio.Lock()  # its own poll's and a revocation's, one at a time
         self._poller = Poller(
             self._poll, poll_interval, logger,
             failing=lambda error: f"reading user blocks failed ({error}); keeping "
@@ -61,7 +63,11 @@ class BlockedSubjects:
         return isinstance(subject, str) and blockable(subject) and subject in self.subjects
 
     async def refresh(self) -> None:
-        self.subjects = await in_poll_thread(self.blocks.subjects)
+        """Read who is blocked. One read at a time (its own poll and the revocation counter's
+        listener both read): a slower read that began before a block must not land last and
+        put the older set back."""
+        async with self._refreshing:
+            self.subjects = await in_poll_thread(self.blocks.subjects)
 
     async def start(self) -> None:
         await self.refresh()

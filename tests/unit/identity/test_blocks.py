@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,37 @@ def test_follows_blocks_and_prunes(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     engine.dispose()
+
+
+def test_a_slower_older_read_never_puts_a_block_back_out() -> None:
+    """Its own poll and the revocation counter's listener both read who is blocked: a read
+    that began before a block and ended after the listener's read of it put the older set
+    back, and the block went unseen until the next poll. They read one at a time now."""
+
+    class Blocks:
+        def __init__(self) -> None:
+            self.stored: frozenset[str] = frozenset()
+            self.reading, self.release = threading.Event(), threading.Event()
+            self.slow = True
+
+        def subjects(self) -> frozenset[str]:
+            snapshot = self.stored  # what the SELECT sees when it starts
+            if self.slow:
+                self.slow = False
+                self.reading.set()
+                self.release.wait(10)
+            return snapshot
+
+    async def scenario() -> bool:
+        blocks = Blocks()
+        blocked = BlockedSubjects(blocks, poll_interval=3600)  # type: ignore[arg-type]
+        own_poll = asyncio.ensure_future(blocked.refresh())
+        await asyncio.to_thread(blocks.reading.wait, 10)
+        blocks.stored = frozenset({"user:alice"})  # `user block alice` commits
+        listener = asyncio.ensure_future(blocked.refresh())  # the counter moved
+        await asyncio.wait([listener], timeout=1)  # (done at once before: it read alice)
+        blocks.release.set()
+        await asyncio.gather(own_poll, listener)
+        return "user:alice" in blocked
+
+    assert asyncio.run(scenario())
