@@ -188,6 +188,21 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     return condition()
 
 
+def hanging_listener(revocations: Revocations, hangs: int) -> tuple[list[int], asyncio.Event]:
+    """A listener added to ``revocations``: the counter at each call, and the gate its call
+    number ``hangs`` waits for."""
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def listener() -> None:
+        calls.append(revocations.counter)
+        if len(calls) == hangs:
+            await gate.wait()
+
+    revocations.listen(listener)
+    return calls, gate
+
+
 def test_a_listener_that_hangs_does_not_stop_the_counter_being_followed(
     sqlite_engine: sa.Engine,
 ) -> None:
@@ -195,15 +210,7 @@ def test_a_listener_that_hangs_does_not_stop_the_counter_being_followed(
     seeing the next revocation (its caches would trust a revoked token for their whole TTL);
     the listener is called again for the moves seen while it hung."""
     revocations = Revocations(sqlite_engine, poll_interval=0.01)
-    gate = asyncio.Event()
-    calls: list[int] = []
-
-    async def listener() -> None:
-        calls.append(revocations.counter)
-        if len(calls) == 2:
-            await gate.wait()  # the second call hangs until released
-
-    revocations.listen(listener)
+    calls, gate = hanging_listener(revocations, 2)  # the second call hangs until released
 
     async def scenario() -> None:
         await revocations.start()
@@ -229,15 +236,7 @@ def test_a_move_seen_after_the_listeners_ended_unwatched_is_followed_at_once(
     """The listeners' task outlived one poll's wait and ended before the next poll, which saw
     another move: that poll calls them again itself, not the one after it."""
     revocations = Revocations(sqlite_engine, poll_interval=0.01)
-    gate = asyncio.Event()
-    calls: list[int] = []
-
-    async def listener() -> None:
-        calls.append(revocations.counter)
-        if len(calls) == 1:
-            await gate.wait()
-
-    revocations.listen(listener)
+    calls, gate = hanging_listener(revocations, 1)
 
     async def scenario() -> None:
         with sqlite_engine.begin() as conn:
