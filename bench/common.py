@@ -146,32 +146,31 @@ def start_mlflow(stack: ExitStack, home: Path) -> str:
     return url
 
 
-def start_noop(stack: ExitStack, home: Path) -> str:
+def start_uvicorn(
+    stack: ExitStack, app: str, log: Path, **env: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A bench ASGI app (``bench.noop:app``, ``bench.hop:app``) under uvicorn, ``env`` added to
+    its environment: its URL, once it answers, and its process."""
     port = free_port()
     proc = spawn(
         stack,
-        [sys.executable, "-m", "uvicorn", "bench.noop:app", "--host", "127.0.0.1", "--port",
-         str(port), "--no-access-log", "--log-level", "warning"],
-        clean_env(PYTHONPATH=str(ROOT)),
-        home / "noop.log",
+        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+         "--no-access-log", "--log-level", "warning"],
+        clean_env(PYTHONPATH=str(ROOT), **env),
+        log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_for(url + "/health", proc)
-    return url
+    return url, proc
+
+
+def start_noop(stack: ExitStack, home: Path) -> str:
+    return start_uvicorn(stack, "bench.noop:app", home / "noop.log")[0]
 
 
 def start_hop(stack: ExitStack, home: Path, upstream: str) -> tuple[str, ProcessTree]:
     """bench/hop.py (a hop and nothing else) in front of ``upstream``: its URL and process."""
-    port = free_port()
-    proc = spawn(
-        stack,
-        [sys.executable, "-m", "uvicorn", "bench.hop:app", "--host", "127.0.0.1", "--port",
-         str(port), "--no-access-log", "--log-level", "warning"],
-        clean_env(PYTHONPATH=str(ROOT), UPSTREAM=upstream),
-        home / f"hop-{port}.log",
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_for(url + "/health", proc)
+    url, proc = start_uvicorn(stack, "bench.hop:app", home / "hop.log", UPSTREAM=upstream)
     return url, ProcessTree(psutil.Process(proc.pid))
 
 
